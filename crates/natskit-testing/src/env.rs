@@ -133,14 +133,20 @@ impl TestEnvBuilder {
             }
             (None, false) => None,
         };
-        let client = async_nats::ConnectOptions::new()
-            .connection_timeout(std::time::Duration::from_secs(5))
-            .connect(server.get().url())
+        let client = natskit::Client::builder(server.get().url())
+            .name("natskit-testing")
+            .reconnect_wait(std::time::Duration::from_millis(100))
+            .connect()
             .await
             .map_err(|e| HarnessError::Client(e.to_string()))?;
+        let nats = client
+            .nats()
+            .map_err(|e| HarnessError::Client(e.to_string()))?
+            .clone();
         let env = TestEnv {
-            jetstream: jetstream::new(client.clone()),
+            jetstream: jetstream::new(nats.clone()),
             client,
+            nats,
             server,
             prefix,
             storage: if self.file_storage {
@@ -188,12 +194,16 @@ pub fn shared_server() -> Result<&'static NatsServer, HarnessError> {
         .map_err(|e| HarnessError::Shared(e.clone()))
 }
 
-/// A server (owned or shared), a connected client and helpers for buckets
-/// and streams. Dropping an owned environment stops its server.
+/// A server (owned or shared), a connected natskit client and helpers for
+/// buckets and streams. Dropping an owned environment stops its server.
+///
+/// The client connects without credentials: for auth or TLS servers, use
+/// [`NatsServer`] and build the client yourself.
 #[derive(Debug)]
 pub struct TestEnv {
     server: ServerRef,
-    client: async_nats::Client,
+    client: natskit::Client,
+    nats: async_nats::Client,
     jetstream: jetstream::Context,
     prefix: Option<String>,
     storage: stream::StorageType,
@@ -223,12 +233,17 @@ impl TestEnv {
         }
     }
 
-    /// The connected raw async-nats client.
-    pub fn client(&self) -> &async_nats::Client {
+    /// The connected natskit client.
+    pub fn client(&self) -> &natskit::Client {
         &self.client
     }
 
-    /// A JetStream context on [`client`](Self::client).
+    /// The raw async-nats client underneath [`client`](Self::client).
+    pub fn nats(&self) -> &async_nats::Client {
+        &self.nats
+    }
+
+    /// A JetStream context on [`nats`](Self::nats).
     pub fn jetstream(&self) -> &jetstream::Context {
         &self.jetstream
     }

@@ -106,3 +106,36 @@ impl HarnessError {
         }
     }
 }
+
+/// Polls `probe` every 10 ms until it returns `Some`, and returns that
+/// value: the way tests wait for a condition instead of sleeping.
+///
+/// # Panics
+/// When `timeout` passes first, naming `what`.
+///
+/// ```no_run
+/// # async fn demo(client: natskit::Client) {
+/// use std::time::Duration;
+/// natskit_testing::eventually(Duration::from_secs(5), "connected", || async {
+///     (client.status() == natskit::Status::Connected).then_some(())
+/// })
+/// .await;
+/// # }
+/// ```
+pub async fn eventually<T, F, Fut>(timeout: Duration, what: &str, mut probe: F) -> T
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Option<T>>,
+{
+    let deadline = std::time::Instant::now() + timeout;
+    loop {
+        if let Some(value) = probe().await {
+            return value;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "timed out after {timeout:?} waiting for {what}"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}

@@ -4,7 +4,7 @@ use std::time::{Duration, Instant};
 
 use async_nats::jetstream::{self, stream};
 use futures_util::StreamExt;
-use natskit_testing::{Cluster, NatsServer, TestEnv, TestStream};
+use natskit_testing::{Cluster, NatsServer, TestEnv, TestStream, eventually};
 
 type TestResult = Result<(), Box<dyn std::error::Error + Send + Sync>>;
 
@@ -13,22 +13,6 @@ async fn connect(url: &str) -> Result<async_nats::Client, async_nats::ConnectErr
         .connection_timeout(Duration::from_secs(2))
         .connect(url)
         .await
-}
-
-/// Polls `f` until it returns `Some`, or fails after `timeout`.
-async fn eventually<T, F, Fut>(timeout: Duration, what: &str, mut f: F) -> T
-where
-    F: FnMut() -> Fut,
-    Fut: std::future::Future<Output = Option<T>>,
-{
-    let deadline = Instant::now() + timeout;
-    loop {
-        if let Some(value) = f().await {
-            return value;
-        }
-        assert!(Instant::now() < deadline, "timed out waiting for {what}");
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
 }
 
 #[tokio::test]

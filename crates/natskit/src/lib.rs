@@ -1,2 +1,67 @@
-//! natskit: a resilient NATS client for Rust (work in progress).
+//! natskit: a NATS client for Rust services that keeps working when the
+//! network does not, built on the official [`async_nats`] client.
+//!
+//! - [`Client`]: one or many server URLs, connect timeout, a
+//!   [circuit breaker](breaker) with exponential back-off and a real
+//!   half-open probe, reconnection paced by the breaker, status and detailed
+//!   status, health checks, disconnect/reconnect/lost callbacks, user/password,
+//!   token, nkey, credentials-file and TLS auth, graceful close that drains and
+//!   wipes credentials.
+//! - Publish/subscribe with subject checks, payload limits, handler deadlines,
+//!   panic isolation and counted (never silent) drops.
+//! - Request/reply with timeouts, retry, reply helpers and request handlers.
+//!
+//! ```no_run
+//! use std::time::Duration;
+//!
+//! # async fn demo() -> natskit::Result<()> {
+//! let client = natskit::Client::builder("nats://127.0.0.1:4222")
+//!     .name("quickstart")
+//!     .build()?;
+//! client.connect().await?;
+//!
+//! let sub = client
+//!     .subscribe("greetings.*", |msg: async_nats::Message| async move {
+//!         println!("{} says {:?}", msg.subject, msg.payload);
+//!     })
+//!     .await?;
+//! client.publish("greetings.world", "hello").await?;
+//!
+//! let service = client
+//!     .serve("echo", natskit::SubscribeOptions::new(), |msg: async_nats::Message| async move {
+//!         Ok::<_, natskit::ServiceError>(msg.payload)
+//!     })
+//!     .await?;
+//! let reply = client.request("echo", "ping", Duration::from_secs(1)).await?;
+//! assert_eq!(&reply[..], b"ping");
+//!
+//! sub.drain().await;
+//! service.unsubscribe().await;
+//! client.close().await?;
+//! # Ok(()) }
+//! ```
 #![warn(missing_docs)]
+
+mod backoff;
+pub mod breaker;
+mod client;
+mod error;
+mod pubsub;
+mod request;
+pub mod subject;
+
+pub use async_nats::{HeaderMap, Message};
+pub use backoff::Backoff;
+pub use breaker::{BreakerState, CircuitBreaker};
+pub use client::{Client, ClientBuilder, Status, StatusInfo};
+pub use error::{BoxError, Error, Result};
+pub use pubsub::{HandlerOutcome, SubscribeOptions, Subscription, SubscriptionStats};
+pub use request::{
+    DEFAULT_REQUEST_TIMEOUT, RetryConfig, SERVICE_ERROR_CODE_HEADER, SERVICE_ERROR_HEADER,
+    ServiceError,
+};
+
+/// The README's examples, compiled as doctests.
+#[cfg(doctest)]
+#[doc = include_str!("../../../README.md")]
+pub struct ReadmeDoctests;

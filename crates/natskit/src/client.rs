@@ -1,0 +1,1117 @@
+//! The resilient [`Client`]: configuration, connection lifecycle, status,
+//! health and callbacks.
+
+use std::fmt;
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, OnceLock, Weak};
+use std::time::{Duration, Instant, SystemTime};
+
+use tokio::sync::{mpsc, watch};
+use tokio_util::task::TaskTracker;
+use zeroize::Zeroizing;
+
+use crate::backoff::Backoff;
+use crate::breaker::{BreakerConfig, BreakerState, CircuitBreaker, FailurePredicate, SystemClock};
+use crate::error::{Error, Result};
+use crate::pubsub::Registry;
+
+/// Connection status of a [`Client`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Status {
+    /// Not connected, and not trying (before `connect`, or after giving up).
+    Disconnected,
+    /// The first connection attempt is under way.
+    Connecting,
+    /// Connected and usable.
+    Connected,
+    /// The connection dropped; the client is reconnecting by itself.
+    Reconnecting,
+    /// The circuit breaker is open: calls fail fast until its back-off ends.
+    CircuitOpen,
+    /// [`Client::close`] has finished; the client cannot be used again.
+    Closed,
+}
+
+impl fmt::Display for Status {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Status::Disconnected => "disconnected",
+            Status::Connecting => "connecting",
+            Status::Connected => "connected",
+            Status::Reconnecting => "reconnecting",
+            Status::CircuitOpen => "circuit open",
+            Status::Closed => "closed",
+        })
+    }
+}
+
+/// Detailed status, from [`Client::status_info`].
+#[derive(Debug, Clone, PartialEq)]
+pub struct StatusInfo {
+    /// Connection status.
+    pub status: Status,
+    /// Circuit breaker state.
+    pub breaker: BreakerState,
+    /// Consecutive infrastructure failures counted by the breaker.
+    pub consecutive_failures: u32,
+    /// All infrastructure failures since the client was built.
+    pub total_failures: u64,
+    /// When the last failure happened.
+    pub last_failure: Option<SystemTime>,
+    /// Successful reconnections (the first connection does not count).
+    pub reconnects: u64,
+    /// Round-trip time measured by the last health check or [`Client::rtt`].
+    pub rtt: Option<Duration>,
+    /// Result of the last health check.
+    pub healthy: bool,
+    /// Messages dropped because a subscription could not keep up.
+    pub dropped_messages: u64,
+}
+
+type Callback0 = Arc<dyn Fn() + Send + Sync>;
+type CallbackStr = Arc<dyn Fn(Option<&str>) + Send + Sync>;
+type CallbackBool = Arc<dyn Fn(bool) + Send + Sync>;
+type CallbackStatus = Arc<dyn Fn(Status) + Send + Sync>;
+
+#[derive(Clone, Default)]
+struct Callbacks {
+    on_disconnect: Option<CallbackStr>,
+    on_reconnect: Option<Callback0>,
+    on_connection_lost: Option<CallbackStr>,
+    on_health_change: Option<CallbackBool>,
+    on_status_change: Option<CallbackStatus>,
+}
+
+/// Credentials, zeroized when dropped, and dropped by [`Client::close`].
+#[derive(Clone, Default)]
+struct Secrets {
+    user: Option<Zeroizing<String>>,
+    password: Option<Zeroizing<String>>,
+    token: Option<Zeroizing<String>>,
+    nkey_seed: Option<Zeroizing<String>>,
+    credentials_file: Option<PathBuf>,
+}
+
+impl fmt::Debug for Secrets {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let redact = |present: bool| if present { Some("<redacted>") } else { None };
+        f.debug_struct("Secrets")
+            .field("user", &self.user.as_deref())
+            .field("password", &redact(self.password.is_some()))
+            .field("token", &redact(self.token.is_some()))
+            .field("nkey_seed", &redact(self.nkey_seed.is_some()))
+            .field("credentials_file", &self.credentials_file)
+            .finish()
+    }
+}
+
+#[derive(Debug, Clone, Default)]
+struct TlsConfig {
+    required: bool,
+    ca: Vec<PathBuf>,
+    client_cert: Option<(PathBuf, PathBuf)>,
+}
+
+/// Settings of a [`Client`], with the reference system's defaults.
+#[derive(Clone)]
+pub(crate) struct Config {
+    pub(crate) urls: Vec<String>,
+    pub(crate) name: Option<String>,
+    pub(crate) max_reconnects: Option<usize>,
+    pub(crate) reconnect_wait: Duration,
+    pub(crate) connect_timeout: Duration,
+    pub(crate) drain_timeout: Duration,
+    pub(crate) ping_interval: Duration,
+    pub(crate) health_interval: Duration,
+    pub(crate) connection_lost_after: Duration,
+    pub(crate) breaker: BreakerConfig,
+    pub(crate) is_failure: Option<FailurePredicate>,
+    pub(crate) subscription_capacity: usize,
+    pub(crate) handler_deadline: Duration,
+    pub(crate) buffer_when_disconnected: bool,
+    pub(crate) retry_initial_connect: bool,
+    tls: TlsConfig,
+    callbacks: Callbacks,
+}
+
+impl fmt::Debug for Config {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Config")
+            .field("urls", &self.urls)
+            .field("name", &self.name)
+            .field("max_reconnects", &self.max_reconnects)
+            .field("reconnect_wait", &self.reconnect_wait)
+            .field("connect_timeout", &self.connect_timeout)
+            .field("drain_timeout", &self.drain_timeout)
+            .field("ping_interval", &self.ping_interval)
+            .field("health_interval", &self.health_interval)
+            .field("breaker", &self.breaker)
+            .field("subscription_capacity", &self.subscription_capacity)
+            .field("handler_deadline", &self.handler_deadline)
+            .field("tls", &self.tls)
+            .finish_non_exhaustive()
+    }
+}
+
+/// Builds a [`Client`]. Every setting has the reference system's default.
+///
+/// ```no_run
+/// use std::time::Duration;
+/// # async fn demo() -> natskit::Result<()> {
+/// let client = natskit::Client::builder("nats://a:4222,nats://b:4222")
+///     .name("orders-service")
+///     .breaker_threshold(10)
+///     .max_backoff(Duration::from_secs(30))
+///     .user_password("orders", "s3cret")
+///     .on_disconnect(|reason| eprintln!("disconnected: {reason:?}"))
+///     .on_reconnect(|| eprintln!("reconnected"))
+///     .build()?;
+/// client.connect().await?;
+/// # Ok(()) }
+/// ```
+#[derive(Debug)]
+pub struct ClientBuilder {
+    config: Config,
+    secrets: Secrets,
+}
+
+macro_rules! setter {
+    ($(#[$doc:meta])* $name:ident: $ty:ty => $($field:ident).+) => {
+        $(#[$doc])*
+        pub fn $name(mut self, value: $ty) -> Self {
+            self.config.$($field).+ = value;
+            self
+        }
+    };
+}
+
+impl ClientBuilder {
+    fn new(urls: &str) -> Self {
+        Self {
+            config: Config {
+                urls: urls
+                    .split(',')
+                    .map(str::trim)
+                    .filter(|u| !u.is_empty())
+                    .map(str::to_owned)
+                    .collect(),
+                name: None,
+                max_reconnects: None,
+                reconnect_wait: Duration::from_secs(2),
+                connect_timeout: Duration::from_secs(5),
+                drain_timeout: Duration::from_secs(30),
+                ping_interval: Duration::from_secs(30),
+                health_interval: Duration::from_secs(10),
+                connection_lost_after: Duration::from_secs(30),
+                breaker: BreakerConfig::default(),
+                is_failure: None,
+                subscription_capacity: 65_536,
+                handler_deadline: Duration::from_secs(30),
+                buffer_when_disconnected: false,
+                retry_initial_connect: false,
+                tls: TlsConfig::default(),
+                callbacks: Callbacks::default(),
+            },
+            secrets: Secrets::default(),
+        }
+    }
+
+    /// Maximum reconnection attempts after a disconnect; negative means
+    /// forever (the default, -1).
+    pub fn max_reconnects(mut self, max: i64) -> Self {
+        self.config.max_reconnects = usize::try_from(max).ok();
+        self
+    }
+
+    setter!(
+        /// Wait between reconnection attempts while the breaker is closed (default 2 s).
+        reconnect_wait: Duration => reconnect_wait);
+    setter!(
+        /// Timeout of a connection attempt (default 5 s).
+        connect_timeout: Duration => connect_timeout);
+    setter!(
+        /// Upper bound on [`Client::close`] draining (default 30 s).
+        drain_timeout: Duration => drain_timeout);
+    setter!(
+        /// Interval of protocol pings that detect dead connections (default 30 s).
+        ping_interval: Duration => ping_interval);
+    setter!(
+        /// Interval of health checks (a ping round trip); zero turns them off
+        /// (default 10 s).
+        health_interval: Duration => health_interval);
+    setter!(
+        /// How long the connection must stay down before the
+        /// connection-lost callback fires (default 30 s).
+        connection_lost_after: Duration => connection_lost_after);
+    setter!(
+        /// Consecutive failures that open the circuit breaker (default 5).
+        breaker_threshold: u32 => breaker.threshold);
+    setter!(
+        /// First open time of the breaker (default 1 s).
+        initial_backoff: Duration => breaker.backoff.initial);
+    setter!(
+        /// Cap on the breaker's open time (default 60 s).
+        max_backoff: Duration => breaker.backoff.max);
+    setter!(
+        /// Jitter fraction of the breaker's open time, `0.0..=1.0` (default 0).
+        backoff_jitter: f64 => breaker.backoff.jitter);
+    setter!(
+        /// Messages buffered per subscription before the server's messages
+        /// are dropped (default 65,536). Drops are counted, never silent.
+        subscription_capacity: usize => subscription_capacity);
+    setter!(
+        /// Deadline for one message handler invocation (default 30 s).
+        handler_deadline: Duration => handler_deadline);
+    setter!(
+        /// While disconnected, let async-nats buffer publishes for the next
+        /// connection instead of failing with [`Error::NotConnected`]
+        /// (default false, the reference's behaviour).
+        buffer_when_disconnected: bool => buffer_when_disconnected);
+    setter!(
+        /// Make [`Client::connect`] return at once and keep connecting in the
+        /// background through the breaker, for services that must start while
+        /// the network is down (default false).
+        retry_initial_connect: bool => retry_initial_connect);
+
+    /// Client name shown by the server.
+    pub fn name(mut self, name: impl Into<String>) -> Self {
+        self.config.name = Some(name.into());
+        self
+    }
+
+    /// Replaces the breaker's failure classification
+    /// ([`Error::is_infrastructure`] by default).
+    pub fn failure_predicate(mut self, f: impl Fn(&Error) -> bool + Send + Sync + 'static) -> Self {
+        self.config.is_failure = Some(Arc::new(f));
+        self
+    }
+
+    /// Authenticates with user name and password.
+    pub fn user_password(mut self, user: impl Into<String>, password: impl Into<String>) -> Self {
+        self.secrets.user = Some(Zeroizing::new(user.into()));
+        self.secrets.password = Some(Zeroizing::new(password.into()));
+        self
+    }
+
+    /// Authenticates with a token.
+    pub fn token(mut self, token: impl Into<String>) -> Self {
+        self.secrets.token = Some(Zeroizing::new(token.into()));
+        self
+    }
+
+    /// Authenticates with an nkey seed.
+    pub fn nkey(mut self, seed: impl Into<String>) -> Self {
+        self.secrets.nkey_seed = Some(Zeroizing::new(seed.into()));
+        self
+    }
+
+    /// Authenticates with a NATS credentials file (JWT + nkey seed), read at connect.
+    pub fn credentials_file(mut self, path: impl Into<PathBuf>) -> Self {
+        self.secrets.credentials_file = Some(path.into());
+        self
+    }
+
+    /// Requires TLS.
+    pub fn require_tls(mut self, required: bool) -> Self {
+        self.config.tls.required = required;
+        self
+    }
+
+    /// Trusts this CA certificate (PEM) for the server's certificate; implies TLS.
+    pub fn tls_ca(mut self, path: impl Into<PathBuf>) -> Self {
+        self.config.tls.ca.push(path.into());
+        self.config.tls.required = true;
+        self
+    }
+
+    /// Presents this client certificate and key (PEM); implies TLS.
+    pub fn tls_client_cert(mut self, cert: impl Into<PathBuf>, key: impl Into<PathBuf>) -> Self {
+        self.config.tls.client_cert = Some((cert.into(), key.into()));
+        self.config.tls.required = true;
+        self
+    }
+
+    /// Called when the connection drops, with the last error the client saw.
+    pub fn on_disconnect(mut self, f: impl Fn(Option<&str>) + Send + Sync + 'static) -> Self {
+        self.config.callbacks.on_disconnect = Some(Arc::new(f));
+        self
+    }
+
+    /// Called when the connection is re-established.
+    pub fn on_reconnect(mut self, f: impl Fn() + Send + Sync + 'static) -> Self {
+        self.config.callbacks.on_reconnect = Some(Arc::new(f));
+        self
+    }
+
+    /// Called once per outage when the connection has been down for
+    /// [`connection_lost_after`](Self::connection_lost_after).
+    pub fn on_connection_lost(mut self, f: impl Fn(Option<&str>) + Send + Sync + 'static) -> Self {
+        self.config.callbacks.on_connection_lost = Some(Arc::new(f));
+        self
+    }
+
+    /// Called when the health check result changes.
+    pub fn on_health_change(mut self, f: impl Fn(bool) + Send + Sync + 'static) -> Self {
+        self.config.callbacks.on_health_change = Some(Arc::new(f));
+        self
+    }
+
+    /// Called on every status change, in order, from one task.
+    pub fn on_status_change(mut self, f: impl Fn(Status) + Send + Sync + 'static) -> Self {
+        self.config.callbacks.on_status_change = Some(Arc::new(f));
+        self
+    }
+
+    /// Validates the settings and builds a client (not yet connected). Needs
+    /// a Tokio runtime: it starts the task that delivers status and callbacks.
+    ///
+    /// # Errors
+    /// [`Error::InvalidConfig`] for no URL, an unparsable URL or a zero
+    /// timeout.
+    pub fn build(self) -> Result<Client> {
+        let config = self.config;
+        if config.urls.is_empty() {
+            return Err(Error::InvalidConfig("no server URL given".into()));
+        }
+        for url in &config.urls {
+            url.parse::<async_nats::ServerAddr>()
+                .map_err(|e| Error::InvalidConfig(format!("bad server URL {url:?}: {e}")))?;
+        }
+        if config.connect_timeout.is_zero() || config.drain_timeout.is_zero() {
+            return Err(Error::InvalidConfig("timeouts must be above zero".into()));
+        }
+        if config.subscription_capacity == 0 {
+            return Err(Error::InvalidConfig(
+                "subscription capacity must be above zero".into(),
+            ));
+        }
+        if !(0.0..=1.0).contains(&config.breaker.backoff.jitter) {
+            return Err(Error::InvalidConfig(
+                "backoff jitter must be within 0..=1".into(),
+            ));
+        }
+        let (signals, signal_rx) = mpsc::unbounded_channel();
+        let listener_tx = signals.clone();
+        let breaker = Arc::new(CircuitBreaker::with_parts(
+            config.breaker,
+            Arc::new(SystemClock),
+            config.is_failure.clone(),
+            Some(Arc::new(move |t| {
+                let _ = listener_tx.send(Signal::Breaker(t.to));
+            })),
+        ));
+        let (status_tx, status_rx) = watch::channel(Status::Disconnected);
+        let inner = Arc::new(Inner {
+            config,
+            secrets: Mutex::new(Some(self.secrets)),
+            breaker,
+            conn: OnceLock::new(),
+            connect_lock: tokio::sync::Mutex::new(()),
+            lifecycle: AtomicU64::new(OPEN),
+            ever_connected: Arc::new(AtomicBool::new(false)),
+            status: status_rx,
+            signals,
+            counters: Counters::default(),
+            registry: Arc::new(Registry::default()),
+            tasks: TaskTracker::new(),
+        });
+        tokio::spawn(supervise(Arc::downgrade(&inner), signal_rx, status_tx));
+        Ok(Client { inner })
+    }
+
+    /// Builds the client and connects it.
+    ///
+    /// # Errors
+    /// See [`build`](Self::build) and [`Client::connect`].
+    pub async fn connect(self) -> Result<Client> {
+        let client = self.build()?;
+        client.connect().await?;
+        Ok(client)
+    }
+}
+
+const OPEN: u64 = 0;
+const CLOSING: u64 = 1;
+const CLOSED: u64 = 2;
+
+#[derive(Debug, Default)]
+pub(crate) struct Counters {
+    pub(crate) reconnects: AtomicU64,
+    pub(crate) dropped: AtomicU64,
+    /// Last RTT in nanoseconds; 0 = never measured.
+    pub(crate) rtt_nanos: AtomicU64,
+    pub(crate) healthy: AtomicBool,
+}
+
+pub(crate) struct Inner {
+    pub(crate) config: Config,
+    secrets: Mutex<Option<Secrets>>,
+    pub(crate) breaker: Arc<CircuitBreaker>,
+    conn: OnceLock<async_nats::Client>,
+    connect_lock: tokio::sync::Mutex<()>,
+    lifecycle: AtomicU64,
+    ever_connected: Arc<AtomicBool>,
+    status: watch::Receiver<Status>,
+    signals: mpsc::UnboundedSender<Signal>,
+    pub(crate) counters: Counters,
+    pub(crate) registry: Arc<Registry>,
+    /// Subscription and handler tasks, awaited by `close`.
+    pub(crate) tasks: TaskTracker,
+}
+
+/// A resilient NATS client: a cheap, cloneable handle (`Clone + Send +
+/// Sync`) over shared state.
+///
+/// Every operation goes through the circuit breaker, validates its input
+/// before touching the network, and returns a typed [`Error`].
+///
+/// ```no_run
+/// # async fn demo() -> natskit::Result<()> {
+/// let client = natskit::Client::new("nats://127.0.0.1:4222")?;
+/// client.connect().await?;
+/// client.publish("sensors.t1", "21.5").await?;
+/// println!("{:?}", client.status_info());
+/// client.close().await?;
+/// # Ok(()) }
+/// ```
+#[derive(Clone)]
+pub struct Client {
+    pub(crate) inner: Arc<Inner>,
+}
+
+impl fmt::Debug for Client {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Client")
+            .field("urls", &self.inner.config.urls)
+            .field("status", &self.status())
+            .field("secrets", &self.inner.secrets.lock().ok().as_deref())
+            .finish_non_exhaustive()
+    }
+}
+
+impl Client {
+    /// A builder for `urls`: one URL or a comma-separated list.
+    pub fn builder(urls: impl AsRef<str>) -> ClientBuilder {
+        ClientBuilder::new(urls.as_ref())
+    }
+
+    /// A client with default settings for `urls` (not yet connected).
+    ///
+    /// # Errors
+    /// See [`ClientBuilder::build`].
+    pub fn new(urls: impl AsRef<str>) -> Result<Self> {
+        Self::builder(urls).build()
+    }
+
+    /// Connects. Goes through the circuit breaker: each failed attempt counts,
+    /// and once the breaker is open the call fails fast with
+    /// [`Error::CircuitOpen`] without touching the network. A failed attempt
+    /// returns the real cause ([`Error::Connect`] or
+    /// [`Error::ConnectionTimeout`]). Connecting a connected client does
+    /// nothing. Once connected, the client reconnects by itself.
+    ///
+    /// With [`ClientBuilder::retry_initial_connect`], returns at once and
+    /// keeps trying in the background; see [`wait_for_connection`](Self::wait_for_connection).
+    ///
+    /// # Errors
+    /// As above, or [`Error::Closed`] after [`close`](Self::close).
+    pub async fn connect(&self) -> Result<()> {
+        if self.inner.config.retry_initial_connect {
+            self.ensure_open()?;
+            let client = self.clone();
+            tokio::spawn(async move {
+                loop {
+                    match client.connect_once().await {
+                        Ok(()) | Err(Error::Closed) => break,
+                        Err(Error::CircuitOpen { retry_after }) => {
+                            tokio::time::sleep(retry_after).await;
+                        }
+                        Err(err) => {
+                            tracing::debug!(%err, "initial connect failed; retrying");
+                            tokio::time::sleep(client.inner.config.reconnect_wait).await;
+                        }
+                    }
+                }
+            });
+            return Ok(());
+        }
+        self.connect_once().await
+    }
+
+    async fn connect_once(&self) -> Result<()> {
+        self.ensure_open()?;
+        let _guard = self.inner.connect_lock.lock().await;
+        if self.inner.conn.get().is_some() {
+            return Ok(());
+        }
+        let permit = self.inner.breaker.acquire()?;
+        let _ = self.inner.signals.send(Signal::Connecting);
+        let options = self.connect_options().await?;
+        let timeout = self.inner.config.connect_timeout;
+        let urls = self.server_addrs()?;
+        let result = match tokio::time::timeout(timeout, options.connect(urls)).await {
+            Ok(Ok(conn)) => Ok(conn),
+            Ok(Err(err)) => Err(Error::Connect(err)),
+            Err(_) => Err(Error::ConnectionTimeout(timeout)),
+        };
+        match permit.record(result) {
+            Ok(conn) => {
+                let _ = self.inner.conn.set(conn);
+                tracing::info!(urls = ?self.inner.config.urls, "connected to NATS");
+                Ok(())
+            }
+            Err(err) => {
+                tracing::warn!(%err, "connect failed");
+                let _ = self
+                    .inner
+                    .signals
+                    .send(Signal::ConnectFailed(err.to_string()));
+                Err(err)
+            }
+        }
+    }
+
+    fn server_addrs(&self) -> Result<Vec<async_nats::ServerAddr>> {
+        self.inner
+            .config
+            .urls
+            .iter()
+            .map(|u| {
+                u.parse()
+                    .map_err(|e| Error::InvalidConfig(format!("bad server URL {u:?}: {e}")))
+            })
+            .collect()
+    }
+
+    async fn connect_options(&self) -> Result<async_nats::ConnectOptions> {
+        let config = &self.inner.config;
+        let secrets = self
+            .inner
+            .secrets
+            .lock()
+            .map_err(|_| Error::InvalidConfig("credentials lock poisoned".into()))?
+            .clone()
+            .ok_or(Error::Closed)?;
+        let mut options = match &secrets.credentials_file {
+            Some(path) => async_nats::ConnectOptions::with_credentials_file(path)
+                .await
+                .map_err(|source| Error::Io {
+                    path: path.display().to_string(),
+                    source,
+                })?,
+            None => async_nats::ConnectOptions::new(),
+        };
+        if let (Some(user), Some(password)) = (&secrets.user, &secrets.password) {
+            options = options.user_and_password(user.to_string(), password.to_string());
+        }
+        if let Some(token) = &secrets.token {
+            options = options.token(token.to_string());
+        }
+        if let Some(seed) = &secrets.nkey_seed {
+            options = options.nkey(seed.to_string());
+        }
+        drop(secrets);
+        for ca in &config.tls.ca {
+            options = options.add_root_certificates(ca.clone());
+        }
+        if let Some((cert, key)) = &config.tls.client_cert {
+            options = options.add_client_certificate(cert.clone(), key.clone());
+        }
+        if let Some(name) = &config.name {
+            options = options.name(name);
+        }
+        let signals = self.inner.signals.clone();
+        let breaker = self.inner.breaker.clone();
+        let ever_connected = self.inner.ever_connected.clone();
+        let wait = Backoff {
+            jitter: 0.2,
+            ..Backoff::new(config.reconnect_wait, config.reconnect_wait)
+        };
+        Ok(options
+            .require_tls(config.tls.required)
+            .connection_timeout(config.connect_timeout)
+            .ping_interval(config.ping_interval)
+            .subscription_capacity(config.subscription_capacity)
+            .max_reconnects(config.max_reconnects)
+            .event_callback(move |event| {
+                let _ = signals.send(Signal::Nats(event));
+                std::future::ready(())
+            })
+            .reconnect_delay_callback(move |attempts| {
+                // The first attempt after a drop goes at once. Each later call
+                // means the previous attempt failed: that feeds the breaker,
+                // whose open time then paces the attempts.
+                if attempts <= 1 || !ever_connected.load(Ordering::Acquire) {
+                    return Duration::ZERO;
+                }
+                breaker.connection_failed();
+                breaker
+                    .retry_after()
+                    .unwrap_or_else(|| wait.delay_random(0))
+            }))
+    }
+
+    pub(crate) fn ensure_open(&self) -> Result<()> {
+        if self.inner.lifecycle.load(Ordering::Acquire) == OPEN {
+            Ok(())
+        } else {
+            Err(Error::Closed)
+        }
+    }
+
+    /// The underlying async-nats client, for what natskit does not wrap.
+    ///
+    /// # Errors
+    /// [`Error::NotConnected`] before the first connection, [`Error::Closed`]
+    /// after close.
+    pub fn nats(&self) -> Result<&async_nats::Client> {
+        if self.inner.lifecycle.load(Ordering::Acquire) == CLOSED {
+            return Err(Error::Closed);
+        }
+        self.inner.conn.get().ok_or(Error::NotConnected)
+    }
+
+    /// The connection, checked for use by an operation: open, connected
+    /// (unless buffering while disconnected is on).
+    #[inline]
+    pub(crate) fn live_conn(&self) -> Result<&async_nats::Client> {
+        let conn = self.nats()?;
+        if !self.inner.config.buffer_when_disconnected
+            && conn.connection_state() != async_nats::connection::State::Connected
+        {
+            return Err(Error::NotConnected);
+        }
+        Ok(conn)
+    }
+
+    /// Current status. Closing and the circuit breaker are reflected at
+    /// once; connection changes as soon as the client's event task has seen
+    /// them (see [`status_watch`](Self::status_watch)).
+    pub fn status(&self) -> Status {
+        if self.inner.lifecycle.load(Ordering::Acquire) == CLOSED {
+            return Status::Closed;
+        }
+        if self.inner.breaker.state() != BreakerState::Closed {
+            return Status::CircuitOpen;
+        }
+        *self.inner.status.borrow()
+    }
+
+    /// A receiver that sees every status change.
+    pub fn status_watch(&self) -> watch::Receiver<Status> {
+        self.inner.status.clone()
+    }
+
+    /// Detailed status: breaker counts, reconnects, RTT, health, drops.
+    pub fn status_info(&self) -> StatusInfo {
+        let breaker = self.inner.breaker.snapshot();
+        let counters = &self.inner.counters;
+        let rtt = counters.rtt_nanos.load(Ordering::Relaxed);
+        StatusInfo {
+            status: self.status(),
+            breaker: breaker.state,
+            consecutive_failures: breaker.consecutive_failures,
+            total_failures: breaker.total_failures,
+            last_failure: breaker
+                .last_failure
+                .and_then(|at| SystemTime::now().checked_sub(at.elapsed())),
+            reconnects: counters.reconnects.load(Ordering::Relaxed),
+            rtt: (rtt > 0).then(|| Duration::from_nanos(rtt)),
+            healthy: counters.healthy.load(Ordering::Relaxed),
+            dropped_messages: counters.dropped.load(Ordering::Relaxed),
+        }
+    }
+
+    /// Whether the last health check passed (connected, ping answered).
+    pub fn is_healthy(&self) -> bool {
+        self.inner.counters.healthy.load(Ordering::Relaxed)
+    }
+
+    /// Consecutive failures counted by the breaker.
+    pub fn failures(&self) -> u32 {
+        self.inner.breaker.snapshot().consecutive_failures
+    }
+
+    /// The breaker's current open time (or the next one, while closed).
+    pub fn backoff(&self) -> Duration {
+        self.inner.breaker.snapshot().backoff
+    }
+
+    /// The circuit breaker, for [`trip`](CircuitBreaker::trip),
+    /// [`reset`](CircuitBreaker::reset) and inspection.
+    pub fn breaker(&self) -> &CircuitBreaker {
+        &self.inner.breaker
+    }
+
+    /// The server URLs, comma separated.
+    pub fn urls(&self) -> String {
+        self.inner.config.urls.join(",")
+    }
+
+    /// Measures the round-trip time: a message to a fresh inbox of this
+    /// client, through the server and back.
+    ///
+    /// # Errors
+    /// Not connected, or no echo within the connect timeout.
+    pub async fn rtt(&self) -> Result<Duration> {
+        let conn = self.live_conn()?;
+        let rtt = sync_with_server(conn, self.inner.config.connect_timeout).await?;
+        self.inner
+            .counters
+            .rtt_nanos
+            .store(duration_nanos(rtt), Ordering::Relaxed);
+        Ok(rtt)
+    }
+
+    /// Waits until the status is [`Status::Connected`].
+    ///
+    /// # Errors
+    /// [`Error::ConnectionTimeout`] after `timeout`; [`Error::Closed`] if the
+    /// client is closed meanwhile.
+    pub async fn wait_for_connection(&self, timeout: Duration) -> Result<()> {
+        let mut status = self.status_watch();
+        let wait = status.wait_for(|s| matches!(s, Status::Connected | Status::Closed));
+        match tokio::time::timeout(timeout, wait).await {
+            Ok(Ok(s)) if *s == Status::Connected => Ok(()),
+            Ok(_) => Err(Error::Closed),
+            Err(_) => Err(Error::ConnectionTimeout(timeout)),
+        }
+    }
+
+    /// Closes the client gracefully: stops new subscriptions, flushes pending
+    /// publishes, drains every subscription so the messages already received
+    /// are handled, and closes the connection, all within the drain timeout.
+    /// Credentials held by natskit are wiped. Idempotent: a second call
+    /// returns `Ok(())` at once. Afterwards every call returns
+    /// [`Error::Closed`].
+    ///
+    /// # Errors
+    /// [`Error::DrainTimeout`] when handlers did not finish in time (the
+    /// client is closed anyway).
+    pub async fn close(&self) -> Result<()> {
+        if self
+            .inner
+            .lifecycle
+            .compare_exchange(OPEN, CLOSING, Ordering::AcqRel, Ordering::Acquire)
+            .is_err()
+        {
+            return Ok(());
+        }
+        let timeout = self.inner.config.drain_timeout;
+        let deadline = tokio::time::Instant::now() + timeout;
+        let mut result = Ok(());
+        let conn = self.inner.conn.get();
+        // async-nats' own drain drops messages still in flight from the
+        // server, so natskit drains itself: one round trip through the server
+        // (every message sent to us before it is then in a subscription's
+        // buffer), then each subscription handles its buffer and unsubscribes.
+        if let Some(conn) = conn
+            && conn.connection_state() == async_nats::connection::State::Connected
+        {
+            let bound = deadline.saturating_duration_since(tokio::time::Instant::now());
+            if let Err(err) = sync_with_server(conn, bound).await {
+                tracing::warn!(%err, "could not sync with the server before draining");
+            }
+        }
+        self.inner.registry.drain_all();
+        self.inner.tasks.close();
+        if tokio::time::timeout_at(deadline, self.inner.tasks.wait())
+            .await
+            .is_err()
+        {
+            result = Err(Error::DrainTimeout(timeout));
+        }
+        if let Some(conn) = conn {
+            // Flushes what handlers published, then closes the connection.
+            if let Err(err) = conn.drain().await {
+                tracing::debug!(%err, "closing the connection failed");
+            }
+        }
+        self.inner.lifecycle.store(CLOSED, Ordering::Release);
+        if let Ok(mut secrets) = self.inner.secrets.lock() {
+            // Dropping Zeroizing values overwrites them.
+            *secrets = None;
+        }
+        let _ = self.inner.signals.send(Signal::Closed);
+        tracing::info!("NATS client closed");
+        result
+    }
+}
+
+pub(crate) fn duration_nanos(d: Duration) -> u64 {
+    u64::try_from(d.as_nanos()).unwrap_or(u64::MAX).max(1)
+}
+
+/// One round trip through the server on a fresh inbox. When it returns,
+/// every message the server sent this connection before has been handed to
+/// its subscription.
+pub(crate) async fn sync_with_server(
+    conn: &async_nats::Client,
+    timeout: Duration,
+) -> Result<Duration> {
+    let mut probe = Probe::new(conn).await?;
+    probe.round_trip(conn, timeout).await
+}
+
+/// A subscription on a private inbox that measures round trips through the
+/// server. (`flush` only waits for the socket, so it cannot tell a frozen
+/// server from a live one.)
+struct Probe {
+    subject: async_nats::Subject,
+    subscriber: async_nats::Subscriber,
+    seq: u64,
+}
+
+impl Probe {
+    async fn new(conn: &async_nats::Client) -> Result<Self> {
+        let subject = async_nats::Subject::from(conn.new_inbox());
+        let subscriber = conn
+            .subscribe(subject.clone())
+            .await
+            .map_err(Error::Subscribe)?;
+        Ok(Self {
+            subject,
+            subscriber,
+            seq: 0,
+        })
+    }
+
+    async fn round_trip(
+        &mut self,
+        conn: &async_nats::Client,
+        timeout: Duration,
+    ) -> Result<Duration> {
+        use futures_util::StreamExt;
+        self.seq += 1;
+        let token = bytes::Bytes::from(self.seq.to_string());
+        let start = Instant::now();
+        conn.publish(self.subject.clone(), token.clone())
+            .await
+            .map_err(Error::Publish)?;
+        let echo = async {
+            // Skip echoes of earlier probes that timed out.
+            while let Some(msg) = self.subscriber.next().await {
+                if msg.payload == token {
+                    return true;
+                }
+            }
+            false
+        };
+        match tokio::time::timeout(timeout, echo).await {
+            Ok(true) => Ok(start.elapsed()),
+            Ok(false) => Err(Error::NotConnected),
+            Err(_) => Err(Error::ConnectionTimeout(timeout)),
+        }
+    }
+}
+
+/// What the supervisor task reacts to.
+pub(crate) enum Signal {
+    Nats(async_nats::Event),
+    Breaker(BreakerState),
+    Connecting,
+    ConnectFailed(String),
+    Closed,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Link {
+    Idle,
+    Connecting,
+    Up,
+    Down,
+}
+
+/// The one task that turns connection events, breaker changes and health
+/// checks into status changes and callbacks, in order.
+async fn supervise(
+    inner: Weak<Inner>,
+    mut signals: mpsc::UnboundedReceiver<Signal>,
+    status_tx: watch::Sender<Status>,
+) {
+    let Some(strong) = inner.upgrade() else {
+        return;
+    };
+    let config = strong.config.clone();
+    let registry = strong.registry.clone();
+    drop(strong);
+    let callbacks = config.callbacks.clone();
+    let mut link = Link::Idle;
+    let mut breaker_open = false;
+    let mut closed = false;
+    let mut ever_connected = false;
+    let mut last_error: Option<String> = None;
+    let mut lost_deadline: Option<tokio::time::Instant> = None;
+    let mut probe: Option<Probe> = None;
+    let mut health = (!config.health_interval.is_zero()).then(|| {
+        let mut interval = tokio::time::interval(config.health_interval);
+        interval.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        interval
+    });
+
+    let set_healthy = |healthy: bool| {
+        let Some(inner) = inner.upgrade() else { return };
+        let was = inner.counters.healthy.swap(healthy, Ordering::Relaxed);
+        if was != healthy {
+            tracing::info!(healthy, "NATS health changed");
+            if let Some(cb) = &callbacks.on_health_change {
+                cb(healthy);
+            }
+        }
+    };
+
+    loop {
+        let lost_sleep = async {
+            match lost_deadline {
+                Some(at) => tokio::time::sleep_until(at).await,
+                None => std::future::pending().await,
+            }
+        };
+        let health_tick = async {
+            match health.as_mut() {
+                Some(interval) => interval.tick().await,
+                None => std::future::pending().await,
+            }
+        };
+        tokio::select! {
+            signal = signals.recv() => {
+                let Some(signal) = signal else { break };
+                match signal {
+                    Signal::Nats(async_nats::Event::Connected) => {
+                        if let Some(inner) = inner.upgrade() {
+                            inner.ever_connected.store(true, Ordering::Release);
+                            inner.breaker.connection_succeeded();
+                            if ever_connected {
+                                inner.counters.reconnects.fetch_add(1, Ordering::Relaxed);
+                            }
+                        }
+                        let reconnected = ever_connected;
+                        ever_connected = true;
+                        link = Link::Up;
+                        lost_deadline = None;
+                        set_healthy(true);
+                        if reconnected {
+                            tracing::info!("reconnected to NATS");
+                            if let Some(cb) = &callbacks.on_reconnect {
+                                cb();
+                            }
+                        }
+                    }
+                    Signal::Nats(async_nats::Event::Disconnected) => {
+                        if link == Link::Up {
+                            tracing::warn!(reason = ?last_error, "disconnected from NATS");
+                            link = Link::Down;
+                            lost_deadline = Some(tokio::time::Instant::now() + config.connection_lost_after);
+                            set_healthy(false);
+                            if let Some(cb) = &callbacks.on_disconnect {
+                                cb(last_error.as_deref());
+                            }
+                        }
+                    }
+                    Signal::Nats(async_nats::Event::SlowConsumer(sid)) => {
+                        if let Some(inner) = inner.upgrade() {
+                            inner.counters.dropped.fetch_add(1, Ordering::Relaxed);
+                        }
+                        registry.record_drop(sid);
+                    }
+                    Signal::Nats(async_nats::Event::ServerError(err)) => {
+                        tracing::warn!(%err, "NATS server error");
+                        last_error = Some(err.to_string());
+                    }
+                    Signal::Nats(async_nats::Event::ClientError(err)) => {
+                        tracing::warn!(%err, "NATS client error");
+                        if matches!(err, async_nats::ClientError::MaxReconnects) {
+                            link = Link::Idle;
+                        }
+                        last_error = Some(err.to_string());
+                    }
+                    Signal::Nats(event) => tracing::debug!(%event, "NATS event"),
+                    Signal::Breaker(state) => {
+                        tracing::info!(%state, "circuit breaker changed");
+                        breaker_open = state != BreakerState::Closed;
+                    }
+                    Signal::Connecting => {
+                        if link == Link::Idle {
+                            link = Link::Connecting;
+                        }
+                    }
+                    Signal::ConnectFailed(err) => {
+                        last_error = Some(err);
+                        if link == Link::Connecting {
+                            link = Link::Idle;
+                        }
+                    }
+                    Signal::Closed => {
+                        closed = true;
+                        lost_deadline = None;
+                        health = None;
+                        probe = None;
+                        set_healthy(false);
+                    }
+                }
+            }
+            () = lost_sleep => {
+                lost_deadline = None;
+                tracing::error!(after = ?config.connection_lost_after, "NATS connection lost");
+                if let Some(cb) = &callbacks.on_connection_lost {
+                    cb(last_error.as_deref());
+                }
+            }
+            _ = health_tick => {
+                let Some(strong) = inner.upgrade() else { break };
+                let conn = strong.conn.get().cloned();
+                drop(strong);
+                let healthy = match (link, conn) {
+                    (Link::Up, Some(conn)) => {
+                        let bound = config.health_interval.min(config.connect_timeout);
+                        if probe.is_none() {
+                            probe = Probe::new(&conn).await.ok();
+                        }
+                        let measured = match probe.as_mut() {
+                            Some(p) => p.round_trip(&conn, bound).await,
+                            None => Err(Error::NotConnected),
+                        };
+                        match measured {
+                            Ok(rtt) => {
+                                if let Some(inner) = inner.upgrade() {
+                                    inner.counters.rtt_nanos.store(duration_nanos(rtt), Ordering::Relaxed);
+                                }
+                                true
+                            }
+                            Err(err) => {
+                                tracing::warn!(%err, "health check failed");
+                                false
+                            }
+                        }
+                    }
+                    _ => false,
+                };
+                set_healthy(healthy);
+            }
+        }
+
+        let status = if closed {
+            Status::Closed
+        } else if breaker_open {
+            Status::CircuitOpen
+        } else {
+            match link {
+                Link::Idle => Status::Disconnected,
+                Link::Connecting => Status::Connecting,
+                Link::Up => Status::Connected,
+                Link::Down => Status::Reconnecting,
+            }
+        };
+        if *status_tx.borrow() != status {
+            tracing::debug!(%status, "status changed");
+            status_tx.send_replace(status);
+            if let Some(cb) = &callbacks.on_status_change {
+                cb(status);
+            }
+        }
+        if closed {
+            break;
+        }
+    }
+}

@@ -1,0 +1,175 @@
+//! The error type of every natskit operation.
+
+use std::time::Duration;
+
+/// A boxed error from user code or a lower layer.
+pub type BoxError = Box<dyn std::error::Error + Send + Sync + 'static>;
+
+/// The result type of natskit operations.
+pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+/// Everything a natskit operation can fail with.
+///
+/// Match on the variant, or use the `is_*` helpers, which keep working when
+/// variants gain fields. [`Error::is_infrastructure`] tells which errors
+/// count against the circuit breaker.
+///
+/// ```
+/// # fn handle(err: natskit::Error) {
+/// if err.is_circuit_open() {
+///     // back off; the error says for how long
+/// } else if err.is_not_connected() {
+///     // the client reconnects by itself
+/// }
+/// # }
+/// ```
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum Error {
+    /// The client has no live connection (never connected, or reconnecting).
+    #[error("not connected to NATS")]
+    NotConnected,
+    /// The client was closed; it cannot be used again.
+    #[error("client is closed")]
+    Closed,
+    /// The circuit breaker is open: the call failed fast without touching the
+    /// network.
+    #[error("circuit breaker is open; retry after {retry_after:?}")]
+    CircuitOpen {
+        /// How long until the breaker lets a probe through.
+        retry_after: Duration,
+    },
+    /// Connecting did not finish within the connect timeout.
+    #[error("connection timed out after {0:?}")]
+    ConnectionTimeout(Duration),
+    /// Connecting failed (refused, DNS, TLS, authentication...).
+    #[error("connect failed: {0}")]
+    Connect(#[source] async_nats::ConnectError),
+    /// The subject is not valid for this operation.
+    #[error("invalid subject {subject:?}: {reason}")]
+    InvalidSubject {
+        /// The rejected subject.
+        subject: String,
+        /// Why it was rejected.
+        reason: &'static str,
+    },
+    /// The payload is larger than the server accepts.
+    #[error("payload of {size} bytes exceeds the server maximum of {max} bytes")]
+    PayloadTooLarge {
+        /// Payload size in bytes.
+        size: usize,
+        /// The server's `max_payload`.
+        max: usize,
+    },
+    /// A request got no reply in time.
+    #[error("request to {subject:?} timed out after {timeout:?}")]
+    Timeout {
+        /// The request subject.
+        subject: String,
+        /// The timeout that elapsed.
+        timeout: Duration,
+    },
+    /// Nobody is subscribed to the request subject.
+    #[error("no responders on {subject:?}")]
+    NoResponders {
+        /// The request subject.
+        subject: String,
+    },
+    /// A configuration value is invalid.
+    #[error("invalid configuration: {0}")]
+    InvalidConfig(String),
+    /// Reading a credentials file or TLS file failed.
+    #[error("reading {path}: {source}")]
+    Io {
+        /// The file.
+        path: String,
+        /// The cause.
+        #[source]
+        source: std::io::Error,
+    },
+    /// Publishing failed in the client.
+    #[error("publish failed: {0}")]
+    Publish(#[source] async_nats::PublishError),
+    /// Subscribing failed in the client.
+    #[error("subscribe failed: {0}")]
+    Subscribe(#[source] async_nats::SubscribeError),
+    /// A request failed for a reason other than a timeout or no responders.
+    #[error("request failed: {0}")]
+    Request(#[source] async_nats::RequestError),
+    /// Flushing (the ping round trip) failed.
+    #[error("flush failed: {0}")]
+    Flush(#[source] async_nats::client::FlushError),
+    /// Draining did not finish within the drain timeout.
+    #[error("drain did not finish within {0:?}")]
+    DrainTimeout(Duration),
+    /// Draining failed.
+    #[error("drain failed: {0}")]
+    Drain(#[source] async_nats::client::DrainError),
+}
+
+impl Error {
+    /// The circuit breaker rejected the call.
+    pub fn is_circuit_open(&self) -> bool {
+        matches!(self, Error::CircuitOpen { .. })
+    }
+
+    /// No live connection.
+    pub fn is_not_connected(&self) -> bool {
+        matches!(self, Error::NotConnected)
+    }
+
+    /// The client is closed.
+    pub fn is_closed(&self) -> bool {
+        matches!(self, Error::Closed)
+    }
+
+    /// A timeout: request, connect, or drain.
+    pub fn is_timeout(&self) -> bool {
+        matches!(
+            self,
+            Error::Timeout { .. } | Error::ConnectionTimeout(_) | Error::DrainTimeout(_)
+        ) || matches!(self, Error::Connect(e) if e.kind() == async_nats::ConnectErrorKind::TimedOut)
+    }
+
+    /// Nobody answered a request.
+    pub fn is_no_responders(&self) -> bool {
+        matches!(self, Error::NoResponders { .. })
+    }
+
+    /// Bad input from the caller (subject, payload size, configuration).
+    pub fn is_invalid_input(&self) -> bool {
+        matches!(
+            self,
+            Error::InvalidSubject { .. } | Error::PayloadTooLarge { .. } | Error::InvalidConfig(_)
+        )
+    }
+
+    /// Authentication or authorization was refused by the server.
+    pub fn is_auth(&self) -> bool {
+        matches!(self, Error::Connect(e) if matches!(
+            e.kind(),
+            async_nats::ConnectErrorKind::AuthorizationViolation
+                | async_nats::ConnectErrorKind::Authentication
+        ))
+    }
+
+    /// Whether this error is an infrastructure failure that counts against
+    /// the circuit breaker: connect and I/O errors and timeouts. Answers from
+    /// the server (no responders, not found), invalid input, local state
+    /// (not connected, closed) and the breaker's own rejection never count.
+    pub fn is_infrastructure(&self) -> bool {
+        match self {
+            Error::ConnectionTimeout(_)
+            | Error::Connect(_)
+            | Error::Timeout { .. }
+            | Error::Flush(_)
+            | Error::DrainTimeout(_) => true,
+            Error::Publish(e) => matches!(e.kind(), async_nats::client::PublishErrorKind::Send),
+            Error::Subscribe(e) => {
+                !matches!(e.kind(), async_nats::SubscribeErrorKind::InvalidSubject)
+            }
+            Error::Request(e) => matches!(e.kind(), async_nats::RequestErrorKind::Other),
+            _ => false,
+        }
+    }
+}

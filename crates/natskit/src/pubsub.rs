@@ -1,0 +1,627 @@
+//! Publish and subscribe: validated, breaker-guarded publishing, and
+//! subscriptions whose handlers run under a deadline, survive panics, and
+//! never lose messages silently.
+
+use std::collections::HashMap;
+use std::future::Future;
+use std::panic::AssertUnwindSafe;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, Weak};
+use std::time::{Duration, Instant};
+
+use async_nats::subject::ToSubject;
+use async_nats::{HeaderMap, Message};
+use bytes::Bytes;
+use futures_util::{FutureExt, StreamExt};
+use tokio::sync::{Semaphore, watch};
+
+use crate::client::{Client, sync_with_server};
+use crate::error::{BoxError, Error, Result};
+use crate::subject;
+
+/// Counters of one subscription, from [`Subscription::stats`].
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct SubscriptionStats {
+    /// Messages taken from the subscription.
+    pub received: u64,
+    /// Handler invocations that finished (in any way).
+    pub handled: u64,
+    /// Handlers that returned an error.
+    pub errors: u64,
+    /// Handlers that panicked.
+    pub panics: u64,
+    /// Handlers that exceeded the per-message deadline.
+    pub timeouts: u64,
+    /// Messages the client dropped because this subscription fell behind
+    /// (a lower bound: async-nats reports each drop as a best-effort event).
+    pub dropped: u64,
+}
+
+#[derive(Debug, Default)]
+pub(crate) struct StatsCell {
+    received: AtomicU64,
+    handled: AtomicU64,
+    errors: AtomicU64,
+    panics: AtomicU64,
+    timeouts: AtomicU64,
+    dropped: AtomicU64,
+    /// Nanoseconds since `Registry::epoch` of the last drop warning.
+    last_warned: AtomicU64,
+}
+
+impl StatsCell {
+    fn snapshot(&self) -> SubscriptionStats {
+        let get = |c: &AtomicU64| c.load(Ordering::Relaxed);
+        SubscriptionStats {
+            received: get(&self.received),
+            handled: get(&self.handled),
+            errors: get(&self.errors),
+            panics: get(&self.panics),
+            timeouts: get(&self.timeouts),
+            dropped: get(&self.dropped),
+        }
+    }
+}
+
+/// Maps async-nats subscription ids to natskit stats, so slow-consumer
+/// events are counted per subscription.
+/// Also keeps every running subscription's control channel, for `close`.
+#[derive(Debug)]
+pub(crate) struct Registry {
+    subs: Mutex<HashMap<u64, (String, Weak<StatsCell>)>>,
+    controls: Mutex<Vec<Arc<watch::Sender<Control>>>>,
+    epoch: Instant,
+}
+
+impl Default for Registry {
+    fn default() -> Self {
+        Self {
+            subs: Mutex::new(HashMap::new()),
+            controls: Mutex::new(Vec::new()),
+            epoch: Instant::now(),
+        }
+    }
+}
+
+impl Registry {
+    fn add_control(&self, control: &Arc<watch::Sender<Control>>) {
+        if let Ok(mut controls) = self.controls.lock() {
+            // A finished runner has dropped its receiver.
+            controls.retain(|c| c.receiver_count() > 0);
+            controls.push(control.clone());
+        }
+    }
+
+    /// Tells every running subscription to handle what it has buffered and
+    /// stop. The caller has synced with the server first.
+    pub(crate) fn drain_all(&self) {
+        if let Ok(controls) = self.controls.lock() {
+            for control in controls.iter() {
+                request_drain(control);
+            }
+        }
+    }
+
+    fn register(&self, sid: u64, subject: &str, stats: &Arc<StatsCell>) {
+        if let Ok(mut subs) = self.subs.lock() {
+            subs.retain(|_, (_, s)| s.strong_count() > 0);
+            subs.insert(sid, (subject.to_owned(), Arc::downgrade(stats)));
+        }
+    }
+
+    pub(crate) fn record_drop(&self, sid: u64) {
+        let Some((subject, stats)) = self.subs.lock().ok().and_then(|subs| {
+            subs.get(&sid)
+                .and_then(|(s, w)| Some((s.clone(), w.upgrade()?)))
+        }) else {
+            tracing::warn!(sid, "message dropped: subscription could not keep up");
+            return;
+        };
+        let dropped = stats.dropped.fetch_add(1, Ordering::Relaxed) + 1;
+        // Warn at most once a second per subscription.
+        let now = u64::try_from(self.epoch.elapsed().as_nanos()).unwrap_or(u64::MAX);
+        let last = stats.last_warned.load(Ordering::Relaxed);
+        if (last == 0 || now.saturating_sub(last) >= 1_000_000_000)
+            && stats
+                .last_warned
+                .compare_exchange(last, now.max(1), Ordering::Relaxed, Ordering::Relaxed)
+                .is_ok()
+        {
+            tracing::warn!(%subject, dropped, "slow consumer: messages dropped");
+        }
+    }
+}
+
+/// async-nats keeps a subscriber's id private but prints it in `Debug`
+/// (`Subscriber { sid: 7, .. }`); read it from there to map slow-consumer
+/// events (which carry only the id) to the subscription.
+fn subscriber_sid(subscriber: &async_nats::Subscriber) -> Option<u64> {
+    let text = format!("{subscriber:?}");
+    let rest = text.split_once("sid: ")?.1;
+    let end = rest.find(|c: char| !c.is_ascii_digit())?;
+    rest[..end].parse().ok()
+}
+
+/// What a message handler may return: `()` or `Result<(), E>`. Errors are
+/// counted in [`SubscriptionStats::errors`] and logged.
+pub trait HandlerOutcome {
+    /// Converts into a result.
+    fn into_result(self) -> std::result::Result<(), BoxError>;
+}
+
+impl HandlerOutcome for () {
+    fn into_result(self) -> std::result::Result<(), BoxError> {
+        Ok(())
+    }
+}
+
+impl<E: Into<BoxError>> HandlerOutcome for std::result::Result<(), E> {
+    fn into_result(self) -> std::result::Result<(), BoxError> {
+        self.map_err(Into::into)
+    }
+}
+
+/// Options of a handler subscription.
+///
+/// ```
+/// use std::time::Duration;
+/// let opts = natskit::SubscribeOptions::new()
+///     .queue("workers")
+///     .concurrency(8)
+///     .deadline(Duration::from_secs(5));
+/// # let _ = opts;
+/// ```
+#[derive(Debug, Clone, Default)]
+pub struct SubscribeOptions {
+    queue: Option<String>,
+    concurrency: Option<usize>,
+    deadline: Option<Duration>,
+}
+
+impl SubscribeOptions {
+    /// Defaults: no queue group, one message at a time, the client's handler deadline.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Joins a queue group: each message goes to one member.
+    pub fn queue(mut self, queue: impl Into<String>) -> Self {
+        self.queue = Some(queue.into());
+        self
+    }
+
+    /// Handles up to `n` messages at once (default 1, in order).
+    pub fn concurrency(mut self, n: usize) -> Self {
+        self.concurrency = Some(n.max(1));
+        self
+    }
+
+    /// Deadline for one handler invocation (default: the client's).
+    pub fn deadline(mut self, deadline: Duration) -> Self {
+        self.deadline = Some(deadline);
+        self
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Control {
+    Run,
+    Drain,
+    Stop,
+}
+
+/// A running handler subscription. Dropping the handle does **not** stop
+/// it; call [`unsubscribe`](Self::unsubscribe) or [`drain`](Self::drain), or
+/// close the client.
+#[derive(Debug)]
+pub struct Subscription {
+    subject: String,
+    stats: Arc<StatsCell>,
+    control: Arc<watch::Sender<Control>>,
+    done: watch::Receiver<bool>,
+    conn: async_nats::Client,
+    sync_timeout: Duration,
+}
+
+fn request_drain(control: &watch::Sender<Control>) {
+    control.send_if_modified(|c| {
+        if *c == Control::Run {
+            *c = Control::Drain;
+            true
+        } else {
+            false
+        }
+    });
+}
+
+impl Subscription {
+    /// The subscribed subject.
+    pub fn subject(&self) -> &str {
+        &self.subject
+    }
+
+    /// Current counters.
+    pub fn stats(&self) -> SubscriptionStats {
+        self.stats.snapshot()
+    }
+
+    /// Whether the subscription has ended.
+    pub fn is_finished(&self) -> bool {
+        *self.done.borrow()
+    }
+
+    /// Stops at once: no further messages are handled; a handler already
+    /// running finishes. Idempotent.
+    pub async fn unsubscribe(&self) {
+        self.control.send_replace(Control::Stop);
+        self.wait_finished().await;
+    }
+
+    /// Handles every message the server sent before this call, then
+    /// unsubscribes and ends. Idempotent.
+    ///
+    /// (One round trip through the server comes first, so messages in
+    /// flight are not lost, unlike async-nats' own drain.)
+    pub async fn drain(&self) {
+        if !self.is_finished()
+            && let Err(err) = sync_with_server(&self.conn, self.sync_timeout).await
+        {
+            tracing::warn!(subject = %self.subject, %err, "could not sync with the server before draining");
+        }
+        request_drain(&self.control);
+        self.wait_finished().await;
+    }
+
+    async fn wait_finished(&self) {
+        let mut done = self.done.clone();
+        let _ = done.wait_for(|d| *d).await;
+    }
+}
+
+impl Client {
+    /// Publishes `payload` on `subject`.
+    ///
+    /// Checks, in order and before touching the network: the subject
+    /// ([`Error::InvalidSubject`]), the payload size against the server's
+    /// maximum ([`Error::PayloadTooLarge`]), the circuit breaker
+    /// ([`Error::CircuitOpen`]) and the connection ([`Error::NotConnected`],
+    /// unless buffering while disconnected is on). Invalid input never counts
+    /// against the breaker.
+    ///
+    /// ```no_run
+    /// # async fn demo(client: natskit::Client) -> natskit::Result<()> {
+    /// client.publish("sensors.t1", "21.5").await?;
+    /// # Ok(()) }
+    /// ```
+    ///
+    /// # Errors
+    /// As above, and [`Error::Publish`] when the client could not queue it.
+    pub async fn publish(&self, subject: impl ToSubject, payload: impl Into<Bytes>) -> Result<()> {
+        self.publish_inner(subject.to_subject(), payload.into(), None)
+            .await
+    }
+
+    /// Publishes with headers. See [`publish`](Self::publish).
+    ///
+    /// # Errors
+    /// See [`publish`](Self::publish).
+    pub async fn publish_with_headers(
+        &self,
+        subject: impl ToSubject,
+        headers: HeaderMap,
+        payload: impl Into<Bytes>,
+    ) -> Result<()> {
+        self.publish_inner(subject.to_subject(), payload.into(), Some(headers))
+            .await
+    }
+
+    pub(crate) async fn publish_inner(
+        &self,
+        subject: async_nats::Subject,
+        payload: Bytes,
+        headers: Option<HeaderMap>,
+    ) -> Result<()> {
+        subject::validate_publish(&subject)?;
+        let conn = self.live_conn()?;
+        check_payload(conn, payload.len())?;
+        let permit = self.inner.breaker.acquire()?;
+        let result = match headers {
+            None => conn.publish(subject, payload).await,
+            Some(headers) => conn.publish_with_headers(subject, headers, payload).await,
+        };
+        permit.record(result.map_err(Error::Publish))
+    }
+
+    /// Subscribes with an async handler that receives every message
+    /// (subject, reply, headers, payload) in order, one at a time.
+    ///
+    /// Each invocation runs under the client's handler deadline; a handler
+    /// that panics, errs or overruns is counted and logged, and the
+    /// subscription keeps running.
+    ///
+    /// ```no_run
+    /// # async fn demo(client: natskit::Client) -> natskit::Result<()> {
+    /// let sub = client
+    ///     .subscribe("sensors.*", |msg: async_nats::Message| async move {
+    ///         println!("{}: {:?}", msg.subject, msg.payload);
+    ///     })
+    ///     .await?;
+    /// # sub.unsubscribe().await;
+    /// # Ok(()) }
+    /// ```
+    ///
+    /// # Errors
+    /// [`Error::InvalidSubject`], [`Error::CircuitOpen`], [`Error::NotConnected`],
+    /// [`Error::Closed`], [`Error::Subscribe`].
+    pub async fn subscribe<F, Fut>(
+        &self,
+        subject: impl ToSubject,
+        handler: F,
+    ) -> Result<Subscription>
+    where
+        F: Fn(Message) -> Fut + Send + Sync + 'static,
+        Fut: Future + Send + 'static,
+        Fut::Output: HandlerOutcome,
+    {
+        self.subscribe_with(subject, SubscribeOptions::new(), handler)
+            .await
+    }
+
+    /// Subscribes as a member of queue group `queue`. See [`subscribe`](Self::subscribe).
+    ///
+    /// # Errors
+    /// See [`subscribe`](Self::subscribe).
+    pub async fn queue_subscribe<F, Fut>(
+        &self,
+        subject: impl ToSubject,
+        queue: impl Into<String>,
+        handler: F,
+    ) -> Result<Subscription>
+    where
+        F: Fn(Message) -> Fut + Send + Sync + 'static,
+        Fut: Future + Send + 'static,
+        Fut::Output: HandlerOutcome,
+    {
+        self.subscribe_with(subject, SubscribeOptions::new().queue(queue), handler)
+            .await
+    }
+
+    /// Subscribes with explicit [`SubscribeOptions`]. See [`subscribe`](Self::subscribe).
+    ///
+    /// # Errors
+    /// See [`subscribe`](Self::subscribe).
+    pub async fn subscribe_with<F, Fut>(
+        &self,
+        subject: impl ToSubject,
+        options: SubscribeOptions,
+        handler: F,
+    ) -> Result<Subscription>
+    where
+        F: Fn(Message) -> Fut + Send + Sync + 'static,
+        Fut: Future + Send + 'static,
+        Fut::Output: HandlerOutcome,
+    {
+        let subject = subject.to_subject();
+        let subscriber = self
+            .subscriber_inner(&subject, options.queue.clone())
+            .await?;
+        let stats = Arc::new(StatsCell::default());
+        if let Some(sid) = subscriber_sid(&subscriber) {
+            self.inner.registry.register(sid, &subject, &stats);
+        }
+        let (control, control_rx) = watch::channel(Control::Run);
+        let control = Arc::new(control);
+        self.inner.registry.add_control(&control);
+        let (done_tx, done) = watch::channel(false);
+        let run = Runner {
+            handler: Arc::new(handler),
+            deadline: options
+                .deadline
+                .unwrap_or(self.inner.config.handler_deadline),
+            stats: stats.clone(),
+            subject: subject.to_string(),
+        };
+        let concurrency = options.concurrency.unwrap_or(1);
+        let tasks = self.inner.tasks.clone();
+        self.inner.tasks.spawn(async move {
+            run.run(subscriber, control_rx, concurrency, tasks).await;
+            let _ = done_tx.send(true);
+        });
+        Ok(Subscription {
+            subject: subject.to_string(),
+            stats,
+            control,
+            done,
+            conn: self.live_conn()?.clone(),
+            sync_timeout: self.inner.config.connect_timeout,
+        })
+    }
+
+    /// Subscribes and returns the raw async-nats [`Subscriber`](async_nats::Subscriber)
+    /// stream, after the same checks as [`subscribe`](Self::subscribe).
+    /// Drops on such a subscription count in
+    /// [`StatusInfo::dropped_messages`](crate::StatusInfo::dropped_messages).
+    ///
+    /// # Errors
+    /// See [`subscribe`](Self::subscribe).
+    pub async fn subscriber(&self, subject: impl ToSubject) -> Result<async_nats::Subscriber> {
+        self.subscriber_inner(&subject.to_subject(), None).await
+    }
+
+    async fn subscriber_inner(
+        &self,
+        subject: &async_nats::Subject,
+        queue: Option<String>,
+    ) -> Result<async_nats::Subscriber> {
+        subject::validate_subscribe(subject)?;
+        if let Some(queue) = &queue {
+            subject::validate_queue(queue)?;
+        }
+        self.ensure_open()?;
+        let conn = self.live_conn()?;
+        let permit = self.inner.breaker.acquire()?;
+        let result = match queue {
+            None => conn.subscribe(subject.clone()).await,
+            Some(queue) => conn.queue_subscribe(subject.clone(), queue).await,
+        };
+        permit.record(result.map_err(Error::Subscribe))
+    }
+}
+
+pub(crate) fn check_payload(conn: &async_nats::Client, size: usize) -> Result<()> {
+    let max = conn.max_payload();
+    if max > 0 && size > max {
+        return Err(Error::PayloadTooLarge { size, max });
+    }
+    Ok(())
+}
+
+struct Runner<F> {
+    handler: Arc<F>,
+    deadline: Duration,
+    stats: Arc<StatsCell>,
+    subject: String,
+}
+
+impl<F, Fut> Runner<F>
+where
+    F: Fn(Message) -> Fut + Send + Sync + 'static,
+    Fut: Future + Send + 'static,
+    Fut::Output: HandlerOutcome,
+{
+    async fn run(
+        self,
+        mut subscriber: async_nats::Subscriber,
+        mut control: watch::Receiver<Control>,
+        concurrency: usize,
+        tasks: tokio_util::task::TaskTracker,
+    ) {
+        let limiter = (concurrency > 1).then(|| Arc::new(Semaphore::new(concurrency)));
+        loop {
+            let message = tokio::select! {
+                biased;
+                changed = control.changed() => {
+                    // The sender lives in the registry as long as the client:
+                    // an error means the client is gone.
+                    let command = if changed.is_ok() { *control.borrow_and_update() } else { Control::Stop };
+                    match command {
+                        Control::Run => continue,
+                        Control::Drain => {
+                            // Everything sent before the drain request is
+                            // buffered by now: handle it, then leave.
+                            while let Some(Some(message)) = subscriber.next().now_or_never() {
+                                self.dispatch(message, limiter.as_ref(), &tasks).await;
+                            }
+                            let _ = subscriber.unsubscribe().await;
+                            break;
+                        }
+                        Control::Stop => {
+                            let _ = subscriber.unsubscribe().await;
+                            break;
+                        }
+                    }
+                }
+                message = subscriber.next() => message,
+            };
+            let Some(message) = message else { break };
+            self.dispatch(message, limiter.as_ref(), &tasks).await;
+        }
+        // Wait for in-flight concurrent handlers.
+        if let Some(limiter) = limiter {
+            let _ = limiter
+                .acquire_many(u32::try_from(concurrency).unwrap_or(u32::MAX))
+                .await;
+        }
+    }
+}
+
+impl<F, Fut> Runner<F>
+where
+    F: Fn(Message) -> Fut + Send + Sync + 'static,
+    Fut: Future + Send + 'static,
+    Fut::Output: HandlerOutcome,
+{
+    async fn dispatch(
+        &self,
+        message: Message,
+        limiter: Option<&Arc<Semaphore>>,
+        tasks: &tokio_util::task::TaskTracker,
+    ) {
+        self.stats.received.fetch_add(1, Ordering::Relaxed);
+        match limiter {
+            None => {
+                handle(
+                    &*self.handler,
+                    message,
+                    self.deadline,
+                    &self.stats,
+                    &self.subject,
+                )
+                .await
+            }
+            Some(limiter) => {
+                let Ok(slot) = limiter.clone().acquire_owned().await else {
+                    return;
+                };
+                let (handler, stats, subject) = (
+                    self.handler.clone(),
+                    self.stats.clone(),
+                    self.subject.clone(),
+                );
+                let deadline = self.deadline;
+                tasks.spawn(async move {
+                    handle(&*handler, message, deadline, &stats, &subject).await;
+                    drop(slot);
+                });
+            }
+        }
+    }
+}
+
+async fn handle<F, Fut>(
+    handler: &F,
+    message: Message,
+    deadline: Duration,
+    stats: &StatsCell,
+    subject: &str,
+) where
+    F: Fn(Message) -> Fut,
+    Fut: Future,
+    Fut::Output: HandlerOutcome,
+{
+    let invocation = AssertUnwindSafe(async { handler(message).await }).catch_unwind();
+    match tokio::time::timeout(deadline, invocation).await {
+        Ok(Ok(outcome)) => {
+            if let Err(err) = outcome.into_result() {
+                stats.errors.fetch_add(1, Ordering::Relaxed);
+                tracing::warn!(%subject, %err, "message handler failed");
+            }
+        }
+        Ok(Err(panic)) => {
+            stats.panics.fetch_add(1, Ordering::Relaxed);
+            let what = panic
+                .downcast_ref::<&str>()
+                .map(|s| (*s).to_owned())
+                .or_else(|| panic.downcast_ref::<String>().cloned())
+                .unwrap_or_default();
+            tracing::error!(%subject, panic = %what, "message handler panicked");
+        }
+        Err(_) => {
+            stats.timeouts.fetch_add(1, Ordering::Relaxed);
+            tracing::warn!(%subject, ?deadline, "message handler exceeded its deadline");
+        }
+    }
+    stats.handled.fetch_add(1, Ordering::Relaxed);
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn handler_outcomes() {
+        assert!(().into_result().is_ok());
+        assert!(Ok::<(), std::io::Error>(()).into_result().is_ok());
+        assert!(Err::<(), _>("boom").into_result().is_err());
+    }
+}

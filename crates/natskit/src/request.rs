@@ -1,0 +1,303 @@
+//! Request/reply: requests with timeouts and retry, reply helpers, and
+//! request handlers (`serve`).
+
+use std::fmt;
+use std::future::Future;
+use std::sync::Arc;
+use std::time::Duration;
+
+use async_nats::subject::ToSubject;
+use async_nats::{HeaderMap, Message};
+use bytes::Bytes;
+
+use crate::backoff::Backoff;
+use crate::client::Client;
+use crate::error::{BoxError, Error, Result};
+use crate::pubsub::{SubscribeOptions, Subscription, check_payload};
+use crate::subject;
+
+/// Timeout of a request when none (or zero) is given.
+pub const DEFAULT_REQUEST_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// Header naming a service error in a reply (NATS micro convention).
+pub const SERVICE_ERROR_HEADER: &str = "Nats-Service-Error";
+/// Header carrying a service error code in a reply.
+pub const SERVICE_ERROR_CODE_HEADER: &str = "Nats-Service-Error-Code";
+
+/// Retry settings of [`Client::request_with_retry`].
+///
+/// Defaults: 3 retries, 100 ms first back-off, doubling, capped at 2 s, with
+/// jitter. Only no-responders and timeouts are retried.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct RetryConfig {
+    /// Retries after the first attempt.
+    pub max_retries: u32,
+    /// Back-off schedule between attempts.
+    pub backoff: Backoff,
+}
+
+impl Default for RetryConfig {
+    fn default() -> Self {
+        Self {
+            max_retries: 3,
+            backoff: Backoff::new(Duration::from_millis(100), Duration::from_secs(2)),
+        }
+    }
+}
+
+/// An error a request handler returns; the requester receives it as a reply
+/// with the `Nats-Service-Error` and `Nats-Service-Error-Code` headers and
+/// the body `error: <message>`.
+///
+/// Any `std::error::Error` converts into it with code 500, so `?` works in
+/// handlers.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ServiceError {
+    /// Error code (HTTP-like; 500 by default).
+    pub code: u16,
+    /// Human-readable message.
+    pub message: String,
+}
+
+impl ServiceError {
+    /// An error with a code.
+    pub fn new(code: u16, message: impl Into<String>) -> Self {
+        Self {
+            code,
+            message: message.into(),
+        }
+    }
+}
+
+impl fmt::Display for ServiceError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{} (code {})", self.message, self.code)
+    }
+}
+
+impl<E: std::error::Error> From<E> for ServiceError {
+    fn from(err: E) -> Self {
+        Self::new(500, err.to_string())
+    }
+}
+
+fn effective_timeout(timeout: Duration) -> Duration {
+    if timeout.is_zero() {
+        DEFAULT_REQUEST_TIMEOUT
+    } else {
+        timeout
+    }
+}
+
+impl Client {
+    /// Sends a request and returns the reply's payload. A zero `timeout`
+    /// means [`DEFAULT_REQUEST_TIMEOUT`].
+    ///
+    /// ```no_run
+    /// # async fn demo(client: natskit::Client) -> natskit::Result<()> {
+    /// let answer = client.request("time.now", "", std::time::Duration::ZERO).await?;
+    /// # let _ = answer; Ok(()) }
+    /// ```
+    ///
+    /// # Errors
+    /// [`Error::Timeout`] and [`Error::NoResponders`] (distinct), plus the
+    /// publish checks (subject, payload size, breaker, connection).
+    pub async fn request(
+        &self,
+        subject: impl ToSubject,
+        payload: impl Into<Bytes>,
+        timeout: Duration,
+    ) -> Result<Bytes> {
+        self.request_with_headers(subject, HeaderMap::new(), payload, timeout)
+            .await
+            .map(|reply| reply.payload)
+    }
+
+    /// Sends a request with headers and returns the whole reply message.
+    ///
+    /// # Errors
+    /// See [`request`](Self::request).
+    pub async fn request_with_headers(
+        &self,
+        subject: impl ToSubject,
+        headers: HeaderMap,
+        payload: impl Into<Bytes>,
+        timeout: Duration,
+    ) -> Result<Message> {
+        let subject = subject.to_subject();
+        let payload = payload.into();
+        subject::validate_publish(&subject)?;
+        let permit = self.inner.breaker.acquire()?;
+        let result = self
+            .request_once(&subject, &headers, &payload, timeout)
+            .await;
+        permit.record(result)
+    }
+
+    /// Sends a request, retrying on no-responders and timeouts with
+    /// jittered exponential back-off. The whole call is one outcome for the
+    /// circuit breaker, however many attempts it takes. Gives up with the
+    /// last attempt's error.
+    ///
+    /// ```no_run
+    /// # async fn demo(client: natskit::Client) -> natskit::Result<()> {
+    /// use natskit::RetryConfig;
+    /// let reply = client
+    ///     .request_with_retry("svc.echo", "hi", std::time::Duration::from_secs(1), RetryConfig::default())
+    ///     .await?;
+    /// # let _ = reply; Ok(()) }
+    /// ```
+    ///
+    /// # Errors
+    /// See [`request`](Self::request).
+    pub async fn request_with_retry(
+        &self,
+        subject: impl ToSubject,
+        payload: impl Into<Bytes>,
+        timeout: Duration,
+        retry: RetryConfig,
+    ) -> Result<Bytes> {
+        let subject = subject.to_subject();
+        let payload = payload.into();
+        subject::validate_publish(&subject)?;
+        let headers = HeaderMap::new();
+        let permit = self.inner.breaker.acquire()?;
+        let mut attempt = 0;
+        let result = loop {
+            match self
+                .request_once(&subject, &headers, &payload, timeout)
+                .await
+            {
+                Err(err @ (Error::NoResponders { .. } | Error::Timeout { .. }))
+                    if attempt < retry.max_retries =>
+                {
+                    let delay = retry.backoff.delay_random(attempt);
+                    tracing::debug!(%subject, %err, attempt, ?delay, "request failed; retrying");
+                    attempt += 1;
+                    tokio::time::sleep(delay).await;
+                }
+                other => break other.map(|m| m.payload),
+            }
+        };
+        permit.record(result)
+    }
+
+    async fn request_once(
+        &self,
+        subject: &async_nats::Subject,
+        headers: &HeaderMap,
+        payload: &Bytes,
+        timeout: Duration,
+    ) -> Result<Message> {
+        let conn = self.live_conn()?;
+        check_payload(conn, payload.len())?;
+        let timeout = effective_timeout(timeout);
+        let request = async_nats::Request::new()
+            .payload(payload.clone())
+            .headers(headers.clone())
+            .timeout(Some(timeout));
+        conn.send_request(subject.clone(), request)
+            .await
+            .map_err(|err| match err.kind() {
+                async_nats::RequestErrorKind::TimedOut => Error::Timeout {
+                    subject: subject.to_string(),
+                    timeout,
+                },
+                async_nats::RequestErrorKind::NoResponders => Error::NoResponders {
+                    subject: subject.to_string(),
+                },
+                _ => Error::Request(err),
+            })
+    }
+
+    /// Replies to a request. An empty `reply_to` (the message was not a
+    /// request) does nothing.
+    ///
+    /// # Errors
+    /// See [`publish`](Self::publish).
+    pub async fn reply(&self, reply_to: &str, payload: impl Into<Bytes>) -> Result<()> {
+        if reply_to.is_empty() {
+            return Ok(());
+        }
+        self.publish(reply_to.to_owned(), payload).await
+    }
+
+    /// Replies with headers. An empty `reply_to` does nothing.
+    ///
+    /// # Errors
+    /// See [`publish`](Self::publish).
+    pub async fn reply_with_headers(
+        &self,
+        reply_to: &str,
+        headers: HeaderMap,
+        payload: impl Into<Bytes>,
+    ) -> Result<()> {
+        if reply_to.is_empty() {
+            return Ok(());
+        }
+        self.publish_with_headers(reply_to.to_owned(), headers, payload)
+            .await
+    }
+
+    /// Serves requests on `subject`: the handler's `Ok` payload is the reply;
+    /// an `Err` replies with the service error headers and `error: <message>`.
+    /// Messages without a reply subject are handled and not answered.
+    ///
+    /// ```no_run
+    /// # async fn demo(client: natskit::Client) -> natskit::Result<()> {
+    /// use natskit::{ServiceError, SubscribeOptions};
+    /// let service = client
+    ///     .serve("math.double", SubscribeOptions::new().queue("math"), |msg: async_nats::Message| async move {
+    ///         let n: i64 = std::str::from_utf8(&msg.payload)
+    ///             .map_err(|e| ServiceError::new(400, e.to_string()))?
+    ///             .parse()?;
+    ///         Ok::<_, ServiceError>((n * 2).to_string().into())
+    ///     })
+    ///     .await?;
+    /// # service.unsubscribe().await; Ok(()) }
+    /// ```
+    ///
+    /// # Errors
+    /// See [`subscribe`](Self::subscribe).
+    pub async fn serve<F, Fut>(
+        &self,
+        subject: impl ToSubject,
+        options: SubscribeOptions,
+        handler: F,
+    ) -> Result<Subscription>
+    where
+        F: Fn(Message) -> Fut + Send + Sync + 'static,
+        Fut: Future<Output = std::result::Result<Bytes, ServiceError>> + Send + 'static,
+    {
+        let handler = Arc::new(handler);
+        let client = self.clone();
+        self.subscribe_with(subject, options, move |message: Message| {
+            let handler = handler.clone();
+            let client = client.clone();
+            async move {
+                let reply_to = message.reply.clone();
+                let outcome = handler(message).await;
+                let Some(reply_to) = reply_to else {
+                    return outcome.map(drop).map_err(|e| BoxError::from(e.to_string()));
+                };
+                let sent = match outcome {
+                    Ok(body) => client.reply(&reply_to, body).await,
+                    Err(err) => {
+                        let mut headers = HeaderMap::new();
+                        headers.insert(SERVICE_ERROR_HEADER, err.message.as_str());
+                        headers.insert(SERVICE_ERROR_CODE_HEADER, err.code.to_string().as_str());
+                        client
+                            .reply_with_headers(
+                                &reply_to,
+                                headers,
+                                format!("error: {}", err.message),
+                            )
+                            .await
+                    }
+                };
+                sent.map_err(BoxError::from)
+            }
+        })
+        .await
+    }
+}
