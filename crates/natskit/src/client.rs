@@ -414,6 +414,7 @@ impl ClientBuilder {
             signals,
             counters: Counters::default(),
             registry: Arc::new(Registry::default()),
+            consumers: Default::default(),
             tasks: TaskTracker::new(),
         });
         tokio::spawn(supervise(Arc::downgrade(&inner), signal_rx, status_tx));
@@ -456,6 +457,7 @@ pub(crate) struct Inner {
     signals: mpsc::UnboundedSender<Signal>,
     pub(crate) counters: Counters,
     pub(crate) registry: Arc<Registry>,
+    pub(crate) consumers: crate::consumer::Consumers,
     /// Subscription and handler tasks, awaited by `close`.
     pub(crate) tasks: TaskTracker,
 }
@@ -779,9 +781,10 @@ impl Client {
         }
     }
 
-    /// Closes the client gracefully: stops new subscriptions, flushes pending
-    /// publishes, drains every subscription so the messages already received
-    /// are handled, and closes the connection, all within the drain timeout.
+    /// Closes the client gracefully: stops JetStream consumers and new
+    /// subscriptions, drains every subscription so the messages already
+    /// received are handled, flushes what was published, and closes the
+    /// connection, all within the drain timeout.
     /// Credentials held by natskit are wiped. Idempotent: a second call
     /// returns `Ok(())` at once. Afterwards every call returns
     /// [`Error::Closed`].
@@ -802,6 +805,14 @@ impl Client {
         let deadline = tokio::time::Instant::now() + timeout;
         let mut result = Ok(());
         let conn = self.inner.conn.get();
+        // JetStream consumers stop pulling first; a handler already running
+        // finishes (its ack still goes out).
+        if tokio::time::timeout_at(deadline, self.stop_all_consumers())
+            .await
+            .is_err()
+        {
+            result = Err(Error::DrainTimeout(timeout));
+        }
         // async-nats' own drain drops messages still in flight from the
         // server, so natskit drains itself: one round trip through the server
         // (every message sent to us before it is then in a subscription's

@@ -105,6 +105,71 @@ pub enum Error {
     /// Draining failed.
     #[error("drain failed: {0}")]
     Drain(#[source] async_nats::client::DrainError),
+    /// A stream, consumer or bucket name is invalid.
+    #[error("invalid {what} name {name:?}: {reason}")]
+    InvalidName {
+        /// What was named: "stream", "consumer", "bucket".
+        what: &'static str,
+        /// The rejected name.
+        name: String,
+        /// Why.
+        reason: &'static str,
+    },
+    /// An argument is out of range (a zero interval, a filter outside the
+    /// stream's subjects...).
+    #[error("invalid argument: {0}")]
+    InvalidArgument(String),
+    /// The stream does not exist.
+    #[error("stream {stream:?} not found")]
+    StreamNotFound {
+        /// Stream name (empty when only the subject was known).
+        stream: String,
+    },
+    /// The consumer does not exist.
+    #[error("consumer {consumer:?} not found on stream {stream:?}")]
+    ConsumerNotFound {
+        /// Stream name.
+        stream: String,
+        /// Consumer name.
+        consumer: String,
+    },
+    /// A stream exists whose configuration differs in fields that cannot be
+    /// updated in place.
+    #[error("stream {stream:?} exists with a different {fields:?}, which cannot be updated")]
+    StreamConfigConflict {
+        /// Stream name.
+        stream: String,
+        /// The conflicting fields.
+        fields: Vec<&'static str>,
+    },
+    /// A publish precondition (expected last sequence, subject sequence or
+    /// message id) did not hold; nothing was stored.
+    #[error("publish to {subject:?} rejected: {reason}")]
+    PublishRejected {
+        /// The subject.
+        subject: String,
+        /// The server's reason.
+        reason: String,
+    },
+    /// JetStream did not answer: no responders, a timeout, or no leader (a
+    /// restart or an election). Counts against the breaker.
+    #[error("JetStream unavailable during {op}: {source}")]
+    JetStreamUnavailable {
+        /// The operation.
+        op: &'static str,
+        /// The cause.
+        #[source]
+        source: BoxError,
+    },
+    /// JetStream answered with an error.
+    #[error("JetStream {op} failed: {source}")]
+    JetStream {
+        /// The operation.
+        op: &'static str,
+        /// The cause.
+        #[source]
+        source: BoxError,
+    },
 }
 
 impl Error {
@@ -131,6 +196,14 @@ impl Error {
         ) || matches!(self, Error::Connect(e) if e.kind() == async_nats::ConnectErrorKind::TimedOut)
     }
 
+    /// A stream, consumer (or, for KV, key or bucket) does not exist.
+    pub fn is_not_found(&self) -> bool {
+        matches!(
+            self,
+            Error::StreamNotFound { .. } | Error::ConsumerNotFound { .. }
+        )
+    }
+
     /// Nobody answered a request.
     pub fn is_no_responders(&self) -> bool {
         matches!(self, Error::NoResponders { .. })
@@ -140,7 +213,11 @@ impl Error {
     pub fn is_invalid_input(&self) -> bool {
         matches!(
             self,
-            Error::InvalidSubject { .. } | Error::PayloadTooLarge { .. } | Error::InvalidConfig(_)
+            Error::InvalidSubject { .. }
+                | Error::PayloadTooLarge { .. }
+                | Error::InvalidConfig(_)
+                | Error::InvalidName { .. }
+                | Error::InvalidArgument(_)
         )
     }
 
@@ -163,7 +240,8 @@ impl Error {
             | Error::Connect(_)
             | Error::Timeout { .. }
             | Error::Flush(_)
-            | Error::DrainTimeout(_) => true,
+            | Error::DrainTimeout(_)
+            | Error::JetStreamUnavailable { .. } => true,
             Error::Publish(e) => matches!(e.kind(), async_nats::client::PublishErrorKind::Send),
             Error::Subscribe(e) => {
                 !matches!(e.kind(), async_nats::SubscribeErrorKind::InvalidSubject)

@@ -45,7 +45,9 @@
 mod backoff;
 pub mod breaker;
 mod client;
+mod consumer;
 mod error;
+mod jetstream;
 mod pubsub;
 mod request;
 pub mod subject;
@@ -54,7 +56,14 @@ pub use async_nats::{HeaderMap, Message};
 pub use backoff::Backoff;
 pub use breaker::{BreakerState, CircuitBreaker};
 pub use client::{Client, ClientBuilder, Status, StatusInfo};
+pub use consumer::{
+    AckPolicy, ConsumerHandle, ConsumerStats, DeliverPolicy, Permanent, Settled,
+    StreamConsumerConfig, consume_with_heartbeat,
+};
 pub use error::{BoxError, Error, Result};
+pub use jetstream::{
+    PublishAck, PublishReport, StreamAutoCreateConfig, StreamPublishOptions, StreamPublisher,
+};
 pub use pubsub::{HandlerOutcome, SubscribeOptions, Subscription, SubscriptionStats};
 pub use request::{
     DEFAULT_REQUEST_TIMEOUT, RetryConfig, SERVICE_ERROR_CODE_HEADER, SERVICE_ERROR_HEADER,

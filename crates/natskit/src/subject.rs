@@ -90,6 +90,64 @@ pub fn validate_queue(queue: &str) -> Result<(), Error> {
     Ok(())
 }
 
+/// Checks a stream, consumer or bucket name: non-empty, at most 255 bytes,
+/// none of whitespace, `.`, `*`, `>`, `/`, `\\`.
+///
+/// ```
+/// use natskit::subject::validate_name;
+/// assert!(validate_name("stream", "ORDERS_v2").is_ok());
+/// assert!(validate_name("stream", "orders.v2").is_err());
+/// ```
+///
+/// # Errors
+/// [`Error::InvalidName`] naming the reason.
+pub fn validate_name(what: &'static str, name: &str) -> Result<(), Error> {
+    let reason = if name.is_empty() {
+        "empty"
+    } else if name.len() > 255 {
+        "longer than 255 bytes"
+    } else if name.bytes().any(|b| {
+        b.is_ascii_whitespace()
+            || b.is_ascii_control()
+            || matches!(b, b'.' | b'*' | b'>' | b'/' | b'\\')
+    }) {
+        "contains whitespace or one of . * > / \\"
+    } else {
+        return Ok(());
+    };
+    Err(Error::InvalidName {
+        what,
+        name: name.to_owned(),
+        reason,
+    })
+}
+
+/// Whether subject `subject` (possibly with wildcards) is matched by
+/// `pattern`: every subject `subject` can match is also matched by
+/// `pattern`.
+///
+/// ```
+/// use natskit::subject::covers;
+/// assert!(covers("orders.>", "orders.eu.created"));
+/// assert!(covers("orders.*.created", "orders.eu.created"));
+/// assert!(covers("orders.>", "orders.*"));
+/// assert!(!covers("orders.*", "orders.eu.created"));
+/// assert!(!covers("orders.*", "orders.>"));
+/// ```
+pub fn covers(pattern: &str, subject: &str) -> bool {
+    let mut p = pattern.split('.');
+    let mut s = subject.split('.');
+    loop {
+        match (p.next(), s.next()) {
+            (Some(">"), Some(_)) => return true,
+            (Some("*"), Some(t)) if t != ">" => {}
+            (Some(pt), Some(st)) if pt == st => {}
+            (None, None) => return true,
+            _ => return false,
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -114,6 +172,33 @@ mod tests {
         for bad in ["", "a.>.b", "> .a", "a..b", "a."] {
             assert!(validate_subscribe(bad).is_err(), "{bad:?}");
         }
+    }
+
+    #[test]
+    fn name_rules() {
+        assert!(validate_name("stream", "A-b_1").is_ok());
+        for bad in [
+            "",
+            "a b",
+            "a.b",
+            "a*",
+            "a>",
+            "a/b",
+            "a\\b",
+            &"x".repeat(256),
+        ] {
+            assert!(validate_name("stream", bad).is_err(), "{bad:?}");
+        }
+    }
+
+    #[test]
+    fn coverage() {
+        assert!(covers(">", "a.b.c"));
+        assert!(covers("a.b", "a.b"));
+        assert!(!covers("a.b", "a.b.c"));
+        assert!(!covers("a.b.c", "a.b"));
+        assert!(covers("a.*.c", "a.*.c"));
+        assert!(!covers("a.b.c", "a.*.c"));
     }
 
     #[test]

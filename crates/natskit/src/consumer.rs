@@ -1,0 +1,920 @@
+//! Supervised JetStream consumers and the heartbeat helper for long work.
+//!
+//! A consumer started here keeps delivering across reconnects, server
+//! restarts and the consumer being deleted on the server: a supervisor task
+//! watches the pull stream's heartbeats and recreates the consumer with
+//! back-off under the same name, resuming after the last handled stream
+//! sequence, so no orphan consumers pile up.
+
+use std::collections::HashMap;
+use std::future::Future;
+use std::panic::AssertUnwindSafe;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, SystemTime};
+
+use async_nats::jetstream::consumer::{self, PullConsumer, pull};
+use async_nats::jetstream::{self, AckKind};
+use futures_util::{FutureExt, StreamExt};
+use tokio::sync::watch;
+
+use crate::backoff::Backoff;
+use crate::client::Client;
+use crate::error::{BoxError, Error, Result};
+use crate::jetstream::StreamAutoCreateConfig;
+use crate::pubsub::HandlerOutcome;
+use crate::subject;
+
+/// Whether a consumer API error says the consumer does not exist.
+fn is_consumer_not_found(kind: &async_nats::jetstream::stream::ConsumerErrorKind) -> bool {
+    matches!(kind, async_nats::jetstream::stream::ConsumerErrorKind::JetStream(e)
+        if e.error_code() == async_nats::jetstream::ErrorCode::CONSUMER_NOT_FOUND)
+}
+
+/// Where a new consumer starts.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum DeliverPolicy {
+    /// Every message in the stream (default).
+    #[default]
+    All,
+    /// The last message of the stream, then new ones.
+    Last,
+    /// The last message of every subject, then new ones.
+    LastPerSubject,
+    /// Only messages published after the consumer is created.
+    New,
+    /// Messages stored at or after this time.
+    ByStartTime(SystemTime),
+    /// Messages from this stream sequence on.
+    ByStartSequence(u64),
+}
+
+/// How messages are acknowledged.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum AckPolicy {
+    /// Every message must be acknowledged (default).
+    #[default]
+    Explicit,
+    /// No acknowledgements.
+    None,
+    /// Acknowledging a message acknowledges every earlier one.
+    All,
+}
+
+/// Configuration of a supervised consumer, with every field of the
+/// reference's `StreamConsumerConfig` plus the start time it forgot.
+///
+/// ```
+/// use std::time::Duration;
+/// use natskit::{AckPolicy, DeliverPolicy, StreamConsumerConfig};
+/// let config = StreamConsumerConfig::new("ORDERS")
+///     .durable("billing")
+///     .filter_subject("orders.*.created")
+///     .deliver_policy(DeliverPolicy::New)
+///     .ack_policy(AckPolicy::Explicit)
+///     .max_deliver(5)
+///     .ack_wait(Duration::from_secs(10))
+///     .backoff(vec![Duration::from_secs(1), Duration::from_secs(5)])
+///     .max_ack_pending(100)
+///     .message_timeout(Duration::from_secs(20));
+/// # let _ = config;
+/// ```
+#[derive(Debug, Clone)]
+pub struct StreamConsumerConfig {
+    stream: String,
+    durable: Option<String>,
+    filter_subject: Option<String>,
+    deliver_policy: DeliverPolicy,
+    ack_policy: AckPolicy,
+    max_deliver: i64,
+    ack_wait: Duration,
+    backoff: Vec<Duration>,
+    max_ack_pending: i64,
+    auto_create: Option<StreamAutoCreateConfig>,
+    message_timeout: Duration,
+    heartbeat: Duration,
+    inactive_threshold: Duration,
+}
+
+impl StreamConsumerConfig {
+    /// A consumer on stream `stream` with the defaults: ephemeral, all
+    /// subjects, deliver all, explicit acks, unlimited deliveries, 30 s ack
+    /// wait, 30 s per-message timeout, 5 s heartbeats.
+    pub fn new(stream: impl Into<String>) -> Self {
+        Self {
+            stream: stream.into(),
+            durable: None,
+            filter_subject: None,
+            deliver_policy: DeliverPolicy::All,
+            ack_policy: AckPolicy::Explicit,
+            max_deliver: 0,
+            ack_wait: Duration::from_secs(30),
+            backoff: Vec::new(),
+            max_ack_pending: 0,
+            auto_create: None,
+            message_timeout: Duration::from_secs(30),
+            heartbeat: Duration::from_secs(5),
+            inactive_threshold: Duration::from_secs(300),
+        }
+    }
+
+    /// Makes the consumer durable under `name` (default: ephemeral).
+    pub fn durable(mut self, name: impl Into<String>) -> Self {
+        self.durable = Some(name.into()).filter(|n| !n.is_empty());
+        self
+    }
+
+    /// Only messages on subjects matching `filter` (default: all).
+    pub fn filter_subject(mut self, filter: impl Into<String>) -> Self {
+        self.filter_subject = Some(filter.into()).filter(|f| !f.is_empty());
+        self
+    }
+
+    /// Where to start.
+    pub fn deliver_policy(mut self, policy: DeliverPolicy) -> Self {
+        self.deliver_policy = policy;
+        self
+    }
+
+    /// How to acknowledge.
+    pub fn ack_policy(mut self, policy: AckPolicy) -> Self {
+        self.ack_policy = policy;
+        self
+    }
+
+    /// Maximum delivery attempts per message (0 = unlimited).
+    pub fn max_deliver(mut self, n: i64) -> Self {
+        self.max_deliver = n;
+        self
+    }
+
+    /// How long the server waits for an ack before redelivering.
+    pub fn ack_wait(mut self, wait: Duration) -> Self {
+        self.ack_wait = wait;
+        self
+    }
+
+    /// Redelivery delays per attempt, overriding the ack wait; the last one
+    /// repeats. Needs `max_deliver` above its length.
+    pub fn backoff(mut self, delays: Vec<Duration>) -> Self {
+        self.backoff = delays;
+        self
+    }
+
+    /// Maximum unacknowledged messages outstanding (0 = server default).
+    pub fn max_ack_pending(mut self, n: i64) -> Self {
+        self.max_ack_pending = n;
+        self
+    }
+
+    /// Creates the stream from `config` when it does not exist.
+    pub fn auto_create(mut self, config: StreamAutoCreateConfig) -> Self {
+        self.auto_create = Some(config);
+        self
+    }
+
+    /// Deadline of one handler invocation; a handler past it is cancelled
+    /// and the message naked (default 30 s).
+    pub fn message_timeout(mut self, timeout: Duration) -> Self {
+        self.message_timeout = timeout;
+        self
+    }
+
+    /// Idle heartbeat of the pull stream; two missed ones make the
+    /// supervisor recreate the consumer (default 5 s).
+    pub fn heartbeat(mut self, heartbeat: Duration) -> Self {
+        self.heartbeat = heartbeat;
+        self
+    }
+
+    /// How long an ephemeral consumer survives without this client before
+    /// the server removes it (default 5 min).
+    pub fn inactive_threshold(mut self, threshold: Duration) -> Self {
+        self.inactive_threshold = threshold;
+        self
+    }
+
+    fn validate(&self) -> Result<()> {
+        subject::validate_name("stream", &self.stream)?;
+        if let Some(name) = &self.durable {
+            subject::validate_name("consumer", name)?;
+        }
+        if let Some(filter) = &self.filter_subject {
+            subject::validate_subscribe(filter)?;
+        }
+        for (what, d) in [
+            ("ack_wait", self.ack_wait),
+            ("message_timeout", self.message_timeout),
+            ("heartbeat", self.heartbeat),
+            ("inactive_threshold", self.inactive_threshold),
+        ] {
+            if d.is_zero() {
+                return Err(Error::InvalidArgument(format!("{what} must be above zero")));
+            }
+        }
+        if self.backoff.iter().any(Duration::is_zero) {
+            return Err(Error::InvalidArgument(
+                "backoff delays must be above zero".into(),
+            ));
+        }
+        if !self.backoff.is_empty()
+            && (self.max_deliver <= 0
+                || usize::try_from(self.max_deliver).unwrap_or(0) <= self.backoff.len())
+        {
+            return Err(Error::InvalidArgument(
+                "backoff needs max_deliver greater than the number of delays".into(),
+            ));
+        }
+        Ok(())
+    }
+
+    fn pull_config(&self, name: &str, resume_after: Option<u64>) -> Result<pull::Config> {
+        let deliver_policy = match (resume_after, self.deliver_policy) {
+            (Some(seq), _) => consumer::DeliverPolicy::ByStartSequence {
+                start_sequence: seq + 1,
+            },
+            (None, DeliverPolicy::All) => consumer::DeliverPolicy::All,
+            (None, DeliverPolicy::Last) => consumer::DeliverPolicy::Last,
+            (None, DeliverPolicy::LastPerSubject) => consumer::DeliverPolicy::LastPerSubject,
+            (None, DeliverPolicy::New) => consumer::DeliverPolicy::New,
+            (None, DeliverPolicy::ByStartSequence(seq)) => {
+                consumer::DeliverPolicy::ByStartSequence {
+                    start_sequence: seq,
+                }
+            }
+            (None, DeliverPolicy::ByStartTime(at)) => consumer::DeliverPolicy::ByStartTime {
+                start_time: to_offset_datetime(at)?,
+            },
+        };
+        Ok(pull::Config {
+            durable_name: self.durable.clone(),
+            name: Some(name.to_owned()),
+            filter_subject: self.filter_subject.clone().unwrap_or_default(),
+            deliver_policy,
+            ack_policy: match self.ack_policy {
+                AckPolicy::Explicit => consumer::AckPolicy::Explicit,
+                AckPolicy::None => consumer::AckPolicy::None,
+                AckPolicy::All => consumer::AckPolicy::All,
+            },
+            ack_wait: self.ack_wait,
+            max_deliver: self.max_deliver,
+            backoff: self.backoff.clone(),
+            max_ack_pending: self.max_ack_pending,
+            inactive_threshold: if self.durable.is_some() {
+                Duration::ZERO
+            } else {
+                self.inactive_threshold
+            },
+            ..Default::default()
+        })
+    }
+}
+
+fn to_offset_datetime(at: SystemTime) -> Result<time::OffsetDateTime> {
+    let nanos = match at.duration_since(SystemTime::UNIX_EPOCH) {
+        Ok(d) => i128::try_from(d.as_nanos()).unwrap_or(i128::MAX),
+        Err(e) => -i128::try_from(e.duration().as_nanos()).unwrap_or(i128::MAX),
+    };
+    time::OffsetDateTime::from_unix_timestamp_nanos(nanos)
+        .map_err(|e| Error::InvalidArgument(format!("start time out of range: {e}")))
+}
+
+/// Counters and health of a supervised consumer.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct ConsumerStats {
+    /// Messages delivered to the handler.
+    pub delivered: u64,
+    /// Deliveries that were redeliveries (delivery count above 1).
+    pub redelivered: u64,
+    /// Handler invocations that returned without error.
+    pub handled: u64,
+    /// Handlers that returned an error (the message was naked).
+    pub errors: u64,
+    /// Handlers that panicked (the message was naked).
+    pub panics: u64,
+    /// Handlers past the message timeout (cancelled, the message naked).
+    pub timeouts: u64,
+    /// Times the consumer was recreated on the server after being lost.
+    pub recreations: u64,
+    /// Stream sequence of the last handled message.
+    pub last_stream_sequence: u64,
+}
+
+#[derive(Debug, Default)]
+struct Counters {
+    delivered: AtomicU64,
+    redelivered: AtomicU64,
+    handled: AtomicU64,
+    errors: AtomicU64,
+    panics: AtomicU64,
+    timeouts: AtomicU64,
+    recreations: AtomicU64,
+    last_seq: AtomicU64,
+    healthy: AtomicBool,
+}
+
+#[derive(Debug)]
+struct ConsumerShared {
+    stream: String,
+    name: String,
+    counters: Counters,
+    stop: watch::Sender<bool>,
+    done: watch::Receiver<bool>,
+}
+
+/// A running supervised consumer. Cheap to clone; dropping it does not stop
+/// the consumer (use [`stop`](Self::stop) or the client's `stop_*` methods).
+#[derive(Debug, Clone)]
+pub struct ConsumerHandle {
+    shared: Arc<ConsumerShared>,
+}
+
+impl ConsumerHandle {
+    /// The stream name.
+    pub fn stream(&self) -> &str {
+        &self.shared.stream
+    }
+
+    /// The consumer name on the server (generated for ephemeral consumers).
+    pub fn name(&self) -> &str {
+        &self.shared.name
+    }
+
+    /// Whether the pull stream is currently established.
+    pub fn is_healthy(&self) -> bool {
+        self.shared.counters.healthy.load(Ordering::Relaxed)
+    }
+
+    /// Whether the supervisor has stopped.
+    pub fn is_stopped(&self) -> bool {
+        *self.shared.done.borrow()
+    }
+
+    /// Counters.
+    pub fn stats(&self) -> ConsumerStats {
+        let c = &self.shared.counters;
+        let get = |a: &AtomicU64| a.load(Ordering::Relaxed);
+        ConsumerStats {
+            delivered: get(&c.delivered),
+            redelivered: get(&c.redelivered),
+            handled: get(&c.handled),
+            errors: get(&c.errors),
+            panics: get(&c.panics),
+            timeouts: get(&c.timeouts),
+            recreations: get(&c.recreations),
+            last_stream_sequence: get(&c.last_seq),
+        }
+    }
+
+    /// Stops delivering (a handler already running finishes) and waits for
+    /// the supervisor to end. The consumer stays on the server. Idempotent.
+    pub async fn stop(&self) {
+        self.shared.stop.send_replace(true);
+        let mut done = self.shared.done.clone();
+        let _ = done.wait_for(|d| *d).await;
+    }
+}
+
+/// The consumers a client runs, by (stream, consumer name).
+#[derive(Debug, Default)]
+pub(crate) struct Consumers {
+    running: Mutex<HashMap<(String, String), ConsumerHandle>>,
+}
+
+impl Consumers {
+    fn insert(&self, handle: ConsumerHandle) {
+        if let Ok(mut running) = self.running.lock() {
+            running.retain(|_, h| !h.is_stopped());
+            running.insert(
+                (handle.stream().to_owned(), handle.name().to_owned()),
+                handle,
+            );
+        }
+    }
+
+    fn remove(&self, stream: &str, name: &str) -> Option<ConsumerHandle> {
+        self.running
+            .lock()
+            .ok()?
+            .remove(&(stream.to_owned(), name.to_owned()))
+    }
+
+    fn take_all(&self) -> Vec<ConsumerHandle> {
+        self.running
+            .lock()
+            .map(|mut r| r.drain().map(|(_, h)| h).collect())
+            .unwrap_or_default()
+    }
+}
+
+impl Client {
+    /// Consumes `stream` with an ephemeral consumer filtered by `filter`
+    /// (empty for all), delivering all messages. The handler gets each
+    /// message and acknowledges it.
+    ///
+    /// # Errors
+    /// See [`consume_stream_with_config`](Self::consume_stream_with_config).
+    pub async fn consume_stream<F, Fut>(
+        &self,
+        stream: &str,
+        filter: &str,
+        handler: F,
+    ) -> Result<ConsumerHandle>
+    where
+        F: Fn(jetstream::Message) -> Fut + Send + Sync + 'static,
+        Fut: Future + Send + 'static,
+        Fut::Output: HandlerOutcome,
+    {
+        self.consume_stream_with_config(
+            StreamConsumerConfig::new(stream).filter_subject(filter),
+            handler,
+        )
+        .await
+    }
+
+    /// Starts a supervised pull consumer.
+    ///
+    /// The handler acknowledges each message itself (`msg.ack().await`). A
+    /// handler that returns an error, panics, or runs past the message
+    /// timeout has its message naked (with explicit or all acks), and the
+    /// consumer keeps running.
+    ///
+    /// The consumer is created (or, for a durable, opened) before this
+    /// returns; then a supervisor keeps it delivering: when heartbeats stop
+    /// or the consumer disappears, it is recreated with back-off under the
+    /// same name, resuming after the last handled stream sequence.
+    ///
+    /// ```no_run
+    /// # async fn demo(client: natskit::Client) -> natskit::Result<()> {
+    /// use natskit::StreamConsumerConfig;
+    /// let consumer = client
+    ///     .consume_stream_with_config(
+    ///         StreamConsumerConfig::new("ORDERS").durable("billing"),
+    ///         |msg: async_nats::jetstream::Message| async move {
+    ///             println!("{}", msg.subject);
+    ///             msg.ack().await
+    ///         },
+    ///     )
+    ///     .await?;
+    /// println!("{:?}", consumer.stats());
+    /// # Ok(()) }
+    /// ```
+    ///
+    /// # Errors
+    /// [`Error::InvalidName`], [`Error::InvalidArgument`] (zero intervals,
+    /// a back-off without enough deliveries, a filter outside the stream's
+    /// subjects), [`Error::StreamNotFound`] without auto-create, and the
+    /// errors of creating the consumer.
+    pub async fn consume_stream_with_config<F, Fut>(
+        &self,
+        config: StreamConsumerConfig,
+        handler: F,
+    ) -> Result<ConsumerHandle>
+    where
+        F: Fn(jetstream::Message) -> Fut + Send + Sync + 'static,
+        Fut: Future + Send + 'static,
+        Fut::Output: HandlerOutcome,
+    {
+        config.validate()?;
+        self.ensure_open()?;
+        let name = config
+            .durable
+            .clone()
+            .unwrap_or_else(|| format!("natskit_{}", nuid::next()));
+        let (consumer, _) = open_consumer(self, &config, &name, None, true).await?;
+        let (stop, stop_rx) = watch::channel(false);
+        let (done_tx, done) = watch::channel(false);
+        let shared = Arc::new(ConsumerShared {
+            stream: config.stream.clone(),
+            name: name.clone(),
+            counters: Counters::default(),
+            stop,
+            done,
+        });
+        let handle = ConsumerHandle {
+            shared: shared.clone(),
+        };
+        self.inner.consumers.insert(handle.clone());
+        let supervisor = Supervisor {
+            client: self.clone(),
+            config,
+            name,
+            handler: Arc::new(handler),
+            shared,
+        };
+        self.inner.tasks.spawn(async move {
+            supervisor.run(consumer, stop_rx).await;
+            let _ = done_tx.send(true);
+        });
+        Ok(handle)
+    }
+
+    /// Stops the consumer `name` on `stream` that this client runs; it
+    /// stays on the server. Stopping an unknown or stopped consumer does
+    /// nothing.
+    pub async fn stop_consumer(&self, stream: &str, name: &str) {
+        if let Some(handle) = self.inner.consumers.remove(stream, name) {
+            handle.stop().await;
+        }
+    }
+
+    /// Stops every consumer this client runs.
+    pub async fn stop_all_consumers(&self) {
+        for handle in self.inner.consumers.take_all() {
+            handle.stop().await;
+        }
+    }
+
+    /// Stops the consumer and deletes it from the server, losing its
+    /// position. A consumer that does not exist is not an error.
+    ///
+    /// # Errors
+    /// [`Error::InvalidName`], [`Error::StreamNotFound`],
+    /// [`Error::JetStreamUnavailable`], [`Error::JetStream`].
+    pub async fn stop_and_delete_consumer(&self, stream: &str, name: &str) -> Result<()> {
+        subject::validate_name("consumer", name)?;
+        self.stop_consumer(stream, name).await;
+        let stream = self.get_stream(stream).await?;
+        let permit = self.inner.breaker.acquire()?;
+        let result = match stream.delete_consumer(name).await {
+            Ok(_) => Ok(()),
+            Err(err) => match err.kind() {
+                kind if is_consumer_not_found(&kind) => Ok(()),
+                async_nats::jetstream::stream::ConsumerErrorKind::TimedOut
+                | async_nats::jetstream::stream::ConsumerErrorKind::Request => {
+                    Err(Error::JetStreamUnavailable {
+                        op: "delete consumer",
+                        source: err.into(),
+                    })
+                }
+                _ => Err(Error::JetStream {
+                    op: "delete consumer",
+                    source: err.into(),
+                }),
+            },
+        };
+        permit.record(result)
+    }
+}
+
+/// Gets or creates the consumer. `create` forces a create (first start);
+/// otherwise an existing consumer is reused and a missing one recreated
+/// from `resume_after`.
+async fn open_consumer(
+    client: &Client,
+    config: &StreamConsumerConfig,
+    name: &str,
+    resume_after: Option<u64>,
+    create: bool,
+) -> Result<(PullConsumer, bool)> {
+    let stream = match client.get_stream(&config.stream).await {
+        Ok(stream) => stream,
+        Err(Error::StreamNotFound { .. }) if config.auto_create.is_some() => {
+            let auto = config.auto_create.clone().unwrap_or_default();
+            let filter = config.filter_subject.as_deref().unwrap_or("");
+            client
+                .ensure_stream(auto.to_stream_config(&config.stream, filter))
+                .await?
+        }
+        Err(err) => return Err(err),
+    };
+    if let Some(filter) = &config.filter_subject {
+        let subjects = &stream.cached_info().config.subjects;
+        if !subjects.is_empty() && !subjects.iter().any(|s| subject::covers(s, filter)) {
+            return Err(Error::InvalidArgument(format!(
+                "filter {filter:?} is outside the subjects {subjects:?} of stream {:?}",
+                config.stream
+            )));
+        }
+    }
+    let permit = client.inner.breaker.acquire()?;
+    let map = |op: &'static str, err: async_nats::jetstream::stream::ConsumerError| match err.kind()
+    {
+        async_nats::jetstream::stream::ConsumerErrorKind::TimedOut
+        | async_nats::jetstream::stream::ConsumerErrorKind::Request => {
+            Error::JetStreamUnavailable {
+                op,
+                source: err.into(),
+            }
+        }
+        _ => Error::JetStream {
+            op,
+            source: err.into(),
+        },
+    };
+    let result = if create {
+        stream
+            .create_consumer(config.pull_config(name, resume_after)?)
+            .await
+            .map(|c| (c, false))
+            .map_err(|e| map("create consumer", e))
+    } else {
+        use async_nats::jetstream::context::ConsumerInfoErrorKind as InfoKind;
+        match stream.consumer_info(name).await {
+            Ok(_) => stream
+                .get_consumer::<pull::Config>(name)
+                .await
+                .map(|c| (c, false))
+                .map_err(|e| Error::JetStreamUnavailable {
+                    op: "get consumer",
+                    source: e,
+                }),
+            Err(err) if err.kind() == InfoKind::NotFound => {
+                tracing::info!(consumer = %name, ?resume_after, "consumer gone from the server; recreating");
+                stream
+                    .create_consumer(config.pull_config(name, resume_after)?)
+                    .await
+                    .map(|c| (c, true))
+                    .map_err(|e| map("recreate consumer", e))
+            }
+            Err(err)
+                if matches!(
+                    err.kind(),
+                    InfoKind::TimedOut
+                        | InfoKind::NoResponders
+                        | InfoKind::Request
+                        | InfoKind::Offline
+                ) =>
+            {
+                Err(Error::JetStreamUnavailable {
+                    op: "consumer info",
+                    source: err.into(),
+                })
+            }
+            Err(err) => Err(Error::JetStream {
+                op: "consumer info",
+                source: err.into(),
+            }),
+        }
+    };
+    permit.record(result)
+}
+
+struct Supervisor<F> {
+    client: Client,
+    config: StreamConsumerConfig,
+    name: String,
+    handler: Arc<F>,
+    shared: Arc<ConsumerShared>,
+}
+
+impl<F, Fut> Supervisor<F>
+where
+    F: Fn(jetstream::Message) -> Fut + Send + Sync + 'static,
+    Fut: Future + Send + 'static,
+    Fut::Output: HandlerOutcome,
+{
+    async fn run(self, first: PullConsumer, mut stop: watch::Receiver<bool>) {
+        let counters = &self.shared.counters;
+        let backoff = Backoff::new(Duration::from_millis(100), Duration::from_secs(5));
+        let mut consumer = Some(first);
+        let mut failures: u32 = 0;
+        loop {
+            if *stop.borrow() {
+                break;
+            }
+            let current = match consumer.take() {
+                Some(c) => Ok(c),
+                None => {
+                    let last = counters.last_seq.load(Ordering::Relaxed);
+                    let resume = (last > 0).then_some(last);
+                    open_consumer(&self.client, &self.config, &self.name, resume, false)
+                        .await
+                        .map(|(consumer, recreated)| {
+                            if recreated {
+                                counters.recreations.fetch_add(1, Ordering::Relaxed);
+                            }
+                            consumer
+                        })
+                }
+            };
+            let messages = match current {
+                Ok(c) => c
+                    .stream()
+                    .heartbeat(self.config.heartbeat)
+                    .expires(self.config.heartbeat * 6)
+                    .messages()
+                    .await
+                    .map_err(|e| Error::JetStreamUnavailable {
+                        op: "pull",
+                        source: e.into(),
+                    }),
+                Err(e) => Err(e),
+            };
+            let mut messages = match messages {
+                Ok(m) => m,
+                Err(err) => {
+                    counters.healthy.store(false, Ordering::Relaxed);
+                    let delay = backoff.delay_random(failures);
+                    failures = failures.saturating_add(1);
+                    tracing::warn!(stream = %self.config.stream, consumer = %self.name, %err, ?delay, "consumer unavailable; retrying");
+                    tokio::select! {
+                        _ = stop.changed() => break,
+                        () = tokio::time::sleep(delay) => continue,
+                    }
+                }
+            };
+            counters.healthy.store(true, Ordering::Relaxed);
+            failures = 0;
+            loop {
+                tokio::select! {
+                    biased;
+                    _ = stop.changed() => {
+                        counters.healthy.store(false, Ordering::Relaxed);
+                        return;
+                    }
+                    next = messages.next() => match next {
+                        Some(Ok(message)) => self.dispatch(message).await,
+                        Some(Err(err)) => {
+                            use async_nats::jetstream::consumer::pull::MessagesErrorKind as K;
+                            match err.kind() {
+                                K::MissingHeartbeat | K::ConsumerDeleted | K::NoResponders | K::PushBasedConsumer => {
+                                    tracing::warn!(stream = %self.config.stream, consumer = %self.name, %err, "consumer stream lost; recreating");
+                                    break;
+                                }
+                                _ => tracing::debug!(consumer = %self.name, %err, "pull error"),
+                            }
+                        }
+                        None => break,
+                    }
+                }
+            }
+            counters.healthy.store(false, Ordering::Relaxed);
+        }
+        counters.healthy.store(false, Ordering::Relaxed);
+    }
+
+    async fn dispatch(&self, message: jetstream::Message) {
+        let counters = &self.shared.counters;
+        let (stream_seq, delivered) = message
+            .info()
+            .map(|i| (i.stream_sequence, i.delivered))
+            .unwrap_or((0, 1));
+        let reply = message.reply.clone();
+        counters.delivered.fetch_add(1, Ordering::Relaxed);
+        if delivered > 1 {
+            counters.redelivered.fetch_add(1, Ordering::Relaxed);
+        }
+        let invocation = AssertUnwindSafe((self.handler)(message)).catch_unwind();
+        let failed = match tokio::time::timeout(self.config.message_timeout, invocation).await {
+            Ok(Ok(outcome)) => match outcome.into_result() {
+                Ok(()) => {
+                    counters.handled.fetch_add(1, Ordering::Relaxed);
+                    false
+                }
+                Err(err) => {
+                    counters.errors.fetch_add(1, Ordering::Relaxed);
+                    tracing::warn!(consumer = %self.name, %err, "consumer handler failed; naking");
+                    true
+                }
+            },
+            Ok(Err(_panic)) => {
+                counters.panics.fetch_add(1, Ordering::Relaxed);
+                tracing::error!(consumer = %self.name, "consumer handler panicked; naking");
+                true
+            }
+            Err(_) => {
+                counters.timeouts.fetch_add(1, Ordering::Relaxed);
+                tracing::warn!(consumer = %self.name, timeout = ?self.config.message_timeout, "consumer handler timed out; naking");
+                true
+            }
+        };
+        if failed
+            && self.config.ack_policy != AckPolicy::None
+            && let (Some(reply), Ok(conn)) = (reply, self.client.nats())
+        {
+            let _ = conn.publish(reply, AckKind::Nak(None).into()).await;
+        }
+        if stream_seq > 0 {
+            counters.last_seq.fetch_max(stream_seq, Ordering::Relaxed);
+        }
+    }
+}
+
+/// Marks a work error as permanent: [`consume_with_heartbeat`] terminates
+/// the message instead of naking it, so it is never redelivered.
+#[derive(Debug)]
+pub struct Permanent(pub BoxError);
+
+impl std::fmt::Display for Permanent {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "permanent failure: {}", self.0)
+    }
+}
+
+impl std::error::Error for Permanent {
+    fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+        Some(&*self.0)
+    }
+}
+
+/// How [`consume_with_heartbeat`] settled the message.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Settled {
+    /// The work succeeded; the message was acknowledged.
+    Acked,
+    /// The work failed; the message was naked with a 30 s delay.
+    Naked,
+    /// The work failed permanently; the message was terminated.
+    Terminated,
+}
+
+/// Runs `work` for `message` while telling the server every `interval`
+/// that the work is in progress, so a short ack wait detects dead workers
+/// while long work still completes.
+///
+/// Owns the acknowledgement: success acks; an error naks with a 30 s delay;
+/// an error wrapped in [`Permanent`] terminates the message; dropping the
+/// returned future (cancellation) naks with a 5 s delay. If an in-progress
+/// signal cannot be sent, the work is cancelled (not left running) and the
+/// error returned; the server will redeliver.
+///
+/// ```no_run
+/// # async fn demo(msg: async_nats::jetstream::Message) -> natskit::Result<()> {
+/// use std::time::Duration;
+/// let settled = natskit::consume_with_heartbeat(&msg, Duration::from_secs(5), async {
+///     // long work
+///     Ok::<_, std::io::Error>(())
+/// })
+/// .await?;
+/// # let _ = settled; Ok(()) }
+/// ```
+///
+/// # Errors
+/// [`Error::InvalidArgument`] for a zero interval (the message is not
+/// touched); [`Error::JetStream`] when an in-progress or the final
+/// acknowledgement could not be sent.
+pub async fn consume_with_heartbeat<W, E>(
+    message: &jetstream::Message,
+    interval: Duration,
+    work: W,
+) -> Result<Settled>
+where
+    W: Future<Output = std::result::Result<(), E>>,
+    E: Into<BoxError>,
+{
+    if interval.is_zero() {
+        return Err(Error::InvalidArgument(
+            "heartbeat interval must be above zero".into(),
+        ));
+    }
+    let ack_error = |op: &'static str, e: async_nats::Error| Error::JetStream { op, source: e };
+    let mut guard = NakOnDrop {
+        message: Some(message.clone()),
+    };
+    let mut ticker = tokio::time::interval_at(tokio::time::Instant::now() + interval, interval);
+    let mut work = std::pin::pin!(work);
+    let outcome = loop {
+        tokio::select! {
+            result = &mut work => break result.map_err(Into::into),
+            _ = ticker.tick() => {
+                if let Err(err) = message.ack_with(AckKind::Progress).await {
+                    guard.message = None; // the server redelivers; do not nak
+                    return Err(ack_error("in-progress", err));
+                }
+            }
+        }
+    };
+    guard.message = None;
+    match outcome {
+        Ok(()) => {
+            message.ack().await.map_err(|e| ack_error("ack", e))?;
+            Ok(Settled::Acked)
+        }
+        Err(err) if err.downcast_ref::<Permanent>().is_some() => {
+            tracing::warn!(%err, "permanent failure; terminating message");
+            message
+                .ack_with(AckKind::Term)
+                .await
+                .map_err(|e| ack_error("term", e))?;
+            Ok(Settled::Terminated)
+        }
+        Err(err) => {
+            tracing::warn!(%err, "work failed; naking message for 30 s");
+            message
+                .ack_with(AckKind::Nak(Some(Duration::from_secs(30))))
+                .await
+                .map_err(|e| ack_error("nak", e))?;
+            Ok(Settled::Naked)
+        }
+    }
+}
+
+/// Naks with a 5 s delay when `consume_with_heartbeat` is cancelled.
+struct NakOnDrop {
+    message: Option<jetstream::Message>,
+}
+
+impl Drop for NakOnDrop {
+    fn drop(&mut self) {
+        if let Some(message) = self.message.take()
+            && let Ok(runtime) = tokio::runtime::Handle::try_current()
+        {
+            runtime.spawn(async move {
+                let _ = message
+                    .ack_with(AckKind::Nak(Some(Duration::from_secs(5))))
+                    .await;
+            });
+        }
+    }
+}

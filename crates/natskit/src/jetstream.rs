@@ -1,0 +1,781 @@
+//! JetStream streams and publishing: create/get/ensure/delete streams,
+//! acknowledged publishing with preconditions and retry, and a pipelined
+//! publisher for throughput.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
+
+use async_nats::HeaderMap;
+use async_nats::jetstream::ErrorCode;
+use async_nats::jetstream::context::{
+    CreateStreamErrorKind, DeleteStreamErrorKind, GetStreamErrorKind, PublishErrorKind,
+};
+use async_nats::jetstream::message::PublishMessage;
+use async_nats::jetstream::stream::{self, RetentionPolicy, StorageType};
+use async_nats::subject::ToSubject;
+use bytes::Bytes;
+use futures_util::StreamExt;
+use futures_util::stream::FuturesUnordered;
+use tokio::sync::{Semaphore, mpsc};
+
+pub use async_nats::jetstream::publish::PublishAck;
+
+use crate::backoff::Backoff;
+use crate::client::Client;
+use crate::error::{BoxError, Error, Result};
+use crate::request::RetryConfig;
+use crate::subject;
+
+fn unavailable(op: &'static str, err: impl Into<BoxError>) -> Error {
+    Error::JetStreamUnavailable {
+        op,
+        source: err.into(),
+    }
+}
+
+fn failed(op: &'static str, err: impl Into<BoxError>) -> Error {
+    Error::JetStream {
+        op,
+        source: err.into(),
+    }
+}
+
+/// Whether a JetStream API error code means "no leader / not ready".
+fn is_unavailable_code(code: ErrorCode) -> bool {
+    code == ErrorCode::CLUSTER_NOT_AVAILABLE
+        || code == ErrorCode::CLUSTER_NO_PEERS
+        || code == ErrorCode::JETSTREAM_NOT_ENABLED
+        || code.0 == 10_008
+}
+
+fn map_get_stream(name: &str, err: async_nats::jetstream::context::GetStreamError) -> Error {
+    match err.kind() {
+        GetStreamErrorKind::JetStream(e) if e.error_code() == ErrorCode::STREAM_NOT_FOUND => {
+            Error::StreamNotFound {
+                stream: name.to_owned(),
+            }
+        }
+        GetStreamErrorKind::JetStream(e) if is_unavailable_code(e.error_code()) => {
+            unavailable("get stream", err)
+        }
+        GetStreamErrorKind::Request => unavailable("get stream", err),
+        _ => failed("get stream", err),
+    }
+}
+
+fn map_create_stream(
+    op: &'static str,
+    err: async_nats::jetstream::context::CreateStreamError,
+) -> Error {
+    match err.kind() {
+        CreateStreamErrorKind::JetStreamUnavailable | CreateStreamErrorKind::TimedOut => {
+            unavailable(op, err)
+        }
+        CreateStreamErrorKind::JetStream(e) if is_unavailable_code(e.error_code()) => {
+            unavailable(op, err)
+        }
+        CreateStreamErrorKind::NotFound => Error::StreamNotFound {
+            stream: String::new(),
+        },
+        _ => failed(op, err),
+    }
+}
+
+pub(crate) fn map_publish(
+    subject: &str,
+    err: async_nats::jetstream::context::PublishError,
+) -> Error {
+    match err.kind() {
+        // No responders on the subject: no stream captures it, or its leader
+        // is being elected.
+        PublishErrorKind::StreamNotFound => Error::StreamNotFound {
+            stream: String::new(),
+        },
+        PublishErrorKind::WrongLastSequence | PublishErrorKind::WrongLastMessageId => {
+            Error::PublishRejected {
+                subject: subject.to_owned(),
+                reason: err.to_string(),
+            }
+        }
+        PublishErrorKind::TimedOut
+        | PublishErrorKind::BrokenPipe
+        | PublishErrorKind::MaxAckPending => unavailable("publish", err),
+        _ => failed("publish", err),
+    }
+}
+
+/// Options of one acknowledged publish.
+///
+/// ```
+/// use std::time::Duration;
+/// let opts = natskit::StreamPublishOptions::new()
+///     .message_id("order-42")          // server-side de-duplication
+///     .expected_last_sequence(41)      // optimistic concurrency
+///     .timeout(Duration::from_secs(2));
+/// # let _ = opts;
+/// ```
+#[derive(Debug, Clone, Default)]
+pub struct StreamPublishOptions {
+    message_id: Option<String>,
+    expected_last_sequence: Option<u64>,
+    expected_last_subject_sequence: Option<u64>,
+    expected_stream: Option<String>,
+    headers: Option<HeaderMap>,
+    timeout: Option<Duration>,
+    retry: Option<RetryConfig>,
+}
+
+impl StreamPublishOptions {
+    /// No options: the client's retry settings, the JetStream timeout.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Sets `Nats-Msg-Id`: the stream stores a message id once per
+    /// duplicate window, so retries cannot duplicate it.
+    pub fn message_id(mut self, id: impl Into<String>) -> Self {
+        self.message_id = Some(id.into());
+        self
+    }
+
+    /// Rejects the publish unless the stream's last sequence is `seq`.
+    pub fn expected_last_sequence(mut self, seq: u64) -> Self {
+        self.expected_last_sequence = Some(seq);
+        self
+    }
+
+    /// Rejects the publish unless the last sequence on this subject is `seq`.
+    pub fn expected_last_subject_sequence(mut self, seq: u64) -> Self {
+        self.expected_last_subject_sequence = Some(seq);
+        self
+    }
+
+    /// Rejects the publish unless it lands in stream `name`.
+    pub fn expected_stream(mut self, name: impl Into<String>) -> Self {
+        self.expected_stream = Some(name.into());
+        self
+    }
+
+    /// Headers to send.
+    pub fn headers(mut self, headers: HeaderMap) -> Self {
+        self.headers = Some(headers);
+        self
+    }
+
+    /// Bound on waiting for the ack, per attempt.
+    pub fn timeout(mut self, timeout: Duration) -> Self {
+        self.timeout = Some(timeout);
+        self
+    }
+
+    /// Retries while JetStream is unavailable (default: 3 retries from 100 ms).
+    pub fn retry(mut self, retry: RetryConfig) -> Self {
+        self.retry = Some(retry);
+        self
+    }
+
+    fn message(&self, payload: Bytes) -> PublishMessage {
+        let mut message = PublishMessage::build().payload(payload);
+        if let Some(headers) = &self.headers {
+            message = message.headers(headers.clone());
+        }
+        if let Some(id) = &self.message_id {
+            message = message.message_id(id);
+        }
+        if let Some(seq) = self.expected_last_sequence {
+            message = message.expected_last_sequence(seq);
+        }
+        if let Some(seq) = self.expected_last_subject_sequence {
+            message = message.expected_last_subject_sequence(seq);
+        }
+        if let Some(stream) = &self.expected_stream {
+            message = message.expected_stream(stream);
+        }
+        message
+    }
+}
+
+/// Default retry of JetStream publishes while JetStream is unavailable.
+fn default_publish_retry() -> RetryConfig {
+    RetryConfig {
+        max_retries: 3,
+        backoff: Backoff::new(Duration::from_millis(100), Duration::from_secs(1)),
+    }
+}
+
+/// The stream configuration fields [`Client::ensure_stream`] compares, and
+/// whether the server can change each in place.
+fn config_differences(
+    want: &stream::Config,
+    have: &stream::Config,
+) -> (Vec<&'static str>, Vec<&'static str>) {
+    let mut fixed = Vec::new();
+    let mut updatable = Vec::new();
+    if want.storage != have.storage {
+        fixed.push("storage");
+    }
+    if want.retention != have.retention {
+        fixed.push("retention");
+    }
+    let mut want_subjects = want.subjects.clone();
+    let mut have_subjects = have.subjects.clone();
+    want_subjects.sort();
+    have_subjects.sort();
+    if want_subjects != have_subjects {
+        updatable.push("subjects");
+    }
+    let limit = |v: i64| if v <= 0 { -1 } else { v };
+    if limit(want.max_messages) != limit(have.max_messages) {
+        updatable.push("max_messages");
+    }
+    if limit(want.max_bytes) != limit(have.max_bytes) {
+        updatable.push("max_bytes");
+    }
+    if limit(want.max_messages_per_subject) != limit(have.max_messages_per_subject) {
+        updatable.push("max_messages_per_subject");
+    }
+    if want.max_age != have.max_age {
+        updatable.push("max_age");
+    }
+    if want.num_replicas.max(1) != have.num_replicas.max(1) {
+        updatable.push("num_replicas");
+    }
+    if want.description.is_some() && want.description != have.description {
+        updatable.push("description");
+    }
+    if !want.duplicate_window.is_zero() && want.duplicate_window != have.duplicate_window {
+        updatable.push("duplicate_window");
+    }
+    if want.discard != have.discard {
+        updatable.push("discard");
+    }
+    (fixed, updatable)
+}
+
+impl Client {
+    /// A JetStream context on this client's connection.
+    ///
+    /// # Errors
+    /// [`Error::NotConnected`] before the first connection, [`Error::Closed`].
+    pub fn jetstream(&self) -> Result<async_nats::jetstream::Context> {
+        Ok(async_nats::jetstream::new(self.nats()?.clone()))
+    }
+
+    /// Creates a stream.
+    ///
+    /// ```no_run
+    /// # async fn demo(client: natskit::Client) -> natskit::Result<()> {
+    /// use async_nats::jetstream::stream;
+    /// let stream = client
+    ///     .create_stream(stream::Config {
+    ///         name: "EVENTS".into(),
+    ///         subjects: vec!["events.>".into()],
+    ///         ..Default::default()
+    ///     })
+    ///     .await?;
+    /// # let _ = stream; Ok(()) }
+    /// ```
+    ///
+    /// # Errors
+    /// [`Error::InvalidName`], [`Error::InvalidSubject`] for a bad subject,
+    /// [`Error::JetStreamUnavailable`], [`Error::JetStream`] (for example
+    /// when a stream with another config exists).
+    pub async fn create_stream(&self, config: stream::Config) -> Result<stream::Stream> {
+        check_stream_config(&config)?;
+        let js = self.jetstream()?;
+        let permit = self.inner.breaker.acquire()?;
+        let result = js
+            .create_stream(config)
+            .await
+            .map_err(|e| map_create_stream("create stream", e));
+        permit.record(result)
+    }
+
+    /// Gets an existing stream.
+    ///
+    /// # Errors
+    /// [`Error::StreamNotFound`] (an answer, not a breaker failure),
+    /// [`Error::InvalidName`], [`Error::JetStreamUnavailable`].
+    pub async fn get_stream(&self, name: &str) -> Result<stream::Stream> {
+        subject::validate_name("stream", name)?;
+        let js = self.jetstream()?;
+        let permit = self.inner.breaker.acquire()?;
+        let result = js
+            .get_stream(name)
+            .await
+            .map_err(|e| map_get_stream(name, e));
+        permit.record(result)
+    }
+
+    /// Deletes a stream; `Ok(false)` when it did not exist.
+    ///
+    /// # Errors
+    /// [`Error::InvalidName`], [`Error::JetStreamUnavailable`], [`Error::JetStream`].
+    pub async fn delete_stream(&self, name: &str) -> Result<bool> {
+        subject::validate_name("stream", name)?;
+        let js = self.jetstream()?;
+        let permit = self.inner.breaker.acquire()?;
+        let result = match js.delete_stream(name).await {
+            Ok(status) => Ok(status.success),
+            Err(err) => match err.kind() {
+                DeleteStreamErrorKind::JetStream(e)
+                    if e.error_code() == ErrorCode::STREAM_NOT_FOUND =>
+                {
+                    Ok(false)
+                }
+                DeleteStreamErrorKind::Request => Err(unavailable("delete stream", err)),
+                _ => Err(failed("delete stream", err)),
+            },
+        };
+        permit.record(result)
+    }
+
+    /// Gets the stream, creating it when missing. When it exists with a
+    /// different configuration, fields the server can change in place
+    /// (subjects, limits, replicas, description...) are updated; fields it
+    /// cannot (storage, retention) give [`Error::StreamConfigConflict`]
+    /// naming them. The requested configuration is never silently ignored.
+    ///
+    /// # Errors
+    /// As [`create_stream`](Self::create_stream), plus the conflict above.
+    pub async fn ensure_stream(&self, config: stream::Config) -> Result<stream::Stream> {
+        check_stream_config(&config)?;
+        let mut existing = match self.get_stream(&config.name).await {
+            Ok(stream) => stream,
+            Err(Error::StreamNotFound { .. }) => {
+                return match self.create_stream(config.clone()).await {
+                    // Lost a creation race: compare with the winner's config.
+                    Err(Error::JetStream { .. }) => Box::pin(self.ensure_stream(config)).await,
+                    other => other,
+                };
+            }
+            Err(err) => return Err(err),
+        };
+        let have = existing.cached_info().config.clone();
+        let (fixed, updatable) = config_differences(&config, &have);
+        if !fixed.is_empty() {
+            return Err(Error::StreamConfigConflict {
+                stream: config.name,
+                fields: fixed,
+            });
+        }
+        if updatable.is_empty() {
+            return Ok(existing);
+        }
+        tracing::info!(stream = %config.name, fields = ?updatable, "updating stream configuration");
+        let js = self.jetstream()?;
+        let permit = self.inner.breaker.acquire()?;
+        let result = js
+            .update_stream(&config)
+            .await
+            .map_err(|e| map_create_stream("update stream", e));
+        permit.record(result)?;
+        existing
+            .info()
+            .await
+            .map_err(|e| unavailable("stream info", e))?;
+        Ok(existing)
+    }
+
+    /// Publishes to a stream and waits for the acknowledgement.
+    ///
+    /// # Errors
+    /// See [`publish_to_stream_with`](Self::publish_to_stream_with).
+    pub async fn publish_to_stream(
+        &self,
+        subject: impl ToSubject,
+        payload: impl Into<Bytes>,
+    ) -> Result<()> {
+        self.publish_to_stream_with(subject, payload, StreamPublishOptions::new())
+            .await
+            .map(drop)
+    }
+
+    /// Publishes to a stream and returns the acknowledgement (stream,
+    /// sequence, duplicate flag).
+    ///
+    /// ```no_run
+    /// # async fn demo(client: natskit::Client) -> natskit::Result<()> {
+    /// let ack = client.publish_to_stream_with_ack("events.user.created", "{}").await?;
+    /// println!("stored in {} at {}", ack.stream, ack.sequence);
+    /// # Ok(()) }
+    /// ```
+    ///
+    /// # Errors
+    /// See [`publish_to_stream_with`](Self::publish_to_stream_with).
+    pub async fn publish_to_stream_with_ack(
+        &self,
+        subject: impl ToSubject,
+        payload: impl Into<Bytes>,
+    ) -> Result<PublishAck> {
+        self.publish_to_stream_with(subject, payload, StreamPublishOptions::new())
+            .await
+    }
+
+    /// Publishes to a stream with options and returns the acknowledgement.
+    ///
+    /// While JetStream is unavailable (no responders during an election or
+    /// restart), retries with back-off. A timed-out attempt is retried only
+    /// when a message id is set, since the server may have stored it: with an
+    /// id, retries cannot duplicate. The whole call is one breaker outcome.
+    ///
+    /// # Errors
+    /// [`Error::InvalidSubject`], [`Error::PayloadTooLarge`],
+    /// [`Error::NotConnected`], [`Error::StreamNotFound`] (no stream captures
+    /// the subject, after the retries), [`Error::PublishRejected`] (a
+    /// precondition failed), [`Error::JetStreamUnavailable`].
+    pub async fn publish_to_stream_with(
+        &self,
+        subject: impl ToSubject,
+        payload: impl Into<Bytes>,
+        options: StreamPublishOptions,
+    ) -> Result<PublishAck> {
+        let subject = subject.to_subject();
+        let payload = payload.into();
+        subject::validate_publish(&subject)?;
+        let conn = self.live_conn()?;
+        crate::pubsub::check_payload(conn, payload.len())?;
+        let mut js = async_nats::jetstream::new(conn.clone());
+        if let Some(timeout) = options.timeout {
+            js.set_timeout(timeout);
+        }
+        let retry = options.retry.unwrap_or_else(default_publish_retry);
+        let permit = self.inner.breaker.acquire()?;
+        let mut attempt = 0;
+        let result = loop {
+            let outcome = match js
+                .send_publish(subject.clone(), options.message(payload.clone()))
+                .await
+            {
+                Ok(ack) => ack.await.map_err(|e| map_publish(&subject, e)),
+                Err(e) => Err(map_publish(&subject, e)),
+            };
+            let retriable = match &outcome {
+                Err(Error::StreamNotFound { .. }) => true,
+                Err(Error::JetStreamUnavailable { .. }) => options.message_id.is_some(),
+                _ => false,
+            };
+            if !retriable || attempt >= retry.max_retries || self.live_conn().is_err() {
+                break outcome;
+            }
+            let delay = retry.backoff.delay_random(attempt);
+            tracing::debug!(%subject, attempt, ?delay, "JetStream unavailable; retrying publish");
+            attempt += 1;
+            tokio::time::sleep(delay).await;
+        };
+        permit.record(result)
+    }
+
+    /// A publisher that keeps up to `max_in_flight` acknowledgements
+    /// outstanding: for throughput, where awaiting each ack would cap a
+    /// client at one round trip per message.
+    ///
+    /// ```no_run
+    /// # async fn demo(client: natskit::Client) -> natskit::Result<()> {
+    /// let publisher = client.stream_publisher(256)?;
+    /// for i in 0..10_000 {
+    ///     publisher.publish(format!("events.{i}"), "payload").await?;
+    /// }
+    /// let report = publisher.flush().await; // waits for every ack
+    /// assert_eq!(report.acked, 10_000);
+    /// # Ok(()) }
+    /// ```
+    ///
+    /// # Errors
+    /// [`Error::InvalidArgument`] for zero, [`Error::NotConnected`], [`Error::Closed`].
+    pub fn stream_publisher(&self, max_in_flight: usize) -> Result<StreamPublisher> {
+        if max_in_flight == 0 {
+            return Err(Error::InvalidArgument(
+                "max_in_flight must be at least 1".into(),
+            ));
+        }
+        let conn = self.nats()?.clone();
+        let js = async_nats::jetstream::ContextBuilder::new()
+            .max_ack_inflight(max_in_flight)
+            .build(conn);
+        let (acks, ack_rx) = mpsc::unbounded_channel();
+        let shared = Arc::new(PublisherShared::default());
+        let slots = Arc::new(Semaphore::new(max_in_flight));
+        tokio::spawn(collect_acks(ack_rx, shared.clone()));
+        Ok(StreamPublisher {
+            client: self.clone(),
+            js,
+            acks,
+            shared,
+            slots,
+            max_in_flight,
+        })
+    }
+}
+
+fn check_stream_config(config: &stream::Config) -> Result<()> {
+    subject::validate_name("stream", &config.name)?;
+    for s in &config.subjects {
+        subject::validate_subscribe(s)?;
+    }
+    Ok(())
+}
+
+/// Settings for creating a missing stream, as the reference defines them:
+/// file storage, limits retention, 7 days max age, one replica.
+#[derive(Debug, Clone, PartialEq)]
+pub struct StreamAutoCreateConfig {
+    /// Subjects; empty means derived from the consumer's filter subject.
+    pub subjects: Vec<String>,
+    /// Storage (default file).
+    pub storage: StorageType,
+    /// Retention (default limits).
+    pub retention: RetentionPolicy,
+    /// Maximum message age (default 7 days).
+    pub max_age: Duration,
+    /// Maximum total bytes (0 = unlimited).
+    pub max_bytes: i64,
+    /// Maximum messages (0 = unlimited).
+    pub max_messages: i64,
+    /// Replicas (default 1).
+    pub replicas: usize,
+}
+
+impl Default for StreamAutoCreateConfig {
+    fn default() -> Self {
+        Self {
+            subjects: Vec::new(),
+            storage: StorageType::File,
+            retention: RetentionPolicy::Limits,
+            max_age: Duration::from_secs(7 * 24 * 3600),
+            max_bytes: 0,
+            max_messages: 0,
+            replicas: 1,
+        }
+    }
+}
+
+impl StreamAutoCreateConfig {
+    /// The stream config for stream `name`, deriving subjects from `filter`
+    /// when none are set: a trailing `*` becomes `>`, a trailing `>` is
+    /// kept, otherwise `.>` is appended.
+    ///
+    /// ```
+    /// use natskit::StreamAutoCreateConfig;
+    /// let derive = |f| StreamAutoCreateConfig::default().to_stream_config("S", f).subjects;
+    /// assert_eq!(derive("orders.*"), vec!["orders.>"]);
+    /// assert_eq!(derive("orders.>"), vec!["orders.>"]);
+    /// assert_eq!(derive("orders"), vec!["orders.>"]);
+    /// ```
+    pub fn to_stream_config(&self, name: &str, filter: &str) -> stream::Config {
+        let subjects = if !self.subjects.is_empty() {
+            self.subjects.clone()
+        } else if filter.is_empty() {
+            vec![format!("{name}.>")]
+        } else if let Some(prefix) = filter.strip_suffix('*') {
+            vec![format!("{prefix}>")]
+        } else if filter.ends_with('>') {
+            vec![filter.to_owned()]
+        } else {
+            vec![format!("{filter}.>")]
+        };
+        stream::Config {
+            name: name.to_owned(),
+            subjects,
+            storage: self.storage,
+            retention: self.retention,
+            max_age: self.max_age,
+            max_bytes: if self.max_bytes > 0 {
+                self.max_bytes
+            } else {
+                -1
+            },
+            max_messages: if self.max_messages > 0 {
+                self.max_messages
+            } else {
+                -1
+            },
+            num_replicas: self.replicas.max(1),
+            ..Default::default()
+        }
+    }
+}
+
+#[derive(Debug, Default)]
+struct PublisherShared {
+    sent: AtomicU64,
+    acked: AtomicU64,
+    failed: AtomicU64,
+    errors: std::sync::Mutex<Vec<(u64, Error)>>,
+}
+
+/// Outcome counts of a [`StreamPublisher`] at a flush.
+#[derive(Debug, Default)]
+pub struct PublishReport {
+    /// Messages acknowledged since the publisher was created.
+    pub acked: u64,
+    /// Messages that failed since the publisher was created.
+    pub failed: u64,
+    /// Failures since the last flush: (publish index, error).
+    pub errors: Vec<(u64, Error)>,
+}
+
+type AckJob = (
+    u64,
+    async_nats::jetstream::context::PublishAckFuture,
+    String,
+    tokio::sync::OwnedSemaphorePermit,
+);
+
+/// Pipelined JetStream publisher from [`Client::stream_publisher`]. Clone-free;
+/// share it behind an `Arc` to publish from several tasks.
+#[derive(Debug)]
+pub struct StreamPublisher {
+    client: Client,
+    js: async_nats::jetstream::Context,
+    acks: mpsc::UnboundedSender<AckJob>,
+    shared: Arc<PublisherShared>,
+    slots: Arc<Semaphore>,
+    max_in_flight: usize,
+}
+
+impl StreamPublisher {
+    /// Sends one message; waits only while `max_in_flight` acks are
+    /// outstanding. Its ack (or failure) is counted and reported by
+    /// [`flush`](Self::flush).
+    ///
+    /// # Errors
+    /// Invalid subject, payload too large, not connected, circuit open, or
+    /// the message could not be sent (nothing is counted then).
+    pub async fn publish(&self, subject: impl ToSubject, payload: impl Into<Bytes>) -> Result<()> {
+        self.publish_with(subject, payload, StreamPublishOptions::new())
+            .await
+    }
+
+    /// Sends one message with options. See [`publish`](Self::publish).
+    ///
+    /// # Errors
+    /// See [`publish`](Self::publish).
+    pub async fn publish_with(
+        &self,
+        subject: impl ToSubject,
+        payload: impl Into<Bytes>,
+        options: StreamPublishOptions,
+    ) -> Result<()> {
+        let subject = subject.to_subject();
+        let payload = payload.into();
+        subject::validate_publish(&subject)?;
+        let conn = self.client.live_conn()?;
+        crate::pubsub::check_payload(conn, payload.len())?;
+        let slot = self
+            .slots
+            .clone()
+            .acquire_owned()
+            .await
+            .map_err(|_| Error::Closed)?;
+        let permit = self.client.inner.breaker.acquire()?;
+        let sent = self
+            .js
+            .send_publish(subject.clone(), options.message(payload))
+            .await
+            .map_err(|e| map_publish(&subject, e));
+        let future = permit.record(sent)?;
+        let index = self.shared.sent.fetch_add(1, Ordering::Relaxed);
+        self.acks
+            .send((index, future, subject.to_string(), slot))
+            .map_err(|_| Error::Closed)
+    }
+
+    /// Sends every message of `batch` and waits for all their acks.
+    ///
+    /// # Errors
+    /// The first error that stopped sending; acks of what was sent are still
+    /// awaited and counted.
+    pub async fn publish_batch<S, P>(
+        &self,
+        batch: impl IntoIterator<Item = (S, P)>,
+    ) -> Result<PublishReport>
+    where
+        S: ToSubject,
+        P: Into<Bytes>,
+    {
+        for (subject, payload) in batch {
+            if let Err(err) = self.publish(subject, payload).await {
+                self.flush().await;
+                return Err(err);
+            }
+        }
+        Ok(self.flush().await)
+    }
+
+    /// Waits until every outstanding ack has arrived or failed, and reports
+    /// the totals and the failures since the last flush.
+    pub async fn flush(&self) -> PublishReport {
+        let all = u32::try_from(self.max_in_flight).unwrap_or(u32::MAX);
+        if let Ok(permits) = self.slots.acquire_many(all).await {
+            drop(permits);
+        }
+        PublishReport {
+            acked: self.shared.acked.load(Ordering::Relaxed),
+            failed: self.shared.failed.load(Ordering::Relaxed),
+            errors: self
+                .shared
+                .errors
+                .lock()
+                .map(|mut e| std::mem::take(&mut *e))
+                .unwrap_or_default(),
+        }
+    }
+
+    /// Messages acknowledged so far.
+    pub fn acked(&self) -> u64 {
+        self.shared.acked.load(Ordering::Relaxed)
+    }
+
+    /// Messages failed so far.
+    pub fn failed(&self) -> u64 {
+        self.shared.failed.load(Ordering::Relaxed)
+    }
+}
+
+async fn collect_acks(mut jobs: mpsc::UnboundedReceiver<AckJob>, shared: Arc<PublisherShared>) {
+    let mut pending = FuturesUnordered::new();
+    loop {
+        tokio::select! {
+            job = jobs.recv() => match job {
+                // The slot is released only after the outcome is counted, so
+                // a flush that holds every slot sees every count.
+                Some((index, future, subject, slot)) => pending.push(async move {
+                    (index, subject, future.await, slot)
+                }),
+                None if pending.is_empty() => break,
+                None => {
+                    while let Some((index, subject, result, _slot)) = pending.next().await {
+                        record_ack(&shared, index, &subject, result);
+                    }
+                    break;
+                }
+            },
+            Some((index, subject, result, _slot)) = pending.next(), if !pending.is_empty() => {
+                record_ack(&shared, index, &subject, result);
+            }
+        }
+    }
+}
+
+fn record_ack(
+    shared: &PublisherShared,
+    index: u64,
+    subject: &str,
+    result: std::result::Result<PublishAck, async_nats::jetstream::context::PublishError>,
+) {
+    match result {
+        Ok(_) => {
+            shared.acked.fetch_add(1, Ordering::Relaxed);
+        }
+        Err(err) => {
+            shared.failed.fetch_add(1, Ordering::Relaxed);
+            let err = map_publish(subject, err);
+            tracing::warn!(%subject, %err, "pipelined publish failed");
+            if let Ok(mut errors) = shared.errors.lock() {
+                errors.push((index, err));
+            }
+        }
+    }
+}

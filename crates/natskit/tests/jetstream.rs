@@ -1,0 +1,723 @@
+//! JetStream streams, publishing and supervised consumers against real servers.
+
+use std::collections::BTreeSet;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use async_nats::jetstream::stream::{self, StorageType};
+use async_nats::jetstream::{AckKind, Message};
+use natskit::{
+    Client, ConsumerHandle, DeliverPolicy, Error, Permanent, Settled, StreamAutoCreateConfig,
+    StreamConsumerConfig, StreamPublishOptions, consume_with_heartbeat,
+};
+use natskit_testing::{TestEnv, eventually};
+
+type TestResult = Result<(), Box<dyn std::error::Error + Send + Sync>>;
+
+const WAIT: Duration = Duration::from_secs(20);
+
+fn config(name: &str, subjects: &[&str]) -> stream::Config {
+    stream::Config {
+        name: name.into(),
+        subjects: subjects.iter().map(|s| (*s).to_owned()).collect(),
+        storage: StorageType::Memory,
+        ..Default::default()
+    }
+}
+
+async fn env() -> Result<TestEnv, natskit_testing::HarnessError> {
+    TestEnv::builder().jetstream().start().await
+}
+
+/// A handler that acks and counts.
+fn counting(
+    count: &Arc<AtomicUsize>,
+) -> impl Fn(Message) -> futures_util::future::BoxFuture<'static, ()> + Send + Sync + 'static {
+    let count = count.clone();
+    move |msg: Message| {
+        let count = count.clone();
+        Box::pin(async move {
+            let _ = msg.ack().await;
+            count.fetch_add(1, Ordering::SeqCst);
+        })
+    }
+}
+
+async fn wait_count(count: &AtomicUsize, n: usize, what: &str) {
+    eventually(WAIT, what, || async {
+        (count.load(Ordering::SeqCst) >= n).then_some(())
+    })
+    .await;
+}
+
+/// Waits until the consumer has nothing pending or unacknowledged, so no
+/// further delivery can come.
+async fn wait_settled(client: &Client, handle: &ConsumerHandle) {
+    eventually(WAIT, "consumer to settle", || async {
+        let stream = client.get_stream(handle.stream()).await.ok()?;
+        let info = stream.consumer_info(handle.name()).await.ok()?;
+        (info.num_pending == 0 && info.num_ack_pending == 0).then_some(())
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn streams_create_get_ensure_delete() -> TestResult {
+    let env = env().await?;
+    let client = env.client();
+    let err = client.get_stream("MISSING").await.unwrap_err();
+    assert!(
+        matches!(err, Error::StreamNotFound { .. }) && err.is_not_found(),
+        "{err}"
+    );
+    assert_eq!(
+        client.status_info().total_failures,
+        0,
+        "not found is an answer"
+    );
+
+    let mut first = client
+        .ensure_stream(config("ORDERS", &["orders.>"]))
+        .await?;
+    let mut second = client
+        .ensure_stream(config("ORDERS", &["orders.>"]))
+        .await?;
+    assert_eq!(
+        first.info().await?.created,
+        second.info().await?.created,
+        "ensure twice returns the same stream"
+    );
+
+    // An updatable difference is applied, never ignored.
+    let mut wider = config("ORDERS", &["orders.>", "refunds.>"]);
+    wider.max_messages = 1000;
+    let mut updated = client.ensure_stream(wider).await?;
+    let info = updated.info().await?;
+    assert_eq!(info.config.max_messages, 1000);
+    assert!(info.config.subjects.contains(&"refunds.>".to_owned()));
+
+    // One the server cannot change is reported by name.
+    let mut on_disk = config("ORDERS", &["orders.>", "refunds.>"]);
+    on_disk.storage = StorageType::File;
+    on_disk.max_messages = 1000;
+    match client.ensure_stream(on_disk).await {
+        Err(Error::StreamConfigConflict { fields, .. }) => assert_eq!(fields, vec!["storage"]),
+        other => panic!("expected a conflict, got {other:?}"),
+    }
+    assert_eq!(
+        client
+            .get_stream("ORDERS")
+            .await?
+            .cached_info()
+            .config
+            .storage,
+        StorageType::Memory
+    );
+
+    for bad in ["", "has.dot", "has space", "star*"] {
+        assert!(
+            matches!(
+                client.ensure_stream(config(bad, &["x.>"])).await,
+                Err(Error::InvalidName { .. })
+            ),
+            "{bad:?}"
+        );
+    }
+    assert!(client.delete_stream("ORDERS").await?);
+    assert!(!client.delete_stream("ORDERS").await?);
+    Ok(())
+}
+
+#[tokio::test]
+async fn publish_with_ack_dedup_and_preconditions() -> TestResult {
+    let env = env().await?;
+    let client = env.client();
+    client
+        .create_stream(config("EVENTS", &["events.>"]))
+        .await?;
+    let ack = client
+        .publish_to_stream_with_ack("events.user.created", "{}")
+        .await?;
+    assert_eq!(ack.stream, "EVENTS");
+    assert!(ack.sequence >= 1);
+    client
+        .publish_to_stream("events.user.deleted", "{}")
+        .await?;
+
+    let once = StreamPublishOptions::new().message_id("order-42");
+    let a = client
+        .publish_to_stream_with("events.order", "x", once.clone())
+        .await?;
+    let b = client
+        .publish_to_stream_with("events.order", "x", once)
+        .await?;
+    assert!(!a.duplicate && b.duplicate);
+    assert_eq!(a.sequence, b.sequence);
+    let mut stream = client.get_stream("EVENTS").await?;
+    assert_eq!(
+        stream.info().await?.state.messages,
+        3,
+        "a message id is stored once"
+    );
+
+    let err = client
+        .publish_to_stream_with(
+            "events.x",
+            "y",
+            StreamPublishOptions::new().expected_last_sequence(1),
+        )
+        .await
+        .unwrap_err();
+    assert!(matches!(err, Error::PublishRejected { .. }), "{err}");
+    assert_eq!(
+        stream.info().await?.state.messages,
+        3,
+        "a rejected publish stores nothing"
+    );
+
+    let err = client
+        .publish_to_stream_with(
+            "nowhere.x",
+            "y",
+            StreamPublishOptions::new().retry(natskit::RetryConfig {
+                max_retries: 1,
+                backoff: natskit::Backoff::new(
+                    Duration::from_millis(10),
+                    Duration::from_millis(10),
+                ),
+            }),
+        )
+        .await
+        .unwrap_err();
+    assert!(matches!(err, Error::StreamNotFound { .. }), "{err}");
+
+    let offline = Client::new(env.url())?;
+    assert!(
+        offline
+            .publish_to_stream("events.x", "y")
+            .await
+            .unwrap_err()
+            .is_not_connected()
+    );
+    Ok(())
+}
+
+#[tokio::test]
+async fn pipelined_publisher_stores_every_message() -> TestResult {
+    let env = env().await?;
+    let client = env.client();
+    client.create_stream(config("BULK", &["bulk.>"])).await?;
+    let publisher = client.stream_publisher(256)?;
+    const N: u64 = 100_000;
+    for i in 0..N {
+        publisher
+            .publish(if i % 2 == 0 { "bulk.even" } else { "bulk.odd" }, "payload")
+            .await?;
+    }
+    let report = publisher.flush().await;
+    assert_eq!((report.acked, report.failed), (N, 0));
+    assert_eq!(
+        client
+            .get_stream("BULK")
+            .await?
+            .info()
+            .await?
+            .state
+            .messages,
+        N
+    );
+
+    let report = publisher
+        .publish_batch((0..10).map(|i| (format!("bulk.b{i}"), "x")))
+        .await?;
+    assert_eq!(report.acked, N + 10);
+    assert!(matches!(
+        client.stream_publisher(0),
+        Err(Error::InvalidArgument(_))
+    ));
+    Ok(())
+}
+
+#[tokio::test]
+async fn deliver_policies_all_new_last() -> TestResult {
+    let env = env().await?;
+    let client = env.client();
+    client
+        .create_stream(config("POLICY", &["policy.>"]))
+        .await?;
+    for i in 0..3 {
+        client
+            .publish_to_stream(format!("policy.{i}"), "before")
+            .await?;
+    }
+    let mut runs = Vec::new();
+    for (policy, expected) in [
+        (DeliverPolicy::All, 5),
+        (DeliverPolicy::New, 2),
+        (DeliverPolicy::Last, 3),
+    ] {
+        let count = Arc::new(AtomicUsize::new(0));
+        let handle = client
+            .consume_stream_with_config(
+                StreamConsumerConfig::new("POLICY").deliver_policy(policy),
+                counting(&count),
+            )
+            .await?;
+        runs.push((policy, expected, count, handle));
+    }
+    for i in 3..5 {
+        client
+            .publish_to_stream(format!("policy.{i}"), "after")
+            .await?;
+    }
+    for (policy, expected, count, handle) in &runs {
+        wait_count(count, *expected, &format!("{policy:?}")).await;
+        wait_settled(client, handle).await;
+        assert_eq!(count.load(Ordering::SeqCst), *expected, "{policy:?}");
+    }
+    Ok(())
+}
+
+#[tokio::test]
+async fn nak_redelivers_and_max_deliver_is_honoured() -> TestResult {
+    let env = env().await?;
+    let client = env.client();
+    client.create_stream(config("REDO", &["redo.>"])).await?;
+
+    // nak once, then ack: at least two deliveries.
+    let deliveries = Arc::new(AtomicUsize::new(0));
+    let seen = deliveries.clone();
+    let nak_then_ack = client
+        .consume_stream_with_config(
+            StreamConsumerConfig::new("REDO").filter_subject("redo.once"),
+            move |msg: Message| {
+                let seen = seen.clone();
+                async move {
+                    if seen.fetch_add(1, Ordering::SeqCst) == 0 {
+                        msg.ack_with(AckKind::Nak(None)).await
+                    } else {
+                        msg.ack().await
+                    }
+                }
+            },
+        )
+        .await?;
+    client.publish_to_stream("redo.once", "x").await?;
+    wait_count(&deliveries, 2, "a redelivery after nak").await;
+    wait_settled(client, &nak_then_ack).await;
+    assert_eq!(nak_then_ack.stats().redelivered, 1);
+
+    // Always nak, max_deliver 3: exactly three deliveries.
+    let attempts = Arc::new(AtomicUsize::new(0));
+    let seen = attempts.clone();
+    let capped = client
+        .consume_stream_with_config(
+            StreamConsumerConfig::new("REDO")
+                .filter_subject("redo.capped")
+                .max_deliver(3),
+            move |msg: Message| {
+                let seen = seen.clone();
+                async move {
+                    seen.fetch_add(1, Ordering::SeqCst);
+                    msg.ack_with(AckKind::Nak(None)).await
+                }
+            },
+        )
+        .await?;
+    client.publish_to_stream("redo.capped", "x").await?;
+    wait_count(&attempts, 3, "three deliveries").await;
+    wait_settled(client, &capped).await;
+    assert_eq!(attempts.load(Ordering::SeqCst), 3);
+
+    // No ack at all: the ack wait redelivers.
+    let waits = Arc::new(AtomicUsize::new(0));
+    let seen = waits.clone();
+    let _lazy = client
+        .consume_stream_with_config(
+            StreamConsumerConfig::new("REDO")
+                .filter_subject("redo.lazy")
+                .ack_wait(Duration::from_millis(300)),
+            move |msg: Message| {
+                let seen = seen.clone();
+                async move {
+                    if seen.fetch_add(1, Ordering::SeqCst) > 0 {
+                        let _ = msg.ack().await;
+                    }
+                }
+            },
+        )
+        .await?;
+    client.publish_to_stream("redo.lazy", "x").await?;
+    wait_count(&waits, 2, "a redelivery after the ack wait").await;
+
+    capped.stop().await;
+    capped.stop().await; // twice is harmless
+    client.stop_consumer("REDO", capped.name()).await;
+    assert!(capped.is_stopped());
+    Ok(())
+}
+
+#[tokio::test]
+async fn handler_panic_naks_and_the_consumer_keeps_running() -> TestResult {
+    let env = env().await?;
+    let client = env.client();
+    client.create_stream(config("PANIC", &["panic.>"])).await?;
+    let ok = Arc::new(AtomicUsize::new(0));
+    let seen = ok.clone();
+    let handle = client
+        .consume_stream("PANIC", "panic.>", move |msg: Message| {
+            let seen = seen.clone();
+            async move {
+                if msg.payload.as_ref() == b"boom"
+                    && msg.info().map(|i| i.delivered).unwrap_or(1) == 1
+                {
+                    panic!("handler bug");
+                }
+                let _ = msg.ack().await;
+                seen.fetch_add(1, Ordering::SeqCst);
+            }
+        })
+        .await?;
+    client.publish_to_stream("panic.a", "boom").await?;
+    client.publish_to_stream("panic.b", "fine").await?;
+    wait_count(&ok, 2, "both messages, the panicked one redelivered").await;
+    assert_eq!(handle.stats().panics, 1);
+    assert!(handle.stats().redelivered >= 1);
+    Ok(())
+}
+
+#[tokio::test]
+async fn bad_consumer_input_is_typed() -> TestResult {
+    let env = env().await?;
+    let client = env.client();
+    client.create_stream(config("SHAPE", &["shape.>"])).await?;
+    let noop = |_m: Message| async {};
+    let cases = [
+        StreamConsumerConfig::new(""),
+        StreamConsumerConfig::new("SHAPE").durable("bad.name"),
+        StreamConsumerConfig::new("SHAPE").filter_subject("other.>"),
+        StreamConsumerConfig::new("SHAPE").ack_wait(Duration::ZERO),
+        StreamConsumerConfig::new("SHAPE").backoff(vec![Duration::from_secs(1)]),
+    ];
+    for config in cases {
+        let err = client
+            .consume_stream_with_config(config.clone(), noop)
+            .await
+            .unwrap_err();
+        assert!(err.is_invalid_input(), "{config:?}: {err}");
+    }
+    let mut stream = client.get_stream("SHAPE").await?;
+    assert_eq!(
+        stream.info().await?.state.consumer_count,
+        0,
+        "nothing was created"
+    );
+    let err = client
+        .consume_stream_with_config(StreamConsumerConfig::new("NOPE"), noop)
+        .await
+        .unwrap_err();
+    assert!(matches!(err, Error::StreamNotFound { .. }), "{err}");
+    Ok(())
+}
+
+#[tokio::test]
+async fn auto_create_derives_subjects() -> TestResult {
+    let env = env().await?;
+    let client = env.client();
+    let count = Arc::new(AtomicUsize::new(0));
+    let _h = client
+        .consume_stream_with_config(
+            StreamConsumerConfig::new("AUTO")
+                .filter_subject("auto.*")
+                .auto_create(StreamAutoCreateConfig {
+                    storage: StorageType::Memory,
+                    ..Default::default()
+                }),
+            counting(&count),
+        )
+        .await?;
+    let info = client.get_stream("AUTO").await?.cached_info().clone();
+    assert_eq!(info.config.subjects, vec!["auto.>"]);
+    assert_eq!(info.config.max_age, Duration::from_secs(7 * 24 * 3600));
+    client.publish_to_stream("auto.x", "1").await?;
+    wait_count(&count, 1, "a message on the auto-created stream").await;
+    Ok(())
+}
+
+#[tokio::test]
+async fn durable_consumer_resumes_after_a_client_restart() -> TestResult {
+    let env = env().await?;
+    env.client()
+        .create_stream(config("DUR", &["dur.>"]))
+        .await?;
+    let first = Client::builder(env.url()).connect().await?;
+    for i in 0..5 {
+        first.publish_to_stream(format!("dur.{i}"), "x").await?;
+    }
+    let count = Arc::new(AtomicUsize::new(0));
+    let handle = first
+        .consume_stream_with_config(
+            StreamConsumerConfig::new("DUR").durable("worker"),
+            counting(&count),
+        )
+        .await?;
+    wait_count(&count, 5, "the first five").await;
+    wait_settled(&first, &handle).await;
+    first.close().await?;
+
+    for i in 5..8 {
+        env.client()
+            .publish_to_stream(format!("dur.{i}"), "x")
+            .await?;
+    }
+    let second = Client::builder(env.url()).connect().await?;
+    let seqs = Arc::new(Mutex::new(Vec::new()));
+    let record = seqs.clone();
+    let handle = second
+        .consume_stream_with_config(
+            StreamConsumerConfig::new("DUR").durable("worker"),
+            move |msg: Message| {
+                let record = record.clone();
+                async move {
+                    record
+                        .lock()
+                        .unwrap()
+                        .push(msg.info().map(|i| i.stream_sequence).unwrap_or(0));
+                    msg.ack().await
+                }
+            },
+        )
+        .await?;
+    eventually(WAIT, "the three new messages", || async {
+        (seqs.lock().unwrap().len() >= 3).then_some(())
+    })
+    .await;
+    wait_settled(&second, &handle).await;
+    assert_eq!(*seqs.lock().unwrap(), vec![6, 7, 8]);
+    second.stop_and_delete_consumer("DUR", "worker").await?;
+    let mut stream = second.get_stream("DUR").await?;
+    assert_eq!(stream.info().await?.state.consumer_count, 0);
+    Ok(())
+}
+
+#[tokio::test]
+async fn consumer_survives_server_kill_and_restart() -> TestResult {
+    let mut env = TestEnv::builder().file_storage().start().await?;
+    let mut file = config("SURVIVE", &["survive.>"]);
+    file.storage = StorageType::File;
+    env.client().create_stream(file).await?;
+    let seqs = Arc::new(Mutex::new(BTreeSet::new()));
+    let record = seqs.clone();
+    let handle = env
+        .client()
+        .consume_stream_with_config(
+            StreamConsumerConfig::new("SURVIVE").heartbeat(Duration::from_millis(500)),
+            move |msg: Message| {
+                let record = record.clone();
+                async move {
+                    record
+                        .lock()
+                        .unwrap()
+                        .insert(msg.info().map(|i| i.stream_sequence).unwrap_or(0));
+                    msg.ack().await
+                }
+            },
+        )
+        .await?;
+    for i in 0..20 {
+        env.client()
+            .publish_to_stream(format!("survive.{i}"), "x")
+            .await?;
+    }
+    env.server_mut().expect("owned").kill()?;
+    env.server_mut().expect("owned").restart()?;
+    let client = env.client().clone();
+    for i in 20..40 {
+        eventually(WAIT, "a publish after the restart", || async {
+            client
+                .publish_to_stream(format!("survive.{i}"), "x")
+                .await
+                .ok()
+        })
+        .await;
+    }
+    eventually(WAIT, "all 40 sequences", || async {
+        (seqs.lock().unwrap().len() == 40).then_some(())
+    })
+    .await;
+    assert_eq!(*seqs.lock().unwrap(), (1..=40).collect::<BTreeSet<u64>>());
+    eventually(WAIT, "healthy consumer", || async {
+        handle.is_healthy().then_some(())
+    })
+    .await;
+    Ok(())
+}
+
+#[tokio::test]
+async fn consumers_do_not_pile_up_across_restarts() -> TestResult {
+    let mut env = TestEnv::builder().file_storage().start().await?;
+    let mut file = config("PILE", &["pile.>"]);
+    file.storage = StorageType::File;
+    env.client().create_stream(file).await?;
+    let count = Arc::new(AtomicUsize::new(0));
+    let handle = env
+        .client()
+        .consume_stream_with_config(
+            StreamConsumerConfig::new("PILE").heartbeat(Duration::from_millis(300)),
+            counting(&count),
+        )
+        .await?;
+    let client = env.client().clone();
+    for round in 0..5 {
+        env.server_mut().expect("owned").restart()?;
+        eventually(WAIT, "a publish after the restart", || async {
+            client
+                .publish_to_stream(format!("pile.{round}"), "x")
+                .await
+                .ok()
+        })
+        .await;
+        wait_count(&count, round + 1, "the message of this round").await;
+    }
+    let mut stream = client.get_stream("PILE").await?;
+    assert_eq!(
+        stream.info().await?.state.consumer_count,
+        1,
+        "one consumer, however many reconnects"
+    );
+    assert!(handle.is_healthy() || !handle.is_stopped());
+    Ok(())
+}
+
+#[tokio::test]
+async fn consumer_deleted_on_the_server_is_recreated() -> TestResult {
+    let env = env().await?;
+    let client = env.client();
+    client.create_stream(config("GONE", &["gone.>"])).await?;
+    let count = Arc::new(AtomicUsize::new(0));
+    let handle = client
+        .consume_stream_with_config(
+            StreamConsumerConfig::new("GONE")
+                .durable("keeper")
+                .heartbeat(Duration::from_millis(300)),
+            counting(&count),
+        )
+        .await?;
+    client.publish_to_stream("gone.1", "x").await?;
+    wait_count(&count, 1, "the first message").await;
+    env.jetstream()
+        .get_stream("GONE")
+        .await?
+        .delete_consumer("keeper")
+        .await?;
+    eventually(WAIT, "a recreation", || async {
+        (handle.stats().recreations >= 1).then_some(())
+    })
+    .await;
+    client.publish_to_stream("gone.2", "x").await?;
+    wait_count(&count, 2, "a message after the recreation").await;
+    wait_settled(client, &handle).await;
+    assert_eq!(
+        count.load(Ordering::SeqCst),
+        2,
+        "resumed after the last handled message, no replay"
+    );
+    Ok(())
+}
+
+#[tokio::test]
+async fn heartbeat_helper_keeps_long_work_alive_and_settles() -> TestResult {
+    let env = env().await?;
+    let client = env.client();
+    client.create_stream(config("LONG", &["long.>"])).await?;
+    let outcomes = Arc::new(Mutex::new(Vec::new()));
+    let deliveries = Arc::new(AtomicUsize::new(0));
+    let (record, seen) = (outcomes.clone(), deliveries.clone());
+    let handle = client
+        .consume_stream_with_config(
+            StreamConsumerConfig::new("LONG")
+                .ack_wait(Duration::from_millis(500))
+                .max_deliver(1),
+            move |msg: Message| {
+                let (record, seen) = (record.clone(), seen.clone());
+                async move {
+                    seen.fetch_add(1, Ordering::SeqCst);
+                    let kind = msg.payload.clone();
+                    let settled =
+                        consume_with_heartbeat(&msg, Duration::from_millis(100), async move {
+                            match &kind[..] {
+                                b"long" => {
+                                    tokio::time::sleep(Duration::from_millis(1500)).await;
+                                    Ok(())
+                                }
+                                b"fail" => Err(natskit::BoxError::from("transient")),
+                                _ => Err(Permanent("poison".into()).into()),
+                            }
+                        })
+                        .await;
+                    record.lock().unwrap().push((
+                        String::from_utf8_lossy(&msg.payload).into_owned(),
+                        settled.ok(),
+                    ));
+                }
+            },
+        )
+        .await?;
+    for payload in ["long", "fail", "poison"] {
+        client.publish_to_stream("long.x", payload).await?;
+    }
+    eventually(WAIT, "three settled messages", || async {
+        (outcomes.lock().unwrap().len() == 3).then_some(())
+    })
+    .await;
+    let outcomes = outcomes.lock().unwrap().clone();
+    assert_eq!(
+        outcomes,
+        vec![
+            ("long".to_owned(), Some(Settled::Acked)),
+            ("fail".to_owned(), Some(Settled::Naked)),
+            ("poison".to_owned(), Some(Settled::Terminated)),
+        ]
+    );
+    assert_eq!(
+        deliveries.load(Ordering::SeqCst),
+        3,
+        "the long work was never redelivered"
+    );
+    assert_eq!(handle.stats().redelivered, 0);
+
+    let err = consume_with_heartbeat_zero(client).await;
+    assert!(matches!(err, Some(Error::InvalidArgument(_))));
+    Ok(())
+}
+
+/// A zero interval is rejected before the message is touched.
+async fn consume_with_heartbeat_zero(client: &Client) -> Option<Error> {
+    client.publish_to_stream("long.zero", "z").await.ok()?;
+    let captured: Arc<Mutex<Option<Error>>> = Arc::new(Mutex::new(None));
+    let slot = captured.clone();
+    let handle = client
+        .consume_stream_with_config(
+            StreamConsumerConfig::new("LONG").filter_subject("long.zero"),
+            move |msg: Message| {
+                let slot = slot.clone();
+                async move {
+                    let result = consume_with_heartbeat(&msg, Duration::ZERO, async {
+                        Ok::<_, natskit::BoxError>(())
+                    })
+                    .await;
+                    *slot.lock().unwrap() = result.err();
+                    let _ = msg.ack().await;
+                }
+            },
+        )
+        .await
+        .ok()?;
+    let err = eventually(WAIT, "the zero-interval call", || async {
+        captured.lock().unwrap().take()
+    })
+    .await;
+    handle.stop().await;
+    Some(err)
+}
