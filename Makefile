@@ -12,7 +12,7 @@ test:
 	@bin=$$($(INSTALL)) && NATS_SERVER_BIN=$$bin $(CARGO) test --workspace
 
 bench:
-	@bin=$$($(INSTALL)) && NATS_SERVER_BIN=$$bin $(CARGO) bench -p natskit
+	@bin=$$($(INSTALL)) && NATS_SERVER_BIN=$$bin $(CARGO) bench -p natskit --bench compare
 
 lint:
 	$(CARGO) fmt --all -- --check

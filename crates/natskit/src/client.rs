@@ -409,6 +409,7 @@ impl ClientBuilder {
             conn: OnceLock::new(),
             connect_lock: tokio::sync::Mutex::new(()),
             lifecycle: AtomicU64::new(OPEN),
+            connected: Arc::new(AtomicBool::new(false)),
             ever_connected: Arc::new(AtomicBool::new(false)),
             status: status_rx,
             signals,
@@ -452,6 +453,9 @@ pub(crate) struct Inner {
     conn: OnceLock<async_nats::Client>,
     connect_lock: tokio::sync::Mutex<()>,
     lifecycle: AtomicU64,
+    /// Mirrors the connection state for the hot path (async-nats' own state
+    /// sits behind a lock); set at connect and by connection events.
+    connected: Arc<AtomicBool>,
     ever_connected: Arc<AtomicBool>,
     status: watch::Receiver<Status>,
     signals: mpsc::UnboundedSender<Signal>,
@@ -559,6 +563,10 @@ impl Client {
         };
         match permit.record(result) {
             Ok(conn) => {
+                self.inner.connected.store(
+                    conn.connection_state() == async_nats::connection::State::Connected,
+                    Ordering::Release,
+                );
                 let _ = self.inner.conn.set(conn);
                 tracing::info!(urls = ?self.inner.config.urls, "connected to NATS");
                 Ok(())
@@ -624,6 +632,7 @@ impl Client {
             options = options.name(name);
         }
         let signals = self.inner.signals.clone();
+        let connected = self.inner.connected.clone();
         let breaker = self.inner.breaker.clone();
         let ever_connected = self.inner.ever_connected.clone();
         let wait = Backoff {
@@ -637,6 +646,13 @@ impl Client {
             .subscription_capacity(config.subscription_capacity)
             .max_reconnects(config.max_reconnects)
             .event_callback(move |event| {
+                match event {
+                    async_nats::Event::Connected => connected.store(true, Ordering::Release),
+                    async_nats::Event::Disconnected | async_nats::Event::Closed => {
+                        connected.store(false, Ordering::Release);
+                    }
+                    _ => {}
+                }
                 let _ = signals.send(Signal::Nats(event));
                 std::future::ready(())
             })
@@ -680,9 +696,14 @@ impl Client {
     pub(crate) fn live_conn(&self) -> Result<&async_nats::Client> {
         let conn = self.nats()?;
         if !self.inner.config.buffer_when_disconnected
-            && conn.connection_state() != async_nats::connection::State::Connected
+            && !self.inner.connected.load(Ordering::Acquire)
         {
-            return Err(Error::NotConnected);
+            // async-nats drops events when its event queue is full: ask the
+            // authoritative state before refusing, and repair the mirror.
+            if conn.connection_state() != async_nats::connection::State::Connected {
+                return Err(Error::NotConnected);
+            }
+            self.inner.connected.store(true, Ordering::Release);
         }
         Ok(conn)
     }
@@ -1073,6 +1094,18 @@ async fn supervise(
                 let Some(strong) = inner.upgrade() else { break };
                 let conn = strong.conn.get().cloned();
                 drop(strong);
+                // Events can be dropped by async-nats when its queue is full:
+                // reconcile the link with the authoritative state.
+                if let Some(conn) = &conn {
+                    let up = conn.connection_state() == async_nats::connection::State::Connected;
+                    if up && matches!(link, Link::Down | Link::Connecting) {
+                        link = Link::Up;
+                        lost_deadline = None;
+                    } else if !up && link == Link::Up {
+                        link = Link::Down;
+                        lost_deadline.get_or_insert(tokio::time::Instant::now() + config.connection_lost_after);
+                    }
+                }
                 let healthy = match (link, conn) {
                     (Link::Up, Some(conn)) => {
                         let bound = config.health_interval.min(config.connect_timeout);

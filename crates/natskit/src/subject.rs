@@ -13,33 +13,64 @@ fn invalid(subject: &str, reason: &'static str) -> Error {
     }
 }
 
+/// One pass over the bytes; allocates only to report an error.
 fn check_tokens(subject: &str, wildcards: bool) -> Result<(), Error> {
-    if subject.is_empty() {
+    let bytes = subject.as_bytes();
+    if bytes.is_empty() {
         return Err(invalid(subject, "empty subject"));
     }
-    if subject.bytes().any(|b| b.is_ascii_whitespace()) {
-        return Err(invalid(subject, "contains whitespace"));
-    }
-    let mut tokens = subject.split('.').peekable();
-    while let Some(token) = tokens.next() {
-        match token {
-            "" => {
-                return Err(invalid(
-                    subject,
-                    "empty token (leading, trailing or double '.')",
-                ));
+    // Length and first byte of the current token.
+    let mut len = 0usize;
+    let mut first = 0u8;
+    let mut after_full_wildcard = false;
+    for &b in bytes {
+        match b {
+            b'.' => {
+                if len == 0 {
+                    return Err(invalid(
+                        subject,
+                        "empty token (leading, trailing or double '.')",
+                    ));
+                }
+                if len == 1 && (first == b'*' || first == b'>') {
+                    if !wildcards {
+                        return Err(invalid(
+                            subject,
+                            "wildcards are not allowed when publishing",
+                        ));
+                    }
+                    after_full_wildcard = first == b'>';
+                }
+                if after_full_wildcard && !(len == 1 && first == b'>') {
+                    return Err(invalid(subject, "'>' must be the last token"));
+                }
+                len = 0;
             }
-            "*" | ">" if !wildcards => {
-                return Err(invalid(
-                    subject,
-                    "wildcards are not allowed when publishing",
-                ));
+            b' ' | b'\t' | b'\r' | b'\n' | 0x0b | 0x0c => {
+                return Err(invalid(subject, "contains whitespace"));
             }
-            ">" if tokens.peek().is_some() => {
-                return Err(invalid(subject, "'>' must be the last token"));
+            _ => {
+                if after_full_wildcard {
+                    return Err(invalid(subject, "'>' must be the last token"));
+                }
+                if len == 0 {
+                    first = b;
+                }
+                len += 1;
             }
-            _ => {}
         }
+    }
+    if len == 0 {
+        return Err(invalid(
+            subject,
+            "empty token (leading, trailing or double '.')",
+        ));
+    }
+    if !wildcards && len == 1 && (first == b'*' || first == b'>') {
+        return Err(invalid(
+            subject,
+            "wildcards are not allowed when publishing",
+        ));
     }
     Ok(())
 }

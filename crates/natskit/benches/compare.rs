@@ -1,0 +1,178 @@
+//! natskit against raw async-nats, side by side in one run, on a local
+//! nats-server started by the harness. Prints throughput and the ratio
+//! (natskit / raw; 1.00 = same speed).
+//!
+//! `make bench` (release build). Tests never assert on these numbers.
+
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use futures_util::StreamExt;
+use futures_util::stream::FuturesUnordered;
+
+const CORE_MESSAGES: usize = 500_000;
+const JS_MESSAGES: usize = 50_000;
+const REQUESTS: usize = 5_000;
+const ROUNDS: usize = 4;
+
+type BenchResult<T = ()> = Result<T, Box<dyn std::error::Error + Send + Sync>>;
+
+/// Runs both closures `ROUNDS` times, alternating which goes first (the
+/// server may still be busy with the previous run), and keeps the best time
+/// of each.
+async fn compare<R, N, RF, NF>(name: &str, ops: usize, mut raw: R, mut natskit: N) -> BenchResult
+where
+    R: FnMut() -> RF,
+    N: FnMut() -> NF,
+    RF: std::future::Future<Output = BenchResult>,
+    NF: std::future::Future<Output = BenchResult>,
+{
+    let (mut best_raw, mut best_kit) = (Duration::MAX, Duration::MAX);
+    for round in 0..ROUNDS * 2 {
+        if round % 2 == 0 {
+            let start = Instant::now();
+            raw().await?;
+            best_raw = best_raw.min(start.elapsed());
+        } else {
+            let start = Instant::now();
+            natskit().await?;
+            best_kit = best_kit.min(start.elapsed());
+        }
+        // Let the server catch up before the next run.
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    let rate = |d: Duration| ops as f64 / d.as_secs_f64();
+    println!(
+        "{name:<34} raw {:>12.0}/s   natskit {:>12.0}/s   ratio {:.2}",
+        rate(best_raw),
+        rate(best_kit),
+        rate(best_kit) / rate(best_raw)
+    );
+    Ok(())
+}
+
+#[tokio::main]
+async fn main() -> BenchResult {
+    if std::env::args().any(|a| a == "--test" || a == "--list") {
+        return Ok(()); // `cargo test --benches` only checks that it builds
+    }
+    let server = natskit_testing::NatsServer::start_jetstream()?;
+    let url = server.url();
+    let raw = async_nats::connect(&url).await?;
+    let kit = natskit::Client::builder(&url).connect().await?;
+    let payload = Bytes::from_static(&[b'x'; 128]);
+    println!("nats-server at {url}; best of {ROUNDS} rounds, 128-byte payloads\n");
+
+    compare(
+        "core publish + flush",
+        CORE_MESSAGES,
+        || async {
+            for _ in 0..CORE_MESSAGES {
+                raw.publish("bench.core", payload.clone()).await?;
+            }
+            raw.flush().await?;
+            Ok(())
+        },
+        || async {
+            for _ in 0..CORE_MESSAGES {
+                kit.publish("bench.core", payload.clone()).await?;
+            }
+            kit.nats()?.flush().await?;
+            Ok(())
+        },
+    )
+    .await?;
+
+    let mut echo = raw.subscribe("bench.echo").await?;
+    let responder = raw.clone();
+    tokio::spawn(async move {
+        while let Some(msg) = echo.next().await {
+            if let Some(reply) = msg.reply {
+                let _ = responder.publish(reply, msg.payload).await;
+            }
+        }
+    });
+    raw.flush().await?;
+    compare(
+        "request/reply (sequential)",
+        REQUESTS,
+        || async {
+            for _ in 0..REQUESTS {
+                raw.request("bench.echo", payload.clone()).await?;
+            }
+            Ok(())
+        },
+        || async {
+            for _ in 0..REQUESTS {
+                kit.request("bench.echo", payload.clone(), Duration::ZERO)
+                    .await?;
+            }
+            Ok(())
+        },
+    )
+    .await?;
+
+    let js = async_nats::jetstream::new(raw.clone());
+    js.create_stream(async_nats::jetstream::stream::Config {
+        name: "BENCH".into(),
+        subjects: vec!["bench.js.>".into()],
+        storage: async_nats::jetstream::stream::StorageType::Memory,
+        max_messages: 100_000,
+        ..Default::default()
+    })
+    .await?;
+    compare(
+        "JetStream publish, 256 acks in flight",
+        JS_MESSAGES,
+        || async {
+            let mut pending = FuturesUnordered::new();
+            for _ in 0..JS_MESSAGES {
+                if pending.len() >= 256
+                    && let Some(ack) = pending.next().await
+                {
+                    let _: async_nats::jetstream::publish::PublishAck = ack?;
+                }
+                pending.push(
+                    js.publish("bench.js.raw", payload.clone())
+                        .await?
+                        .into_future(),
+                );
+            }
+            while let Some(ack) = pending.next().await {
+                ack?;
+            }
+            Ok(())
+        },
+        || async {
+            let publisher = kit.stream_publisher(256)?;
+            for _ in 0..JS_MESSAGES {
+                publisher.publish("bench.js.kit", payload.clone()).await?;
+            }
+            let report = publisher.flush().await;
+            assert_eq!(report.failed, 0);
+            Ok(())
+        },
+    )
+    .await?;
+
+    compare(
+        "JetStream publish, ack awaited each",
+        JS_MESSAGES / 10,
+        || async {
+            for _ in 0..JS_MESSAGES / 10 {
+                js.publish("bench.js.raw", payload.clone()).await?.await?;
+            }
+            Ok(())
+        },
+        || async {
+            for _ in 0..JS_MESSAGES / 10 {
+                kit.publish_to_stream("bench.js.kit", payload.clone())
+                    .await?;
+            }
+            Ok(())
+        },
+    )
+    .await?;
+    kit.close().await?;
+    Ok(())
+}
