@@ -161,6 +161,90 @@ pub enum Error {
         #[source]
         source: BoxError,
     },
+    /// The KV bucket does not exist.
+    #[error("KV bucket {bucket:?} not found")]
+    BucketNotFound {
+        /// Bucket name.
+        bucket: String,
+    },
+    /// A KV bucket exists whose configuration differs in fields that cannot
+    /// be updated in place.
+    #[error("KV bucket {bucket:?} exists with a different {fields:?}, which cannot be updated")]
+    BucketConfigConflict {
+        /// Bucket name.
+        bucket: String,
+        /// The conflicting fields.
+        fields: Vec<&'static str>,
+    },
+    /// The key does not exist (never written, deleted or purged).
+    #[error("kv: key {key:?} not found")]
+    KeyNotFound {
+        /// The key.
+        key: String,
+    },
+    /// `create` found the key already present.
+    #[error("kv: key {key:?} already exists")]
+    KeyExists {
+        /// The key.
+        key: String,
+    },
+    /// A compare-and-swap found another revision than expected.
+    #[error("kv: revision mismatch on {key:?} (expected {expected}; concurrent update)")]
+    RevisionMismatch {
+        /// The key.
+        key: String,
+        /// The revision the update expected.
+        expected: u64,
+    },
+    /// Every attempt of a CAS update met a concurrent write.
+    #[error("kv: max retries exceeded on {key:?} after {attempts} attempts")]
+    MaxRetriesExceeded {
+        /// The key.
+        key: String,
+        /// Attempts made (retries + 1).
+        attempts: u32,
+    },
+    /// A value is larger than the store's limit.
+    #[error("kv: value of {size} bytes exceeds the limit of {max} bytes")]
+    ValueTooLarge {
+        /// Value size.
+        size: usize,
+        /// The limit.
+        max: usize,
+    },
+    /// A KV key is invalid.
+    #[error("kv: invalid key {key:?}: {reason}")]
+    InvalidKey {
+        /// The key.
+        key: String,
+        /// Why.
+        reason: &'static str,
+    },
+    /// An update closure returned an error; nothing was written.
+    #[error("kv: update of {key:?} aborted by the update function: {source}")]
+    UpdateAborted {
+        /// The key.
+        key: String,
+        /// The closure's error.
+        #[source]
+        source: BoxError,
+    },
+    /// A stored value is not valid JSON for the requested type; nothing was
+    /// written.
+    #[error("kv: value of {key:?} is not valid JSON for the requested type: {source}")]
+    Json {
+        /// The key.
+        key: String,
+        /// The decoding error.
+        #[source]
+        source: serde_json::Error,
+    },
+    /// A stored JSON value is `null` where an object was expected.
+    #[error("kv: value of {key:?} is JSON null, expected an object")]
+    JsonNull {
+        /// The key.
+        key: String,
+    },
     /// JetStream answered with an error.
     #[error("JetStream {op} failed: {source}")]
     JetStream {
@@ -196,11 +280,25 @@ impl Error {
         ) || matches!(self, Error::Connect(e) if e.kind() == async_nats::ConnectErrorKind::TimedOut)
     }
 
-    /// A stream, consumer (or, for KV, key or bucket) does not exist.
+    /// A stream, consumer, bucket or key does not exist.
     pub fn is_not_found(&self) -> bool {
         matches!(
             self,
-            Error::StreamNotFound { .. } | Error::ConsumerNotFound { .. }
+            Error::StreamNotFound { .. }
+                | Error::ConsumerNotFound { .. }
+                | Error::BucketNotFound { .. }
+                | Error::KeyNotFound { .. }
+        )
+    }
+
+    /// A concurrent write won: the key exists, the revision moved on, or a
+    /// CAS update ran out of retries.
+    pub fn is_conflict(&self) -> bool {
+        matches!(
+            self,
+            Error::KeyExists { .. }
+                | Error::RevisionMismatch { .. }
+                | Error::MaxRetriesExceeded { .. }
         )
     }
 
@@ -218,6 +316,8 @@ impl Error {
                 | Error::InvalidConfig(_)
                 | Error::InvalidName { .. }
                 | Error::InvalidArgument(_)
+                | Error::InvalidKey { .. }
+                | Error::ValueTooLarge { .. }
         )
     }
 

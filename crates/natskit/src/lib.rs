@@ -48,9 +48,11 @@ mod client;
 mod consumer;
 mod error;
 mod jetstream;
+mod kv;
 mod pubsub;
 mod request;
 pub mod subject;
+mod temporal;
 
 pub use async_nats::{HeaderMap, Message};
 pub use backoff::Backoff;
@@ -64,11 +66,13 @@ pub use error::{BoxError, Error, Result};
 pub use jetstream::{
     PublishAck, PublishReport, StreamAutoCreateConfig, StreamPublishOptions, StreamPublisher,
 };
+pub use kv::{KvEntry, KvOperation, KvOptions, KvStore, KvWatch, WatchEvent};
 pub use pubsub::{HandlerOutcome, SubscribeOptions, Subscription, SubscriptionStats};
 pub use request::{
     DEFAULT_REQUEST_TIMEOUT, RetryConfig, SERVICE_ERROR_CODE_HEADER, SERVICE_ERROR_HEADER,
     ServiceError,
 };
+pub use temporal::{CacheStats, DEFAULT_CACHE_TTL, TemporalResolver};
 
 /// The README's examples, compiled as doctests.
 #[cfg(doctest)]

@@ -153,6 +153,39 @@ pub fn validate_name(what: &'static str, name: &str) -> Result<(), Error> {
     })
 }
 
+/// Checks a KV key: non-empty, only `A-Z a-z 0-9 - _ / = .`, no empty
+/// `.`-separated token, not starting with `_kv`.
+///
+/// ```
+/// use natskit::subject::validate_key;
+/// assert!(validate_key("entity.sensor.t1").is_ok());
+/// assert!(validate_key("bad key").is_err());
+/// assert!(validate_key("a..b").is_err());
+/// ```
+///
+/// # Errors
+/// [`Error::InvalidKey`] naming the reason.
+pub fn validate_key(key: &str) -> Result<(), Error> {
+    let reason = if key.is_empty() {
+        "empty"
+    } else if key.starts_with('.') || key.ends_with('.') || key.contains("..") {
+        "empty token (leading, trailing or double '.')"
+    } else if key.starts_with("_kv") {
+        "keys starting with _kv are reserved"
+    } else if !key
+        .bytes()
+        .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'/' | b'=' | b'.'))
+    {
+        "only A-Z a-z 0-9 - _ / = . are allowed"
+    } else {
+        return Ok(());
+    };
+    Err(Error::InvalidKey {
+        key: key.to_owned(),
+        reason,
+    })
+}
+
 /// Whether subject `subject` (possibly with wildcards) is matched by
 /// `pattern`: every subject `subject` can match is also matched by
 /// `pattern`.

@@ -1,0 +1,1041 @@
+//! Key-value buckets and [`KvStore`]: typed errors, compare-and-swap with
+//! retry, JSON helpers, server-side key filtering and resilient watches.
+
+use std::pin::Pin;
+use std::sync::{Arc, Mutex, Weak};
+use std::task::{Context, Poll};
+use std::time::{Duration, SystemTime};
+
+use async_nats::jetstream::consumer::{DeliverPolicy, ReplayPolicy, push};
+use async_nats::jetstream::kv::{self, CreateErrorKind, Operation, UpdateErrorKind};
+use bytes::Bytes;
+use futures_util::{Stream, StreamExt};
+use serde::Serialize;
+use serde::de::DeserializeOwned;
+
+use crate::backoff::Backoff;
+use crate::client::Client;
+use crate::error::{BoxError, Error, Result};
+use crate::subject;
+
+/// What a KV entry records.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum KvOperation {
+    /// A value was written.
+    Put,
+    /// The key was deleted (a delete marker).
+    Delete,
+    /// The key was purged (its history removed, a purge marker).
+    Purge,
+}
+
+/// One revision of a key.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct KvEntry {
+    /// The key.
+    pub key: String,
+    /// The value (empty for delete and purge markers).
+    pub value: Bytes,
+    /// The revision (the stream sequence).
+    pub revision: u64,
+    /// When it was written.
+    pub created: SystemTime,
+    /// Put, delete or purge.
+    pub operation: KvOperation,
+}
+
+impl KvEntry {
+    /// Whether the entry is a live value (not a delete or purge marker).
+    pub fn is_value(&self) -> bool {
+        self.operation == KvOperation::Put
+    }
+}
+
+fn system_time(t: time::OffsetDateTime) -> SystemTime {
+    let nanos = t.unix_timestamp_nanos();
+    match u64::try_from(nanos) {
+        Ok(n) => SystemTime::UNIX_EPOCH + Duration::from_nanos(n),
+        Err(_) => SystemTime::UNIX_EPOCH,
+    }
+}
+
+impl From<kv::Entry> for KvEntry {
+    fn from(entry: kv::Entry) -> Self {
+        Self {
+            key: entry.key,
+            value: entry.value,
+            revision: entry.revision,
+            created: system_time(entry.created),
+            operation: match entry.operation {
+                Operation::Put => KvOperation::Put,
+                Operation::Delete => KvOperation::Delete,
+                Operation::Purge => KvOperation::Purge,
+            },
+        }
+    }
+}
+
+/// Behaviour of a [`KvStore`], with the reference's defaults.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct KvOptions {
+    /// CAS retries after the first attempt (default 10).
+    pub max_retries: u32,
+    /// Delay before the first retry (default 10 ms).
+    pub retry_delay: Duration,
+    /// Grow the delay exponentially with jitter (default true); otherwise a
+    /// fixed delay.
+    pub exponential_backoff: bool,
+    /// Cap on the retry delay (default 1 s).
+    pub max_retry_delay: Duration,
+    /// Timeout of each KV operation (default 5 s). It bounds one operation,
+    /// never a whole CAS loop, so back-off can never eat the loop's time.
+    pub timeout: Duration,
+    /// Largest value accepted (default 1 MiB).
+    pub max_value_size: usize,
+}
+
+impl Default for KvOptions {
+    fn default() -> Self {
+        Self {
+            max_retries: 10,
+            retry_delay: Duration::from_millis(10),
+            exponential_backoff: true,
+            max_retry_delay: Duration::from_secs(1),
+            timeout: Duration::from_secs(5),
+            max_value_size: 1024 * 1024,
+        }
+    }
+}
+
+impl KvOptions {
+    fn backoff(&self) -> Backoff {
+        if self.exponential_backoff {
+            Backoff::new(self.retry_delay, self.max_retry_delay)
+        } else {
+            Backoff::new(self.retry_delay, self.retry_delay).without_jitter()
+        }
+    }
+}
+
+/// Something to tell when a key changes through a [`KvStore`] (the
+/// temporal resolver's cache).
+pub(crate) trait Invalidate: Send + Sync {
+    fn invalidate(&self, key: &str);
+}
+
+/// A KV bucket with CAS retry, JSON helpers and typed errors. Cheap to clone.
+///
+/// ```no_run
+/// # async fn demo(client: natskit::Client) -> natskit::Result<()> {
+/// use async_nats::jetstream::kv;
+/// let bucket = client
+///     .create_key_value_bucket(kv::Config { bucket: "config".into(), history: 5, ..Default::default() })
+///     .await?;
+/// let store = client.kv_store(bucket, natskit::KvOptions::default());
+/// store.update_json("service.config", |config| {
+///     config.insert("workers".into(), 10.into());
+///     Ok::<_, std::convert::Infallible>(())
+/// })
+/// .await?;
+/// let workers: serde_json::Value = store.get_json("service.config").await?;
+/// # let _ = workers; Ok(()) }
+/// ```
+#[derive(Clone)]
+pub struct KvStore {
+    client: Client,
+    bucket: kv::Store,
+    options: KvOptions,
+    listeners: Arc<Mutex<Vec<Weak<dyn Invalidate>>>>,
+}
+
+impl std::fmt::Debug for KvStore {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("KvStore")
+            .field("bucket", &self.bucket.name)
+            .field("options", &self.options)
+            .finish_non_exhaustive()
+    }
+}
+
+fn kv_failed(op: &'static str, err: impl Into<BoxError>) -> Error {
+    Error::JetStream {
+        op,
+        source: err.into(),
+    }
+}
+
+fn kv_unavailable(op: &'static str, err: impl Into<BoxError>) -> Error {
+    Error::JetStreamUnavailable {
+        op,
+        source: err.into(),
+    }
+}
+
+impl Client {
+    /// Gets the bucket, creating it when missing. When it exists with a
+    /// different history, max age, max bytes or max value size, those are
+    /// updated; a different storage type is [`Error::BucketConfigConflict`].
+    ///
+    /// # Errors
+    /// [`Error::InvalidName`], [`Error::BucketConfigConflict`],
+    /// [`Error::JetStreamUnavailable`], [`Error::JetStream`].
+    pub async fn create_key_value_bucket(&self, config: kv::Config) -> Result<kv::Store> {
+        check_bucket_name(&config.bucket)?;
+        let js = self.jetstream()?;
+        match self.get_key_value_bucket(&config.bucket).await {
+            Ok(existing) => {
+                let mut stream = existing.stream.clone();
+                let have = stream
+                    .info()
+                    .await
+                    .map_err(|e| kv_unavailable("bucket info", e))?
+                    .config
+                    .clone();
+                if have.storage != config.storage {
+                    return Err(Error::BucketConfigConflict {
+                        bucket: config.bucket,
+                        fields: vec!["storage"],
+                    });
+                }
+                let history = config.history.max(1);
+                let differs = have.max_messages_per_subject != history
+                    || have.max_age != config.max_age
+                    || (config.max_bytes > 0 && have.max_bytes != config.max_bytes)
+                    || (config.max_value_size > 0
+                        && have.max_message_size != config.max_value_size);
+                if !differs {
+                    return Ok(existing);
+                }
+                tracing::info!(bucket = %config.bucket, "updating KV bucket configuration");
+                let permit = self.inner.breaker.acquire()?;
+                let result = js
+                    .update_key_value(config)
+                    .await
+                    .map_err(|e| kv_failed("update bucket", e));
+                permit.record(result)
+            }
+            Err(Error::BucketNotFound { .. }) => {
+                let permit = self.inner.breaker.acquire()?;
+                let result = js
+                    .create_key_value(config)
+                    .await
+                    .map_err(|e| match e.kind() {
+                        async_nats::jetstream::context::CreateKeyValueErrorKind::TimedOut => {
+                            kv_unavailable("create bucket", e)
+                        }
+                        _ => kv_failed("create bucket", e),
+                    });
+                permit.record(result)
+            }
+            Err(err) => Err(err),
+        }
+    }
+
+    /// Opens an existing bucket.
+    ///
+    /// # Errors
+    /// [`Error::BucketNotFound`] (an answer, not a breaker failure),
+    /// [`Error::InvalidName`], [`Error::JetStreamUnavailable`].
+    pub async fn get_key_value_bucket(&self, name: &str) -> Result<kv::Store> {
+        check_bucket_name(name)?;
+        // Through get_stream for a typed not-found; then the bucket handle.
+        match self.get_stream(&format!("KV_{name}")).await {
+            Ok(_) => {}
+            Err(Error::StreamNotFound { .. }) => {
+                return Err(Error::BucketNotFound {
+                    bucket: name.to_owned(),
+                });
+            }
+            Err(err) => return Err(err),
+        }
+        let js = self.jetstream()?;
+        let permit = self.inner.breaker.acquire()?;
+        let result = js
+            .get_key_value(name)
+            .await
+            .map_err(|e| kv_failed("get bucket", e));
+        permit.record(result)
+    }
+
+    /// Deletes a bucket; `Ok(false)` when it did not exist.
+    ///
+    /// # Errors
+    /// [`Error::InvalidName`], [`Error::JetStreamUnavailable`], [`Error::JetStream`].
+    pub async fn delete_key_value_bucket(&self, name: &str) -> Result<bool> {
+        check_bucket_name(name)?;
+        self.delete_stream(&format!("KV_{name}")).await
+    }
+
+    /// Names of all buckets.
+    ///
+    /// # Errors
+    /// [`Error::JetStreamUnavailable`].
+    pub async fn list_key_value_buckets(&self) -> Result<Vec<String>> {
+        let js = self.jetstream()?;
+        let permit = self.inner.breaker.acquire()?;
+        let result = async {
+            let mut names = js.stream_names();
+            let mut buckets = Vec::new();
+            while let Some(name) = names.next().await {
+                let name = name.map_err(|e| kv_unavailable("list buckets", e))?;
+                if let Some(bucket) = name.strip_prefix("KV_") {
+                    buckets.push(bucket.to_owned());
+                }
+            }
+            buckets.sort();
+            Ok(buckets)
+        }
+        .await;
+        permit.record(result)
+    }
+
+    /// Wraps a bucket in a [`KvStore`].
+    pub fn kv_store(&self, bucket: kv::Store, options: KvOptions) -> KvStore {
+        KvStore {
+            client: self.clone(),
+            bucket,
+            options,
+            listeners: Arc::new(Mutex::new(Vec::new())),
+        }
+    }
+}
+
+fn check_bucket_name(name: &str) -> Result<()> {
+    if name.is_empty()
+        || !name
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
+    {
+        return Err(Error::InvalidName {
+            what: "bucket",
+            name: name.to_owned(),
+            reason: "only A-Z a-z 0-9 - _ are allowed",
+        });
+    }
+    Ok(())
+}
+
+/// The outcome of one CAS attempt.
+enum Attempt {
+    Done(u64),
+    Conflict,
+}
+
+impl KvStore {
+    /// The bucket name.
+    pub fn bucket(&self) -> &str {
+        &self.bucket.name
+    }
+
+    /// The underlying async-nats bucket.
+    pub fn inner(&self) -> &kv::Store {
+        &self.bucket
+    }
+
+    /// The options.
+    pub fn options(&self) -> &KvOptions {
+        &self.options
+    }
+
+    pub(crate) fn subscribe_invalidations(&self, listener: Weak<dyn Invalidate>) {
+        if let Ok(mut listeners) = self.listeners.lock() {
+            listeners.retain(|l| l.strong_count() > 0);
+            listeners.push(listener);
+        }
+    }
+
+    fn written(&self, key: &str) {
+        if let Ok(listeners) = self.listeners.lock() {
+            for listener in listeners.iter().filter_map(Weak::upgrade) {
+                listener.invalidate(key);
+            }
+        }
+    }
+
+    /// Runs one KV operation through the breaker under the per-operation timeout.
+    async fn op<T>(&self, op: &'static str, fut: impl Future<Output = Result<T>>) -> Result<T> {
+        self.client.live_conn()?;
+        let permit = self.client.inner.breaker.acquire()?;
+        let result = match tokio::time::timeout(self.options.timeout, fut).await {
+            Ok(result) => result,
+            Err(_) => Err(kv_unavailable(
+                op,
+                format!("timed out after {:?}", self.options.timeout),
+            )),
+        };
+        permit.record(result)
+    }
+
+    fn check_value(&self, value: &[u8]) -> Result<()> {
+        if value.len() > self.options.max_value_size {
+            return Err(Error::ValueTooLarge {
+                size: value.len(),
+                max: self.options.max_value_size,
+            });
+        }
+        Ok(())
+    }
+
+    /// The current entry of `key`, with its revision.
+    ///
+    /// # Errors
+    /// [`Error::KeyNotFound`] when it was never written, deleted or purged;
+    /// [`Error::InvalidKey`]; [`Error::JetStreamUnavailable`].
+    pub async fn get(&self, key: &str) -> Result<KvEntry> {
+        subject::validate_key(key)?;
+        match self.entry_raw(key).await? {
+            Some(entry) if entry.operation == Operation::Put => Ok(entry.into()),
+            _ => Err(Error::KeyNotFound {
+                key: key.to_owned(),
+            }),
+        }
+    }
+
+    async fn entry_raw(&self, key: &str) -> Result<Option<kv::Entry>> {
+        self.op("kv get", async {
+            self.bucket.entry(key).await.map_err(|e| match e.kind() {
+                kv::EntryErrorKind::TimedOut => kv_unavailable("kv get", e),
+                _ => kv_failed("kv get", e),
+            })
+        })
+        .await
+    }
+
+    /// Writes `value`, returning the new revision.
+    ///
+    /// # Errors
+    /// [`Error::InvalidKey`], [`Error::ValueTooLarge`], [`Error::JetStreamUnavailable`].
+    pub async fn put(&self, key: &str, value: impl Into<Bytes>) -> Result<u64> {
+        subject::validate_key(key)?;
+        let value = value.into();
+        self.check_value(&value)?;
+        let revision = self
+            .op("kv put", async {
+                self.bucket
+                    .put(key, value)
+                    .await
+                    .map_err(|e| match e.kind() {
+                        kv::PutErrorKind::Publish => kv_unavailable("kv put", e),
+                        _ => kv_failed("kv put", e),
+                    })
+            })
+            .await?;
+        tracing::debug!(bucket = %self.bucket.name, key, revision, "kv put");
+        self.written(key);
+        Ok(revision)
+    }
+
+    /// Writes `value` only if the key does not exist (a deleted or purged
+    /// key counts as not existing).
+    ///
+    /// # Errors
+    /// [`Error::KeyExists`], [`Error::InvalidKey`], [`Error::ValueTooLarge`],
+    /// [`Error::JetStreamUnavailable`].
+    pub async fn create(&self, key: &str, value: impl Into<Bytes>) -> Result<u64> {
+        subject::validate_key(key)?;
+        let value = value.into();
+        self.check_value(&value)?;
+        let revision = self
+            .op("kv create", async {
+                self.bucket
+                    .create(key, value)
+                    .await
+                    .map_err(|e| match e.kind() {
+                        CreateErrorKind::AlreadyExists => Error::KeyExists {
+                            key: key.to_owned(),
+                        },
+                        CreateErrorKind::Publish => kv_unavailable("kv create", e),
+                        _ => kv_failed("kv create", e),
+                    })
+            })
+            .await?;
+        self.written(key);
+        Ok(revision)
+    }
+
+    /// Writes `value` only if the key's current revision is `revision`
+    /// (compare-and-swap).
+    ///
+    /// # Errors
+    /// [`Error::RevisionMismatch`], [`Error::InvalidKey`],
+    /// [`Error::ValueTooLarge`], [`Error::JetStreamUnavailable`].
+    pub async fn update(&self, key: &str, value: impl Into<Bytes>, revision: u64) -> Result<u64> {
+        subject::validate_key(key)?;
+        let value = value.into();
+        self.check_value(&value)?;
+        let new = self
+            .op("kv update", async {
+                self.bucket
+                    .update(key, value, revision)
+                    .await
+                    .map_err(|e| match e.kind() {
+                        UpdateErrorKind::WrongLastRevision => Error::RevisionMismatch {
+                            key: key.to_owned(),
+                            expected: revision,
+                        },
+                        UpdateErrorKind::TimedOut => kv_unavailable("kv update", e),
+                        _ => kv_failed("kv update", e),
+                    })
+            })
+            .await?;
+        self.written(key);
+        Ok(new)
+    }
+
+    /// Deletes the key (a delete marker; history is kept).
+    ///
+    /// # Errors
+    /// [`Error::InvalidKey`], [`Error::JetStreamUnavailable`].
+    pub async fn delete(&self, key: &str) -> Result<()> {
+        subject::validate_key(key)?;
+        self.op("kv delete", async {
+            self.bucket
+                .delete(key)
+                .await
+                .map_err(|e| kv_failed("kv delete", e))
+        })
+        .await?;
+        self.written(key);
+        Ok(())
+    }
+
+    /// Purges the key: removes its history, leaving a purge marker.
+    ///
+    /// # Errors
+    /// [`Error::InvalidKey`], [`Error::JetStreamUnavailable`].
+    pub async fn purge(&self, key: &str) -> Result<()> {
+        subject::validate_key(key)?;
+        self.op("kv purge", async {
+            self.bucket
+                .purge(key)
+                .await
+                .map_err(|e| kv_failed("kv purge", e))
+        })
+        .await?;
+        self.written(key);
+        Ok(())
+    }
+
+    /// Every revision of `key` still kept, oldest first, delete and purge
+    /// markers included. The depth is bounded by the bucket's `history`
+    /// setting (at most 64).
+    ///
+    /// # Errors
+    /// [`Error::KeyNotFound`] when the key has no revision at all;
+    /// [`Error::InvalidKey`]; [`Error::JetStreamUnavailable`].
+    pub async fn history(&self, key: &str) -> Result<Vec<KvEntry>> {
+        subject::validate_key(key)?;
+        let entries: Vec<KvEntry> = self
+            .op("kv history", async {
+                let mut history = self
+                    .bucket
+                    .history(key)
+                    .await
+                    .map_err(|e| kv_failed("kv history", e))?;
+                let mut entries = Vec::new();
+                while let Some(entry) = history.next().await {
+                    entries.push(KvEntry::from(
+                        entry.map_err(|e| kv_failed("kv history", e))?,
+                    ));
+                }
+                Ok(entries)
+            })
+            .await?;
+        if entries.is_empty() {
+            return Err(Error::KeyNotFound {
+                key: key.to_owned(),
+            });
+        }
+        Ok(entries)
+    }
+
+    /// All live keys, sorted.
+    ///
+    /// # Errors
+    /// [`Error::JetStreamUnavailable`].
+    pub async fn keys(&self) -> Result<Vec<String>> {
+        self.filtered_keys(">").await
+    }
+
+    /// Live keys starting with `prefix`, sorted. The server filters on the
+    /// last whole token of the prefix (`entity.sen` asks the server for
+    /// `entity.>`); the rest of the prefix is matched here, so a prefix need
+    /// not end on a token boundary. An empty prefix lists every key.
+    ///
+    /// # Errors
+    /// [`Error::InvalidKey`] for a prefix no key could start with;
+    /// [`Error::JetStreamUnavailable`].
+    pub async fn keys_by_prefix(&self, prefix: &str) -> Result<Vec<String>> {
+        if prefix.is_empty() {
+            return self.keys().await;
+        }
+        if prefix.starts_with('.') || prefix.contains("..") {
+            return Err(Error::InvalidKey {
+                key: prefix.to_owned(),
+                reason: "empty token (leading or double '.')",
+            });
+        }
+        if let Err(Error::InvalidKey { reason, .. }) = subject::validate_key(&format!("{prefix}x"))
+        {
+            return Err(Error::InvalidKey {
+                key: prefix.to_owned(),
+                reason,
+            });
+        }
+        let filter = match prefix.rfind('.') {
+            Some(dot) => format!("{}.>", &prefix[..dot]),
+            None => ">".to_owned(),
+        };
+        let mut keys = self.filtered_keys(&filter).await?;
+        keys.retain(|k| k.starts_with(prefix));
+        Ok(keys)
+    }
+
+    /// Live keys matching the NATS wildcard `pattern` (such as `0.>` or
+    /// `sensors.*.temp`), filtered by the server, sorted.
+    ///
+    /// # Errors
+    /// [`Error::InvalidSubject`] for a bad pattern; [`Error::JetStreamUnavailable`].
+    pub async fn filtered_keys(&self, pattern: &str) -> Result<Vec<String>> {
+        subject::validate_subscribe(pattern)?;
+        let prefix = self.bucket.prefix.clone();
+        let stream = self.bucket.stream.clone();
+        let conn = self.client.nats()?.clone();
+        self.op("kv keys", async move {
+            let consumer = stream
+                .create_consumer(push::OrderedConfig {
+                    deliver_subject: conn.new_inbox(),
+                    filter_subject: format!("{prefix}{pattern}"),
+                    headers_only: true,
+                    replay_policy: ReplayPolicy::Instant,
+                    deliver_policy: DeliverPolicy::LastPerSubject,
+                    ..Default::default()
+                })
+                .await
+                .map_err(|e| kv_unavailable("kv keys", e))?;
+            let mut pending = consumer.cached_info().num_pending;
+            let mut keys = Vec::new();
+            if pending == 0 {
+                return Ok(keys);
+            }
+            let mut messages = consumer
+                .messages()
+                .await
+                .map_err(|e| kv_unavailable("kv keys", e))?;
+            while pending > 0 {
+                let Some(message) = messages.next().await else {
+                    break;
+                };
+                let message = message.map_err(|e| kv_unavailable("kv keys", e))?;
+                pending = message.info().map(|i| i.pending).unwrap_or(0);
+                let deleted = message
+                    .headers
+                    .as_ref()
+                    .and_then(|h| h.get("KV-Operation"))
+                    .is_some_and(|op| matches!(op.as_str(), "DEL" | "PURGE"));
+                if !deleted && let Some(key) = message.subject.strip_prefix(prefix.as_str()) {
+                    keys.push(key.to_owned());
+                }
+            }
+            keys.sort();
+            Ok(keys)
+        })
+        .await
+    }
+
+    /// Reads, transforms and writes `key` atomically: `update` gets the
+    /// current value (`None` when the key is missing, deleted or purged) and
+    /// returns the new one, which is written with compare-and-swap (create
+    /// when missing). On a concurrent write the key is re-read and `update`
+    /// called again, after a jittered exponential back-off. Returns the
+    /// committed revision.
+    ///
+    /// Only conflicts are retried. An error from `update`, an oversize value
+    /// or an infrastructure error ends the call at once; nothing is written.
+    ///
+    /// ```no_run
+    /// # async fn demo(store: natskit::KvStore) -> natskit::Result<()> {
+    /// let revision = store
+    ///     .update_with_retry("counter", |current| {
+    ///         let n: u64 = current.map(|v| std::str::from_utf8(v)?.parse()).transpose()?.unwrap_or(0);
+    ///         Ok::<_, Box<dyn std::error::Error + Send + Sync>>((n + 1).to_string().into_bytes())
+    ///     })
+    ///     .await?;
+    /// # let _ = revision; Ok(()) }
+    /// ```
+    ///
+    /// # Errors
+    /// [`Error::UpdateAborted`] (keeps the closure's error as its source),
+    /// [`Error::ValueTooLarge`], [`Error::MaxRetriesExceeded`] with the attempt
+    /// count, [`Error::InvalidKey`], [`Error::JetStreamUnavailable`].
+    pub async fn update_with_retry<F, E>(&self, key: &str, mut update: F) -> Result<u64>
+    where
+        F: FnMut(Option<&[u8]>) -> std::result::Result<Vec<u8>, E>,
+        E: Into<BoxError>,
+    {
+        subject::validate_key(key)?;
+        let backoff = self.options.backoff();
+        let attempts = self.options.max_retries.saturating_add(1);
+        for attempt in 0..attempts {
+            if attempt > 0 {
+                tokio::time::sleep(backoff.delay_random(attempt - 1)).await;
+            }
+            let current = self.entry_raw(key).await?;
+            let (value, revision) = match &current {
+                Some(e) if e.operation == Operation::Put => (Some(&e.value[..]), Some(e.revision)),
+                _ => (None, None),
+            };
+            let new = update(value).map_err(|e| Error::UpdateAborted {
+                key: key.to_owned(),
+                source: e.into(),
+            })?;
+            self.check_value(&new)?;
+            match self.try_write(key, new.into(), revision).await? {
+                Attempt::Done(revision) => return Ok(revision),
+                Attempt::Conflict => {
+                    tracing::debug!(bucket = %self.bucket.name, key, attempt, "kv CAS conflict; retrying");
+                }
+            }
+        }
+        Err(Error::MaxRetriesExceeded {
+            key: key.to_owned(),
+            attempts,
+        })
+    }
+
+    async fn try_write(&self, key: &str, value: Bytes, revision: Option<u64>) -> Result<Attempt> {
+        let result = match revision {
+            Some(revision) => self.update(key, value, revision).await,
+            None => self.create(key, value).await,
+        };
+        match result {
+            Ok(revision) => Ok(Attempt::Done(revision)),
+            Err(err) if err.is_conflict() => Ok(Attempt::Conflict),
+            Err(err) => Err(err),
+        }
+    }
+
+    /// [`update_with_retry`](Self::update_with_retry) on a JSON object:
+    /// `update` edits the map in place (an empty map when the key is
+    /// missing). Integers stay integers.
+    ///
+    /// # Errors
+    /// [`Error::Json`] when the stored value is not a JSON object,
+    /// [`Error::JsonNull`] when it is `null` (in both cases `update` is
+    /// never called and nothing is written), and the errors of
+    /// [`update_with_retry`](Self::update_with_retry).
+    pub async fn update_json<F, E>(&self, key: &str, mut update: F) -> Result<u64>
+    where
+        F: FnMut(&mut serde_json::Map<String, serde_json::Value>) -> std::result::Result<(), E>,
+        E: Into<BoxError>,
+    {
+        self.update_decoded(key, |current: Option<&[u8]>| {
+            let mut map = match current {
+                None => serde_json::Map::new(),
+                Some(bytes) => match decode::<serde_json::Value>(key, bytes)? {
+                    serde_json::Value::Object(map) => map,
+                    serde_json::Value::Null => {
+                        return Err(Error::JsonNull {
+                            key: key.to_owned(),
+                        });
+                    }
+                    other => {
+                        return Err(Error::Json {
+                            key: key.to_owned(),
+                            source: <serde_json::Error as serde::de::Error>::custom(format!(
+                                "expected a JSON object, found {}",
+                                json_kind(&other)
+                            )),
+                        });
+                    }
+                },
+            };
+            update(&mut map).map_err(|e| Error::UpdateAborted {
+                key: key.to_owned(),
+                source: e.into(),
+            })?;
+            serde_json::to_vec(&map).map_err(|source| Error::Json {
+                key: key.to_owned(),
+                source,
+            })
+        })
+        .await
+    }
+
+    /// [`update_with_retry`](Self::update_with_retry) on a typed JSON value:
+    /// `update` edits `T` in place (`T::default()` when the key is missing).
+    ///
+    /// ```no_run
+    /// # async fn demo(store: natskit::KvStore) -> natskit::Result<()> {
+    /// #[derive(Default, serde::Serialize, serde::Deserialize)]
+    /// struct Counter { n: u64 }
+    /// store.update_typed("visits", |c: &mut Counter| { c.n += 1; Ok::<_, std::convert::Infallible>(()) }).await?;
+    /// # Ok(()) }
+    /// ```
+    ///
+    /// # Errors
+    /// [`Error::Json`] for a stored value that does not decode as `T`
+    /// (`update` is not called), and the errors of
+    /// [`update_with_retry`](Self::update_with_retry).
+    pub async fn update_typed<T, F, E>(&self, key: &str, mut update: F) -> Result<u64>
+    where
+        T: Serialize + DeserializeOwned + Default,
+        F: FnMut(&mut T) -> std::result::Result<(), E>,
+        E: Into<BoxError>,
+    {
+        self.update_decoded(key, |current: Option<&[u8]>| {
+            let mut value = match current {
+                None => T::default(),
+                Some(bytes) => decode::<T>(key, bytes)?,
+            };
+            update(&mut value).map_err(|e| Error::UpdateAborted {
+                key: key.to_owned(),
+                source: e.into(),
+            })?;
+            serde_json::to_vec(&value).map_err(|source| Error::Json {
+                key: key.to_owned(),
+                source,
+            })
+        })
+        .await
+    }
+
+    /// Runs a CAS update whose closure already speaks natskit errors, and
+    /// unwraps them (so a JSON error stays [`Error::Json`], not an aborted update).
+    async fn update_decoded<F>(&self, key: &str, update: F) -> Result<u64>
+    where
+        F: FnMut(Option<&[u8]>) -> std::result::Result<Vec<u8>, Error>,
+    {
+        match self.update_with_retry(key, update).await {
+            Err(Error::UpdateAborted { source, .. }) => match source.downcast::<Error>() {
+                Ok(inner) => Err(*inner),
+                Err(other) => Err(Error::UpdateAborted {
+                    key: key.to_owned(),
+                    source: other,
+                }),
+            },
+            other => other,
+        }
+    }
+
+    /// Reads `key` as JSON into `T`.
+    ///
+    /// # Errors
+    /// [`Error::KeyNotFound`], [`Error::Json`] (invalid JSON or a type
+    /// mismatch), [`Error::InvalidKey`], [`Error::JetStreamUnavailable`].
+    pub async fn get_json<T: DeserializeOwned>(&self, key: &str) -> Result<T> {
+        let entry = self.get(key).await?;
+        decode(key, &entry.value)
+    }
+
+    /// Writes `value` as JSON.
+    ///
+    /// # Errors
+    /// As [`put`](Self::put), plus [`Error::Json`] if `value` cannot be serialized.
+    pub async fn put_json<T: Serialize>(&self, key: &str, value: &T) -> Result<u64> {
+        let bytes = serde_json::to_vec(value).map_err(|source| Error::Json {
+            key: key.to_owned(),
+            source,
+        })?;
+        self.put(key, bytes).await
+    }
+
+    /// Watches keys matching `pattern` (`>` for all): first the current value
+    /// of every matching key, then [`WatchEvent::InitialDone`] (also for an
+    /// empty bucket), then live changes. Survives reconnects and server
+    /// restarts: when the underlying watcher fails it is re-created from the
+    /// last revision seen.
+    ///
+    /// # Errors
+    /// [`Error::InvalidSubject`] for a bad pattern; [`Error::JetStreamUnavailable`].
+    pub async fn watch(&self, pattern: &str) -> Result<KvWatch> {
+        subject::validate_subscribe(pattern)?;
+        let initial = self.filtered_subject_count(pattern).await?;
+        let watcher = self
+            .op("kv watch", async {
+                self.bucket
+                    .watch_with_history(pattern)
+                    .await
+                    .map_err(|e| kv_unavailable("kv watch", e))
+            })
+            .await?;
+        Ok(KvWatch::new(
+            self.clone(),
+            pattern.to_owned(),
+            watcher,
+            initial == 0,
+        ))
+    }
+
+    /// How many keys (with markers) match `pattern`, from stream state.
+    async fn filtered_subject_count(&self, pattern: &str) -> Result<usize> {
+        let stream = self.bucket.stream.clone();
+        let filter = format!("{}{pattern}", self.bucket.prefix);
+        self.op("kv watch", async move {
+            let mut subjects = stream
+                .info_with_subjects(filter)
+                .await
+                .map_err(|e| kv_unavailable("kv watch", e))?;
+            let mut count = 0usize;
+            while let Some(subject) = subjects.next().await {
+                subject.map_err(|e| kv_unavailable("kv watch", e))?;
+                count += 1;
+            }
+            Ok(count)
+        })
+        .await
+    }
+}
+
+fn decode<T: DeserializeOwned>(key: &str, bytes: &[u8]) -> Result<T> {
+    serde_json::from_slice(bytes).map_err(|source| Error::Json {
+        key: key.to_owned(),
+        source,
+    })
+}
+
+fn json_kind(value: &serde_json::Value) -> &'static str {
+    match value {
+        serde_json::Value::Null => "null",
+        serde_json::Value::Bool(_) => "a boolean",
+        serde_json::Value::Number(_) => "a number",
+        serde_json::Value::String(_) => "a string",
+        serde_json::Value::Array(_) => "an array",
+        serde_json::Value::Object(_) => "an object",
+    }
+}
+
+/// An event of a [`KvWatch`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum WatchEvent {
+    /// A key's value, deletion or purge.
+    Entry(KvEntry),
+    /// Every key's value at the time the watch started has been delivered.
+    InitialDone,
+}
+
+type WatchFuture = Pin<Box<dyn Future<Output = Result<kv::Watch>> + Send>>;
+
+/// A resilient watch from [`KvStore::watch`]; a `Stream` of [`WatchEvent`].
+pub struct KvWatch {
+    store: KvStore,
+    pattern: String,
+    watcher: Option<kv::Watch>,
+    reopening: Option<WatchFuture>,
+    initial_done_pending: bool,
+    initial_done_sent: bool,
+    last_revision: u64,
+    failures: u32,
+    sleep: Option<Pin<Box<tokio::time::Sleep>>>,
+}
+
+impl std::fmt::Debug for KvWatch {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("KvWatch")
+            .field("bucket", &self.store.bucket())
+            .field("pattern", &self.pattern)
+            .field("last_revision", &self.last_revision)
+            .finish_non_exhaustive()
+    }
+}
+
+impl KvWatch {
+    fn new(store: KvStore, pattern: String, watcher: kv::Watch, empty: bool) -> Self {
+        Self {
+            store,
+            pattern,
+            watcher: Some(watcher),
+            reopening: None,
+            initial_done_pending: empty,
+            initial_done_sent: false,
+            last_revision: 0,
+            failures: 0,
+            sleep: None,
+        }
+    }
+
+    fn reopen(&mut self) {
+        self.watcher = None;
+        let bucket = self.store.bucket.clone();
+        let pattern = self.pattern.clone();
+        let from = self.last_revision + 1;
+        let delay = Backoff::new(Duration::from_millis(100), Duration::from_secs(5))
+            .delay_random(self.failures);
+        self.failures = self.failures.saturating_add(1);
+        tracing::warn!(bucket = %bucket.name, %pattern, from, ?delay, "kv watch lost; re-creating");
+        self.sleep = Some(Box::pin(tokio::time::sleep(delay)));
+        self.reopening = Some(Box::pin(async move {
+            bucket
+                .watch_from_revision(pattern, from)
+                .await
+                .map_err(|e| kv_unavailable("kv watch", e))
+        }));
+    }
+}
+
+impl Stream for KvWatch {
+    type Item = WatchEvent;
+
+    fn poll_next(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<WatchEvent>> {
+        let this = &mut *self;
+        loop {
+            if this.initial_done_pending {
+                this.initial_done_pending = false;
+                this.initial_done_sent = true;
+                return Poll::Ready(Some(WatchEvent::InitialDone));
+            }
+            if let Some(sleep) = this.sleep.as_mut() {
+                if sleep.as_mut().poll(cx).is_pending() {
+                    return Poll::Pending;
+                }
+                this.sleep = None;
+            }
+            if let Some(reopening) = this.reopening.as_mut() {
+                match reopening.as_mut().poll(cx) {
+                    Poll::Pending => return Poll::Pending,
+                    Poll::Ready(Ok(watcher)) => {
+                        this.reopening = None;
+                        this.watcher = Some(watcher);
+                    }
+                    Poll::Ready(Err(err)) => {
+                        tracing::debug!(%err, "kv watch re-create failed");
+                        this.reopen();
+                        continue;
+                    }
+                }
+            }
+            let Some(watcher) = this.watcher.as_mut() else {
+                this.reopen();
+                continue;
+            };
+            match watcher.poll_next_unpin(cx) {
+                Poll::Pending => return Poll::Pending,
+                Poll::Ready(Some(Ok(entry))) => {
+                    this.failures = 0;
+                    if entry.revision <= this.last_revision {
+                        continue; // replayed after a re-create
+                    }
+                    this.last_revision = entry.revision;
+                    if !this.initial_done_sent && entry.delta == 0 {
+                        this.initial_done_pending = true;
+                    }
+                    return Poll::Ready(Some(WatchEvent::Entry(entry.into())));
+                }
+                Poll::Ready(Some(Err(err))) => {
+                    tracing::debug!(%err, "kv watch error");
+                    this.reopen();
+                }
+                Poll::Ready(None) => this.reopen(),
+            }
+        }
+    }
+}
+
+/// Shared by the resolver and the stores it listens to.
+pub(crate) type HistoryCache = moka::sync::Cache<String, Arc<Vec<KvEntry>>>;
+
+impl Invalidate for HistoryCache {
+    fn invalidate(&self, key: &str) {
+        moka::sync::Cache::invalidate(self, key);
+    }
+}
