@@ -657,7 +657,10 @@ impl KvStore {
     /// # async fn demo(store: natskit::KvStore) -> natskit::Result<()> {
     /// let revision = store
     ///     .update_with_retry("counter", |current| {
-    ///         let n: u64 = current.map(|v| std::str::from_utf8(v)?.parse()).transpose()?.unwrap_or(0);
+    ///         let n: u64 = match current {
+    ///             Some(v) => std::str::from_utf8(v)?.parse()?,
+    ///             None => 0,
+    ///         };
     ///         Ok::<_, Box<dyn std::error::Error + Send + Sync>>((n + 1).to_string().into_bytes())
     ///     })
     ///     .await?;
