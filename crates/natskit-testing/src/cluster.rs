@@ -39,8 +39,28 @@ impl Cluster {
     pub fn start(n: usize) -> Result<Self, HarnessError> {
         let n = n.max(1);
         let name = format!("natskit-{}-{}", std::process::id(), fastrand_suffix());
-        // Route ports are picked up front (all listeners held at once, so
-        // they differ) so that every node can list every other from the start.
+        // Route ports are picked up front so every node can list every other
+        // from the start; a port taken again between picking and binding (by
+        // a server's own random port, say) fails that start, and the whole
+        // cluster is started again on fresh ports.
+        let mut attempt = 0;
+        let nodes = loop {
+            attempt += 1;
+            match Self::start_nodes(&name, n) {
+                Err(HarnessError::Exited { log, .. })
+                    if attempt < 5 && log.contains("address already in use") =>
+                {
+                    tracing::debug!(attempt, "route port taken; starting the cluster again");
+                }
+                other => break other?,
+            }
+        };
+        let mut cluster = Self { name, nodes };
+        cluster.wait_for_leader(DEFAULT_CLUSTER_TIMEOUT)?;
+        Ok(cluster)
+    }
+
+    fn start_nodes(name: &str, n: usize) -> Result<Vec<NatsServer>, HarnessError> {
         let route_ports = free_ports(n)?;
         let routes: Vec<String> = route_ports
             .iter()
@@ -52,7 +72,7 @@ impl Cluster {
                 .jetstream()
                 .server_name(format!("{name}-n{i}"));
             builder.cluster = Some(ClusterRole {
-                name: name.clone(),
+                name: name.to_owned(),
                 port: Some(*port),
                 routes: routes
                     .iter()
@@ -63,9 +83,7 @@ impl Cluster {
             });
             nodes.push(builder.start()?);
         }
-        let mut cluster = Self { name, nodes };
-        cluster.wait_for_leader(DEFAULT_CLUSTER_TIMEOUT)?;
-        Ok(cluster)
+        Ok(nodes)
     }
 
     /// The cluster name.

@@ -131,6 +131,7 @@ pub(crate) struct Config {
     pub(crate) handler_deadline: Duration,
     pub(crate) buffer_when_disconnected: bool,
     pub(crate) retry_initial_connect: bool,
+    pub(crate) trace_mode: crate::trace::TraceMode,
     tls: TlsConfig,
     callbacks: Callbacks,
 }
@@ -210,6 +211,7 @@ impl ClientBuilder {
                 handler_deadline: Duration::from_secs(30),
                 buffer_when_disconnected: false,
                 retry_initial_connect: false,
+                trace_mode: crate::trace::TraceMode::Full,
                 tls: TlsConfig::default(),
                 callbacks: Callbacks::default(),
             },
@@ -268,6 +270,11 @@ impl ClientBuilder {
         /// connection instead of failing with [`Error::NotConnected`]
         /// (default false, the reference's behaviour).
         buffer_when_disconnected: bool => buffer_when_disconnected);
+    setter!(
+        /// Which trace headers outgoing messages carry (default
+        /// [`TraceMode::Full`](crate::trace::TraceMode::Full), the reference's
+        /// four headers; `W3c` for `traceparent` alone, `Off` for none).
+        trace_mode: crate::trace::TraceMode => trace_mode);
     setter!(
         /// Make [`Client::connect`] return at once and keep connecting in the
         /// background through the breaker, for services that must start while

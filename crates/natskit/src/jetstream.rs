@@ -429,13 +429,15 @@ impl Client {
         &self,
         subject: impl ToSubject,
         payload: impl Into<Bytes>,
-        options: StreamPublishOptions,
+        mut options: StreamPublishOptions,
     ) -> Result<PublishAck> {
+        options.headers =
+            crate::trace::outgoing(options.headers.take(), self.inner.config.trace_mode);
         let subject = subject.to_subject();
         let payload = payload.into();
         subject::validate_publish(&subject)?;
         let conn = self.live_conn()?;
-        crate::pubsub::check_payload(conn, payload.len())?;
+        crate::pubsub::check_payload(conn, payload.len(), options.headers.as_ref())?;
         let mut js = async_nats::jetstream::new(conn.clone());
         if let Some(timeout) = options.timeout {
             js.set_timeout(timeout);
@@ -656,13 +658,15 @@ impl StreamPublisher {
         &self,
         subject: impl ToSubject,
         payload: impl Into<Bytes>,
-        options: StreamPublishOptions,
+        mut options: StreamPublishOptions,
     ) -> Result<()> {
+        options.headers =
+            crate::trace::outgoing(options.headers.take(), self.client.inner.config.trace_mode);
         let subject = subject.to_subject();
         let payload = payload.into();
         subject::validate_publish(&subject)?;
         let conn = self.client.live_conn()?;
-        crate::pubsub::check_payload(conn, payload.len())?;
+        crate::pubsub::check_payload(conn, payload.len(), options.headers.as_ref())?;
         let slot = self
             .slots
             .clone()

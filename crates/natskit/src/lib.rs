@@ -53,6 +53,7 @@ mod pubsub;
 mod request;
 pub mod subject;
 mod temporal;
+pub mod trace;
 
 pub use async_nats::{HeaderMap, Message};
 pub use backoff::Backoff;

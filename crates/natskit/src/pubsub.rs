@@ -18,6 +18,7 @@ use tokio::sync::{Semaphore, watch};
 use crate::client::{Client, sync_with_server};
 use crate::error::{BoxError, Error, Result};
 use crate::subject;
+use crate::trace;
 
 /// Counters of one subscription, from [`Subscription::stats`].
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
@@ -323,7 +324,8 @@ impl Client {
     ) -> Result<()> {
         subject::validate_publish(&subject)?;
         let conn = self.live_conn()?;
-        check_payload(conn, payload.len())?;
+        let headers = trace::outgoing(headers, self.inner.config.trace_mode);
+        check_payload(conn, payload.len(), headers.as_ref())?;
         let permit = self.inner.breaker.acquire()?;
         let result = match headers {
             None => conn.publish(subject, payload).await,
@@ -468,12 +470,36 @@ impl Client {
     }
 }
 
-pub(crate) fn check_payload(conn: &async_nats::Client, size: usize) -> Result<()> {
+/// Checks payload plus encoded headers against the server's `max_payload`.
+pub(crate) fn check_payload(
+    conn: &async_nats::Client,
+    payload: usize,
+    headers: Option<&HeaderMap>,
+) -> Result<()> {
     let max = conn.max_payload();
-    if max > 0 && size > max {
+    if max == 0 {
+        return Ok(());
+    }
+    let size = payload + headers.map_or(0, encoded_len);
+    if size > max {
         return Err(Error::PayloadTooLarge { size, max });
     }
     Ok(())
+}
+
+/// Size of headers on the wire: `NATS/1.0\r\n`, `Name: value\r\n` each, `\r\n`.
+fn encoded_len(headers: &HeaderMap) -> usize {
+    let fields: usize = headers
+        .iter()
+        .map(|(name, values)| {
+            let name = AsRef::<str>::as_ref(name).len();
+            values
+                .iter()
+                .map(|v| name + 2 + v.as_str().len() + 2)
+                .sum::<usize>()
+        })
+        .sum();
+    10 + fields + 2
 }
 
 struct Runner<F> {
@@ -589,7 +615,15 @@ async fn handle<F, Fut>(
     Fut: Future,
     Fut::Output: HandlerOutcome,
 {
-    let invocation = AssertUnwindSafe(async { handler(message).await }).catch_unwind();
+    let span = trace::handler_span(message.headers.as_ref());
+    let call = handler(message);
+    let invocation = AssertUnwindSafe(async move {
+        match span {
+            Some(span) => trace::scope(span, call).await,
+            None => call.await,
+        }
+    })
+    .catch_unwind();
     match tokio::time::timeout(deadline, invocation).await {
         Ok(Ok(outcome)) => {
             if let Err(err) = outcome.into_result() {

@@ -190,12 +190,16 @@ impl Client {
         timeout: Duration,
     ) -> Result<Message> {
         let conn = self.live_conn()?;
-        check_payload(conn, payload.len())?;
+        let headers = crate::trace::outgoing(Some(headers.clone()), self.inner.config.trace_mode)
+            .filter(|h| !h.is_empty());
+        check_payload(conn, payload.len(), headers.as_ref())?;
         let timeout = effective_timeout(timeout);
-        let request = async_nats::Request::new()
+        let mut request = async_nats::Request::new()
             .payload(payload.clone())
-            .headers(headers.clone())
             .timeout(Some(timeout));
+        if let Some(headers) = headers {
+            request = request.headers(headers);
+        }
         conn.send_request(subject.clone(), request)
             .await
             .map_err(|err| match err.kind() {

@@ -474,7 +474,10 @@ async fn invalid_input_is_typed_and_not_a_failure() -> TestResult {
     let server = NatsServer::builder()
         .extra_config("max_payload: 1024")
         .start()?;
-    let client = Client::builder(server.url()).connect().await?;
+    let client = Client::builder(server.url())
+        .trace_mode(natskit::trace::TraceMode::Off)
+        .connect()
+        .await?;
     for bad in ["", "a b", "a.*", "a.>", "a..b"] {
         let err = client.publish(bad, "x").await.unwrap_err();
         assert!(
@@ -494,6 +497,20 @@ async fn invalid_input_is_typed_and_not_a_failure() -> TestResult {
         "{err}"
     );
     client.publish("fits", vec![0u8; 1024]).await?;
+    // With trace headers on, they count towards the limit too.
+    let traced = Client::builder(server.url()).connect().await?;
+    let err = traced.publish("fits", vec![0u8; 1024]).await.unwrap_err();
+    assert!(
+        matches!(err, Error::PayloadTooLarge { size, max: 1024 } if size > 1024),
+        "{err}"
+    );
+    // With trace headers on, they count towards the limit too.
+    let traced = Client::builder(server.url()).connect().await?;
+    let err = traced.publish("fits", vec![0u8; 1024]).await.unwrap_err();
+    assert!(
+        matches!(err, Error::PayloadTooLarge { size, max: 1024 } if size > 1024),
+        "{err}"
+    );
     let err = client
         .subscribe("a.>.b", |_m: Message| async {})
         .await
