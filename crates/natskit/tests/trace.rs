@@ -6,7 +6,7 @@ use std::time::Duration;
 use async_nats::jetstream::stream;
 use futures_util::StreamExt;
 use natskit::trace::{self, TraceContext, TraceMode};
-use natskit::{Client, HeaderMap, Message, ServiceError, StreamConsumerConfig, SubscribeOptions};
+use natskit::{Client, HeaderMap, Message, ServiceError, SubscribeOptions};
 use natskit_testing::{TestEnv, eventually};
 
 type TestResult = Result<(), Box<dyn std::error::Error + Send + Sync>>;
