@@ -523,7 +523,11 @@ mod tests {
         let tc = TraceContext::new();
         let seen = scope(tc.clone(), async { current() }).await;
         assert_eq!(seen, Some(tc.clone()));
-        let detached = scope(tc.clone(), async { spawn_detached(async { current() }) }).await;
-        assert_eq!(detached.await.unwrap(), Some(tc));
+        // The spawned task outlives the scope and still sees the trace.
+        let detached = scope(tc.clone(), async {
+            spawn_detached(async { current() }).await
+        })
+        .await;
+        assert_eq!(detached.unwrap(), Some(tc));
     }
 }
