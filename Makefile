@@ -9,7 +9,7 @@ demo:
 	@bin=$$($(INSTALL)) && NATS_SERVER_BIN=$$bin $(CARGO) run --quiet -p natskit --example quickstart
 
 test:
-	@bin=$$($(INSTALL)) && NATS_SERVER_BIN=$$bin $(CARGO) test --workspace
+	@bin=$$($(INSTALL)) && NATS_SERVER_BIN=$$bin $(CARGO) test --workspace --all-features
 
 bench:
 	@bin=$$($(INSTALL)) && NATS_SERVER_BIN=$$bin $(CARGO) bench -p natskit --bench compare
@@ -17,6 +17,7 @@ bench:
 lint:
 	$(CARGO) fmt --all -- --check
 	$(CARGO) clippy --workspace --all-targets -- -D warnings
+	$(CARGO) clippy --workspace --all-targets --all-features -- -D warnings
 
 fmt:
 	$(CARGO) fmt --all

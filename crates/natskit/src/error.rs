@@ -245,6 +245,29 @@ pub enum Error {
         /// The key.
         key: String,
     },
+    /// A typed subject could not encode or decode a payload.
+    #[error("{codec} {op} failed on {subject:?}: {source}")]
+    Codec {
+        /// The concrete subject.
+        subject: String,
+        /// The codec's name.
+        codec: &'static str,
+        /// "encode" or "decode".
+        op: &'static str,
+        /// The codec's error.
+        #[source]
+        source: BoxError,
+    },
+    /// A typed handler returned an error.
+    #[error("handler failed: {source}")]
+    Handler {
+        /// The handler's error.
+        #[source]
+        source: BoxError,
+    },
+    /// A service answered a typed request with an error.
+    #[error("service error: {0}")]
+    Service(crate::request::ServiceError),
     /// JetStream answered with an error.
     #[error("JetStream {op} failed: {source}")]
     JetStream {

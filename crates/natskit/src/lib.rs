@@ -73,6 +73,9 @@ pub use request::{
     DEFAULT_REQUEST_TIMEOUT, RetryConfig, SERVICE_ERROR_CODE_HEADER, SERVICE_ERROR_HEADER,
     ServiceError,
 };
+#[cfg(feature = "msgpack")]
+pub use subject::MsgPackCodec;
+pub use subject::{Codec, JsonCodec, Subject};
 pub use temporal::{CacheStats, DEFAULT_CACHE_TTL, TemporalResolver};
 
 /// The README's examples, compiled as doctests.

@@ -1,10 +1,16 @@
-//! Subject checks: pure functions over strings, no I/O.
+//! Subjects: pure checks over strings (no I/O), and typed subjects
+//! ([`Subject`]) that bind a pattern to a payload type and a [`Codec`].
 //!
 //! A subject is a non-empty list of `.`-separated tokens with no empty
 //! tokens and no whitespace. `*` (one token) and `>` (the rest, last token
 //! only) are wildcards, allowed when subscribing, never when publishing.
 
 use crate::error::Error;
+
+mod typed;
+#[cfg(feature = "msgpack")]
+pub use typed::MsgPackCodec;
+pub use typed::{Codec, ErrorHook, JsonCodec, Subject};
 
 fn invalid(subject: &str, reason: &'static str) -> Error {
     Error::InvalidSubject {
