@@ -400,11 +400,15 @@ impl ClientBuilder {
         }
         let (signals, signal_rx) = mpsc::unbounded_channel();
         let listener_tx = signals.clone();
+        let metrics =
+            crate::metrics::ClientMetrics::new(config.name.as_deref().unwrap_or("default"));
+        let breaker_metrics = metrics.clone();
         let breaker = Arc::new(CircuitBreaker::with_parts(
             config.breaker,
             Arc::new(SystemClock),
             config.is_failure.clone(),
             Some(Arc::new(move |t| {
+                breaker_metrics.breaker_changed(t.to);
                 let _ = listener_tx.send(Signal::Breaker(t.to));
             })),
         ));
@@ -423,6 +427,7 @@ impl ClientBuilder {
             counters: Counters::default(),
             registry: Arc::new(Registry::default()),
             consumers: Default::default(),
+            metrics,
             tasks: TaskTracker::new(),
         });
         tokio::spawn(supervise(Arc::downgrade(&inner), signal_rx, status_tx));
@@ -469,6 +474,7 @@ pub(crate) struct Inner {
     pub(crate) counters: Counters,
     pub(crate) registry: Arc<Registry>,
     pub(crate) consumers: crate::consumer::Consumers,
+    pub(crate) metrics: crate::metrics::ClientMetrics,
     /// Subscription and handler tasks, awaited by `close`.
     pub(crate) tasks: TaskTracker,
 }
@@ -558,7 +564,7 @@ impl Client {
         if self.inner.conn.get().is_some() {
             return Ok(());
         }
-        let permit = self.inner.breaker.acquire()?;
+        let permit = self.guard()?;
         let _ = self.inner.signals.send(Signal::Connecting);
         let options = self.connect_options().await?;
         let timeout = self.inner.config.connect_timeout;
@@ -675,6 +681,15 @@ impl Client {
                     .retry_after()
                     .unwrap_or_else(|| wait.delay_random(0))
             }))
+    }
+
+    /// Admits a call through the breaker, counting rejections.
+    #[inline]
+    pub(crate) fn guard(&self) -> Result<crate::breaker::Permit<'_>> {
+        self.inner
+            .breaker
+            .acquire()
+            .inspect_err(|_| self.inner.metrics.breaker_rejections.increment(1))
     }
 
     pub(crate) fn ensure_open(&self) -> Result<()> {
@@ -974,6 +989,7 @@ async fn supervise(
     };
     let config = strong.config.clone();
     let registry = strong.registry.clone();
+    let metrics = strong.metrics.clone();
     drop(strong);
     let callbacks = config.callbacks.clone();
     let mut link = Link::Idle;
@@ -1023,6 +1039,7 @@ async fn supervise(
                             inner.breaker.connection_succeeded();
                             if ever_connected {
                                 inner.counters.reconnects.fetch_add(1, Ordering::Relaxed);
+                                metrics.reconnects.increment(1);
                             }
                         }
                         let reconnected = ever_connected;
@@ -1157,6 +1174,7 @@ async fn supervise(
         if *status_tx.borrow() != status {
             tracing::debug!(%status, "status changed");
             status_tx.send_replace(status);
+            metrics.status.set(crate::metrics::status_code(status));
             if let Some(cb) = &callbacks.on_status_change {
                 cb(status);
             }

@@ -399,6 +399,18 @@ impl Consumers {
             .remove(&(stream.to_owned(), name.to_owned()))
     }
 
+    pub(crate) fn names_on(&self, stream: &str) -> Vec<String> {
+        self.running
+            .lock()
+            .map(|r| {
+                r.iter()
+                    .filter(|((s, _), h)| s == stream && !h.is_stopped())
+                    .map(|((_, name), _)| name.clone())
+                    .collect()
+            })
+            .unwrap_or_default()
+    }
+
     fn take_all(&self) -> Vec<ConsumerHandle> {
         self.running
             .lock()
@@ -496,6 +508,7 @@ impl Client {
         };
         self.inner.consumers.insert(handle.clone());
         let supervisor = Supervisor {
+            metrics: self.inner.metrics.consumer(&config.stream, &name),
             client: self.clone(),
             config,
             name,
@@ -518,6 +531,11 @@ impl Client {
         }
     }
 
+    /// Names of the consumers this client runs on `stream`.
+    pub fn consumer_names_on(&self, stream: &str) -> Vec<String> {
+        self.inner.consumers.names_on(stream)
+    }
+
     /// Stops every consumer this client runs.
     pub async fn stop_all_consumers(&self) {
         for handle in self.inner.consumers.take_all() {
@@ -535,7 +553,7 @@ impl Client {
         subject::validate_name("consumer", name)?;
         self.stop_consumer(stream, name).await;
         let stream = self.get_stream(stream).await?;
-        let permit = self.inner.breaker.acquire()?;
+        let permit = self.guard()?;
         let result = match stream.delete_consumer(name).await {
             Ok(_) => Ok(()),
             Err(err) => match err.kind() {
@@ -587,7 +605,7 @@ async fn open_consumer(
             )));
         }
     }
-    let permit = client.inner.breaker.acquire()?;
+    let permit = client.guard()?;
     let map = |op: &'static str, err: async_nats::jetstream::stream::ConsumerError| match err.kind()
     {
         async_nats::jetstream::stream::ConsumerErrorKind::TimedOut
@@ -651,6 +669,7 @@ async fn open_consumer(
 }
 
 struct Supervisor<F> {
+    metrics: crate::metrics::ConsumerMetrics,
     client: Client,
     config: StreamConsumerConfig,
     name: String,
@@ -683,6 +702,7 @@ where
                         .map(|(consumer, recreated)| {
                             if recreated {
                                 counters.recreations.fetch_add(1, Ordering::Relaxed);
+                                self.metrics.recreations.increment(1);
                             }
                             consumer
                         })
@@ -752,8 +772,10 @@ where
             .unwrap_or((0, 1));
         let reply = message.reply.clone();
         counters.delivered.fetch_add(1, Ordering::Relaxed);
+        self.metrics.deliveries.increment(1);
         if delivered > 1 {
             counters.redelivered.fetch_add(1, Ordering::Relaxed);
+            self.metrics.redeliveries.increment(1);
         }
         let span = crate::trace::handler_span(message.headers.as_ref());
         let call = (self.handler)(message);

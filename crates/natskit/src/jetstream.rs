@@ -284,7 +284,7 @@ impl Client {
     pub async fn create_stream(&self, config: stream::Config) -> Result<stream::Stream> {
         check_stream_config(&config)?;
         let js = self.jetstream()?;
-        let permit = self.inner.breaker.acquire()?;
+        let permit = self.guard()?;
         let result = js
             .create_stream(config)
             .await
@@ -300,7 +300,7 @@ impl Client {
     pub async fn get_stream(&self, name: &str) -> Result<stream::Stream> {
         subject::validate_name("stream", name)?;
         let js = self.jetstream()?;
-        let permit = self.inner.breaker.acquire()?;
+        let permit = self.guard()?;
         let result = js
             .get_stream(name)
             .await
@@ -315,7 +315,7 @@ impl Client {
     pub async fn delete_stream(&self, name: &str) -> Result<bool> {
         subject::validate_name("stream", name)?;
         let js = self.jetstream()?;
-        let permit = self.inner.breaker.acquire()?;
+        let permit = self.guard()?;
         let result = match js.delete_stream(name).await {
             Ok(status) => Ok(status.success),
             Err(err) => match err.kind() {
@@ -365,7 +365,7 @@ impl Client {
         }
         tracing::info!(stream = %config.name, fields = ?updatable, "updating stream configuration");
         let js = self.jetstream()?;
-        let permit = self.inner.breaker.acquire()?;
+        let permit = self.guard()?;
         let result = js
             .update_stream(&config)
             .await
@@ -443,7 +443,7 @@ impl Client {
             js.set_timeout(timeout);
         }
         let retry = options.retry.unwrap_or_else(default_publish_retry);
-        let permit = self.inner.breaker.acquire()?;
+        let permit = self.guard()?;
         let mut attempt = 0;
         let result = loop {
             let outcome = match js
@@ -464,6 +464,7 @@ impl Client {
             let delay = retry.backoff.delay_random(attempt);
             tracing::debug!(%subject, attempt, ?delay, "JetStream unavailable; retrying publish");
             attempt += 1;
+            self.inner.metrics.retry("stream_publish");
             tokio::time::sleep(delay).await;
         };
         permit.record(result)
@@ -673,7 +674,7 @@ impl StreamPublisher {
             .acquire_owned()
             .await
             .map_err(|_| Error::Closed)?;
-        let permit = self.client.inner.breaker.acquire()?;
+        let permit = self.client.guard()?;
         let sent = self
             .js
             .send_publish(subject.clone(), options.message(payload))

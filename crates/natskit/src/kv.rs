@@ -146,6 +146,7 @@ pub struct KvStore {
     bucket: kv::Store,
     options: KvOptions,
     listeners: Arc<Mutex<Vec<Weak<dyn Invalidate>>>>,
+    conflicts: metrics::Counter,
 }
 
 impl std::fmt::Debug for KvStore {
@@ -207,7 +208,7 @@ impl Client {
                     return Ok(existing);
                 }
                 tracing::info!(bucket = %config.bucket, "updating KV bucket configuration");
-                let permit = self.inner.breaker.acquire()?;
+                let permit = self.guard()?;
                 let result = js
                     .update_key_value(config)
                     .await
@@ -215,7 +216,7 @@ impl Client {
                 permit.record(result)
             }
             Err(Error::BucketNotFound { .. }) => {
-                let permit = self.inner.breaker.acquire()?;
+                let permit = self.guard()?;
                 let result = js
                     .create_key_value(config)
                     .await
@@ -249,7 +250,7 @@ impl Client {
             Err(err) => return Err(err),
         }
         let js = self.jetstream()?;
-        let permit = self.inner.breaker.acquire()?;
+        let permit = self.guard()?;
         let result = js
             .get_key_value(name)
             .await
@@ -272,7 +273,7 @@ impl Client {
     /// [`Error::JetStreamUnavailable`].
     pub async fn list_key_value_buckets(&self) -> Result<Vec<String>> {
         let js = self.jetstream()?;
-        let permit = self.inner.breaker.acquire()?;
+        let permit = self.guard()?;
         let result = async {
             let mut names = js.stream_names();
             let mut buckets = Vec::new();
@@ -292,6 +293,7 @@ impl Client {
     /// Wraps a bucket in a [`KvStore`].
     pub fn kv_store(&self, bucket: kv::Store, options: KvOptions) -> KvStore {
         KvStore {
+            conflicts: self.inner.metrics.kv_conflicts(&bucket.name),
             client: self.clone(),
             bucket,
             options,
@@ -355,7 +357,7 @@ impl KvStore {
     /// Runs one KV operation through the breaker under the per-operation timeout.
     async fn op<T>(&self, op: &'static str, fut: impl Future<Output = Result<T>>) -> Result<T> {
         self.client.live_conn()?;
-        let permit = self.client.inner.breaker.acquire()?;
+        let permit = self.client.guard()?;
         let result = match tokio::time::timeout(self.options.timeout, fut).await {
             Ok(result) => result,
             Err(_) => Err(kv_unavailable(
@@ -696,6 +698,8 @@ impl KvStore {
             match self.try_write(key, new.into(), revision).await? {
                 Attempt::Done(revision) => return Ok(revision),
                 Attempt::Conflict => {
+                    self.conflicts.increment(1);
+                    self.client.inner.metrics.retry("kv_cas");
                     tracing::debug!(bucket = %self.bucket.name, key, attempt, "kv CAS conflict; retrying");
                 }
             }

@@ -49,6 +49,7 @@ mod consumer;
 mod error;
 mod jetstream;
 mod kv;
+pub mod metrics;
 mod pubsub;
 mod request;
 pub mod subject;

@@ -38,8 +38,10 @@ pub struct SubscriptionStats {
     pub dropped: u64,
 }
 
-#[derive(Debug, Default)]
+#[derive(Debug)]
 pub(crate) struct StatsCell {
+    received_metric: metrics::Counter,
+    dropped_metric: metrics::Counter,
     received: AtomicU64,
     handled: AtomicU64,
     errors: AtomicU64,
@@ -51,6 +53,20 @@ pub(crate) struct StatsCell {
 }
 
 impl StatsCell {
+    fn new((received_metric, dropped_metric): (metrics::Counter, metrics::Counter)) -> Self {
+        Self {
+            received_metric,
+            dropped_metric,
+            received: AtomicU64::new(0),
+            handled: AtomicU64::new(0),
+            errors: AtomicU64::new(0),
+            panics: AtomicU64::new(0),
+            timeouts: AtomicU64::new(0),
+            dropped: AtomicU64::new(0),
+            last_warned: AtomicU64::new(0),
+        }
+    }
+
     fn snapshot(&self) -> SubscriptionStats {
         let get = |c: &AtomicU64| c.load(Ordering::Relaxed);
         SubscriptionStats {
@@ -119,6 +135,7 @@ impl Registry {
             return;
         };
         let dropped = stats.dropped.fetch_add(1, Ordering::Relaxed) + 1;
+        stats.dropped_metric.increment(1);
         // Warn at most once a second per subscription.
         let now = u64::try_from(self.epoch.elapsed().as_nanos()).unwrap_or(u64::MAX);
         let last = stats.last_warned.load(Ordering::Relaxed);
@@ -326,11 +343,14 @@ impl Client {
         let conn = self.live_conn()?;
         let headers = trace::outgoing(headers, self.inner.config.trace_mode);
         check_payload(conn, payload.len(), headers.as_ref())?;
-        let permit = self.inner.breaker.acquire()?;
+        let permit = self.guard()?;
         let result = match headers {
             None => conn.publish(subject, payload).await,
             Some(headers) => conn.publish_with_headers(subject, headers, payload).await,
         };
+        if result.is_ok() {
+            self.inner.metrics.publishes.increment(1);
+        }
         permit.record(result.map_err(Error::Publish))
     }
 
@@ -407,7 +427,7 @@ impl Client {
         let subscriber = self
             .subscriber_inner(&subject, options.queue.clone())
             .await?;
-        let stats = Arc::new(StatsCell::default());
+        let stats = Arc::new(StatsCell::new(self.inner.metrics.subscription(&subject)));
         if let Some(sid) = subscriber_sid(&subscriber) {
             self.inner.registry.register(sid, &subject, &stats);
         }
@@ -461,7 +481,7 @@ impl Client {
         }
         self.ensure_open()?;
         let conn = self.live_conn()?;
-        let permit = self.inner.breaker.acquire()?;
+        let permit = self.guard()?;
         let result = match queue {
             None => conn.subscribe(subject.clone()).await,
             Some(queue) => conn.queue_subscribe(subject.clone(), queue).await,
@@ -574,6 +594,7 @@ where
         tasks: &tokio_util::task::TaskTracker,
     ) {
         self.stats.received.fetch_add(1, Ordering::Relaxed);
+        self.stats.received_metric.increment(1);
         match limiter {
             None => {
                 handle(

@@ -127,10 +127,15 @@ impl Client {
         let subject = subject.to_subject();
         let payload = payload.into();
         subject::validate_publish(&subject)?;
-        let permit = self.inner.breaker.acquire()?;
+        let permit = self.guard()?;
+        let started = std::time::Instant::now();
         let result = self
             .request_once(&subject, &headers, &payload, timeout)
             .await;
+        self.inner
+            .metrics
+            .request_duration
+            .record(started.elapsed().as_secs_f64());
         permit.record(result)
     }
 
@@ -161,7 +166,8 @@ impl Client {
         let payload = payload.into();
         subject::validate_publish(&subject)?;
         let headers = HeaderMap::new();
-        let permit = self.inner.breaker.acquire()?;
+        let permit = self.guard()?;
+        let started = std::time::Instant::now();
         let mut attempt = 0;
         let result = loop {
             match self
@@ -174,11 +180,16 @@ impl Client {
                     let delay = retry.backoff.delay_random(attempt);
                     tracing::debug!(%subject, %err, attempt, ?delay, "request failed; retrying");
                     attempt += 1;
+                    self.inner.metrics.retry("request");
                     tokio::time::sleep(delay).await;
                 }
                 other => break other.map(|m| m.payload),
             }
         };
+        self.inner
+            .metrics
+            .request_duration
+            .record(started.elapsed().as_secs_f64());
         permit.record(result)
     }
 

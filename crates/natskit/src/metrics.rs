@@ -1,0 +1,218 @@
+//! Metrics through the [`metrics`] facade: install any recorder (Prometheus,
+//! StatsD...) and natskit reports into it. Every name starts with
+//! `natskit_`; every series carries a `client` label (the client name, or
+//! `default`), so several clients in one process stay apart.
+//!
+//! | name | kind | labels |
+//! | --- | --- | --- |
+//! | `natskit_connection_status` | gauge: 0 disconnected, 1 connecting, 2 connected, 3 reconnecting, 4 circuit open, 5 closed | client |
+//! | `natskit_reconnects_total` | counter | client |
+//! | `natskit_breaker_state` | gauge: 0 closed, 1 open, 2 half-open | client |
+//! | `natskit_breaker_transitions_total` | counter | client, to |
+//! | `natskit_breaker_rejections_total` | counter | client |
+//! | `natskit_publishes_total` | counter | client |
+//! | `natskit_request_duration_seconds` | histogram | client |
+//! | `natskit_retries_total` | counter | client, op |
+//! | `natskit_messages_received_total`, `natskit_messages_dropped_total` | counter | client, subject |
+//! | `natskit_kv_cas_conflicts_total` | counter | client, bucket |
+//! | `natskit_consumer_deliveries_total`, `..._redeliveries_total`, `..._recreations_total` | counter | client, stream, consumer |
+//! | `natskit_stream_messages`, `natskit_stream_bytes` | gauge (server values) | client, stream |
+//! | `natskit_consumer_pending` | gauge (server values) | client, stream, consumer |
+//!
+//! Handles are registered when a client is built: install the global
+//! recorder before building clients. The stream gauges are polled by
+//! [`Client::monitor_stream`] and set from the server's numbers (never
+//! accumulated).
+
+use std::time::Duration;
+
+use metrics::{Counter, Gauge, Histogram, counter, gauge, histogram};
+
+use crate::breaker::BreakerState;
+use crate::client::{Client, Status};
+use crate::error::Result;
+
+/// Handles of one client's metrics.
+#[derive(Clone)]
+pub(crate) struct ClientMetrics {
+    pub(crate) client: String,
+    pub(crate) status: Gauge,
+    pub(crate) reconnects: Counter,
+    pub(crate) breaker_state: Gauge,
+    pub(crate) breaker_rejections: Counter,
+    pub(crate) publishes: Counter,
+    pub(crate) request_duration: Histogram,
+}
+
+impl std::fmt::Debug for ClientMetrics {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ClientMetrics")
+            .field("client", &self.client)
+            .finish()
+    }
+}
+
+pub(crate) fn status_code(status: Status) -> f64 {
+    match status {
+        Status::Disconnected => 0.0,
+        Status::Connecting => 1.0,
+        Status::Connected => 2.0,
+        Status::Reconnecting => 3.0,
+        Status::CircuitOpen => 4.0,
+        Status::Closed => 5.0,
+    }
+}
+
+fn breaker_code(state: BreakerState) -> f64 {
+    match state {
+        BreakerState::Closed => 0.0,
+        BreakerState::Open => 1.0,
+        BreakerState::HalfOpen => 2.0,
+    }
+}
+
+impl ClientMetrics {
+    pub(crate) fn new(client: &str) -> Self {
+        let client = client.to_owned();
+        let labels = [("client", client.clone())];
+        Self {
+            status: gauge!("natskit_connection_status", &labels),
+            reconnects: counter!("natskit_reconnects_total", &labels),
+            breaker_state: gauge!("natskit_breaker_state", &labels),
+            breaker_rejections: counter!("natskit_breaker_rejections_total", &labels),
+            publishes: counter!("natskit_publishes_total", &labels),
+            request_duration: histogram!("natskit_request_duration_seconds", &labels),
+            client,
+        }
+    }
+
+    pub(crate) fn breaker_changed(&self, to: BreakerState) {
+        self.breaker_state.set(breaker_code(to));
+        let to = match to {
+            BreakerState::Closed => "closed",
+            BreakerState::Open => "open",
+            BreakerState::HalfOpen => "half_open",
+        };
+        counter!("natskit_breaker_transitions_total", "client" => self.client.clone(), "to" => to)
+            .increment(1);
+    }
+
+    pub(crate) fn retry(&self, op: &'static str) {
+        counter!("natskit_retries_total", "client" => self.client.clone(), "op" => op).increment(1);
+    }
+
+    pub(crate) fn subscription(&self, subject: &str) -> (Counter, Counter) {
+        let labels = [
+            ("client", self.client.clone()),
+            ("subject", subject.to_owned()),
+        ];
+        (
+            counter!("natskit_messages_received_total", &labels),
+            counter!("natskit_messages_dropped_total", &labels),
+        )
+    }
+
+    pub(crate) fn kv_conflicts(&self, bucket: &str) -> Counter {
+        counter!("natskit_kv_cas_conflicts_total", "client" => self.client.clone(), "bucket" => bucket.to_owned())
+    }
+
+    pub(crate) fn consumer(&self, stream: &str, consumer: &str) -> ConsumerMetrics {
+        let labels = [
+            ("client", self.client.clone()),
+            ("stream", stream.to_owned()),
+            ("consumer", consumer.to_owned()),
+        ];
+        ConsumerMetrics {
+            deliveries: counter!("natskit_consumer_deliveries_total", &labels),
+            redeliveries: counter!("natskit_consumer_redeliveries_total", &labels),
+            recreations: counter!("natskit_consumer_recreations_total", &labels),
+        }
+    }
+}
+
+/// Handles of one consumer's metrics.
+#[derive(Clone)]
+pub(crate) struct ConsumerMetrics {
+    pub(crate) deliveries: Counter,
+    pub(crate) redeliveries: Counter,
+    pub(crate) recreations: Counter,
+}
+
+impl std::fmt::Debug for ConsumerMetrics {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("ConsumerMetrics")
+    }
+}
+
+/// A running poll of stream and consumer gauges; stops when dropped or
+/// [`stop`](Self::stop)ped.
+#[derive(Debug)]
+pub struct StreamMonitor {
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl StreamMonitor {
+    /// Stops polling.
+    pub fn stop(self) {
+        self.task.abort();
+    }
+}
+
+impl Drop for StreamMonitor {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+impl Client {
+    /// Polls `stream` every `interval` and sets `natskit_stream_messages`,
+    /// `natskit_stream_bytes` and, for the consumers this client runs on it,
+    /// `natskit_consumer_pending`, from the server's values.
+    ///
+    /// # Errors
+    /// [`Error::InvalidArgument`](crate::Error::InvalidArgument) for a zero
+    /// interval, [`Error::InvalidName`](crate::Error::InvalidName).
+    pub fn monitor_stream(&self, stream: &str, interval: Duration) -> Result<StreamMonitor> {
+        crate::subject::validate_name("stream", stream)?;
+        if interval.is_zero() {
+            return Err(crate::Error::InvalidArgument(
+                "monitor interval must be above zero".into(),
+            ));
+        }
+        let client = self.clone();
+        let name = stream.to_owned();
+        let metrics = self.inner.metrics.clone();
+        let labels = [("client", metrics.client.clone()), ("stream", name.clone())];
+        let messages = gauge!("natskit_stream_messages", &labels);
+        let bytes = gauge!("natskit_stream_bytes", &labels);
+        let task = tokio::spawn(async move {
+            let mut ticker = tokio::time::interval(interval);
+            loop {
+                ticker.tick().await;
+                let Ok(mut stream) = client.get_stream(&name).await else {
+                    continue;
+                };
+                if let Ok(info) = stream.info().await {
+                    #[allow(clippy::cast_precision_loss)]
+                    {
+                        messages.set(info.state.messages as f64);
+                        bytes.set(info.state.bytes as f64);
+                    }
+                }
+                for consumer in client.consumer_names_on(&name) {
+                    if let Ok(info) = stream.consumer_info(&consumer).await {
+                        #[allow(clippy::cast_precision_loss)]
+                        gauge!(
+                            "natskit_consumer_pending",
+                            "client" => metrics.client.clone(),
+                            "stream" => name.clone(),
+                            "consumer" => consumer
+                        )
+                        .set(info.num_pending as f64);
+                    }
+                }
+            }
+        });
+        Ok(StreamMonitor { task })
+    }
+}
