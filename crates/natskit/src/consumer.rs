@@ -777,15 +777,8 @@ where
             counters.redelivered.fetch_add(1, Ordering::Relaxed);
             self.metrics.redeliveries.increment(1);
         }
-        let span = crate::trace::handler_span(message.headers.as_ref());
-        let call = (self.handler)(message);
-        let invocation = AssertUnwindSafe(async move {
-            match span {
-                Some(span) => crate::trace::scope(span, call).await,
-                None => call.await,
-            }
-        })
-        .catch_unwind();
+        let context = crate::trace::HandlerContext::from_headers(message.headers.as_ref());
+        let invocation = AssertUnwindSafe(context.run((self.handler)(message))).catch_unwind();
         let failed = match tokio::time::timeout(self.config.message_timeout, invocation).await {
             Ok(Ok(outcome)) => match outcome.into_result() {
                 Ok(()) => {

@@ -636,15 +636,8 @@ async fn handle<F, Fut>(
     Fut: Future,
     Fut::Output: HandlerOutcome,
 {
-    let span = trace::handler_span(message.headers.as_ref());
-    let call = handler(message);
-    let invocation = AssertUnwindSafe(async move {
-        match span {
-            Some(span) => trace::scope(span, call).await,
-            None => call.await,
-        }
-    })
-    .catch_unwind();
+    let context = trace::HandlerContext::from_headers(message.headers.as_ref());
+    let invocation = AssertUnwindSafe(context.run(handler(message))).catch_unwind();
     match tokio::time::timeout(deadline, invocation).await {
         Ok(Ok(outcome)) => {
             if let Err(err) = outcome.into_result() {

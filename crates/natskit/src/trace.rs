@@ -352,9 +352,18 @@ pub fn current() -> Option<TraceContext> {
     CURRENT.try_with(Clone::clone).ok()
 }
 
-/// The current trace context, or a new root trace.
+/// The current trace context: the natskit scope, else (with the
+/// `opentelemetry` feature) the current OpenTelemetry span, else a new root
+/// trace.
 pub fn current_or_new() -> TraceContext {
-    current().unwrap_or_default()
+    if let Some(tc) = current() {
+        return tc;
+    }
+    #[cfg(feature = "opentelemetry")]
+    if let Some(tc) = otel::current_span() {
+        return tc;
+    }
+    TraceContext::new()
 }
 
 /// Spawns `future` on its own task carrying the current trace, detached
@@ -380,6 +389,40 @@ pub(crate) fn handler_span(headers: Option<&HeaderMap>) -> Option<TraceContext> 
         .map(|tc| tc.new_span())
 }
 
+/// What a message handler runs inside: the natskit child span and, with the
+/// `opentelemetry` feature, the OpenTelemetry context extracted by the
+/// global propagator.
+pub(crate) struct HandlerContext {
+    span: Option<TraceContext>,
+    #[cfg(feature = "opentelemetry")]
+    otel: Option<opentelemetry::Context>,
+}
+
+impl HandlerContext {
+    pub(crate) fn from_headers(headers: Option<&HeaderMap>) -> Self {
+        Self {
+            span: handler_span(headers),
+            #[cfg(feature = "opentelemetry")]
+            otel: headers.map(otel::extract_context),
+        }
+    }
+
+    pub(crate) async fn run<F: Future>(self, future: F) -> F::Output {
+        #[cfg(feature = "opentelemetry")]
+        let future = {
+            use opentelemetry::trace::FutureExt as _;
+            match self.otel {
+                Some(cx) => futures_util::future::Either::Left(future.with_context(cx)),
+                None => futures_util::future::Either::Right(future),
+            }
+        };
+        match self.span {
+            Some(span) => scope(span, future).await,
+            None => future.await,
+        }
+    }
+}
+
 /// Headers for an outgoing message: the given ones (or new) with the
 /// current trace injected; `None` when tracing is off and none were given.
 pub(crate) fn outgoing(headers: Option<HeaderMap>, mode: TraceMode) -> Option<HeaderMap> {
@@ -387,8 +430,81 @@ pub(crate) fn outgoing(headers: Option<HeaderMap>, mode: TraceMode) -> Option<He
         return headers;
     }
     let mut headers = headers.unwrap_or_default();
+    #[cfg(feature = "opentelemetry")]
+    if current().is_none() && otel::current_span().is_some() {
+        // An OpenTelemetry span is current: let the standard propagator write
+        // traceparent/tracestate, then add the reference headers.
+        otel::inject_current(&mut headers);
+    }
     current_or_new().inject(&mut headers, mode);
     Some(headers)
+}
+
+/// OpenTelemetry bridge (cargo feature `opentelemetry`): header carriers
+/// for the global text-map propagator and conversions of the current span.
+#[cfg(feature = "opentelemetry")]
+pub mod otel {
+    use async_nats::HeaderMap;
+    use opentelemetry::propagation::{Extractor, Injector};
+    use opentelemetry::trace::TraceContextExt;
+
+    use super::TraceContext;
+
+    /// Writes propagator fields into NATS headers.
+    #[derive(Debug)]
+    pub struct HeaderInjector<'a>(pub &'a mut HeaderMap);
+
+    impl Injector for HeaderInjector<'_> {
+        fn set(&mut self, key: &str, value: String) {
+            self.0.insert(key, value.as_str());
+        }
+    }
+
+    /// Reads propagator fields from NATS headers (names matched without case).
+    #[derive(Debug)]
+    pub struct HeaderExtractor<'a>(pub &'a HeaderMap);
+
+    impl Extractor for HeaderExtractor<'_> {
+        fn get(&self, key: &str) -> Option<&str> {
+            super::header(self.0, key)
+        }
+
+        fn keys(&self) -> Vec<&str> {
+            self.0
+                .iter()
+                .map(|(k, _)| AsRef::<str>::as_ref(k))
+                .collect()
+        }
+    }
+
+    /// The current OpenTelemetry span as a [`TraceContext`], if valid.
+    pub fn current_span() -> Option<TraceContext> {
+        let cx = opentelemetry::Context::current();
+        let span = cx.span();
+        let sc = span.span_context();
+        if !sc.is_valid() {
+            return None;
+        }
+        TraceContext::from_parts(
+            sc.trace_id().to_bytes(),
+            sc.span_id().to_bytes(),
+            None,
+            sc.is_sampled(),
+        )
+    }
+
+    /// Injects the current OpenTelemetry context with the global propagator.
+    pub fn inject_current(headers: &mut HeaderMap) {
+        let cx = opentelemetry::Context::current();
+        opentelemetry::global::get_text_map_propagator(|p| {
+            p.inject_context(&cx, &mut HeaderInjector(headers))
+        });
+    }
+
+    /// Extracts an OpenTelemetry context with the global propagator.
+    pub fn extract_context(headers: &HeaderMap) -> opentelemetry::Context {
+        opentelemetry::global::get_text_map_propagator(|p| p.extract(&HeaderExtractor(headers)))
+    }
 }
 
 #[cfg(test)]
