@@ -139,3 +139,24 @@ where
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
 }
+
+/// For examples and demos: `$NATS_URL` when set, otherwise a local server
+/// started here (JetStream enabled when `jetstream`). Keep the returned
+/// server alive as long as the URL is used.
+///
+/// # Errors
+/// The local server could not be started.
+pub fn env_or_local_server(jetstream: bool) -> Result<(Option<NatsServer>, String), HarnessError> {
+    match std::env::var("NATS_URL") {
+        Ok(url) if !url.is_empty() => Ok((None, url)),
+        _ => {
+            let server = if jetstream {
+                NatsServer::start_jetstream()?
+            } else {
+                NatsServer::start()?
+            };
+            let url = server.url();
+            Ok((Some(server), url))
+        }
+    }
+}

@@ -18,14 +18,7 @@ struct ServiceConfig {
 
 #[tokio::main]
 async fn main() -> Result<(), Box<dyn std::error::Error + Send + Sync>> {
-    let (_server, url) = match std::env::var("NATS_URL") {
-        Ok(url) if !url.is_empty() => (None, url),
-        _ => {
-            let server = natskit_testing::NatsServer::start_jetstream()?;
-            let url = server.url();
-            (Some(server), url)
-        }
-    };
+    let (_server, url) = natskit_testing::env_or_local_server(true)?;
     let client = Client::builder(&url)
         .name("natskit-config-example")
         .connect()

@@ -15,14 +15,7 @@ async fn main() -> Result<(), Box<dyn std::error::Error + Send + Sync>> {
     // Install the recorder before building clients: handles bind at build.
     let prometheus = PrometheusBuilder::new().install_recorder()?;
 
-    let (_server, url) = match std::env::var("NATS_URL") {
-        Ok(url) if !url.is_empty() => (None, url),
-        _ => {
-            let server = natskit_testing::NatsServer::start()?;
-            let url = server.url();
-            (Some(server), url)
-        }
-    };
+    let (_server, url) = natskit_testing::env_or_local_server(false)?;
     let client = natskit::Client::builder(&url)
         .name("prometheus-example")
         .connect()

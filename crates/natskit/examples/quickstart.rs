@@ -11,15 +11,10 @@ use natskit::{Client, Message, ServiceError, SubscribeOptions};
 
 #[tokio::main]
 async fn main() -> Result<(), Box<dyn std::error::Error + Send + Sync>> {
-    let (_server, url) = match std::env::var("NATS_URL") {
-        Ok(url) if !url.is_empty() => (None, url),
-        _ => {
-            let server = natskit_testing::NatsServer::start()?;
-            let url = server.url();
-            println!("started a local nats-server at {url}");
-            (Some(server), url)
-        }
-    };
+    let (server, url) = natskit_testing::env_or_local_server(false)?;
+    if server.is_some() {
+        println!("started a local nats-server at {url}");
+    }
 
     let client = Client::builder(&url)
         .name("natskit-quickstart")

@@ -27,14 +27,14 @@ use crate::error::{BoxError, Error, Result};
 use crate::request::RetryConfig;
 use crate::subject;
 
-fn unavailable(op: &'static str, err: impl Into<BoxError>) -> Error {
+pub(crate) fn unavailable(op: &'static str, err: impl Into<BoxError>) -> Error {
     Error::JetStreamUnavailable {
         op,
         source: err.into(),
     }
 }
 
-fn failed(op: &'static str, err: impl Into<BoxError>) -> Error {
+pub(crate) fn failed(op: &'static str, err: impl Into<BoxError>) -> Error {
     Error::JetStream {
         op,
         source: err.into(),

@@ -16,6 +16,7 @@ use serde::de::DeserializeOwned;
 use crate::backoff::Backoff;
 use crate::client::Client;
 use crate::error::{BoxError, Error, Result};
+use crate::jetstream::{failed, unavailable};
 use crate::subject;
 
 /// What a KV entry records.
@@ -158,20 +159,6 @@ impl std::fmt::Debug for KvStore {
     }
 }
 
-fn kv_failed(op: &'static str, err: impl Into<BoxError>) -> Error {
-    Error::JetStream {
-        op,
-        source: err.into(),
-    }
-}
-
-fn kv_unavailable(op: &'static str, err: impl Into<BoxError>) -> Error {
-    Error::JetStreamUnavailable {
-        op,
-        source: err.into(),
-    }
-}
-
 impl Client {
     /// Gets the bucket, creating it when missing. When it exists with a
     /// different history, max age, max bytes or max value size, those are
@@ -189,7 +176,7 @@ impl Client {
                 let have = stream
                     .info()
                     .await
-                    .map_err(|e| kv_unavailable("bucket info", e))?
+                    .map_err(|e| unavailable("bucket info", e))?
                     .config
                     .clone();
                 if have.storage != config.storage {
@@ -212,7 +199,7 @@ impl Client {
                 let result = js
                     .update_key_value(config)
                     .await
-                    .map_err(|e| kv_failed("update bucket", e));
+                    .map_err(|e| failed("update bucket", e));
                 permit.record(result)
             }
             Err(Error::BucketNotFound { .. }) => {
@@ -222,9 +209,9 @@ impl Client {
                     .await
                     .map_err(|e| match e.kind() {
                         async_nats::jetstream::context::CreateKeyValueErrorKind::TimedOut => {
-                            kv_unavailable("create bucket", e)
+                            unavailable("create bucket", e)
                         }
-                        _ => kv_failed("create bucket", e),
+                        _ => failed("create bucket", e),
                     });
                 permit.record(result)
             }
@@ -254,7 +241,7 @@ impl Client {
         let result = js
             .get_key_value(name)
             .await
-            .map_err(|e| kv_failed("get bucket", e));
+            .map_err(|e| failed("get bucket", e));
         permit.record(result)
     }
 
@@ -278,7 +265,7 @@ impl Client {
             let mut names = js.stream_names();
             let mut buckets = Vec::new();
             while let Some(name) = names.next().await {
-                let name = name.map_err(|e| kv_unavailable("list buckets", e))?;
+                let name = name.map_err(|e| unavailable("list buckets", e))?;
                 if let Some(bucket) = name.strip_prefix("KV_") {
                     buckets.push(bucket.to_owned());
                 }
@@ -360,7 +347,7 @@ impl KvStore {
         let permit = self.client.guard()?;
         let result = match tokio::time::timeout(self.options.timeout, fut).await {
             Ok(result) => result,
-            Err(_) => Err(kv_unavailable(
+            Err(_) => Err(unavailable(
                 op,
                 format!("timed out after {:?}", self.options.timeout),
             )),
@@ -396,8 +383,8 @@ impl KvStore {
     async fn entry_raw(&self, key: &str) -> Result<Option<kv::Entry>> {
         self.op("kv get", async {
             self.bucket.entry(key).await.map_err(|e| match e.kind() {
-                kv::EntryErrorKind::TimedOut => kv_unavailable("kv get", e),
-                _ => kv_failed("kv get", e),
+                kv::EntryErrorKind::TimedOut => unavailable("kv get", e),
+                _ => failed("kv get", e),
             })
         })
         .await
@@ -417,8 +404,8 @@ impl KvStore {
                     .put(key, value)
                     .await
                     .map_err(|e| match e.kind() {
-                        kv::PutErrorKind::Publish => kv_unavailable("kv put", e),
-                        _ => kv_failed("kv put", e),
+                        kv::PutErrorKind::Publish => unavailable("kv put", e),
+                        _ => failed("kv put", e),
                     })
             })
             .await?;
@@ -446,8 +433,8 @@ impl KvStore {
                         CreateErrorKind::AlreadyExists => Error::KeyExists {
                             key: key.to_owned(),
                         },
-                        CreateErrorKind::Publish => kv_unavailable("kv create", e),
-                        _ => kv_failed("kv create", e),
+                        CreateErrorKind::Publish => unavailable("kv create", e),
+                        _ => failed("kv create", e),
                     })
             })
             .await?;
@@ -475,8 +462,8 @@ impl KvStore {
                             key: key.to_owned(),
                             expected: revision,
                         },
-                        UpdateErrorKind::TimedOut => kv_unavailable("kv update", e),
-                        _ => kv_failed("kv update", e),
+                        UpdateErrorKind::TimedOut => unavailable("kv update", e),
+                        _ => failed("kv update", e),
                     })
             })
             .await?;
@@ -494,7 +481,7 @@ impl KvStore {
             self.bucket
                 .delete(key)
                 .await
-                .map_err(|e| kv_failed("kv delete", e))
+                .map_err(|e| failed("kv delete", e))
         })
         .await?;
         self.written(key);
@@ -511,7 +498,7 @@ impl KvStore {
             self.bucket
                 .purge(key)
                 .await
-                .map_err(|e| kv_failed("kv purge", e))
+                .map_err(|e| failed("kv purge", e))
         })
         .await?;
         self.written(key);
@@ -533,12 +520,10 @@ impl KvStore {
                     .bucket
                     .history(key)
                     .await
-                    .map_err(|e| kv_failed("kv history", e))?;
+                    .map_err(|e| failed("kv history", e))?;
                 let mut entries = Vec::new();
                 while let Some(entry) = history.next().await {
-                    entries.push(KvEntry::from(
-                        entry.map_err(|e| kv_failed("kv history", e))?,
-                    ));
+                    entries.push(KvEntry::from(entry.map_err(|e| failed("kv history", e))?));
                 }
                 Ok(entries)
             })
@@ -614,7 +599,7 @@ impl KvStore {
                     ..Default::default()
                 })
                 .await
-                .map_err(|e| kv_unavailable("kv keys", e))?;
+                .map_err(|e| unavailable("kv keys", e))?;
             let mut pending = consumer.cached_info().num_pending;
             let mut keys = Vec::new();
             if pending == 0 {
@@ -623,12 +608,12 @@ impl KvStore {
             let mut messages = consumer
                 .messages()
                 .await
-                .map_err(|e| kv_unavailable("kv keys", e))?;
+                .map_err(|e| unavailable("kv keys", e))?;
             while pending > 0 {
                 let Some(message) = messages.next().await else {
                     break;
                 };
-                let message = message.map_err(|e| kv_unavailable("kv keys", e))?;
+                let message = message.map_err(|e| unavailable("kv keys", e))?;
                 pending = message.info().map(|i| i.pending).unwrap_or(0);
                 let deleted = message
                     .headers
@@ -863,7 +848,7 @@ impl KvStore {
                 self.bucket
                     .watch_with_history(pattern)
                     .await
-                    .map_err(|e| kv_unavailable("kv watch", e))
+                    .map_err(|e| unavailable("kv watch", e))
             })
             .await?;
         Ok(KvWatch::new(
@@ -882,10 +867,10 @@ impl KvStore {
             let mut subjects = stream
                 .info_with_subjects(filter)
                 .await
-                .map_err(|e| kv_unavailable("kv watch", e))?;
+                .map_err(|e| unavailable("kv watch", e))?;
             let mut count = 0usize;
             while let Some(subject) = subjects.next().await {
-                subject.map_err(|e| kv_unavailable("kv watch", e))?;
+                subject.map_err(|e| unavailable("kv watch", e))?;
                 count += 1;
             }
             Ok(count)
@@ -975,7 +960,7 @@ impl KvWatch {
             bucket
                 .watch_from_revision(pattern, from)
                 .await
-                .map_err(|e| kv_unavailable("kv watch", e))
+                .map_err(|e| unavailable("kv watch", e))
         }));
     }
 }

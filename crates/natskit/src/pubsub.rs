@@ -579,14 +579,7 @@ where
                 .await;
         }
     }
-}
 
-impl<F, Fut> Runner<F>
-where
-    F: Fn(Message) -> Fut + Send + Sync + 'static,
-    Fut: Future + Send + 'static,
-    Fut::Output: HandlerOutcome,
-{
     async fn dispatch(
         &self,
         message: Message,
