@@ -314,23 +314,28 @@ impl Client {
     ///
     /// # Errors
     /// As above, and [`Error::Publish`] when the client could not queue it.
-    pub async fn publish(&self, subject: impl ToSubject, payload: impl Into<Bytes>) -> Result<()> {
+    // Not an `async fn`: returning the inner future directly saves one
+    // nesting level, whose copy of the (large) publish future cost ~10% of
+    // core publish throughput (measured with perf).
+    pub fn publish(
+        &self,
+        subject: impl ToSubject,
+        payload: impl Into<Bytes>,
+    ) -> impl Future<Output = Result<()>> + Send + '_ {
         self.publish_inner(subject.to_subject(), payload.into(), None)
-            .await
     }
 
     /// Publishes with headers. See [`publish`](Self::publish).
     ///
     /// # Errors
     /// See [`publish`](Self::publish).
-    pub async fn publish_with_headers(
+    pub fn publish_with_headers(
         &self,
         subject: impl ToSubject,
         headers: HeaderMap,
         payload: impl Into<Bytes>,
-    ) -> Result<()> {
+    ) -> impl Future<Output = Result<()>> + Send + '_ {
         self.publish_inner(subject.to_subject(), payload.into(), Some(headers))
-            .await
     }
 
     pub(crate) async fn publish_inner(
