@@ -355,3 +355,41 @@ fn missing_binary_names_the_install_command() {
         "error does not name the install command: {stdout}"
     );
 }
+
+#[tokio::test]
+async fn lame_duck_warns_clients_and_refuses_new_ones() -> TestResult {
+    let mut server = NatsServer::start()?;
+    let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
+    let _client = async_nats::ConnectOptions::new()
+        .event_callback(move |event| {
+            let tx = tx.clone();
+            async move {
+                let _ = tx.send(event);
+            }
+        })
+        .connect(server.url())
+        .await?;
+    server.lame_duck()?;
+    let saw_lame_duck = tokio::time::timeout(Duration::from_secs(10), async {
+        while let Some(event) = rx.recv().await {
+            if matches!(event, async_nats::Event::LameDuckMode) {
+                return true;
+            }
+        }
+        false
+    })
+    .await?;
+    assert!(saw_lame_duck, "the client was told about lame-duck mode");
+    // The listener closes at once (the shutdown itself takes at least 30 s).
+    let url = server.url();
+    eventually(
+        Duration::from_secs(10),
+        "new connections to be refused",
+        || {
+            let url = url.clone();
+            async move { connect(&url).await.is_err().then_some(()) }
+        },
+    )
+    .await;
+    Ok(())
+}

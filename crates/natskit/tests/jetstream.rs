@@ -721,3 +721,64 @@ async fn consume_with_heartbeat_zero(client: &Client) -> Option<Error> {
     handle.stop().await;
     Some(err)
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn publish_retries_through_a_leader_loss_without_duplicates() -> TestResult {
+    let mut cluster = tokio::task::spawn_blocking(|| natskit_testing::Cluster::start(3)).await??;
+    let client = Client::builder(cluster.urls())
+        .reconnect_wait(Duration::from_millis(50))
+        .connect()
+        .await?;
+    let mut replicated = config("HA", &["ha.>"]);
+    replicated.num_replicas = 3;
+    client.create_stream(replicated).await?;
+    client.publish_to_stream("ha.0", "x").await?;
+
+    // Kill the stream leader; publishes with a message id keep working.
+    let leader = client
+        .get_stream("HA")
+        .await?
+        .cached_info()
+        .cluster
+        .as_ref()
+        .and_then(|c| c.leader.clone())
+        .expect("a stream leader");
+    let index = (0..cluster.len())
+        .find(|&i| {
+            cluster
+                .node(i)
+                .monitor("/varz")
+                .ok()
+                .and_then(|v| v["server_name"].as_str().map(str::to_owned))
+                == Some(leader.clone())
+        })
+        .expect("the leader is a node");
+    tokio::task::block_in_place(|| cluster.node_mut(index).kill())?;
+    let retry = natskit::RetryConfig {
+        max_retries: 20,
+        backoff: natskit::Backoff::new(Duration::from_millis(100), Duration::from_millis(500)),
+    };
+    for i in 1..=5 {
+        let options = StreamPublishOptions::new()
+            .message_id(format!("ha-{i}"))
+            .timeout(Duration::from_secs(1))
+            .retry(retry);
+        eventually(WAIT, "a publish during the election", || {
+            let (client, options) = (client.clone(), options.clone());
+            async move {
+                client
+                    .publish_to_stream_with(format!("ha.{i}"), "x", options)
+                    .await
+                    .ok()
+            }
+        })
+        .await;
+    }
+    let mut stream = client.get_stream("HA").await?;
+    assert_eq!(
+        stream.info().await?.state.messages,
+        6,
+        "every message once, none duplicated"
+    );
+    Ok(())
+}
