@@ -140,6 +140,19 @@ where
     }
 }
 
+/// A fresh nkey user: `(seed, public key)`. Give the public key to
+/// [`NatsServerBuilder::nkey_user`] and the seed to the client.
+///
+/// # Errors
+/// The seed could not be encoded.
+pub fn new_user_nkey() -> Result<(String, String), HarnessError> {
+    let pair = nkeys::KeyPair::new_user();
+    let seed = pair
+        .seed()
+        .map_err(|e| HarnessError::Client(e.to_string()))?;
+    Ok((seed, pair.public_key()))
+}
+
 /// For examples and demos: `$NATS_URL` when set, otherwise a local server
 /// started here (JetStream enabled when `jetstream`). Keep the returned
 /// server alive as long as the URL is used.

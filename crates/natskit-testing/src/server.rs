@@ -21,6 +21,7 @@ enum Auth {
     None,
     UserPassword(String, String),
     Token(String),
+    Nkey(String),
 }
 
 impl std::fmt::Debug for Auth {
@@ -29,6 +30,7 @@ impl std::fmt::Debug for Auth {
             Auth::None => f.write_str("None"),
             Auth::UserPassword(user, _) => write!(f, "UserPassword({user:?}, <redacted>)"),
             Auth::Token(_) => f.write_str("Token(<redacted>)"),
+            Auth::Nkey(public) => write!(f, "Nkey({public:?})"),
         }
     }
 }
@@ -99,6 +101,12 @@ impl NatsServerBuilder {
     /// Requires this token.
     pub fn token(mut self, token: impl Into<String>) -> Self {
         self.auth = Auth::Token(token.into());
+        self
+    }
+
+    /// Requires an nkey user with this public key (see [`crate::new_user_nkey`]).
+    pub fn nkey_user(mut self, public_key: impl Into<String>) -> Self {
+        self.auth = Auth::Nkey(public_key.into());
         self
     }
 
@@ -417,6 +425,13 @@ impl NatsServer {
             }
             Auth::Token(token) => {
                 let _ = writeln!(text, "authorization {{ token: {} }}", json_str(token));
+            }
+            Auth::Nkey(public) => {
+                let _ = writeln!(
+                    text,
+                    "authorization {{ users: [ {{ nkey: {} }} ] }}",
+                    json_str(public)
+                );
             }
         }
         if let Some(tls) = &self.tls {

@@ -285,6 +285,51 @@ async fn wrong_credentials_are_rejected_clearly() -> TestResult {
 }
 
 #[tokio::test]
+async fn nkey_auth() -> TestResult {
+    let (seed, public) = natskit_testing::new_user_nkey()?;
+    let server = NatsServer::builder().nkey_user(public).start()?;
+    let client = Client::builder(server.url()).nkey(seed).connect().await?;
+    client.publish("nkey.ok", "x").await?;
+    let (other_seed, _) = natskit_testing::new_user_nkey()?;
+    let err = Client::builder(server.url())
+        .nkey(other_seed)
+        .connect()
+        .await
+        .expect_err("an unknown nkey");
+    assert!(err.is_auth(), "not an auth error: {err}");
+    Ok(())
+}
+
+#[tokio::test]
+async fn buffering_while_disconnected_is_opt_in() -> TestResult {
+    let mut server = NatsServer::start()?;
+    let strict = Client::builder(server.url())
+        .reconnect_wait(Duration::from_millis(50))
+        .connect()
+        .await?;
+    let buffering = Client::builder(server.url())
+        .reconnect_wait(Duration::from_millis(50))
+        .buffer_when_disconnected(true)
+        .connect()
+        .await?;
+    server.kill()?;
+    wait_status(&strict, Status::Reconnecting).await;
+    wait_status(&buffering, Status::Reconnecting).await;
+    assert!(
+        strict
+            .publish("down.x", "x")
+            .await
+            .unwrap_err()
+            .is_not_connected()
+    );
+    buffering.publish("down.x", "queued").await?;
+    server.restart()?;
+    wait_status(&buffering, Status::Connected).await;
+    buffering.publish("down.x", "after").await?;
+    Ok(())
+}
+
+#[tokio::test]
 async fn tls_trusted_ca_and_client_certificate() -> TestResult {
     let server = NatsServer::builder().tls_verify_clients().start()?;
     let files = server.tls_files().expect("tls").clone();
