@@ -418,6 +418,7 @@ impl ClientBuilder {
             secrets: Mutex::new(Some(self.secrets)),
             breaker,
             conn: OnceLock::new(),
+            jetstream: OnceLock::new(),
             connect_lock: tokio::sync::Mutex::new(()),
             lifecycle: AtomicU64::new(OPEN),
             connected: Arc::new(AtomicBool::new(false)),
@@ -463,6 +464,8 @@ pub(crate) struct Inner {
     secrets: Mutex<Option<Secrets>>,
     pub(crate) breaker: Arc<CircuitBreaker>,
     conn: OnceLock<async_nats::Client>,
+    /// JetStream context on `conn`, made on first use (not per call).
+    pub(crate) jetstream: OnceLock<async_nats::jetstream::Context>,
     connect_lock: tokio::sync::Mutex<()>,
     lifecycle: AtomicU64,
     /// Mirrors the connection state for the hot path (async-nats' own state

@@ -258,8 +258,12 @@ impl Client {
     ///
     /// # Errors
     /// [`Error::NotConnected`] before the first connection, [`Error::Closed`].
-    pub fn jetstream(&self) -> Result<async_nats::jetstream::Context> {
-        Ok(async_nats::jetstream::new(self.nats()?.clone()))
+    pub fn jetstream(&self) -> Result<&async_nats::jetstream::Context> {
+        let conn = self.nats()?;
+        Ok(self
+            .inner
+            .jetstream
+            .get_or_init(|| async_nats::jetstream::new(conn.clone())))
     }
 
     /// Creates a stream.
@@ -343,13 +347,16 @@ impl Client {
         check_stream_config(&config)?;
         let mut existing = match self.get_stream(&config.name).await {
             Ok(stream) => stream,
-            Err(Error::StreamNotFound { .. }) => {
-                return match self.create_stream(config.clone()).await {
-                    // Lost a creation race: compare with the winner's config.
-                    Err(Error::JetStream { .. }) => Box::pin(self.ensure_stream(config)).await,
-                    other => other,
-                };
-            }
+            Err(Error::StreamNotFound { .. }) => match self.create_stream(config.clone()).await {
+                // Refused: either another client created it first (compare
+                // with the winner's config below) or the server rejects the
+                // config (report that).
+                Err(err @ Error::JetStream { .. }) => match self.get_stream(&config.name).await {
+                    Ok(stream) => stream,
+                    Err(_) => return Err(err),
+                },
+                other => return other,
+            },
             Err(err) => return Err(err),
         };
         let have = existing.cached_info().config.clone();
@@ -438,10 +445,17 @@ impl Client {
         subject::validate_publish(&subject)?;
         let conn = self.live_conn()?;
         crate::pubsub::check_payload(conn, payload.len(), options.headers.as_ref())?;
-        let mut js = async_nats::jetstream::new(conn.clone());
-        if let Some(timeout) = options.timeout {
-            js.set_timeout(timeout);
-        }
+        // The shared context, or a copy with this call's timeout.
+        let with_timeout;
+        let js = match options.timeout {
+            None => self.jetstream()?,
+            Some(timeout) => {
+                let mut js = self.jetstream()?.clone();
+                js.set_timeout(timeout);
+                with_timeout = js;
+                &with_timeout
+            }
+        };
         let retry = options.retry.unwrap_or_else(default_publish_retry);
         let permit = self.guard()?;
         let mut attempt = 0;

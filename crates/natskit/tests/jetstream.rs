@@ -124,6 +124,14 @@ async fn streams_create_get_ensure_delete() -> TestResult {
             "{bad:?}"
         );
     }
+    // A creation the server refuses (subjects taken by another stream) is an
+    // error, not an endless get/create loop.
+    let overlapping =
+        tokio::time::timeout(WAIT, client.ensure_stream(config("OTHER", &["orders.>"]))).await?;
+    assert!(
+        matches!(overlapping, Err(Error::JetStream { .. })),
+        "{overlapping:?}"
+    );
     assert!(client.delete_stream("ORDERS").await?);
     assert!(!client.delete_stream("ORDERS").await?);
     Ok(())
