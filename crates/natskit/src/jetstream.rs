@@ -49,18 +49,34 @@ fn is_unavailable_code(code: ErrorCode) -> bool {
         || code.0 == 10_008
 }
 
-fn map_get_stream(name: &str, err: async_nats::jetstream::context::GetStreamError) -> Error {
-    match err.kind() {
+/// How a failed stream lookup reads.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Lookup {
+    NotFound,
+    Unavailable,
+    Failed,
+}
+
+pub(crate) fn classify_get_stream(kind: &GetStreamErrorKind) -> Lookup {
+    match kind {
         GetStreamErrorKind::JetStream(e) if e.error_code() == ErrorCode::STREAM_NOT_FOUND => {
-            Error::StreamNotFound {
-                stream: name.to_owned(),
-            }
+            Lookup::NotFound
         }
         GetStreamErrorKind::JetStream(e) if is_unavailable_code(e.error_code()) => {
-            unavailable("get stream", err)
+            Lookup::Unavailable
         }
-        GetStreamErrorKind::Request => unavailable("get stream", err),
-        _ => failed("get stream", err),
+        GetStreamErrorKind::Request => Lookup::Unavailable,
+        _ => Lookup::Failed,
+    }
+}
+
+fn map_get_stream(name: &str, err: async_nats::jetstream::context::GetStreamError) -> Error {
+    match classify_get_stream(&err.kind()) {
+        Lookup::NotFound => Error::StreamNotFound {
+            stream: name.to_owned(),
+        },
+        Lookup::Unavailable => unavailable("get stream", err),
+        Lookup::Failed => failed("get stream", err),
     }
 }
 

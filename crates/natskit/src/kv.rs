@@ -16,7 +16,7 @@ use serde::de::DeserializeOwned;
 use crate::backoff::Backoff;
 use crate::client::Client;
 use crate::error::{BoxError, Error, Result};
-use crate::jetstream::{failed, unavailable};
+use crate::jetstream::{Lookup, failed, unavailable};
 use crate::subject;
 
 /// What a KV entry records.
@@ -172,13 +172,8 @@ impl Client {
         let js = self.jetstream()?;
         match self.get_key_value_bucket(&config.bucket).await {
             Ok(existing) => {
-                let mut stream = existing.stream.clone();
-                let have = stream
-                    .info()
-                    .await
-                    .map_err(|e| unavailable("bucket info", e))?
-                    .config
-                    .clone();
+                // Fetched by get_key_value just now.
+                let have = existing.stream.cached_info().config.clone();
                 if have.storage != config.storage {
                     return Err(Error::BucketConfigConflict {
                         bucket: config.bucket,
@@ -226,22 +221,21 @@ impl Client {
     /// [`Error::InvalidName`], [`Error::JetStreamUnavailable`].
     pub async fn get_key_value_bucket(&self, name: &str) -> Result<kv::Store> {
         check_bucket_name(name)?;
-        // Through get_stream for a typed not-found; then the bucket handle.
-        match self.get_stream(&format!("KV_{name}")).await {
-            Ok(_) => {}
-            Err(Error::StreamNotFound { .. }) => {
-                return Err(Error::BucketNotFound {
-                    bucket: name.to_owned(),
-                });
-            }
-            Err(err) => return Err(err),
-        }
         let js = self.jetstream()?;
         let permit = self.guard()?;
-        let result = js
-            .get_key_value(name)
-            .await
-            .map_err(|e| failed("get bucket", e));
+        let result = js.get_key_value(name).await.map_err(|err| {
+            // async-nats wraps the stream lookup's error: classify by its kind.
+            let lookup = std::error::Error::source(&err)
+                .and_then(|s| s.downcast_ref::<async_nats::jetstream::context::GetStreamError>())
+                .map(|e| crate::jetstream::classify_get_stream(&e.kind()));
+            match lookup {
+                Some(Lookup::NotFound) => Error::BucketNotFound {
+                    bucket: name.to_owned(),
+                },
+                Some(Lookup::Unavailable) => unavailable("get bucket", err),
+                _ => failed("get bucket", err),
+            }
+        });
         permit.record(result)
     }
 
@@ -663,6 +657,21 @@ impl KvStore {
         F: FnMut(Option<&[u8]>) -> std::result::Result<Vec<u8>, E>,
         E: Into<BoxError>,
     {
+        self.cas_loop(key, |current| {
+            update(current).map_err(|e| Error::UpdateAborted {
+                key: key.to_owned(),
+                source: e.into(),
+            })
+        })
+        .await
+    }
+
+    /// The CAS loop; `update` already reports natskit errors (a JSON helper's
+    /// decode error stays [`Error::Json`]).
+    async fn cas_loop<F>(&self, key: &str, mut update: F) -> Result<u64>
+    where
+        F: FnMut(Option<&[u8]>) -> Result<Vec<u8>>,
+    {
         subject::validate_key(key)?;
         let backoff = self.options.backoff();
         let attempts = self.options.max_retries.saturating_add(1);
@@ -675,10 +684,7 @@ impl KvStore {
                 Some(e) if e.operation == Operation::Put => (Some(&e.value[..]), Some(e.revision)),
                 _ => (None, None),
             };
-            let new = update(value).map_err(|e| Error::UpdateAborted {
-                key: key.to_owned(),
-                source: e.into(),
-            })?;
+            let new = update(value)?;
             self.check_value(&new)?;
             match self.try_write(key, new.into(), revision).await? {
                 Attempt::Done(revision) => return Ok(revision),
@@ -721,7 +727,7 @@ impl KvStore {
         F: FnMut(&mut serde_json::Map<String, serde_json::Value>) -> std::result::Result<(), E>,
         E: Into<BoxError>,
     {
-        self.update_decoded(key, |current: Option<&[u8]>| {
+        self.cas_loop(key, |current: Option<&[u8]>| {
             let mut map = match current {
                 None => serde_json::Map::new(),
                 Some(bytes) => match decode::<serde_json::Value>(key, bytes)? {
@@ -775,7 +781,7 @@ impl KvStore {
         F: FnMut(&mut T) -> std::result::Result<(), E>,
         E: Into<BoxError>,
     {
-        self.update_decoded(key, |current: Option<&[u8]>| {
+        self.cas_loop(key, |current: Option<&[u8]>| {
             let mut value = match current {
                 None => T::default(),
                 Some(bytes) => decode::<T>(key, bytes)?,
@@ -790,24 +796,6 @@ impl KvStore {
             })
         })
         .await
-    }
-
-    /// Runs a CAS update whose closure already speaks natskit errors, and
-    /// unwraps them (so a JSON error stays [`Error::Json`], not an aborted update).
-    async fn update_decoded<F>(&self, key: &str, update: F) -> Result<u64>
-    where
-        F: FnMut(Option<&[u8]>) -> std::result::Result<Vec<u8>, Error>,
-    {
-        match self.update_with_retry(key, update).await {
-            Err(Error::UpdateAborted { source, .. }) => match source.downcast::<Error>() {
-                Ok(inner) => Err(*inner),
-                Err(other) => Err(Error::UpdateAborted {
-                    key: key.to_owned(),
-                    source: other,
-                }),
-            },
-            other => other,
-        }
     }
 
     /// Reads `key` as JSON into `T`.
