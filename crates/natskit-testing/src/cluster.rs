@@ -38,7 +38,7 @@ impl Cluster {
     /// A node did not start, or no leader was elected in time.
     pub fn start(n: usize) -> Result<Self, HarnessError> {
         let n = n.max(1);
-        let name = format!("natskit-{}-{}", std::process::id(), fastrand_suffix());
+        let name = format!("natskit-{}-{}", std::process::id(), fastrand::u32(..));
         // Route ports are picked up front so every node can list every other
         // from the start; a port taken again between picking and binding (by
         // a server's own random port, say) fails that start, and the whole
@@ -73,7 +73,7 @@ impl Cluster {
                 .server_name(format!("{name}-n{i}"));
             builder.cluster = Some(ClusterRole {
                 name: name.to_owned(),
-                port: Some(*port),
+                port: *port,
                 routes: routes
                     .iter()
                     .enumerate()
@@ -196,10 +196,4 @@ fn free_ports(n: usize) -> Result<Vec<u16>, HarnessError> {
         .map(|l| l.local_addr().map(|a| a.port()))
         .collect::<Result<Vec<_>, _>>()
         .map_err(|e| HarnessError::io("reserving route ports", e))
-}
-
-fn fastrand_suffix() -> u32 {
-    use std::hash::{BuildHasher, RandomState};
-    // RandomState is seeded per instance: enough to keep concurrent clusters apart.
-    (RandomState::new().hash_one(Instant::now()) & 0xffff_ffff) as u32
 }

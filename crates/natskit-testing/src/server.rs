@@ -39,8 +39,8 @@ impl std::fmt::Debug for Auth {
 #[derive(Debug, Clone, Default)]
 pub(crate) struct ClusterRole {
     pub(crate) name: String,
-    /// Cluster (route) port of this node; `None` picks a free one.
-    pub(crate) port: Option<u16>,
+    /// Cluster (route) port of this node.
+    pub(crate) port: u16,
     /// Route URLs of the other nodes.
     pub(crate) routes: Vec<String>,
 }
@@ -445,7 +445,6 @@ impl NatsServer {
             );
         }
         if let Some(cluster) = &cfg.cluster {
-            let cluster_port = self.ports.and_then(|p| p.cluster).or(cluster.port);
             let routes = cluster
                 .routes
                 .iter()
@@ -456,7 +455,7 @@ impl NatsServer {
                 text,
                 "cluster {{ name: {}, listen: \"127.0.0.1:{}\", routes: [{routes}] }}",
                 json_str(&cluster.name),
-                port(cluster_port)
+                cluster.port
             );
         }
         text.push_str(&cfg.extra_config);

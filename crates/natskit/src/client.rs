@@ -177,16 +177,6 @@ pub struct ClientBuilder {
     secrets: Secrets,
 }
 
-macro_rules! setter {
-    ($(#[$doc:meta])* $name:ident: $ty:ty => $($field:ident).+) => {
-        $(#[$doc])*
-        pub fn $name(mut self, value: $ty) -> Self {
-            self.config.$($field).+ = value;
-            self
-        }
-    };
-}
-
 impl ClientBuilder {
     fn new(urls: &str) -> Self {
         Self {
@@ -228,58 +218,58 @@ impl ClientBuilder {
 
     setter!(
         /// Wait between reconnection attempts while the breaker is closed (default 2 s).
-        reconnect_wait: Duration => reconnect_wait);
+        reconnect_wait: Duration => config.reconnect_wait);
     setter!(
         /// Timeout of a connection attempt (default 5 s).
-        connect_timeout: Duration => connect_timeout);
+        connect_timeout: Duration => config.connect_timeout);
     setter!(
         /// Upper bound on [`Client::close`] draining (default 30 s).
-        drain_timeout: Duration => drain_timeout);
+        drain_timeout: Duration => config.drain_timeout);
     setter!(
         /// Interval of protocol pings that detect dead connections (default 30 s).
-        ping_interval: Duration => ping_interval);
+        ping_interval: Duration => config.ping_interval);
     setter!(
         /// Interval of health checks (a ping round trip); zero turns them off
         /// (default 10 s).
-        health_interval: Duration => health_interval);
+        health_interval: Duration => config.health_interval);
     setter!(
         /// How long the connection must stay down before the
         /// connection-lost callback fires (default 30 s).
-        connection_lost_after: Duration => connection_lost_after);
+        connection_lost_after: Duration => config.connection_lost_after);
     setter!(
         /// Consecutive failures that open the circuit breaker (default 5).
-        breaker_threshold: u32 => breaker.threshold);
+        breaker_threshold: u32 => config.breaker.threshold);
     setter!(
         /// First open time of the breaker (default 1 s).
-        initial_backoff: Duration => breaker.backoff.initial);
+        initial_backoff: Duration => config.breaker.backoff.initial);
     setter!(
         /// Cap on the breaker's open time (default 60 s).
-        max_backoff: Duration => breaker.backoff.max);
+        max_backoff: Duration => config.breaker.backoff.max);
     setter!(
         /// Jitter fraction of the breaker's open time, `0.0..=1.0` (default 0).
-        backoff_jitter: f64 => breaker.backoff.jitter);
+        backoff_jitter: f64 => config.breaker.backoff.jitter);
     setter!(
         /// Messages buffered per subscription before the server's messages
         /// are dropped (default 65,536). Drops are counted, never silent.
-        subscription_capacity: usize => subscription_capacity);
+        subscription_capacity: usize => config.subscription_capacity);
     setter!(
         /// Deadline for one message handler invocation (default 30 s).
-        handler_deadline: Duration => handler_deadline);
+        handler_deadline: Duration => config.handler_deadline);
     setter!(
         /// While disconnected, let async-nats buffer publishes for the next
         /// connection instead of failing with [`Error::NotConnected`]
         /// (default false, the reference's behaviour).
-        buffer_when_disconnected: bool => buffer_when_disconnected);
+        buffer_when_disconnected: bool => config.buffer_when_disconnected);
     setter!(
         /// Which trace headers outgoing messages carry (default
         /// [`TraceMode::Full`](crate::trace::TraceMode::Full), the reference's
         /// four headers; `W3c` for `traceparent` alone, `Off` for none).
-        trace_mode: crate::trace::TraceMode => trace_mode);
+        trace_mode: crate::trace::TraceMode => config.trace_mode);
     setter!(
         /// Make [`Client::connect`] return at once and keep connecting in the
         /// background through the breaker, for services that must start while
         /// the network is down (default false).
-        retry_initial_connect: bool => retry_initial_connect);
+        retry_initial_connect: bool => config.retry_initial_connect);
 
     /// Client name shown by the server.
     pub fn name(mut self, name: impl Into<String>) -> Self {

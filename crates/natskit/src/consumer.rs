@@ -130,42 +130,30 @@ impl StreamConsumerConfig {
         self
     }
 
-    /// Where to start.
-    pub fn deliver_policy(mut self, policy: DeliverPolicy) -> Self {
-        self.deliver_policy = policy;
-        self
-    }
+    setter!(
+        /// Where to start.
+        deliver_policy: DeliverPolicy => deliver_policy);
 
-    /// How to acknowledge.
-    pub fn ack_policy(mut self, policy: AckPolicy) -> Self {
-        self.ack_policy = policy;
-        self
-    }
+    setter!(
+        /// How to acknowledge.
+        ack_policy: AckPolicy => ack_policy);
 
-    /// Maximum delivery attempts per message (0 = unlimited).
-    pub fn max_deliver(mut self, n: i64) -> Self {
-        self.max_deliver = n;
-        self
-    }
+    setter!(
+        /// Maximum delivery attempts per message (0 = unlimited).
+        max_deliver: i64 => max_deliver);
 
-    /// How long the server waits for an ack before redelivering.
-    pub fn ack_wait(mut self, wait: Duration) -> Self {
-        self.ack_wait = wait;
-        self
-    }
+    setter!(
+        /// How long the server waits for an ack before redelivering.
+        ack_wait: Duration => ack_wait);
 
-    /// Redelivery delays per attempt, overriding the ack wait; the last one
-    /// repeats. Needs `max_deliver` above its length.
-    pub fn backoff(mut self, delays: Vec<Duration>) -> Self {
-        self.backoff = delays;
-        self
-    }
+    setter!(
+        /// Redelivery delays per attempt, overriding the ack wait; the last one
+        /// repeats. Needs `max_deliver` above its length.
+        backoff: Vec<Duration> => backoff);
 
-    /// Maximum unacknowledged messages outstanding (0 = server default).
-    pub fn max_ack_pending(mut self, n: i64) -> Self {
-        self.max_ack_pending = n;
-        self
-    }
+    setter!(
+        /// Maximum unacknowledged messages outstanding (0 = server default).
+        max_ack_pending: i64 => max_ack_pending);
 
     /// Creates the stream from `config` when it does not exist.
     pub fn auto_create(mut self, config: StreamAutoCreateConfig) -> Self {
@@ -173,26 +161,20 @@ impl StreamConsumerConfig {
         self
     }
 
-    /// Deadline of one handler invocation; a handler past it is cancelled
-    /// and the message naked (default 30 s).
-    pub fn message_timeout(mut self, timeout: Duration) -> Self {
-        self.message_timeout = timeout;
-        self
-    }
+    setter!(
+        /// Deadline of one handler invocation; a handler past it is cancelled
+        /// and the message naked (default 30 s).
+        message_timeout: Duration => message_timeout);
 
-    /// Idle heartbeat of the pull stream; two missed ones make the
-    /// supervisor recreate the consumer (default 5 s).
-    pub fn heartbeat(mut self, heartbeat: Duration) -> Self {
-        self.heartbeat = heartbeat;
-        self
-    }
+    setter!(
+        /// Idle heartbeat of the pull stream; two missed ones make the
+        /// supervisor recreate the consumer (default 5 s).
+        heartbeat: Duration => heartbeat);
 
-    /// How long an ephemeral consumer survives without this client before
-    /// the server removes it (default 5 min).
-    pub fn inactive_threshold(mut self, threshold: Duration) -> Self {
-        self.inactive_threshold = threshold;
-        self
-    }
+    setter!(
+        /// How long an ephemeral consumer survives without this client before
+        /// the server removes it (default 5 min).
+        inactive_threshold: Duration => inactive_threshold);
 
     fn validate(&self) -> Result<()> {
         subject::validate_name("stream", &self.stream)?;

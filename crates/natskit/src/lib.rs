@@ -42,6 +42,17 @@
 //! ```
 #![warn(missing_docs)]
 
+/// A documented builder method that sets one field: `name: Type => path.to.field`.
+macro_rules! setter {
+    ($(#[$doc:meta])* $name:ident: $ty:ty => $($field:ident).+) => {
+        $(#[$doc])*
+        pub fn $name(mut self, value: $ty) -> Self {
+            self.$($field).+ = value;
+            self
+        }
+    };
+}
+
 mod backoff;
 pub mod breaker;
 mod client;

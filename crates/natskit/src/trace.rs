@@ -430,13 +430,17 @@ pub(crate) fn outgoing(headers: Option<HeaderMap>, mode: TraceMode) -> Option<He
         return headers;
     }
     let mut headers = headers.unwrap_or_default();
-    #[cfg(feature = "opentelemetry")]
-    if current().is_none() && otel::current_span().is_some() {
-        // An OpenTelemetry span is current: let the standard propagator write
-        // traceparent/tracestate, then add the reference headers.
-        otel::inject_current(&mut headers);
-    }
-    current_or_new().inject(&mut headers, mode);
+    let trace = current().unwrap_or_else(|| {
+        #[cfg(feature = "opentelemetry")]
+        if let Some(trace) = otel::current_span() {
+            // An OpenTelemetry span is current: let the standard propagator
+            // write traceparent/tracestate, then add the reference headers.
+            otel::inject_current(&mut headers);
+            return trace;
+        }
+        TraceContext::new()
+    });
+    trace.inject(&mut headers, mode);
     Some(headers)
 }
 
