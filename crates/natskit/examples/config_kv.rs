@@ -37,13 +37,19 @@ async fn main() -> Result<(), Box<dyn std::error::Error + Send + Sync>> {
         while let Some(event) = watch.next().await {
             match event {
                 WatchEvent::InitialDone => println!("  [watch] initial values done"),
-                WatchEvent::Entry(e) => println!(
-                    "  [watch] {} rev {} {:?}: {}",
-                    e.key,
-                    e.revision,
-                    e.operation,
-                    String::from_utf8_lossy(&e.value)
-                ),
+                WatchEvent::Entry(e) => {
+                    println!(
+                        "  [watch] {} rev {} {:?}: {}",
+                        e.key,
+                        e.revision,
+                        e.operation,
+                        String::from_utf8_lossy(&e.value)
+                    );
+                    // The second write is the last one this example makes.
+                    if e.revision >= 2 {
+                        break;
+                    }
+                }
             }
         }
     });
@@ -87,8 +93,8 @@ async fn main() -> Result<(), Box<dyn std::error::Error + Send + Sync>> {
         resolver.stats()
     );
 
-    tokio::time::sleep(Duration::from_millis(200)).await; // let the watcher print
-    watcher.abort();
+    // Wait for the watcher to print both writes.
+    tokio::time::timeout(Duration::from_secs(5), watcher).await??;
     client.delete_key_value_bucket("example_config").await?;
     client.close().await?;
     Ok(())

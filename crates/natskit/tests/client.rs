@@ -232,6 +232,8 @@ async fn connection_lost_fires_once_per_outage() -> TestResult {
     let counter = lost.clone();
     let client = Client::builder(server.url())
         .reconnect_wait(Duration::from_millis(50))
+        .initial_backoff(Duration::from_millis(200))
+        .max_backoff(Duration::from_millis(200))
         .connection_lost_after(Duration::from_millis(300))
         .on_connection_lost(move |_| {
             counter.fetch_add(1, Ordering::SeqCst);
@@ -244,7 +246,12 @@ async fn connection_lost_fires_once_per_outage() -> TestResult {
     })
     .await;
     // Several more lost-after periods pass while still down: no second call.
-    tokio::time::sleep(Duration::from_millis(900)).await;
+    // Failed reconnect attempts count against the breaker, whose open time
+    // (200 ms) paces them: ten failures take well over three 300 ms periods.
+    eventually(WAIT, "ten failed reconnect attempts", || async {
+        (client.status_info().total_failures >= 10).then_some(())
+    })
+    .await;
     assert_eq!(lost.load(Ordering::SeqCst), 1);
     server.restart()?;
     wait_status(&client, Status::Connected).await;
@@ -510,6 +517,13 @@ async fn slow_consumer_drops_are_counted() -> TestResult {
     })
     .await;
     gate.add_permits(1000);
+    // Both counts are bumped by one task per event; compare once it is idle.
+    eventually(
+        WAIT,
+        "the per-subscription and client drop counts to agree",
+        || async { (sub.stats().dropped == client.status_info().dropped_messages).then_some(()) },
+    )
+    .await;
     assert_eq!(sub.stats().dropped, client.status_info().dropped_messages);
     Ok(())
 }

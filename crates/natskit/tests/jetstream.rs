@@ -594,6 +594,12 @@ async fn consumers_do_not_pile_up_across_restarts() -> TestResult {
         1,
         "one consumer, however many reconnects"
     );
+    eventually(
+        WAIT,
+        "the consumer healthy after the last restart",
+        || async { handle.is_healthy().then_some(()) },
+    )
+    .await;
     assert!(handle.is_healthy() || !handle.is_stopped());
     Ok(())
 }

@@ -586,6 +586,9 @@ async fn temporal_resolver_binary_search_and_cache() -> TestResult {
         !early.contains_key("entity.sensor.2")
             || early["entity.sensor.2"].created <= history[0].created
     );
+    // sensor.2 was written after all 50 revisions of sensor.1.
+    assert!(!early.contains_key("entity.sensor.2"), "{early:?}");
+    assert_eq!(early["entity.sensor.1"].created, history[0].created);
     let ranges = resolver
         .get_range_in_time_range(
             &keys,

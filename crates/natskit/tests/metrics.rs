@@ -253,12 +253,27 @@ async fn consumers_and_polled_stream_gauges() -> TestResult {
         (gauge("natskit_consumer_pending", &labels) == Some(0.0)).then_some(())
     })
     .await;
-    // Polled again and again: set from the server, never accumulated.
-    let polls_before = gauge("natskit_stream_messages", &stream_labels);
-    tokio::time::sleep(Duration::from_millis(300)).await;
+    // Polled again and again: set from the server, never accumulated. One more
+    // message must read 5 (accumulating polls would give 4 + 5 + ...).
+    d.publish_to_stream("metrics.4", "x").await?;
+    let stream_count = eventually(WAIT, "the gauge to follow the server", || async {
+        let count = d
+            .get_stream("METRICS")
+            .await
+            .ok()?
+            .info()
+            .await
+            .ok()?
+            .state
+            .messages;
+        (gauge("natskit_stream_messages", &stream_labels) == Some(5.0)).then_some(count)
+    })
+    .await;
+    #[allow(clippy::cast_precision_loss)]
+    let server_value = stream_count as f64;
     assert_eq!(
         gauge("natskit_stream_messages", &stream_labels),
-        polls_before
+        Some(server_value)
     );
     monitor.stop();
     consumer.stop().await;
