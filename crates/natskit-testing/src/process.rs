@@ -136,3 +136,49 @@ pub(crate) fn signal(pid: u32, signal: libc::c_int) -> io::Result<()> {
         Err(io::Error::last_os_error())
     }
 }
+
+/// Whether every thread of `pid` is in the stopped state (`T` or `t` in
+/// `/proc/<pid>/task/<tid>/stat`). `kill(SIGSTOP)` returns once the signal is
+/// queued, but each thread stops only when it next handles signals, so a
+/// thread can still serve a request after `kill` returns. `None` when the
+/// process is gone.
+pub(crate) fn all_threads_stopped(pid: u32) -> Option<bool> {
+    let tasks = std::fs::read_dir(format!("/proc/{pid}/task")).ok()?;
+    let mut any = false;
+    for task in tasks.flatten() {
+        let Ok(stat) = std::fs::read_to_string(task.path().join("stat")) else {
+            // The thread exited between the listing and the read.
+            continue;
+        };
+        any = true;
+        if !matches!(thread_state(&stat), Some('T' | 't')) {
+            return Some(false);
+        }
+    }
+    Some(any)
+}
+
+/// The state letter of a `/proc/.../stat` line: the first field after the
+/// command name, which is in parentheses and may itself contain `)`.
+fn thread_state(stat: &str) -> Option<char> {
+    let (_, rest) = stat.rsplit_once(')')?;
+    rest.trim_start().chars().next()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn thread_state_reads_the_field_after_the_command() {
+        assert_eq!(thread_state("42 (nats-server) S 1 2 3"), Some('S'));
+        assert_eq!(thread_state("42 (odd) name) T 1 2 3"), Some('T'));
+        assert_eq!(thread_state("garbage"), None);
+    }
+
+    #[test]
+    fn own_threads_are_not_stopped() {
+        assert_eq!(all_threads_stopped(std::process::id()), Some(false));
+        assert_eq!(all_threads_stopped(u32::MAX), None);
+    }
+}

@@ -7,7 +7,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use crate::process::{nats_server_bin, scratch_dir, signal, spawn_guarded};
+use crate::process::{all_threads_stopped, nats_server_bin, scratch_dir, signal, spawn_guarded};
 use crate::{HarnessError, TlsFiles};
 
 /// How long [`NatsServerBuilder::start`] waits for readiness by default.
@@ -334,13 +334,34 @@ impl NatsServer {
     /// Freezes the server with `SIGSTOP`: connections stay open but nothing
     /// is answered, like a hung process or a partitioned host.
     ///
+    /// Returns once every thread of the server has stopped, not merely once
+    /// the signal was sent: a thread that has not yet handled the signal
+    /// could still answer a request.
+    ///
     /// # Errors
-    /// The server is not running or the signal failed.
+    /// The server is not running, the signal failed, or the threads did not
+    /// all stop within 5 s.
     pub fn pause(&mut self) -> Result<(), HarnessError> {
         let pid = self.pid().ok_or(HarnessError::NotRunning)?;
         signal(pid, libc::SIGSTOP).map_err(|e| HarnessError::io("pausing", e))?;
         self.paused = true;
-        Ok(())
+        let deadline = Instant::now() + Duration::from_secs(5);
+        loop {
+            match all_threads_stopped(pid) {
+                Some(true) => return Ok(()),
+                None => return Err(HarnessError::NotRunning),
+                Some(false) if Instant::now() >= deadline => {
+                    return Err(HarnessError::io(
+                        "pausing",
+                        std::io::Error::new(
+                            std::io::ErrorKind::TimedOut,
+                            "not every server thread stopped within 5 s of SIGSTOP",
+                        ),
+                    ));
+                }
+                Some(false) => std::thread::sleep(Duration::from_millis(1)),
+            }
+        }
     }
 
     /// Thaws a server frozen by [`pause`](Self::pause) (`SIGCONT`).
