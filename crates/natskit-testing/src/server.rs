@@ -326,9 +326,27 @@ impl NatsServer {
     ///
     /// # Errors
     /// See [`NatsServerBuilder::start`].
+    ///
+    /// A fixed port can be taken for a moment while the server is down (a
+    /// client's reconnect attempt may be handed it as its local port), so a
+    /// start that fails with "address already in use" is retried for up to
+    /// 10 s.
     pub fn restart(&mut self) -> Result<(), HarnessError> {
         self.kill()?;
-        self.launch()
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            let log_len = self.log_len();
+            match self.launch() {
+                Err(HarnessError::Exited { .. })
+                    if Instant::now() < deadline
+                        && self.log_since(log_len).contains("address already in use") =>
+                {
+                    tracing::debug!("a port of the restarting server is taken; retrying");
+                    std::thread::sleep(POLL * 10);
+                }
+                other => return other,
+            }
+        }
     }
 
     /// Freezes the server with `SIGSTOP`: connections stay open but nothing
@@ -387,9 +405,23 @@ impl NatsServer {
 
     /// The last `max_bytes` of the server's log.
     pub fn log_tail(&self, max_bytes: usize) -> String {
-        let log = std::fs::read(self.dir.path().join("nats-server.log")).unwrap_or_default();
+        let log = std::fs::read(self.log_path()).unwrap_or_default();
         let start = log.len().saturating_sub(max_bytes);
         String::from_utf8_lossy(&log[start..]).into_owned()
+    }
+
+    fn log_path(&self) -> PathBuf {
+        self.dir.path().join("nats-server.log")
+    }
+
+    fn log_len(&self) -> usize {
+        std::fs::metadata(self.log_path()).map_or(0, |m| usize::try_from(m.len()).unwrap_or(0))
+    }
+
+    /// The log written after it was `offset` bytes long.
+    fn log_since(&self, offset: usize) -> String {
+        let log = std::fs::read(self.log_path()).unwrap_or_default();
+        String::from_utf8_lossy(log.get(offset..).unwrap_or_default()).into_owned()
     }
 
     /// Fetches a monitoring endpoint such as `/varz` or `/jsz` and returns
@@ -496,7 +528,7 @@ impl NatsServer {
         let log = std::fs::OpenOptions::new()
             .create(true)
             .append(true)
-            .open(dir.join("nats-server.log"))
+            .open(self.log_path())
             .map_err(|e| HarnessError::io("opening the server log", e))?;
         let log_err = log
             .try_clone()

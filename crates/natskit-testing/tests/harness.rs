@@ -65,6 +65,36 @@ async fn kill_then_restart_keeps_jetstream_data() -> TestResult {
 }
 
 #[tokio::test]
+async fn restart_waits_for_a_port_that_is_briefly_taken() -> TestResult {
+    let mut server = NatsServer::start()?;
+    let port = server.client_port();
+    let log = server.dir().join("nats-server.log");
+    server.kill()?;
+    // Something else holds the client port while the server restarts.
+    let squatter = std::net::TcpListener::bind(("127.0.0.1", port))?;
+    let restarting = tokio::task::spawn_blocking(move || server.restart().map(|()| server));
+    eventually(
+        Duration::from_secs(10),
+        "a refused start in the log",
+        || {
+            let log = log.clone();
+            async move {
+                std::fs::read_to_string(log)
+                    .ok()?
+                    .contains("address already in use")
+                    .then_some(())
+            }
+        },
+    )
+    .await;
+    drop(squatter);
+    let server = restarting.await??;
+    assert_eq!(server.client_port(), port, "restart must keep the port");
+    connect(&server.url()).await?;
+    Ok(())
+}
+
+#[tokio::test]
 async fn pause_makes_requests_time_out_and_resume_recovers() -> TestResult {
     let mut server = NatsServer::start()?;
     let client = connect(&server.url()).await?;
