@@ -70,7 +70,7 @@ impl Cluster {
         for (i, port) in route_ports.iter().enumerate() {
             let mut builder = NatsServer::builder()
                 .jetstream()
-                .server_name(format!("{name}-n{i}"));
+                .server_name(node_name(name, i));
             builder.cluster = Some(ClusterRole {
                 name: name.to_owned(),
                 port: *port,
@@ -140,40 +140,50 @@ impl Cluster {
         })
     }
 
-    /// Waits until every running node reports the same meta leader.
+    /// Waits until every running node reports the same meta leader and that
+    /// leader sees every other running node as a current, online peer.
+    ///
+    /// Agreeing on a leader is not enough: until the leader has heard from
+    /// its peers, creating a replicated stream fails with "no suitable peers
+    /// for placement, peer offline".
     ///
     /// # Errors
     /// [`HarnessError::NotReady`] when that does not happen within `timeout`.
     pub fn wait_for_leader(&mut self, timeout: Duration) -> Result<String, HarnessError> {
         let deadline = Instant::now() + timeout;
         loop {
-            let mut leaders = Vec::new();
-            for node in self.nodes.iter_mut() {
+            let mut metas = Vec::new();
+            for (i, node) in self.nodes.iter_mut().enumerate() {
                 if !node.is_running() {
                     continue;
                 }
-                let leader = node
+                let meta = node
                     .monitor("/jsz")
                     .ok()
-                    .and_then(|jsz| {
-                        jsz.get("meta_cluster")?
-                            .get("leader")?
-                            .as_str()
-                            .map(str::to_owned)
-                    })
+                    .and_then(|mut jsz| jsz.get_mut("meta_cluster").map(serde_json::Value::take))
                     .unwrap_or_default();
-                leaders.push(leader);
+                metas.push((node_name(&self.name, i), meta));
             }
-            if let Some(first) = leaders.first()
+            let leaders: Vec<&str> = metas
+                .iter()
+                .map(|(_, meta)| meta.get("leader").and_then(|l| l.as_str()).unwrap_or(""))
+                .collect();
+            if let Some(&first) = leaders.first()
                 && !first.is_empty()
-                && leaders.iter().all(|l| l == first)
+                && leaders.iter().all(|l| *l == first)
+                && metas
+                    .iter()
+                    .find(|(name, _)| name == first)
+                    .is_some_and(|(_, meta)| current_peers(meta) + 1 >= metas.len())
             {
-                return Ok(first.clone());
+                return Ok(first.to_owned());
             }
             if Instant::now() >= deadline {
                 return Err(HarnessError::NotReady {
                     timeout,
-                    reason: format!("no agreed JetStream meta leader (nodes report {leaders:?})"),
+                    reason: format!(
+                        "no agreed JetStream meta leader with all peers current (nodes report {leaders:?})"
+                    ),
                     log: self
                         .nodes
                         .first()
@@ -186,6 +196,26 @@ impl Cluster {
     }
 }
 
+/// The server name of node `i` of cluster `cluster`.
+fn node_name(cluster: &str, i: usize) -> String {
+    format!("{cluster}-n{i}")
+}
+
+/// How many peers a `/jsz` `meta_cluster` object lists as current and online.
+fn current_peers(meta: &serde_json::Value) -> usize {
+    meta.get("replicas")
+        .and_then(|r| r.as_array())
+        .map_or(0, |replicas| {
+            replicas
+                .iter()
+                .filter(|r| {
+                    r.get("current").and_then(|c| c.as_bool()) == Some(true)
+                        && r.get("offline").and_then(|o| o.as_bool()) != Some(true)
+                })
+                .count()
+        })
+}
+
 fn free_ports(n: usize) -> Result<Vec<u16>, HarnessError> {
     let listeners = (0..n)
         .map(|_| std::net::TcpListener::bind("127.0.0.1:0"))
@@ -196,4 +226,25 @@ fn free_ports(n: usize) -> Result<Vec<u16>, HarnessError> {
         .map(|l| l.local_addr().map(|a| a.port()))
         .collect::<Result<Vec<_>, _>>()
         .map_err(|e| HarnessError::io("reserving route ports", e))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn only_current_online_peers_count() {
+        let meta = serde_json::json!({
+            "leader": "c-n1",
+            "replicas": [
+                {"name": "c-n0", "current": true},
+                {"name": "c-n2", "current": false},
+                {"name": "c-n3", "current": true, "offline": true},
+                {"name": "c-n4", "current": true, "offline": false},
+            ]
+        });
+        assert_eq!(current_peers(&meta), 2);
+        assert_eq!(current_peers(&serde_json::Value::Null), 0);
+        assert_eq!(node_name("c", 1), "c-n1");
+    }
 }
