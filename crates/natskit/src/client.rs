@@ -531,19 +531,23 @@ impl Client {
     pub async fn connect(&self) -> Result<()> {
         if self.inner.config.retry_initial_connect {
             self.ensure_open()?;
-            let client = self.clone();
+            // The task holds the client only while an attempt runs, so a
+            // client dropped without `close()` is freed and the task ends.
+            let weak = Arc::downgrade(&self.inner);
             tokio::spawn(async move {
                 loop {
-                    match client.connect_once().await {
+                    let Some(inner) = weak.upgrade() else { break };
+                    let client = Client { inner };
+                    let pause = match client.connect_once().await {
                         Ok(()) | Err(Error::Closed) => break,
-                        Err(Error::CircuitOpen { retry_after }) => {
-                            tokio::time::sleep(retry_after).await;
-                        }
+                        Err(Error::CircuitOpen { retry_after }) => retry_after,
                         Err(err) => {
                             tracing::debug!(%err, "initial connect failed; retrying");
-                            tokio::time::sleep(client.inner.config.reconnect_wait).await;
+                            client.inner.config.reconnect_wait
                         }
-                    }
+                    };
+                    drop(client);
+                    tokio::time::sleep(pause).await;
                 }
             });
             return Ok(());

@@ -729,6 +729,34 @@ async fn retry_initial_connect_waits_for_a_late_server() -> TestResult {
     Ok(())
 }
 
+#[tokio::test]
+async fn a_client_dropped_while_retrying_its_first_connect_is_freed() -> TestResult {
+    let server = NatsServer::builder().token("right").start()?;
+    // The sentinel lives in a callback, so it is freed with the client's state.
+    let sentinel = Arc::new(());
+    let held = sentinel.clone();
+    let client = Client::builder(server.url())
+        .token("wrong")
+        .retry_initial_connect(true)
+        .reconnect_wait(Duration::from_millis(20))
+        .breaker_threshold(1000)
+        .on_reconnect(move || {
+            let _ = &held;
+        })
+        .build()?;
+    client.connect().await?;
+    eventually(WAIT, "refused attempts", || async {
+        (client.status_info().total_failures >= 2).then_some(())
+    })
+    .await;
+    drop(client);
+    eventually(WAIT, "the retry task to let the client go", || async {
+        (Arc::strong_count(&sentinel) == 1).then_some(())
+    })
+    .await;
+    Ok(())
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn cluster_client_fails_over() -> TestResult {
     let mut cluster = tokio::task::spawn_blocking(|| natskit_testing::Cluster::start(3)).await??;
