@@ -142,7 +142,9 @@ impl NatsServerBuilder {
         self
     }
 
-    /// Listens on this client port instead of a free one.
+    /// Listens on this client port instead of a free one. While the port is
+    /// taken (a client's connect attempt can hold it for a moment), the start
+    /// is retried for up to 10 s.
     pub fn port(mut self, port: u16) -> Self {
         self.port = Some(port);
         self
@@ -188,7 +190,11 @@ impl NatsServerBuilder {
             paused: false,
             dir,
         };
-        server.launch()?;
+        if server.config.port.is_some() && server.config.cluster.is_none() {
+            server.launch_retrying_taken_port()?;
+        } else {
+            server.launch()?;
+        }
         Ok(server)
     }
 }
@@ -344,6 +350,12 @@ impl NatsServer {
     /// 10 s.
     pub fn restart(&mut self) -> Result<(), HarnessError> {
         self.kill()?;
+        self.launch_retrying_taken_port()
+    }
+
+    /// [`launch`](Self::launch) on fixed ports, retried for up to 10 s while
+    /// a port is taken.
+    fn launch_retrying_taken_port(&mut self) -> Result<(), HarnessError> {
         let deadline = Instant::now() + Duration::from_secs(10);
         loop {
             let log_len = self.log_len();
@@ -352,7 +364,7 @@ impl NatsServer {
                     if Instant::now() < deadline
                         && self.log_since(log_len).contains("address already in use") =>
                 {
-                    tracing::debug!("a port of the restarting server is taken; retrying");
+                    tracing::debug!("a fixed port of the server is taken; retrying");
                     std::thread::sleep(POLL * 10);
                 }
                 other => return other,

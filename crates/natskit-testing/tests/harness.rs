@@ -95,6 +95,36 @@ async fn restart_waits_for_a_port_that_is_briefly_taken() -> TestResult {
 }
 
 #[tokio::test]
+async fn a_fixed_port_start_waits_for_the_port() -> TestResult {
+    let squatter = std::net::TcpListener::bind("127.0.0.1:0")?;
+    let port = squatter.local_addr()?.port();
+    let starting = tokio::task::spawn_blocking(move || NatsServer::builder().port(port).start());
+    // Wait for the refused first attempt in the server's log (its scratch
+    // directory is not known yet, so look for this port's refusal in all).
+    let refusal = format!("127.0.0.1:{port}: bind: address already in use");
+    let root = std::env::temp_dir().join("natskit-testing");
+    eventually(Duration::from_secs(10), "a refused first start", || {
+        let (root, refusal) = (root.clone(), refusal.clone());
+        async move {
+            std::fs::read_dir(root)
+                .ok()?
+                .flatten()
+                .any(|dir| {
+                    std::fs::read_to_string(dir.path().join("nats-server.log"))
+                        .is_ok_and(|log| log.contains(&refusal))
+                })
+                .then_some(())
+        }
+    })
+    .await;
+    drop(squatter);
+    let server = starting.await??;
+    assert_eq!(server.client_port(), port);
+    connect(&server.url()).await?;
+    Ok(())
+}
+
+#[tokio::test]
 async fn pause_makes_requests_time_out_and_resume_recovers() -> TestResult {
     let mut server = NatsServer::start()?;
     let client = connect(&server.url()).await?;
