@@ -49,7 +49,7 @@ impl fmt::Debug for OperatorAuth {
 }
 
 impl OperatorAuth {
-    /// Generates an operator and an account signed by it.
+    /// Generates an operator, and an account and a system account signed by it.
     ///
     /// # Errors
     /// Signing failed.
