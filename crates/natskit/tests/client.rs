@@ -344,7 +344,7 @@ async fn credentials_file_auth() -> TestResult {
         .connect()
         .await
         .expect_err("a missing credentials file");
-    eprintln!("missing creds: {err}");
+    assert!(err.to_string().contains("missing.creds"), "{err}");
     let seed = std::fs::read_to_string(&creds)?
         .lines()
         .nth(5)
