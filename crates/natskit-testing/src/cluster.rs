@@ -2,7 +2,7 @@
 
 use std::time::{Duration, Instant};
 
-use crate::server::{ClusterRole, POLL};
+use crate::server::{ClusterRole, POLL, PORT_TAKEN};
 use crate::{HarnessError, NatsServer};
 
 /// How long [`Cluster::start`] waits for a JetStream meta leader by default.
@@ -48,7 +48,7 @@ impl Cluster {
             attempt += 1;
             match Self::start_nodes(&name, n) {
                 Err(HarnessError::Exited { log, .. })
-                    if attempt < 5 && log.contains("address already in use") =>
+                    if attempt < 5 && log.contains(PORT_TAKEN) =>
                 {
                     tracing::debug!(attempt, "route port taken; starting the cluster again");
                 }

@@ -16,6 +16,9 @@ pub const DEFAULT_START_TIMEOUT: Duration = Duration::from_secs(10);
 /// Poll step used while waiting for a condition.
 pub(crate) const POLL: Duration = Duration::from_millis(10);
 
+/// What nats-server logs when a port it should listen on is taken.
+pub(crate) const PORT_TAKEN: &str = "address already in use";
+
 /// Authentication a server requires.
 #[derive(Clone, PartialEq, Eq)]
 enum Auth {
@@ -362,7 +365,7 @@ impl NatsServer {
             match self.launch() {
                 Err(HarnessError::Exited { .. })
                     if Instant::now() < deadline
-                        && self.log_since(log_len).contains("address already in use") =>
+                        && self.log_since(log_len).contains(PORT_TAKEN) =>
                 {
                     tracing::debug!("a fixed port of the server is taken; retrying");
                     std::thread::sleep(POLL * 10);

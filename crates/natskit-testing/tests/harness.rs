@@ -64,46 +64,20 @@ async fn kill_then_restart_keeps_jetstream_data() -> TestResult {
     Ok(())
 }
 
-#[tokio::test]
-async fn restart_waits_for_a_port_that_is_briefly_taken() -> TestResult {
-    let mut server = NatsServer::start()?;
-    let port = server.client_port();
-    let log = server.dir().join("nats-server.log");
-    server.kill()?;
-    // Something else holds the client port while the server restarts.
-    let squatter = std::net::TcpListener::bind(("127.0.0.1", port))?;
-    let restarting = tokio::task::spawn_blocking(move || server.restart().map(|()| server));
-    eventually(
-        Duration::from_secs(10),
-        "a refused start in the log",
-        || {
-            let log = log.clone();
-            async move {
-                std::fs::read_to_string(log)
-                    .ok()?
-                    .contains("address already in use")
-                    .then_some(())
-            }
-        },
-    )
-    .await;
-    drop(squatter);
-    let server = restarting.await??;
-    assert_eq!(server.client_port(), port, "restart must keep the port");
-    connect(&server.url()).await?;
-    Ok(())
-}
-
-#[tokio::test]
-async fn a_fixed_port_start_waits_for_the_port() -> TestResult {
-    let squatter = std::net::TcpListener::bind("127.0.0.1:0")?;
-    let port = squatter.local_addr()?.port();
-    let starting = tokio::task::spawn_blocking(move || NatsServer::builder().port(port).start());
-    // Wait for the refused first attempt in the server's log (its scratch
-    // directory is not known yet, so look for this port's refusal in all).
+/// Holds `port` with a listener while `start` runs on another thread, until
+/// a server log shows the start refused for that port; then frees the port
+/// and returns the server `start` ended with.
+async fn start_while_port_is_briefly_taken(
+    port: u16,
+    squatter: std::net::TcpListener,
+    start: impl FnOnce() -> Result<NatsServer, natskit_testing::HarnessError> + Send + 'static,
+) -> Result<NatsServer, Box<dyn std::error::Error + Send + Sync>> {
+    let starting = tokio::task::spawn_blocking(start);
+    // The server's scratch directory is not known here: look for this port's
+    // refusal in every log of the harness.
     let refusal = format!("127.0.0.1:{port}: bind: address already in use");
     let root = std::env::temp_dir().join("natskit-testing");
-    eventually(Duration::from_secs(10), "a refused first start", || {
+    eventually(Duration::from_secs(10), "a refused start", || {
         let (root, refusal) = (root.clone(), refusal.clone());
         async move {
             std::fs::read_dir(root)
@@ -118,7 +92,33 @@ async fn a_fixed_port_start_waits_for_the_port() -> TestResult {
     })
     .await;
     drop(squatter);
-    let server = starting.await??;
+    Ok(starting.await??)
+}
+
+#[tokio::test]
+async fn restart_waits_for_a_port_that_is_briefly_taken() -> TestResult {
+    let mut server = NatsServer::start()?;
+    let port = server.client_port();
+    server.kill()?;
+    // Something else holds the client port while the server restarts.
+    let squatter = std::net::TcpListener::bind(("127.0.0.1", port))?;
+    let server = start_while_port_is_briefly_taken(port, squatter, move || {
+        server.restart().map(|()| server)
+    })
+    .await?;
+    assert_eq!(server.client_port(), port, "restart must keep the port");
+    connect(&server.url()).await?;
+    Ok(())
+}
+
+#[tokio::test]
+async fn a_fixed_port_start_waits_for_the_port() -> TestResult {
+    let squatter = std::net::TcpListener::bind("127.0.0.1:0")?;
+    let port = squatter.local_addr()?.port();
+    let server = start_while_port_is_briefly_taken(port, squatter, move || {
+        NatsServer::builder().port(port).start()
+    })
+    .await?;
     assert_eq!(server.client_port(), port);
     connect(&server.url()).await?;
     Ok(())
