@@ -3,7 +3,7 @@
 use std::time::{Duration, Instant};
 
 use crate::server::{ClusterRole, POLL, PORT_TAKEN};
-use crate::{HarnessError, NatsServer};
+use crate::{HarnessError, NatsServer, NatsServerBuilder};
 
 /// How long [`Cluster::start`] waits for a JetStream meta leader by default.
 pub const DEFAULT_CLUSTER_TIMEOUT: Duration = Duration::from_secs(30);
@@ -30,13 +30,85 @@ pub struct Cluster {
     nodes: Vec<NatsServer>,
 }
 
+/// Per-node settings of a [`Cluster`]: called with the node index and the
+/// node's builder (JetStream and clustering already set).
+type Configure = Box<dyn Fn(usize, NatsServerBuilder) -> NatsServerBuilder + Send + Sync>;
+
+/// Builds a [`Cluster`] with per-node options.
+///
+/// ```no_run
+/// # fn main() -> Result<(), natskit_testing::HarnessError> {
+/// let cluster = natskit_testing::Cluster::builder(3)
+///     .configure(|_node, builder| builder.sync_always())
+///     .start()?;
+/// # let _ = cluster; Ok(()) }
+/// ```
+pub struct ClusterBuilder {
+    n: usize,
+    configure: Option<Configure>,
+    timeout: Duration,
+}
+
+impl std::fmt::Debug for ClusterBuilder {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ClusterBuilder")
+            .field("n", &self.n)
+            .field("timeout", &self.timeout)
+            .finish_non_exhaustive()
+    }
+}
+
+impl ClusterBuilder {
+    /// Applies `f` to each node's builder (for example
+    /// [`NatsServerBuilder::sync_always`] or
+    /// [`NatsServerBuilder::jetstream_option`]).
+    pub fn configure(
+        mut self,
+        f: impl Fn(usize, NatsServerBuilder) -> NatsServerBuilder + Send + Sync + 'static,
+    ) -> Self {
+        self.configure = Some(Box::new(f));
+        self
+    }
+
+    /// How long to wait for a meta leader (default [`DEFAULT_CLUSTER_TIMEOUT`]).
+    pub fn timeout(mut self, timeout: Duration) -> Self {
+        self.timeout = timeout;
+        self
+    }
+
+    /// Starts the nodes and waits for a meta leader.
+    ///
+    /// # Errors
+    /// A node did not start, or no leader was elected in time.
+    pub fn start(self) -> Result<Cluster, HarnessError> {
+        Cluster::start_with(self.n, self.configure.as_ref(), self.timeout)
+    }
+}
+
 impl Cluster {
+    /// A builder for `n` nodes with per-node options.
+    pub fn builder(n: usize) -> ClusterBuilder {
+        ClusterBuilder {
+            n,
+            configure: None,
+            timeout: DEFAULT_CLUSTER_TIMEOUT,
+        }
+    }
+
     /// Starts `n` routed JetStream nodes (use 3 for a quorum that survives a
     /// lost node) and waits for a meta leader.
     ///
     /// # Errors
     /// A node did not start, or no leader was elected in time.
     pub fn start(n: usize) -> Result<Self, HarnessError> {
+        Self::start_with(n, None, DEFAULT_CLUSTER_TIMEOUT)
+    }
+
+    fn start_with(
+        n: usize,
+        configure: Option<&Configure>,
+        timeout: Duration,
+    ) -> Result<Self, HarnessError> {
         let n = n.max(1);
         let name = format!("natskit-{}-{}", std::process::id(), fastrand::u32(..));
         // Route ports are picked up front so every node can list every other
@@ -46,7 +118,7 @@ impl Cluster {
         let mut attempt = 0;
         let nodes = loop {
             attempt += 1;
-            match Self::start_nodes(&name, n) {
+            match Self::start_nodes(&name, n, configure) {
                 Err(HarnessError::Exited { log, .. })
                     if attempt < 5 && log.contains(PORT_TAKEN) =>
                 {
@@ -56,11 +128,15 @@ impl Cluster {
             }
         };
         let mut cluster = Self { name, nodes };
-        cluster.wait_for_leader(DEFAULT_CLUSTER_TIMEOUT)?;
+        cluster.wait_for_leader(timeout)?;
         Ok(cluster)
     }
 
-    fn start_nodes(name: &str, n: usize) -> Result<Vec<NatsServer>, HarnessError> {
+    fn start_nodes(
+        name: &str,
+        n: usize,
+        configure: Option<&Configure>,
+    ) -> Result<Vec<NatsServer>, HarnessError> {
         let route_ports = free_ports(n)?;
         let routes: Vec<String> = route_ports
             .iter()
@@ -81,6 +157,9 @@ impl Cluster {
                     .map(|(_, r)| r.clone())
                     .collect(),
             });
+            if let Some(configure) = configure {
+                builder = configure(i, builder);
+            }
             nodes.push(builder.start()?);
         }
         Ok(nodes)
@@ -194,6 +273,126 @@ impl Cluster {
             std::thread::sleep(POLL * 5);
         }
     }
+}
+
+impl Cluster {
+    /// The index of the node named `server_name` (as the server reports
+    /// leaders), if it is one of this cluster's.
+    pub fn node_index(&self, server_name: &str) -> Option<usize> {
+        (0..self.nodes.len()).find(|&i| node_name(&self.name, i) == server_name)
+    }
+
+    /// The stream's `cluster` object (leader and replicas) as the first
+    /// running node that knows the stream reports it.
+    fn stream_cluster(&mut self, stream: &str) -> Option<serde_json::Value> {
+        let path = "/jsz?accounts=true&streams=true&consumer=true";
+        self.nodes.iter_mut().find_map(|node| {
+            if !node.is_running() {
+                return None;
+            }
+            let jsz = node.monitor(path).ok()?;
+            find_stream(&jsz, stream).and_then(|s| s.get("cluster").cloned())
+        })
+    }
+
+    /// The index of the node leading `stream` (of any account), if one is
+    /// elected.
+    pub fn stream_leader(&mut self, stream: &str) -> Option<usize> {
+        let cluster = self.stream_cluster(stream)?;
+        let leader = cluster.get("leader")?.as_str()?;
+        self.node_index(leader)
+    }
+
+    /// The index of the node leading consumer `consumer` of `stream`.
+    pub fn consumer_leader(&mut self, stream: &str, consumer: &str) -> Option<usize> {
+        let path = "/jsz?accounts=true&streams=true&consumers=true";
+        let leader = self.nodes.iter_mut().find_map(|node| {
+            if !node.is_running() {
+                return None;
+            }
+            let jsz = node.monitor(path).ok()?;
+            let stream = find_stream(&jsz, stream)?;
+            let consumers = stream.get("consumer_detail")?.as_array()?;
+            let detail = consumers
+                .iter()
+                .find(|c| c.get("name").and_then(|n| n.as_str()) == Some(consumer))?;
+            let leader = detail.get("cluster")?.get("leader")?.as_str()?;
+            (!leader.is_empty()).then(|| leader.to_owned())
+        })?;
+        self.node_index(&leader)
+    }
+
+    /// Waits until `stream` has a leader and every replica is current and
+    /// online, so a leader kill loses no acknowledged write. Returns the
+    /// leader's index.
+    ///
+    /// # Errors
+    /// [`HarnessError::NotReady`] when that does not happen within `timeout`.
+    pub fn wait_for_stream_current(
+        &mut self,
+        stream: &str,
+        timeout: Duration,
+    ) -> Result<usize, HarnessError> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            if let Some(cluster) = self.stream_cluster(stream) {
+                let leader = cluster
+                    .get("leader")
+                    .and_then(|l| l.as_str())
+                    .and_then(|l| self.node_index(l));
+                let replicas = cluster
+                    .get("replicas")
+                    .and_then(|r| r.as_array())
+                    .map_or(0, Vec::len);
+                if let Some(leader) = leader
+                    && current_peers(&cluster) == replicas
+                {
+                    return Ok(leader);
+                }
+            }
+            if Instant::now() >= deadline {
+                return Err(HarnessError::NotReady {
+                    timeout,
+                    reason: format!("stream {stream:?} has no leader with every replica current"),
+                    log: String::new(),
+                });
+            }
+            std::thread::sleep(POLL * 5);
+        }
+    }
+
+    /// [`wait_for_leader`](Self::wait_for_leader) for async tests.
+    ///
+    /// # Errors
+    /// See [`wait_for_leader`](Self::wait_for_leader).
+    pub async fn wait_for_leader_async(
+        &mut self,
+        timeout: Duration,
+    ) -> Result<String, HarnessError> {
+        crate::server::off_runtime(|| self.wait_for_leader(timeout))
+    }
+
+    /// [`wait_for_stream_current`](Self::wait_for_stream_current) for async tests.
+    ///
+    /// # Errors
+    /// See [`wait_for_stream_current`](Self::wait_for_stream_current).
+    pub async fn wait_for_stream_current_async(
+        &mut self,
+        stream: &str,
+        timeout: Duration,
+    ) -> Result<usize, HarnessError> {
+        crate::server::off_runtime(|| self.wait_for_stream_current(stream, timeout))
+    }
+}
+
+/// The `stream_detail` entry of `stream` in a `/jsz?accounts=true&streams=true` answer.
+fn find_stream<'a>(jsz: &'a serde_json::Value, stream: &str) -> Option<&'a serde_json::Value> {
+    jsz.get("account_details")?
+        .as_array()?
+        .iter()
+        .filter_map(|a| a.get("stream_detail").and_then(|s| s.as_array()))
+        .flatten()
+        .find(|s| s.get("name").and_then(|n| n.as_str()) == Some(stream))
 }
 
 /// The server name of node `i` of cluster `cluster`.

@@ -12,7 +12,11 @@
 //!   port and store, [`pause`](NatsServer::pause)/[`resume`](NatsServer::resume)
 //!   and [`lame_duck`](NatsServer::lame_duck).
 //! - [`Cluster`]: n JetStream nodes routed together, ready once a meta
-//!   leader is elected.
+//!   leader is elected, with per-node options ([`Cluster::builder`]), stream
+//!   and consumer leader lookup and a wait until a stream's replicas are
+//!   current.
+//! - [`Proxy`]: a TCP proxy between client and server that adds latency,
+//!   cuts connections or partitions the link while both processes run.
 //! - [`TestEnv`]: a server plus a connected client with KV buckets and
 //!   streams created up front and bucket prefixes for isolation; a shared
 //!   variant reuses one server across the tests of a binary.
@@ -35,13 +39,15 @@ mod cluster;
 mod env;
 mod operator;
 mod process;
+mod proxy;
 mod server;
 mod tls;
 
-pub use cluster::{Cluster, DEFAULT_CLUSTER_TIMEOUT};
+pub use cluster::{Cluster, ClusterBuilder, DEFAULT_CLUSTER_TIMEOUT};
 pub use env::{TestEnv, TestEnvBuilder, TestStream, shared_server};
 pub use operator::OperatorAuth;
 pub use process::{INSTALL_HINT, nats_server_bin};
+pub use proxy::{LinkState, Proxy};
 pub use server::{DEFAULT_START_TIMEOUT, NatsServer, NatsServerBuilder, Ports};
 pub use tls::TlsFiles;
 

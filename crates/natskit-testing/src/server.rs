@@ -70,6 +70,8 @@ pub struct NatsServerBuilder {
     tls: bool,
     verify_client_certs: bool,
     extra_config: String,
+    /// Lines inside the harness's `jetstream { }` block.
+    jetstream_options: Vec<String>,
     port: Option<u16>,
     start_timeout: Duration,
     server_name: Option<String>,
@@ -84,6 +86,7 @@ impl Default for NatsServerBuilder {
             tls: false,
             verify_client_certs: false,
             extra_config: String::new(),
+            jetstream_options: Vec::new(),
             port: None,
             start_timeout: DEFAULT_START_TIMEOUT,
             server_name: None,
@@ -138,7 +141,28 @@ impl NatsServerBuilder {
         self
     }
 
-    /// Appends raw text to the generated configuration file.
+    /// Adds `key: value` to the server's `jetstream { }` block (and enables
+    /// JetStream), keeping the harness's own store directory: for example
+    /// `jetstream_option("max_memory_store", "64MB")`. See
+    /// [`sync_always`](Self::sync_always) for the fsync policy.
+    pub fn jetstream_option(mut self, key: &str, value: impl AsRef<str>) -> Self {
+        self.jetstream = true;
+        self.jetstream_options
+            .push(format!("{key}: {}", value.as_ref()));
+        self
+    }
+
+    /// Makes JetStream fsync every write before acknowledging it
+    /// (`sync_interval: always`): acknowledged data then survives even an
+    /// OS crash or power loss, not only a process kill. Enables JetStream.
+    pub fn sync_always(self) -> Self {
+        self.jetstream_option("sync_interval", "always")
+    }
+
+    /// Appends raw text to the generated configuration file. A `jetstream`
+    /// block here would replace the harness's own (and its store directory):
+    /// use [`jetstream_option`](Self::jetstream_option) instead; `start`
+    /// refuses such text.
     pub fn extra_config(mut self, text: impl AsRef<str>) -> Self {
         self.extra_config.push_str(text.as_ref());
         self.extra_config.push('\n');
@@ -173,6 +197,20 @@ impl NatsServerBuilder {
     /// The binary is missing, the process exited, or it was not ready in time
     /// (the error carries the tail of the server's log).
     pub fn start(self) -> Result<NatsServer, HarnessError> {
+        if self
+            .extra_config
+            .lines()
+            .any(|line| line.trim_start().starts_with("jetstream"))
+        {
+            return Err(HarnessError::io(
+                "building the server config",
+                std::io::Error::new(
+                    std::io::ErrorKind::InvalidInput,
+                    "extra_config must not hold a jetstream block (it would replace the \
+                     harness's store directory); use jetstream_option() instead",
+                ),
+            ));
+        }
         let binary = nats_server_bin()?;
         let dir = scratch_dir(if self.cluster.is_some() {
             "node"
@@ -429,6 +467,50 @@ impl NatsServer {
         signal(pid, libc::SIGUSR2).map_err(|e| HarnessError::io("entering lame-duck mode", e))
     }
 
+    /// [`kill`](Self::kill) for async tests (it never blocks for long).
+    ///
+    /// # Errors
+    /// See [`kill`](Self::kill).
+    pub async fn kill_async(&mut self) -> Result<(), HarnessError> {
+        off_runtime(|| self.kill())
+    }
+
+    /// [`restart`](Self::restart) for async tests: on a multi-thread runtime
+    /// the wait for readiness (up to the start timeout) does not block the
+    /// other tasks of the test; on a current-thread runtime it blocks.
+    ///
+    /// # Errors
+    /// See [`restart`](Self::restart).
+    pub async fn restart_async(&mut self) -> Result<(), HarnessError> {
+        off_runtime(|| self.restart())
+    }
+
+    /// [`pause`](Self::pause) for async tests (see
+    /// [`restart_async`](Self::restart_async) for the runtime caveat).
+    ///
+    /// # Errors
+    /// See [`pause`](Self::pause).
+    pub async fn pause_async(&mut self) -> Result<(), HarnessError> {
+        off_runtime(|| self.pause())
+    }
+
+    /// [`resume`](Self::resume) for async tests.
+    ///
+    /// # Errors
+    /// See [`resume`](Self::resume).
+    pub async fn resume_async(&mut self) -> Result<(), HarnessError> {
+        self.resume()
+    }
+
+    /// [`stop`](Self::stop) for async tests (see
+    /// [`restart_async`](Self::restart_async) for the runtime caveat).
+    ///
+    /// # Errors
+    /// See [`stop`](Self::stop).
+    pub async fn stop_async(&mut self) -> Result<(), HarnessError> {
+        off_runtime(|| self.stop())
+    }
+
     /// The last `max_bytes` of the server's log.
     pub fn log_tail(&self, max_bytes: usize) -> String {
         let log = std::fs::read(self.log_path()).unwrap_or_default();
@@ -486,9 +568,13 @@ impl NatsServer {
             let _ = writeln!(text, "server_name: {}", json_str(name));
         }
         if cfg.jetstream {
+            let mut options = String::new();
+            for option in &cfg.jetstream_options {
+                let _ = write!(options, ", {option}");
+            }
             let _ = writeln!(
                 text,
-                "jetstream {{ store_dir: {} }}",
+                "jetstream {{ store_dir: {}{options} }}",
                 quote(&dir.join("jetstream"))
             );
         }
@@ -627,6 +713,17 @@ impl NatsServer {
             }
             std::thread::sleep(POLL);
         }
+    }
+}
+
+/// Runs blocking harness work without stalling the other tasks of a
+/// multi-thread runtime (`block_in_place`); elsewhere it just runs.
+pub(crate) fn off_runtime<T>(f: impl FnOnce() -> T) -> T {
+    match tokio::runtime::Handle::try_current() {
+        Ok(handle) if handle.runtime_flavor() == tokio::runtime::RuntimeFlavor::MultiThread => {
+            tokio::task::block_in_place(f)
+        }
+        _ => f(),
     }
 }
 

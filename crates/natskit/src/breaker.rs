@@ -156,6 +156,8 @@ pub struct BreakerCore {
     /// Length of the current (or last) open period.
     open_for: Duration,
     open_until: Option<Instant>,
+    /// When the current (or last) open period began.
+    opened_at: Option<Instant>,
     probe_in_flight: bool,
     generation: u64,
     rng: fastrand::Rng,
@@ -179,6 +181,7 @@ impl BreakerCore {
             last_failure: None,
             reopens: 0,
             open_until: None,
+            opened_at: None,
             probe_in_flight: false,
             generation: 0,
             rng,
@@ -341,6 +344,46 @@ impl BreakerCore {
         }
     }
 
+    /// The client's own background probe (a cheap round trip through the
+    /// server, never user traffic) succeeded while the breaker is open: the
+    /// server is reachable again, so the open period ends early and the next
+    /// call is admitted as the half-open probe. User traffic is still risked
+    /// at most once per initial back-off: the period never ends sooner than
+    /// that after it began. Returns whether the open period was shortened.
+    ///
+    /// ```
+    /// use std::time::{Duration, Instant};
+    /// use natskit::breaker::{Admission, BreakerConfig, BreakerCore};
+    ///
+    /// let mut core = BreakerCore::new(BreakerConfig { threshold: 1, ..Default::default() });
+    /// let t0 = Instant::now();
+    /// let Admission::Allowed { generation, probe } = core.admit(t0) else { panic!() };
+    /// core.record_failure(generation, probe, t0); // open for 1 s
+    /// let t1 = t0 + Duration::from_secs(1);
+    /// let Admission::Allowed { generation, probe } = core.admit(t1) else { panic!() };
+    /// core.record_failure(generation, probe, t1); // the probe failed: open for 2 s
+    /// let t2 = t1 + Duration::from_millis(1200);
+    /// assert!(matches!(core.admit(t2), Admission::Rejected { .. }));
+    /// assert!(core.server_reachable(t2)); // a background round trip answered
+    /// assert!(matches!(core.admit(t2), Admission::Allowed { probe: true, .. }));
+    /// ```
+    pub fn server_reachable(&mut self, now: Instant) -> bool {
+        if self.state != BreakerState::Open {
+            return false;
+        }
+        let (Some(until), Some(opened)) = (self.open_until, self.opened_at) else {
+            return false;
+        };
+        let earliest = opened + self.config.backoff.initial.min(self.open_for);
+        let new_until = now.max(earliest);
+        if new_until < until {
+            self.open_until = Some(new_until);
+            true
+        } else {
+            false
+        }
+    }
+
     /// Opens the breaker by hand, for the current back-off.
     pub fn trip(&mut self, now: Instant) -> Option<Transition> {
         (self.state != BreakerState::Open).then(|| self.open(now, false))
@@ -360,6 +403,7 @@ impl BreakerCore {
         let random = self.rng.f64();
         self.open_for = self.config.backoff.delay(self.reopens, random);
         self.open_until = Some(now + self.open_for);
+        self.opened_at = Some(now);
         self.probe_in_flight = false;
         self.set_state(BreakerState::Open)
     }
@@ -507,6 +551,15 @@ impl CircuitBreaker {
         self.notify(transition);
     }
 
+    /// See [`BreakerCore::server_reachable`].
+    pub fn server_reachable(&self) -> bool {
+        if self.fast.load(Ordering::Acquire) & 3 == 0 {
+            return false;
+        }
+        let now = self.clock.now();
+        self.mutate(|core| core.server_reachable(now))
+    }
+
     /// Opens the breaker by hand.
     pub fn trip(&self) {
         let now = self.clock.now();
@@ -612,14 +665,30 @@ impl Permit<'_> {
         self.probe
     }
 
-    /// Reports the call's result, classifying an error with the breaker's
-    /// predicate, and passes the result through.
+    /// Reports the call's result and passes it through. An error the
+    /// breaker's predicate counts is a failure; an error that proves nothing
+    /// about the server ([`Error::is_breaker_neutral`]: not connected,
+    /// closed, circuit open, invalid input) settles nothing; any other
+    /// outcome is an answer from the server and counts as a success.
     pub fn record<T>(self, result: Result<T, Error>) -> Result<T, Error> {
-        let failed = result
-            .as_ref()
-            .err()
-            .is_some_and(|e| self.breaker.counts(e));
-        self.finish(failed);
+        match &result {
+            Ok(_) => self.finish(false),
+            Err(e) if self.breaker.counts(e) => self.finish(true),
+            Err(e) if e.is_breaker_neutral() => drop(self),
+            Err(_) => self.finish(false),
+        }
+        result
+    }
+
+    /// Reports the result of a call that did not wait for the server (a
+    /// core publish handed to the client's buffer): a counted error is a
+    /// failure, anything else settles nothing, since a buffered publish
+    /// does not prove the server reachable.
+    pub fn record_unconfirmed<T>(self, result: Result<T, Error>) -> Result<T, Error> {
+        match &result {
+            Err(e) if self.breaker.counts(e) => self.finish(true),
+            _ => drop(self),
+        }
         result
     }
 

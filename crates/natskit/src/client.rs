@@ -8,6 +8,7 @@ use std::sync::{Arc, Mutex, OnceLock, Weak};
 use std::time::{Duration, Instant, SystemTime};
 
 use tokio::sync::{mpsc, watch};
+use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use zeroize::Zeroizing;
 
@@ -67,6 +68,9 @@ pub struct StatusInfo {
     pub healthy: bool,
     /// Messages dropped because a subscription could not keep up.
     pub dropped_messages: u64,
+    /// Panics caught in the client's callbacks (`on_status_change`,
+    /// `on_disconnect`...); the client keeps running.
+    pub callback_panics: u64,
 }
 
 type Callback0 = Arc<dyn Fn() + Send + Sync>;
@@ -189,7 +193,7 @@ impl ClientBuilder {
                     .collect(),
                 name: None,
                 max_reconnects: None,
-                reconnect_wait: Duration::from_secs(2),
+                reconnect_wait: Duration::from_secs(1),
                 connect_timeout: Duration::from_secs(5),
                 drain_timeout: Duration::from_secs(30),
                 ping_interval: Duration::from_secs(30),
@@ -217,7 +221,13 @@ impl ClientBuilder {
     }
 
     setter!(
-        /// Wait between reconnection attempts while the breaker is closed (default 2 s).
+        /// Longest wait between reconnection attempts (default 1 s). After a
+        /// drop the first attempt goes at once, the next ones after 100 ms,
+        /// 200 ms, 400 ms... up to this wait, with 20% jitter, so a
+        /// restarted server is found again within about this wait. (The
+        /// reference waits 2 s between attempts; natskit's default halves
+        /// the worst-case recovery time. Failed attempts still feed the
+        /// breaker, which keeps failing user calls fast meanwhile.)
         reconnect_wait: Duration => config.reconnect_wait);
     setter!(
         /// Timeout of a connection attempt (default 5 s).
@@ -403,6 +413,7 @@ impl ClientBuilder {
             })),
         ));
         let (status_tx, status_rx) = watch::channel(Status::Disconnected);
+        let shutdown = CancellationToken::new();
         let inner = Arc::new(Inner {
             config,
             secrets: Mutex::new(Some(self.secrets)),
@@ -415,13 +426,20 @@ impl ClientBuilder {
             ever_connected: Arc::new(AtomicBool::new(false)),
             status: status_rx,
             signals,
+            epoch: Arc::new(watch::Sender::new(0)),
+            shutdown: shutdown.clone(),
             counters: Counters::default(),
             registry: Arc::new(Registry::default()),
             consumers: Default::default(),
             metrics,
             tasks: TaskTracker::new(),
         });
-        tokio::spawn(supervise(Arc::downgrade(&inner), signal_rx, status_tx));
+        tokio::spawn(supervise(
+            Arc::downgrade(&inner),
+            signal_rx,
+            status_tx,
+            shutdown,
+        ));
         Ok(Client { inner })
     }
 
@@ -447,6 +465,7 @@ pub(crate) struct Counters {
     /// Last RTT in nanoseconds; 0 = never measured.
     pub(crate) rtt_nanos: AtomicU64,
     pub(crate) healthy: AtomicBool,
+    pub(crate) callback_panics: AtomicU64,
 }
 
 pub(crate) struct Inner {
@@ -464,12 +483,38 @@ pub(crate) struct Inner {
     ever_connected: Arc<AtomicBool>,
     status: watch::Receiver<Status>,
     signals: mpsc::UnboundedSender<Signal>,
+    /// Bumped on every (re)connection, so waits that a drop would strand
+    /// (a JetStream ack) can resend at once.
+    epoch: Arc<watch::Sender<u64>>,
+    /// Cancelled when the last `Client` handle is dropped (or at close):
+    /// every task the client started ends, so nothing keeps the connection
+    /// alive.
+    pub(crate) shutdown: CancellationToken,
     pub(crate) counters: Counters,
     pub(crate) registry: Arc<Registry>,
     pub(crate) consumers: crate::consumer::Consumers,
     pub(crate) metrics: crate::metrics::ClientMetrics,
     /// Subscription and handler tasks, awaited by `close`.
     pub(crate) tasks: TaskTracker,
+}
+
+impl Drop for Inner {
+    fn drop(&mut self) {
+        // Dropped without `close()`: end every task, which releases the
+        // subscriptions and, with them, the connection.
+        self.shutdown.cancel();
+    }
+}
+
+/// A handle that does not keep the client alive, for the client's own
+/// tasks: they upgrade it while they work and end when it is gone.
+#[derive(Clone)]
+pub(crate) struct WeakClient(Weak<Inner>);
+
+impl WeakClient {
+    pub(crate) fn upgrade(&self) -> Option<Client> {
+        self.0.upgrade().map(|inner| Client { inner })
+    }
 }
 
 /// A resilient NATS client: a cheap, cloneable handle (`Clone + Send +
@@ -579,6 +624,12 @@ impl Client {
                 );
                 let _ = self.inner.conn.set(conn);
                 tracing::info!(urls = ?self.inner.config.urls, "connected to NATS");
+                // `Ok` means connected and healthy at once: let the status
+                // task take the connection in before returning.
+                let _ = self.inner.signals.send(Signal::Established);
+                let mut status = self.status_watch();
+                let ready = status.wait_for(|s| matches!(s, Status::Connected | Status::Closed));
+                let _ = tokio::time::timeout(self.inner.config.connect_timeout, ready).await;
                 Ok(())
             }
             Err(err) => {
@@ -645,9 +696,13 @@ impl Client {
         let connected = self.inner.connected.clone();
         let breaker = self.inner.breaker.clone();
         let ever_connected = self.inner.ever_connected.clone();
+        let epoch = self.inner.epoch.clone();
         let wait = Backoff {
             jitter: 0.2,
-            ..Backoff::new(config.reconnect_wait, config.reconnect_wait)
+            ..Backoff::new(
+                Duration::from_millis(100).min(config.reconnect_wait),
+                config.reconnect_wait,
+            )
         };
         Ok(options
             .require_tls(config.tls.required)
@@ -657,7 +712,10 @@ impl Client {
             .max_reconnects(config.max_reconnects)
             .event_callback(move |event| {
                 match event {
-                    async_nats::Event::Connected => connected.store(true, Ordering::Release),
+                    async_nats::Event::Connected => {
+                        connected.store(true, Ordering::Release);
+                        epoch.send_modify(|e| *e += 1);
+                    }
                     async_nats::Event::Disconnected | async_nats::Event::Closed => {
                         connected.store(false, Ordering::Release);
                     }
@@ -667,16 +725,18 @@ impl Client {
                 std::future::ready(())
             })
             .reconnect_delay_callback(move |attempts| {
-                // The first attempt after a drop goes at once. Each later call
-                // means the previous attempt failed: that feeds the breaker,
-                // whose open time then paces the attempts.
+                // The first attempt after a drop goes at once; later ones
+                // back off from 100 ms to the reconnect wait, so a restarted
+                // server is found quickly and a dead one is not hammered.
+                // Each call after the first means the previous attempt
+                // failed: that feeds the breaker, which fails user calls
+                // fast meanwhile.
                 if attempts <= 1 || !ever_connected.load(Ordering::Acquire) {
                     return Duration::ZERO;
                 }
                 breaker.connection_failed();
-                breaker
-                    .retry_after()
-                    .unwrap_or_else(|| wait.delay_random(0))
+                let step = u32::try_from(attempts - 2).unwrap_or(u32::MAX);
+                wait.delay_random(step)
             }))
     }
 
@@ -687,6 +747,16 @@ impl Client {
             .breaker
             .acquire()
             .inspect_err(|_| self.inner.metrics.breaker_rejections.increment(1))
+    }
+
+    /// A handle for the client's own tasks that does not keep it alive.
+    pub(crate) fn downgrade(&self) -> WeakClient {
+        WeakClient(Arc::downgrade(&self.inner))
+    }
+
+    /// A receiver of the connection epoch, bumped on every (re)connection.
+    pub(crate) fn connection_epoch(&self) -> watch::Receiver<u64> {
+        self.inner.epoch.subscribe()
     }
 
     pub(crate) fn ensure_open(&self) -> Result<()> {
@@ -762,6 +832,7 @@ impl Client {
             rtt: (rtt > 0).then(|| Duration::from_nanos(rtt)),
             healthy: counters.healthy.load(Ordering::Relaxed),
             dropped_messages: counters.dropped.load(Ordering::Relaxed),
+            callback_panics: counters.callback_panics.load(Ordering::Relaxed),
         }
     }
 
@@ -880,6 +951,7 @@ impl Client {
             }
         }
         self.inner.lifecycle.store(CLOSED, Ordering::Release);
+        self.inner.shutdown.cancel();
         if let Ok(mut secrets) = self.inner.secrets.lock() {
             // Dropping Zeroizing values overwrites them.
             *secrets = None;
@@ -962,6 +1034,8 @@ pub(crate) enum Signal {
     Nats(async_nats::Event),
     Breaker(BreakerState),
     Connecting,
+    /// `connect()` succeeded (in case async-nats' event was dropped).
+    Established,
     ConnectFailed(String),
     Closed,
 }
@@ -974,12 +1048,44 @@ enum Link {
     Down,
 }
 
+/// Why a round trip through the server was started.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum ProbeKind {
+    Health,
+    Breaker,
+}
+
+/// How often the client probes the server itself while the breaker is open
+/// and the connection is up (a frozen or overloaded server).
+const BREAKER_PROBE_INTERVAL: Duration = Duration::from_millis(250);
+
+type ProbeFuture = std::pin::Pin<
+    Box<dyn std::future::Future<Output = (ProbeKind, Option<Probe>, Result<Duration>)> + Send>,
+>;
+
+/// Runs a user callback, catching and counting a panic so that the status
+/// task survives it.
+fn fire(inner: &Weak<Inner>, what: &'static str, callback: impl FnOnce()) {
+    if std::panic::catch_unwind(std::panic::AssertUnwindSafe(callback)).is_err() {
+        tracing::error!(callback = what, "client callback panicked; ignored");
+        if let Some(inner) = inner.upgrade() {
+            inner
+                .counters
+                .callback_panics
+                .fetch_add(1, Ordering::Relaxed);
+        }
+    }
+}
+
 /// The one task that turns connection events, breaker changes and health
-/// checks into status changes and callbacks, in order.
+/// checks into status changes and callbacks, in order. Round trips (health
+/// checks, and probes while the breaker is open) run beside it, so a frozen
+/// server never delays a status change.
 async fn supervise(
     inner: Weak<Inner>,
     mut signals: mpsc::UnboundedReceiver<Signal>,
     status_tx: watch::Sender<Status>,
+    shutdown: CancellationToken,
 ) {
     let Some(strong) = inner.upgrade() else {
         return;
@@ -996,22 +1102,55 @@ async fn supervise(
     let mut last_error: Option<String> = None;
     let mut lost_deadline: Option<tokio::time::Instant> = None;
     let mut probe: Option<Probe> = None;
+    let mut probing: Option<ProbeFuture> = None;
     let mut health = (!config.health_interval.is_zero()).then(|| {
         let mut interval = tokio::time::interval(config.health_interval);
         interval.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         interval
     });
+    let mut breaker_ticker = tokio::time::interval(BREAKER_PROBE_INTERVAL);
+    breaker_ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
 
     let set_healthy = |healthy: bool| {
-        let Some(inner) = inner.upgrade() else { return };
-        let was = inner.counters.healthy.swap(healthy, Ordering::Relaxed);
+        let Some(strong) = inner.upgrade() else {
+            return;
+        };
+        let was = strong.counters.healthy.swap(healthy, Ordering::Relaxed);
+        drop(strong);
         if was != healthy {
             tracing::info!(healthy, "NATS health changed");
             if let Some(cb) = &callbacks.on_health_change {
-                cb(healthy);
+                fire(&inner, "on_health_change", || cb(healthy));
             }
         }
     };
+    // Starts a round trip unless one is running; the probe subscription is
+    // kept between round trips.
+    let start_probe =
+        |kind: ProbeKind, probe: &mut Option<Probe>, probing: &mut Option<ProbeFuture>| {
+            if probing.is_some() {
+                return;
+            }
+            let Some(conn) = inner.upgrade().and_then(|i| i.conn.get().cloned()) else {
+                return;
+            };
+            let bound = match kind {
+                ProbeKind::Health => config.health_interval.min(config.connect_timeout),
+                ProbeKind::Breaker => Duration::from_secs(1),
+            };
+            let existing = probe.take();
+            *probing = Some(Box::pin(async move {
+                let mut p = match existing {
+                    Some(p) => p,
+                    None => match Probe::new(&conn).await {
+                        Ok(p) => p,
+                        Err(err) => return (kind, None, Err(err)),
+                    },
+                };
+                let result = p.round_trip(&conn, bound).await;
+                (kind, Some(p), result)
+            }));
+        };
 
     loop {
         let lost_sleep = async {
@@ -1026,11 +1165,19 @@ async fn supervise(
                 None => std::future::pending().await,
             }
         };
+        let probe_done = async {
+            match probing.as_mut() {
+                Some(fut) => fut.await,
+                None => std::future::pending().await,
+            }
+        };
+        let probe_breaker = breaker_open && link == Link::Up && !closed;
         tokio::select! {
+            () = shutdown.cancelled(), if !closed => break,
             signal = signals.recv() => {
                 let Some(signal) = signal else { break };
                 match signal {
-                    Signal::Nats(async_nats::Event::Connected) => {
+                    Signal::Nats(async_nats::Event::Connected) | Signal::Established if link != Link::Up => {
                         if let Some(inner) = inner.upgrade() {
                             inner.ever_connected.store(true, Ordering::Release);
                             inner.breaker.connection_succeeded();
@@ -1047,10 +1194,11 @@ async fn supervise(
                         if reconnected {
                             tracing::info!("reconnected to NATS");
                             if let Some(cb) = &callbacks.on_reconnect {
-                                cb();
+                                fire(&inner, "on_reconnect", || cb());
                             }
                         }
                     }
+                    Signal::Nats(async_nats::Event::Connected) | Signal::Established => {}
                     Signal::Nats(async_nats::Event::Disconnected) => {
                         if link == Link::Up {
                             tracing::warn!(reason = ?last_error, "disconnected from NATS");
@@ -1058,7 +1206,7 @@ async fn supervise(
                             lost_deadline = Some(tokio::time::Instant::now() + config.connection_lost_after);
                             set_healthy(false);
                             if let Some(cb) = &callbacks.on_disconnect {
-                                cb(last_error.as_deref());
+                                fire(&inner, "on_disconnect", || cb(last_error.as_deref()));
                             }
                         }
                     }
@@ -1100,6 +1248,7 @@ async fn supervise(
                         lost_deadline = None;
                         health = None;
                         probe = None;
+                        probing = None;
                         set_healthy(false);
                     }
                 }
@@ -1108,7 +1257,34 @@ async fn supervise(
                 lost_deadline = None;
                 tracing::error!(after = ?config.connection_lost_after, "NATS connection lost");
                 if let Some(cb) = &callbacks.on_connection_lost {
-                    cb(last_error.as_deref());
+                    fire(&inner, "on_connection_lost", || cb(last_error.as_deref()));
+                }
+            }
+            _ = breaker_ticker.tick(), if probe_breaker => {
+                start_probe(ProbeKind::Breaker, &mut probe, &mut probing);
+            }
+            (kind, kept, measured) = probe_done => {
+                probing = None;
+                probe = kept;
+                match measured {
+                    Ok(rtt) => {
+                        if let Some(inner) = inner.upgrade() {
+                            inner.counters.rtt_nanos.store(duration_nanos(rtt), Ordering::Relaxed);
+                            // The server answers: let the half-open probe through now.
+                            if inner.breaker.server_reachable() {
+                                tracing::info!(?rtt, "server reachable again; admitting the breaker's probe");
+                            }
+                        }
+                        if kind == ProbeKind::Health {
+                            set_healthy(link == Link::Up);
+                        }
+                    }
+                    Err(err) => {
+                        if kind == ProbeKind::Health {
+                            tracing::warn!(%err, "health check failed");
+                            set_healthy(false);
+                        }
+                    }
                 }
             }
             _ = health_tick => {
@@ -1127,32 +1303,11 @@ async fn supervise(
                         lost_deadline.get_or_insert(tokio::time::Instant::now() + config.connection_lost_after);
                     }
                 }
-                let healthy = match (link, conn) {
-                    (Link::Up, Some(conn)) => {
-                        let bound = config.health_interval.min(config.connect_timeout);
-                        if probe.is_none() {
-                            probe = Probe::new(&conn).await.ok();
-                        }
-                        let measured = match probe.as_mut() {
-                            Some(p) => p.round_trip(&conn, bound).await,
-                            None => Err(Error::NotConnected),
-                        };
-                        match measured {
-                            Ok(rtt) => {
-                                if let Some(inner) = inner.upgrade() {
-                                    inner.counters.rtt_nanos.store(duration_nanos(rtt), Ordering::Relaxed);
-                                }
-                                true
-                            }
-                            Err(err) => {
-                                tracing::warn!(%err, "health check failed");
-                                false
-                            }
-                        }
-                    }
-                    _ => false,
-                };
-                set_healthy(healthy);
+                if link == Link::Up && conn.is_some() {
+                    start_probe(ProbeKind::Health, &mut probe, &mut probing);
+                } else {
+                    set_healthy(false);
+                }
             }
         }
 
@@ -1173,7 +1328,7 @@ async fn supervise(
             status_tx.send_replace(status);
             metrics.status.set(crate::metrics::status_code(status));
             if let Some(cb) = &callbacks.on_status_change {
-                cb(status);
+                fire(&inner, "on_status_change", || cb(status));
             }
         }
         if closed {

@@ -3,8 +3,10 @@
 //! A consumer started here keeps delivering across reconnects, server
 //! restarts and the consumer being deleted on the server: a supervisor task
 //! watches the pull stream's heartbeats and recreates the consumer with
-//! back-off under the same name, resuming after the last handled stream
-//! sequence, so no orphan consumers pile up.
+//! back-off under the same name, resuming at the lowest stream sequence not
+//! yet settled (the server's ack floor, polled while messages flow), so a
+//! message waiting for redelivery is never skipped and no orphan consumers
+//! pile up.
 
 use std::collections::HashMap;
 use std::future::Future;
@@ -19,7 +21,7 @@ use futures_util::{FutureExt, StreamExt};
 use tokio::sync::watch;
 
 use crate::backoff::Backoff;
-use crate::client::Client;
+use crate::client::{Client, WeakClient};
 use crate::error::{BoxError, Error, Result};
 use crate::jetstream::StreamAutoCreateConfig;
 use crate::pubsub::HandlerOutcome;
@@ -280,6 +282,10 @@ pub struct ConsumerStats {
     pub recreations: u64,
     /// Stream sequence of the last handled message.
     pub last_stream_sequence: u64,
+    /// The consumer's ack floor as last read from the server: every message
+    /// at or below this stream sequence is settled. A recreated consumer
+    /// resumes right after it.
+    pub ack_floor: u64,
 }
 
 #[derive(Debug, Default)]
@@ -292,6 +298,9 @@ struct Counters {
     timeouts: AtomicU64,
     recreations: AtomicU64,
     last_seq: AtomicU64,
+    /// The server's ack floor (stream sequence): every message at or below
+    /// it is acked or terminated. Recreation resumes right after it.
+    ack_floor: AtomicU64,
     healthy: AtomicBool,
 }
 
@@ -345,11 +354,14 @@ impl ConsumerHandle {
             timeouts: get(&c.timeouts),
             recreations: get(&c.recreations),
             last_stream_sequence: get(&c.last_seq),
+            ack_floor: get(&c.ack_floor),
         }
     }
 
     /// Stops delivering (a handler already running finishes) and waits for
-    /// the supervisor to end. The consumer stays on the server. Idempotent.
+    /// the supervisor to end. A durable consumer stays on the server; an
+    /// ephemeral one is deleted from it (best effort: otherwise the server
+    /// removes it after its inactivity threshold). Idempotent.
     pub async fn stop(&self) {
         self.shared.stop.send_replace(true);
         let mut done = self.shared.done.clone();
@@ -476,6 +488,7 @@ impl Client {
             .clone()
             .unwrap_or_else(|| format!("natskit_{}", nuid::next()));
         let (consumer, _) = open_consumer(self, &config, &name, None, true).await?;
+        let initial_floor = consumer.cached_info().ack_floor.stream_sequence;
         let (stop, stop_rx) = watch::channel(false);
         let (done_tx, done) = watch::channel(false);
         let shared = Arc::new(ConsumerShared {
@@ -485,13 +498,18 @@ impl Client {
             stop,
             done,
         });
+        shared
+            .counters
+            .ack_floor
+            .store(initial_floor, Ordering::Relaxed);
         let handle = ConsumerHandle {
             shared: shared.clone(),
         };
         self.inner.consumers.insert(handle.clone());
         let supervisor = Supervisor {
             metrics: self.inner.metrics.consumer(&config.stream, &name),
-            client: self.clone(),
+            client: self.downgrade(),
+            shutdown: self.inner.shutdown.clone(),
             config,
             name,
             handler: Arc::new(handler),
@@ -650,9 +668,16 @@ async fn open_consumer(
     permit.record(result)
 }
 
+/// How often the supervisor reads the consumer's ack floor while messages
+/// flow. Messages acked since the last read are delivered again if the
+/// consumer must be recreated (at-least-once); none is ever skipped.
+const ACK_FLOOR_INTERVAL: Duration = Duration::from_secs(1);
+
 struct Supervisor<F> {
     metrics: crate::metrics::ConsumerMetrics,
-    client: Client,
+    /// Weak: a running consumer must not keep a dropped client alive.
+    client: WeakClient,
+    shutdown: tokio_util::sync::CancellationToken,
     config: StreamConsumerConfig,
     name: String,
     handler: Arc<F>,
@@ -666,20 +691,55 @@ where
     Fut::Output: HandlerOutcome,
 {
     async fn run(self, first: PullConsumer, mut stop: watch::Receiver<bool>) {
+        let stopped = self.deliver(first, &mut stop).await;
+        self.shared.counters.healthy.store(false, Ordering::Relaxed);
+        if stopped && self.config.durable.is_none() {
+            self.delete_ephemeral().await;
+        }
+    }
+
+    /// Deletes the ephemeral consumer from the server once stopped.
+    async fn delete_ephemeral(&self) {
+        let Some(client) = self.client.upgrade() else {
+            return;
+        };
+        let Ok(js) = client.jetstream() else { return };
+        let deleted = tokio::time::timeout(
+            Duration::from_secs(2),
+            js.delete_consumer_from_stream(&self.name, &self.config.stream),
+        )
+        .await;
+        match deleted {
+            Ok(Ok(_)) => tracing::debug!(consumer = %self.name, "ephemeral consumer deleted"),
+            Ok(Err(err)) => {
+                tracing::debug!(consumer = %self.name, %err, "could not delete the ephemeral consumer")
+            }
+            Err(_) => {
+                tracing::debug!(consumer = %self.name, "deleting the ephemeral consumer timed out")
+            }
+        }
+    }
+
+    /// Delivers until stopped (`true`) or the client is gone (`false`).
+    async fn deliver(&self, first: PullConsumer, stop: &mut watch::Receiver<bool>) -> bool {
         let counters = &self.shared.counters;
         let backoff = Backoff::new(Duration::from_millis(100), Duration::from_secs(5));
         let mut consumer = Some(first);
         let mut failures: u32 = 0;
         loop {
             if *stop.borrow() {
-                break;
+                return true;
             }
+            let Some(client) = self.client.upgrade() else {
+                return false;
+            };
             let current = match consumer.take() {
                 Some(c) => Ok(c),
                 None => {
-                    let last = counters.last_seq.load(Ordering::Relaxed);
-                    let resume = (last > 0).then_some(last);
-                    open_consumer(&self.client, &self.config, &self.name, resume, false)
+                    // Resume at the lowest sequence not yet settled: a
+                    // nak'd, failed or in-flight message is delivered again.
+                    let floor = counters.ack_floor.load(Ordering::Relaxed);
+                    open_consumer(&client, &self.config, &self.name, Some(floor), false)
                         .await
                         .map(|(consumer, recreated)| {
                             if recreated {
@@ -690,18 +750,21 @@ where
                         })
                 }
             };
-            let messages = match current {
-                Ok(c) => c
-                    .stream()
-                    .heartbeat(self.config.heartbeat)
-                    .expires(self.config.heartbeat * 6)
-                    .messages()
-                    .await
-                    .map_err(|e| Error::JetStreamUnavailable {
-                        op: "pull",
-                        source: e.into(),
-                    }),
-                Err(e) => Err(e),
+            drop(client);
+            let (messages, current) = match current {
+                Ok(c) => (
+                    c.stream()
+                        .heartbeat(self.config.heartbeat)
+                        .expires(self.config.heartbeat * 6)
+                        .messages()
+                        .await
+                        .map_err(|e| Error::JetStreamUnavailable {
+                            op: "pull",
+                            source: e.into(),
+                        }),
+                    Some(c),
+                ),
+                Err(e) => (Err(e), None),
             };
             let mut messages = match messages {
                 Ok(m) => m,
@@ -711,22 +774,56 @@ where
                     failures = failures.saturating_add(1);
                     tracing::warn!(stream = %self.config.stream, consumer = %self.name, %err, ?delay, "consumer unavailable; retrying");
                     tokio::select! {
-                        _ = stop.changed() => break,
+                        _ = stop.changed() => return true,
+                        () = self.shutdown.cancelled() => return false,
                         () = tokio::time::sleep(delay) => continue,
                     }
                 }
             };
             counters.healthy.store(true, Ordering::Relaxed);
             failures = 0;
+            let mut floor_ticker = tokio::time::interval(ACK_FLOOR_INTERVAL);
+            floor_ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            let mut delivered_since_read = false;
+            let mut reading: Option<std::pin::Pin<Box<dyn Future<Output = Option<u64>> + Send>>> =
+                None;
             loop {
+                // Read while something was delivered since the last read, or
+                // the floor is still below what was delivered (acks are
+                // applied by the server asynchronously; a nak'd message
+                // holds the floor until it is redelivered and acked).
+                let behind = counters.ack_floor.load(Ordering::Relaxed)
+                    < counters.last_seq.load(Ordering::Relaxed);
+                let read_floor = reading.is_none() && (delivered_since_read || behind);
+                let floor_read = async {
+                    match reading.as_mut() {
+                        Some(fut) => fut.await,
+                        None => std::future::pending().await,
+                    }
+                };
                 tokio::select! {
                     biased;
-                    _ = stop.changed() => {
-                        counters.healthy.store(false, Ordering::Relaxed);
-                        return;
+                    _ = stop.changed() => return true,
+                    () = self.shutdown.cancelled() => return false,
+                    floor = floor_read => {
+                        reading = None;
+                        if let Some(floor) = floor {
+                            counters.ack_floor.fetch_max(floor, Ordering::Relaxed);
+                        }
+                    }
+                    _ = floor_ticker.tick(), if read_floor => {
+                        delivered_since_read = false;
+                        if let Some(mut c) = current.clone() {
+                            reading = Some(Box::pin(async move {
+                                c.info().await.ok().map(|i| i.ack_floor.stream_sequence)
+                            }));
+                        }
                     }
                     next = messages.next() => match next {
-                        Some(Ok(message)) => self.dispatch(message).await,
+                        Some(Ok(message)) => {
+                            delivered_since_read = true;
+                            self.dispatch(message).await;
+                        }
                         Some(Err(err)) => {
                             use async_nats::jetstream::consumer::pull::MessagesErrorKind as K;
                             match err.kind() {
@@ -743,7 +840,6 @@ where
             }
             counters.healthy.store(false, Ordering::Relaxed);
         }
-        counters.healthy.store(false, Ordering::Relaxed);
     }
 
     async fn dispatch(&self, message: jetstream::Message) {
@@ -786,7 +882,9 @@ where
         };
         if failed
             && self.config.ack_policy != AckPolicy::None
-            && let (Some(reply), Ok(conn)) = (reply, self.client.nats())
+            && let Some(reply) = reply
+            && let Some(client) = self.client.upgrade()
+            && let Ok(conn) = client.nats()
         {
             let _ = conn.publish(reply, AckKind::Nak(None).into()).await;
         }

@@ -161,6 +161,17 @@ pub enum Error {
         #[source]
         source: BoxError,
     },
+    /// A JetStream or KV operation got no answer within its timeout (the
+    /// server may still have carried it out). Counts against the breaker;
+    /// [`is_timeout`](Error::is_timeout) is true.
+    #[error("JetStream {op} timed out: {source}")]
+    JetStreamTimeout {
+        /// The operation.
+        op: &'static str,
+        /// The cause.
+        #[source]
+        source: BoxError,
+    },
     /// The KV bucket does not exist.
     #[error("KV bucket {bucket:?} not found")]
     BucketNotFound {
@@ -299,7 +310,10 @@ impl Error {
     pub fn is_timeout(&self) -> bool {
         matches!(
             self,
-            Error::Timeout { .. } | Error::ConnectionTimeout(_) | Error::DrainTimeout(_)
+            Error::Timeout { .. }
+                | Error::ConnectionTimeout(_)
+                | Error::DrainTimeout(_)
+                | Error::JetStreamTimeout { .. }
         ) || matches!(self, Error::Connect(e) if e.kind() == async_nats::ConnectErrorKind::TimedOut)
     }
 
@@ -344,6 +358,17 @@ impl Error {
         )
     }
 
+    /// An outcome that proves nothing about the server, so it never settles
+    /// a circuit breaker permit (neither success nor failure): not connected,
+    /// closed, the breaker's own rejection, and invalid input (rejected
+    /// before any I/O).
+    pub fn is_breaker_neutral(&self) -> bool {
+        matches!(
+            self,
+            Error::NotConnected | Error::Closed | Error::CircuitOpen { .. }
+        ) || self.is_invalid_input()
+    }
+
     /// Authentication or authorization was refused by the server.
     pub fn is_auth(&self) -> bool {
         matches!(self, Error::Connect(e) if matches!(
@@ -364,7 +389,8 @@ impl Error {
             | Error::Timeout { .. }
             | Error::Flush(_)
             | Error::DrainTimeout(_)
-            | Error::JetStreamUnavailable { .. } => true,
+            | Error::JetStreamUnavailable { .. }
+            | Error::JetStreamTimeout { .. } => true,
             Error::Publish(e) => matches!(e.kind(), async_nats::client::PublishErrorKind::Send),
             Error::Subscribe(e) => {
                 !matches!(e.kind(), async_nats::SubscribeErrorKind::InvalidSubject)

@@ -98,26 +98,87 @@ fn map_create_stream(
     }
 }
 
+pub(crate) fn timed_out(op: &'static str, err: impl Into<BoxError>) -> Error {
+    Error::JetStreamTimeout {
+        op,
+        source: err.into(),
+    }
+}
+
+/// What a failed JetStream publish means, read from the error and its
+/// sources (a KV write error wraps the publish error that caused it).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum PublishFault {
+    /// No ack in time: the message may or may not be stored.
+    Timeout,
+    /// No responders: no stream captures the subject, or its leader is
+    /// being elected.
+    NoResponders,
+    /// The connection dropped, or no leader answered: nothing is known.
+    Unavailable,
+    /// An expected-last-sequence precondition failed: 10071, or 10164 (a
+    /// clustered stream with another update to the subject in flight).
+    Conflict,
+    /// The expected last message id did not match.
+    WrongMessageId,
+    /// The message exceeds the server's maximum payload.
+    TooLarge,
+    /// Any other answer.
+    Other,
+}
+
+/// JetStream API error codes of a precondition on the last sequence.
+const WRONG_LAST_SEQUENCE: u64 = 10_071;
+const WRONG_LAST_SEQUENCE_IN_FLIGHT: u64 = 10_164;
+
+pub(crate) fn classify_publish(err: &(dyn std::error::Error + 'static)) -> PublishFault {
+    use async_nats::jetstream::context::PublishError;
+    let mut next: Option<&(dyn std::error::Error + 'static)> = Some(err);
+    while let Some(e) = next {
+        if let Some(publish) = e.downcast_ref::<PublishError>() {
+            match publish.kind() {
+                PublishErrorKind::TimedOut => return PublishFault::Timeout,
+                PublishErrorKind::StreamNotFound => return PublishFault::NoResponders,
+                PublishErrorKind::WrongLastSequence => return PublishFault::Conflict,
+                PublishErrorKind::WrongLastMessageId => return PublishFault::WrongMessageId,
+                PublishErrorKind::BrokenPipe | PublishErrorKind::MaxAckPending => {
+                    return PublishFault::Unavailable;
+                }
+                PublishErrorKind::MaxPayloadExceeded => return PublishFault::TooLarge,
+                _ => {}
+            }
+        }
+        if let Some(api) = e.downcast_ref::<async_nats::jetstream::Error>() {
+            let code = api.error_code();
+            return if code.0 == WRONG_LAST_SEQUENCE || code.0 == WRONG_LAST_SEQUENCE_IN_FLIGHT {
+                PublishFault::Conflict
+            } else if is_unavailable_code(code) {
+                PublishFault::Unavailable
+            } else {
+                PublishFault::Other
+            };
+        }
+        next = e.source();
+    }
+    PublishFault::Other
+}
+
 pub(crate) fn map_publish(
     subject: &str,
     err: async_nats::jetstream::context::PublishError,
 ) -> Error {
-    match err.kind() {
-        // No responders on the subject: no stream captures it, or its leader
-        // is being elected.
-        PublishErrorKind::StreamNotFound => Error::StreamNotFound {
+    match classify_publish(&err) {
+        // Confirmed (or not) by the caller: see `confirm_stream_missing`.
+        PublishFault::NoResponders => Error::StreamNotFound {
             stream: String::new(),
         },
-        PublishErrorKind::WrongLastSequence | PublishErrorKind::WrongLastMessageId => {
-            Error::PublishRejected {
-                subject: subject.to_owned(),
-                reason: err.to_string(),
-            }
-        }
-        PublishErrorKind::TimedOut
-        | PublishErrorKind::BrokenPipe
-        | PublishErrorKind::MaxAckPending => unavailable("publish", err),
-        _ => failed("publish", err),
+        PublishFault::Conflict | PublishFault::WrongMessageId => Error::PublishRejected {
+            subject: subject.to_owned(),
+            reason: err.to_string(),
+        },
+        PublishFault::Timeout => timed_out("publish", err),
+        PublishFault::Unavailable => unavailable("publish", err),
+        PublishFault::TooLarge | PublishFault::Other => failed("publish", err),
     }
 }
 
@@ -191,31 +252,44 @@ impl StreamPublishOptions {
         self
     }
 
-    fn message(&self, payload: Bytes) -> PublishMessage {
-        let mut message = PublishMessage::build().payload(payload);
-        if let Some(headers) = &self.headers {
-            message = message.headers(headers.clone());
-        }
+    /// Every header this publish carries: the caller's, then the options'.
+    fn header_map(&self) -> Option<HeaderMap> {
+        use async_nats::header;
+        let mut headers = self.headers.clone().unwrap_or_default();
         if let Some(id) = &self.message_id {
-            message = message.message_id(id);
+            headers.insert(header::NATS_MESSAGE_ID, id.as_str());
         }
         if let Some(seq) = self.expected_last_sequence {
-            message = message.expected_last_sequence(seq);
+            headers.insert(
+                header::NATS_EXPECTED_LAST_SEQUENCE,
+                seq.to_string().as_str(),
+            );
         }
         if let Some(seq) = self.expected_last_subject_sequence {
-            message = message.expected_last_subject_sequence(seq);
+            headers.insert(
+                header::NATS_EXPECTED_LAST_SUBJECT_SEQUENCE,
+                seq.to_string().as_str(),
+            );
         }
         if let Some(stream) = &self.expected_stream {
-            message = message.expected_stream(stream);
+            headers.insert(header::NATS_EXPECTED_STREAM, stream.as_str());
         }
-        message
+        (!headers.is_empty()).then_some(headers)
+    }
+
+    fn message(&self, payload: Bytes) -> PublishMessage {
+        let message = PublishMessage::build().payload(payload);
+        match self.header_map() {
+            Some(headers) => message.headers(headers),
+            None => message,
+        }
     }
 }
 
 /// Default retry of JetStream publishes while JetStream is unavailable.
 fn default_publish_retry() -> RetryConfig {
     RetryConfig {
-        max_retries: 3,
+        max_retries: 10,
         backoff: Backoff::new(Duration::from_millis(100), Duration::from_secs(1)),
     }
 }
@@ -438,29 +512,43 @@ impl Client {
 
     /// Publishes to a stream with options and returns the acknowledgement.
     ///
-    /// While JetStream is unavailable (no responders during an election or
-    /// restart), retries with back-off. A timed-out attempt is retried only
-    /// when a message id is set, since the server may have stored it: with an
-    /// id, retries cannot duplicate. The whole call is one breaker outcome.
+    /// Every publish carries a `Nats-Msg-Id` (natskit assigns a unique one
+    /// when none is set), so a resend can never store the message twice
+    /// within the stream's duplicate window. That makes every failure safe
+    /// to retry: while JetStream is unavailable (no responders during an
+    /// election or restart, no ack in time), the publish is resent with
+    /// back-off; and when the connection drops while the ack is awaited,
+    /// it is resent as soon as the client has reconnected instead of
+    /// waiting out the ack timeout. The whole call is one breaker outcome.
     ///
     /// # Errors
-    /// [`Error::InvalidSubject`], [`Error::PayloadTooLarge`],
-    /// [`Error::NotConnected`], [`Error::StreamNotFound`] (no stream captures
-    /// the subject, after the retries), [`Error::PublishRejected`] (a
-    /// precondition failed), [`Error::JetStreamUnavailable`].
+    /// [`Error::Closed`], [`Error::InvalidSubject`], [`Error::PayloadTooLarge`]
+    /// (payload plus every header the options add), [`Error::CircuitOpen`],
+    /// [`Error::NotConnected`], [`Error::StreamNotFound`] (only when the
+    /// server confirms that no stream captures the subject),
+    /// [`Error::PublishRejected`] (a precondition failed),
+    /// [`Error::JetStreamTimeout`], [`Error::JetStreamUnavailable`].
     pub async fn publish_to_stream_with(
         &self,
         subject: impl ToSubject,
         payload: impl Into<Bytes>,
         mut options: StreamPublishOptions,
     ) -> Result<PublishAck> {
-        options.headers =
-            crate::trace::outgoing(options.headers.take(), self.inner.config.trace_mode);
+        self.ensure_open()?;
         let subject = subject.to_subject();
         let payload = payload.into();
         subject::validate_publish(&subject)?;
-        let conn = self.live_conn()?;
-        crate::pubsub::check_payload(conn, payload.len(), options.headers.as_ref())?;
+        options.headers =
+            crate::trace::outgoing(options.headers.take(), self.inner.config.trace_mode);
+        if options.message_id.is_none() {
+            options.message_id = Some(nuid::next().to_string());
+        }
+        let headers = options.header_map();
+        if let Ok(conn) = self.nats() {
+            crate::pubsub::check_payload(conn, payload.len(), headers.as_ref())?;
+        }
+        let permit = self.guard()?;
+        self.live_conn()?;
         // The shared context, or a copy with this call's timeout.
         let with_timeout;
         let js = match options.timeout {
@@ -473,31 +561,77 @@ impl Client {
             }
         };
         let retry = options.retry.unwrap_or_else(default_publish_retry);
-        let permit = self.guard()?;
+        let mut epoch = self.connection_epoch();
         let mut attempt = 0;
         let result = loop {
-            let outcome = match js
-                .send_publish(subject.clone(), options.message(payload.clone()))
-                .await
-            {
-                Ok(ack) => ack.await.map_err(|e| map_publish(&subject, e)),
+            let message = match &headers {
+                Some(h) => PublishMessage::build()
+                    .payload(payload.clone())
+                    .headers(h.clone()),
+                None => PublishMessage::build().payload(payload.clone()),
+            };
+            epoch.borrow_and_update();
+            let outcome = match js.send_publish(subject.clone(), message).await {
+                Ok(ack) => {
+                    tokio::select! {
+                        ack = ack => ack.map_err(|e| map_publish(&subject, e)),
+                        // The connection dropped and came back while the
+                        // ack was awaited: it will never come; resend now.
+                        _ = epoch.changed() => Err(unavailable("publish", "reconnected while awaiting the ack")),
+                    }
+                }
                 Err(e) => Err(map_publish(&subject, e)),
             };
-            let retriable = match &outcome {
-                Err(Error::StreamNotFound { .. }) => true,
-                Err(Error::JetStreamUnavailable { .. }) => options.message_id.is_some(),
-                _ => false,
-            };
-            if !retriable || attempt >= retry.max_retries || self.live_conn().is_err() {
+            let retriable = matches!(
+                &outcome,
+                Err(Error::StreamNotFound { .. }
+                    | Error::JetStreamUnavailable { .. }
+                    | Error::JetStreamTimeout { .. })
+            );
+            if !retriable || attempt >= retry.max_retries || self.ensure_open().is_err() {
                 break outcome;
             }
             let delay = retry.backoff.delay_random(attempt);
             tracing::debug!(%subject, attempt, ?delay, "JetStream unavailable; retrying publish");
             attempt += 1;
             self.inner.metrics.retry("stream_publish");
-            tokio::time::sleep(delay).await;
+            tokio::select! {
+                () = tokio::time::sleep(delay) => {}
+                // Reconnected: no reason to wait any longer.
+                _ = epoch.changed() => {}
+            }
+        };
+        let result = match result {
+            Err(Error::StreamNotFound { .. }) => {
+                Err(self.confirm_stream_missing(js, &subject).await)
+            }
+            other => other,
         };
         permit.record(result)
+    }
+
+    /// After no-responders on a stream publish: asks the server whether a
+    /// stream captures `subject`. [`Error::StreamNotFound`] only when it
+    /// answers that none does; a stream without a leader (an election) is
+    /// [`Error::JetStreamUnavailable`].
+    async fn confirm_stream_missing(
+        &self,
+        js: &async_nats::jetstream::Context,
+        subject: &str,
+    ) -> Error {
+        use async_nats::jetstream::context::GetStreamByNameErrorKind;
+        match js.stream_by_subject(subject).await {
+            Err(err) if matches!(err.kind(), GetStreamByNameErrorKind::NotFound) => {
+                Error::StreamNotFound {
+                    stream: String::new(),
+                }
+            }
+            Ok(stream) => unavailable(
+                "publish",
+                format!("stream {stream:?} captures {subject:?} but did not answer (no leader?)"),
+            ),
+            Err(err) => unavailable("publish", err),
+        }
     }
 
     /// A publisher that keeps up to `max_in_flight` acknowledgements

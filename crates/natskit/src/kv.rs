@@ -16,7 +16,7 @@ use serde::de::DeserializeOwned;
 use crate::backoff::Backoff;
 use crate::client::Client;
 use crate::error::{BoxError, Error, Result};
-use crate::jetstream::{Lookup, failed, unavailable};
+use crate::jetstream::{Lookup, PublishFault, classify_publish, failed, timed_out, unavailable};
 use crate::subject;
 
 /// What a KV entry records.
@@ -337,16 +337,143 @@ impl KvStore {
 
     /// Runs one KV operation through the breaker under the per-operation timeout.
     async fn op<T>(&self, op: &'static str, fut: impl Future<Output = Result<T>>) -> Result<T> {
-        self.client.live_conn()?;
+        self.client.ensure_open()?;
         let permit = self.client.guard()?;
+        self.client.live_conn()?;
         let result = match tokio::time::timeout(self.options.timeout, fut).await {
             Ok(result) => result,
-            Err(_) => Err(unavailable(
+            Err(_) => Err(timed_out(
                 op,
-                format!("timed out after {:?}", self.options.timeout),
+                format!("no answer within {:?}", self.options.timeout),
             )),
         };
         permit.record(result)
+    }
+
+    /// The subject a write of `key` goes to, unless the bucket is reached
+    /// through another JetStream domain (then async-nats writes).
+    fn write_subject(&self, key: &str) -> Option<String> {
+        if self.bucket.use_jetstream_prefix {
+            return None;
+        }
+        let prefix = self
+            .bucket
+            .put_prefix
+            .as_ref()
+            .unwrap_or(&self.bucket.prefix);
+        Some(format!("{prefix}{key}"))
+    }
+
+    /// One KV write as a JetStream publish with a unique `Nats-Msg-Id`,
+    /// resent on no-responders, no leader, a dropped connection and a
+    /// missing ack until the operation's timeout. The id makes a resend of
+    /// a write that was stored a duplicate, which the server answers with
+    /// the original revision, so a write is never applied twice and its
+    /// outcome is known exactly. A failed precondition (10071, or 10164 on
+    /// a clustered bucket) is [`Error::RevisionMismatch`].
+    async fn write(
+        &self,
+        op: &'static str,
+        subject: String,
+        key: &str,
+        value: Bytes,
+        expected: Option<u64>,
+    ) -> Result<u64> {
+        use async_nats::header;
+        use async_nats::jetstream::message::PublishMessage;
+        let js = self.client.jetstream()?;
+        let id = nuid::next().to_string();
+        let mut headers = async_nats::HeaderMap::new();
+        headers.insert(header::NATS_MESSAGE_ID, id.as_str());
+        if let Some(revision) = expected {
+            headers.insert(
+                header::NATS_EXPECTED_LAST_SUBJECT_SEQUENCE,
+                revision.to_string().as_str(),
+            );
+        }
+        let deadline = tokio::time::Instant::now() + self.options.timeout;
+        let backoff = Backoff::new(Duration::from_millis(25), Duration::from_millis(500));
+        let mut epoch = self.client.connection_epoch();
+        // Whether an earlier attempt may have been stored without our
+        // hearing the ack.
+        let mut uncertain = false;
+        let mut attempt = 0u32;
+        loop {
+            epoch.borrow_and_update();
+            let message = PublishMessage::build()
+                .payload(value.clone())
+                .headers(headers.clone());
+            let remaining = deadline.saturating_duration_since(tokio::time::Instant::now());
+            let sent = async {
+                let ack = js.send_publish(subject.clone(), message).await?;
+                ack.await
+            };
+            let fault = tokio::select! {
+                outcome = tokio::time::timeout(remaining, sent) => match outcome {
+                    Ok(Ok(ack)) => return Ok(ack.sequence),
+                    Ok(Err(err)) => match classify_publish(&err) {
+                        PublishFault::Conflict => {
+                            if uncertain && let Some(revision) = self.stored_with_id(&subject, &id).await {
+                                return Ok(revision);
+                            }
+                            return Err(Error::RevisionMismatch {
+                                key: key.to_owned(),
+                                expected: expected.unwrap_or(0),
+                            });
+                        }
+                        PublishFault::Timeout => {
+                            uncertain = true;
+                            timed_out(op, err)
+                        }
+                        PublishFault::NoResponders | PublishFault::Unavailable => {
+                            uncertain = true;
+                            unavailable(op, err)
+                        }
+                        PublishFault::TooLarge => {
+                            return Err(Error::ValueTooLarge {
+                                size: value.len(),
+                                max: self.options.max_value_size.min(
+                                    self.client.nats().map_or(usize::MAX, async_nats::Client::max_payload),
+                                ),
+                            });
+                        }
+                        PublishFault::WrongMessageId | PublishFault::Other => {
+                            return Err(failed(op, err));
+                        }
+                    },
+                    Err(_) => return Err(timed_out(op, format!("no ack within {:?}", self.options.timeout))),
+                },
+                // Reconnected while the ack was awaited: it will not come.
+                _ = epoch.changed() => {
+                    uncertain = true;
+                    unavailable(op, "reconnected while awaiting the ack")
+                }
+            };
+            let delay = backoff.delay_random(attempt);
+            if tokio::time::Instant::now() + delay >= deadline {
+                return Err(fault);
+            }
+            tracing::debug!(bucket = %self.bucket.name, key, attempt, err = %fault, "kv write not confirmed; resending");
+            attempt += 1;
+            self.client.inner.metrics.retry("kv_write");
+            tokio::select! {
+                () = tokio::time::sleep(delay) => {}
+                _ = epoch.changed() => {}
+            }
+        }
+    }
+
+    /// The revision of the last write of `subject` when it carries message
+    /// id `id` (our own write, stored although its ack was lost).
+    async fn stored_with_id(&self, subject: &str, id: &str) -> Option<u64> {
+        let message = self
+            .bucket
+            .stream
+            .get_last_raw_message_by_subject(subject)
+            .await
+            .ok()?;
+        let stored_id = message.headers.get(async_nats::header::NATS_MESSAGE_ID)?;
+        (stored_id.as_str() == id).then_some(message.sequence)
     }
 
     fn check_value(&self, value: &[u8]) -> Result<()> {
@@ -376,10 +503,26 @@ impl KvStore {
 
     async fn entry_raw(&self, key: &str) -> Result<Option<kv::Entry>> {
         self.op("kv get", async {
-            self.bucket.entry(key).await.map_err(|e| match e.kind() {
-                kv::EntryErrorKind::TimedOut => unavailable("kv get", e),
-                _ => failed("kv get", e),
-            })
+            // Reads are idempotent: retry what an election or a restart
+            // causes (no responders, no answer) until the timeout.
+            let backoff = Backoff::new(Duration::from_millis(25), Duration::from_millis(500));
+            let mut attempt = 0;
+            loop {
+                let err = match self.bucket.entry(key).await {
+                    Ok(entry) => return Ok(entry),
+                    Err(e) if e.kind() == kv::EntryErrorKind::InvalidKey => {
+                        return Err(Error::InvalidKey {
+                            key: key.to_owned(),
+                            reason: "rejected by the KV store",
+                        });
+                    }
+                    Err(e) if e.kind() == kv::EntryErrorKind::TimedOut => timed_out("kv get", e),
+                    Err(e) => unavailable("kv get", e),
+                };
+                tracing::debug!(bucket = %self.bucket.name, key, attempt, %err, "kv read failed; retrying");
+                tokio::time::sleep(backoff.delay_random(attempt)).await;
+                attempt += 1;
+            }
         })
         .await
     }
@@ -394,13 +537,21 @@ impl KvStore {
         self.check_value(&value)?;
         let revision = self
             .op("kv put", async {
-                self.bucket
-                    .put(key, value)
-                    .await
-                    .map_err(|e| match e.kind() {
-                        kv::PutErrorKind::Publish => unavailable("kv put", e),
-                        _ => failed("kv put", e),
-                    })
+                match self.write_subject(key) {
+                    Some(subject) => self.write("kv put", subject, key, value, None).await,
+                    None => {
+                        self.bucket
+                            .put(key, value)
+                            .await
+                            .map_err(|e| match classify_publish(&e) {
+                                PublishFault::Timeout => timed_out("kv put", e),
+                                PublishFault::NoResponders | PublishFault::Unavailable => {
+                                    unavailable("kv put", e)
+                                }
+                                _ => failed("kv put", e),
+                            })
+                    }
+                }
             })
             .await?;
         tracing::debug!(bucket = %self.bucket.name, key, revision, "kv put");
@@ -418,18 +569,49 @@ impl KvStore {
         subject::validate_key(key)?;
         let value = value.into();
         self.check_value(&value)?;
+        let exists = || Error::KeyExists {
+            key: key.to_owned(),
+        };
         let revision = self
             .op("kv create", async {
-                self.bucket
-                    .create(key, value)
+                let Some(subject) = self.write_subject(key) else {
+                    return self
+                        .bucket
+                        .create(key, value)
+                        .await
+                        .map_err(|e| match e.kind() {
+                            CreateErrorKind::AlreadyExists => exists(),
+                            _ => match classify_publish(&e) {
+                                PublishFault::Conflict => exists(),
+                                PublishFault::Timeout => timed_out("kv create", e),
+                                PublishFault::NoResponders | PublishFault::Unavailable => {
+                                    unavailable("kv create", e)
+                                }
+                                _ => failed("kv create", e),
+                            },
+                        });
+                };
+                match self
+                    .write("kv create", subject.clone(), key, value.clone(), Some(0))
                     .await
-                    .map_err(|e| match e.kind() {
-                        CreateErrorKind::AlreadyExists => Error::KeyExists {
-                            key: key.to_owned(),
-                        },
-                        CreateErrorKind::Publish => unavailable("kv create", e),
-                        _ => failed("kv create", e),
-                    })
+                {
+                    Err(Error::RevisionMismatch { .. }) => {}
+                    other => return other,
+                }
+                // The key has history: a delete or purge marker counts as
+                // absent, so write over it (only if it is still the last).
+                match self.bucket.entry(key).await {
+                    Ok(Some(entry)) if entry.operation != Operation::Put => {
+                        match self
+                            .write("kv create", subject, key, value, Some(entry.revision))
+                            .await
+                        {
+                            Err(Error::RevisionMismatch { .. }) => Err(exists()),
+                            other => other,
+                        }
+                    }
+                    _ => Err(exists()),
+                }
             })
             .await?;
         self.written(key);
@@ -448,17 +630,26 @@ impl KvStore {
         self.check_value(&value)?;
         let new = self
             .op("kv update", async {
-                self.bucket
-                    .update(key, value, revision)
+                let Some(subject) = self.write_subject(key) else {
+                    return self.bucket.update(key, value, revision).await.map_err(|e| {
+                        match (e.kind(), classify_publish(&e)) {
+                            (UpdateErrorKind::WrongLastRevision, _)
+                            | (_, PublishFault::Conflict) => Error::RevisionMismatch {
+                                key: key.to_owned(),
+                                expected: revision,
+                            },
+                            (UpdateErrorKind::TimedOut, _) | (_, PublishFault::Timeout) => {
+                                timed_out("kv update", e)
+                            }
+                            (_, PublishFault::NoResponders | PublishFault::Unavailable) => {
+                                unavailable("kv update", e)
+                            }
+                            _ => failed("kv update", e),
+                        }
+                    });
+                };
+                self.write("kv update", subject, key, value, Some(revision))
                     .await
-                    .map_err(|e| match e.kind() {
-                        UpdateErrorKind::WrongLastRevision => Error::RevisionMismatch {
-                            key: key.to_owned(),
-                            expected: revision,
-                        },
-                        UpdateErrorKind::TimedOut => unavailable("kv update", e),
-                        _ => failed("kv update", e),
-                    })
             })
             .await?;
         self.written(key);

@@ -179,7 +179,8 @@ impl Client {
                 "monitor interval must be above zero".into(),
             ));
         }
-        let client = self.clone();
+        let weak = self.downgrade();
+        let shutdown = self.inner.shutdown.clone();
         let name = stream.to_owned();
         let metrics = self.inner.metrics.clone();
         let labels = [("client", metrics.client.clone()), ("stream", name.clone())];
@@ -188,7 +189,12 @@ impl Client {
         let task = tokio::spawn(async move {
             let mut ticker = tokio::time::interval(interval);
             loop {
-                ticker.tick().await;
+                tokio::select! {
+                    () = shutdown.cancelled() => break,
+                    _ = ticker.tick() => {}
+                }
+                // Weak: the monitor must not keep a dropped client alive.
+                let Some(client) = weak.upgrade() else { break };
                 let Ok(mut stream) = client.get_stream(&name).await else {
                     continue;
                 };

@@ -299,12 +299,14 @@ impl Subscription {
 impl Client {
     /// Publishes `payload` on `subject`.
     ///
-    /// Checks, in order and before touching the network: the subject
-    /// ([`Error::InvalidSubject`]), the payload size against the server's
-    /// maximum ([`Error::PayloadTooLarge`]), the circuit breaker
+    /// Checks, in the order every operation uses and before touching the
+    /// network: closed ([`Error::Closed`]), invalid input (the subject,
+    /// [`Error::InvalidSubject`]; the payload size against the server's
+    /// maximum, [`Error::PayloadTooLarge`]), the circuit breaker
     /// ([`Error::CircuitOpen`]) and the connection ([`Error::NotConnected`],
     /// unless buffering while disconnected is on). Invalid input never counts
-    /// against the breaker.
+    /// against the breaker, and since a core publish is only buffered, its
+    /// success does not count as proof that the server is reachable either.
     ///
     /// ```no_run
     /// # async fn demo(client: natskit::Client) -> natskit::Result<()> {
@@ -344,11 +346,14 @@ impl Client {
         payload: Bytes,
         headers: Option<HeaderMap>,
     ) -> Result<()> {
+        self.ensure_open()?;
         subject::validate_publish(&subject)?;
-        let conn = self.live_conn()?;
         let headers = trace::outgoing(headers, self.inner.config.trace_mode);
-        check_payload(conn, payload.len(), headers.as_ref())?;
+        if let Ok(conn) = self.nats() {
+            check_payload(conn, payload.len(), headers.as_ref())?;
+        }
         let permit = self.guard()?;
+        let conn = self.live_conn()?;
         let result = match headers {
             None => conn.publish(subject, payload).await,
             Some(headers) => conn.publish_with_headers(subject, headers, payload).await,
@@ -356,7 +361,9 @@ impl Client {
         if result.is_ok() {
             self.inner.metrics.publishes.increment(1);
         }
-        permit.record(result.map_err(Error::Publish))
+        // A publish handed to the client's buffer proves nothing about the
+        // server: it never counts as a success.
+        permit.record_unconfirmed(result.map_err(Error::Publish))
     }
 
     /// Subscribes with an async handler that receives every message
@@ -432,6 +439,8 @@ impl Client {
         let subscriber = self
             .subscriber_inner(&subject, options.queue.clone())
             .await?;
+        // Taken before the task starts, so nothing can fail once it runs.
+        let conn = self.live_conn().or_else(|_| self.nats())?.clone();
         let stats = Arc::new(StatsCell::new(self.inner.metrics.subscription(&subject)));
         if let Some(sid) = subscriber_sid(&subscriber) {
             self.inner.registry.register(sid, &subject, &stats);
@@ -450,8 +459,10 @@ impl Client {
         };
         let concurrency = options.concurrency.unwrap_or(1);
         let tasks = self.inner.tasks.clone();
+        let shutdown = self.inner.shutdown.clone();
         self.inner.tasks.spawn(async move {
-            run.run(subscriber, control_rx, concurrency, tasks).await;
+            run.run(subscriber, control_rx, concurrency, tasks, shutdown)
+                .await;
             let _ = done_tx.send(true);
         });
         Ok(Subscription {
@@ -459,7 +470,7 @@ impl Client {
             stats,
             control,
             done,
-            conn: self.live_conn()?.clone(),
+            conn,
             sync_timeout: self.inner.config.connect_timeout,
         })
     }
@@ -480,13 +491,13 @@ impl Client {
         subject: &async_nats::Subject,
         queue: Option<String>,
     ) -> Result<async_nats::Subscriber> {
+        self.ensure_open()?;
         subject::validate_subscribe(subject)?;
         if let Some(queue) = &queue {
             subject::validate_queue(queue)?;
         }
-        self.ensure_open()?;
-        let conn = self.live_conn()?;
         let permit = self.guard()?;
+        let conn = self.live_conn()?;
         let result = match queue {
             None => conn.subscribe(subject.clone()).await,
             Some(queue) => conn.queue_subscribe(subject.clone(), queue).await,
@@ -546,11 +557,17 @@ where
         mut control: watch::Receiver<Control>,
         concurrency: usize,
         tasks: tokio_util::task::TaskTracker,
+        shutdown: tokio_util::sync::CancellationToken,
     ) {
         let limiter = (concurrency > 1).then(|| Arc::new(Semaphore::new(concurrency)));
         loop {
             let message = tokio::select! {
                 biased;
+                // The client was dropped without `close()`.
+                () = shutdown.cancelled() => {
+                    let _ = subscriber.unsubscribe().await;
+                    break;
+                }
                 changed = control.changed() => {
                     // The sender lives in the registry as long as the client:
                     // an error means the client is gone.

@@ -126,6 +126,7 @@ impl Client {
     ) -> Result<Message> {
         let subject = subject.to_subject();
         let payload = payload.into();
+        self.ensure_open()?;
         subject::validate_publish(&subject)?;
         let permit = self.guard()?;
         let started = std::time::Instant::now();
@@ -164,6 +165,7 @@ impl Client {
     ) -> Result<Bytes> {
         let subject = subject.to_subject();
         let payload = payload.into();
+        self.ensure_open()?;
         subject::validate_publish(&subject)?;
         let headers = HeaderMap::new();
         let permit = self.guard()?;
@@ -285,11 +287,15 @@ impl Client {
         Fut: Future<Output = std::result::Result<Bytes, ServiceError>> + Send + 'static,
     {
         let handler = Arc::new(handler);
-        let client = self.clone();
+        // Weak: a running service must not keep a dropped client alive.
+        let weak = self.downgrade();
         self.subscribe_with(subject, options, move |message: Message| {
             let handler = handler.clone();
-            let client = client.clone();
+            let weak = weak.clone();
             async move {
+                let Some(client) = weak.upgrade() else {
+                    return Err(BoxError::from("client dropped"));
+                };
                 let reply_to = message.reply.clone();
                 let outcome = handler(message).await;
                 let Some(reply_to) = reply_to else {
