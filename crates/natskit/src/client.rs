@@ -1290,19 +1290,20 @@ async fn supervise(
             _ = health_tick => {
                 let Some(strong) = inner.upgrade() else { break };
                 let conn = strong.conn.get().cloned();
-                drop(strong);
                 // Events can be dropped by async-nats when its queue is full:
                 // reconcile the link with the authoritative state.
                 if let Some(conn) = &conn {
                     let up = conn.connection_state() == async_nats::connection::State::Connected;
                     if up && matches!(link, Link::Down | Link::Connecting) {
-                        link = Link::Up;
-                        lost_deadline = None;
+                        // Through the signal path, so a reconnect is counted
+                        // and its callback fires even if the event was lost.
+                        let _ = strong.signals.send(Signal::Established);
                     } else if !up && link == Link::Up {
                         link = Link::Down;
                         lost_deadline.get_or_insert(tokio::time::Instant::now() + config.connection_lost_after);
                     }
                 }
+                drop(strong);
                 if link == Link::Up && conn.is_some() {
                     start_probe(ProbeKind::Health, &mut probe, &mut probing);
                 } else {

@@ -286,6 +286,10 @@ impl StreamPublishOptions {
     }
 }
 
+/// How long one send of a stream publish waits for its ack before it is
+/// sent again with the same message id.
+const RESEND_ACK_WAIT: Duration = Duration::from_secs(1);
+
 /// Default retry of JetStream publishes while JetStream is unavailable.
 fn default_publish_retry() -> RetryConfig {
     RetryConfig {
@@ -571,10 +575,16 @@ impl Client {
                 None => PublishMessage::build().payload(payload.clone()),
             };
             epoch.borrow_and_update();
+            // Each send waits at most a second for its ack before it is sent
+            // again (the id makes a resend harmless), so a publish that went
+            // to a leader that just died is not held up for the whole ack
+            // timeout while a new leader is elected.
+            let resend_wait = tokio::time::sleep(RESEND_ACK_WAIT);
             let outcome = match js.send_publish(subject.clone(), message).await {
                 Ok(ack) => {
                     tokio::select! {
                         ack = ack => ack.map_err(|e| map_publish(&subject, e)),
+                        () = resend_wait => Err(timed_out("publish", format!("no ack within {RESEND_ACK_WAIT:?} of a resend"))),
                         // The connection dropped and came back while the
                         // ack was awaited: it will never come; resend now.
                         _ = epoch.changed() => Err(unavailable("publish", "reconnected while awaiting the ack")),
