@@ -893,6 +893,74 @@ mod tests {
         );
     }
 
+    #[test]
+    fn server_reachable_ends_the_open_period_but_not_before_the_initial_backoff() {
+        let t0 = Instant::now();
+        let mut core = BreakerCore::new(config(1, 1, 60));
+        fail_n(&mut core, 1, t0); // open for 1 s
+        let t1 = t0 + Duration::from_secs(1);
+        let (g, p) = allowed(&mut core, t1);
+        core.record_failure(g, p, t1); // re-open for 2 s
+        let t2 = t1 + Duration::from_secs(2);
+        let (g, p) = allowed(&mut core, t2);
+        core.record_failure(g, p, t2); // re-open for 4 s at t2
+        assert_eq!(core.backoff(), Duration::from_secs(4));
+        // Too soon after opening: only brought forward to t2 + 1 s.
+        assert!(core.server_reachable(t2 + Duration::from_millis(100)));
+        assert!(matches!(
+            core.admit(t2 + Duration::from_millis(500)),
+            Admission::Rejected { .. }
+        ));
+        let (_, probe) = allowed(&mut core, t2 + Duration::from_secs(1));
+        assert!(probe, "admitted as the half-open probe");
+        // Closed or half-open: nothing to shorten.
+        assert!(!core.server_reachable(t2 + Duration::from_secs(1)));
+    }
+
+    #[test]
+    fn neutral_outcomes_settle_nothing() {
+        let clock = Arc::new(ManualClock(Mutex::new(Instant::now())));
+        let breaker = CircuitBreaker::with_parts(config(3, 1, 60), clock, None, None);
+        for _ in 0..2 {
+            let _ = breaker
+                .acquire()
+                .unwrap()
+                .record::<()>(Err(Error::ConnectionTimeout(Duration::from_secs(1))));
+        }
+        assert_eq!(breaker.snapshot().consecutive_failures, 2);
+        // Not connected, closed, invalid input, a buffered publish: no reset.
+        let _ = breaker
+            .acquire()
+            .unwrap()
+            .record::<()>(Err(Error::NotConnected));
+        let _ = breaker.acquire().unwrap().record::<()>(Err(Error::Closed));
+        let _ = breaker
+            .acquire()
+            .unwrap()
+            .record::<()>(Err(Error::InvalidArgument("x".into())));
+        let _ = breaker.acquire().unwrap().record_unconfirmed::<()>(Ok(()));
+        assert_eq!(breaker.snapshot().consecutive_failures, 2);
+        // A buffered publish that failed to send still counts.
+        let _ = breaker
+            .acquire()
+            .unwrap()
+            .record_unconfirmed::<()>(Err(Error::ConnectionTimeout(Duration::from_secs(1))));
+        assert_eq!(breaker.state(), BreakerState::Open);
+        // An answer from the server (no responders) is a success.
+        breaker.reset();
+        let _ = breaker
+            .acquire()
+            .unwrap()
+            .record::<()>(Err(Error::ConnectionTimeout(Duration::from_secs(1))));
+        let _ = breaker
+            .acquire()
+            .unwrap()
+            .record::<()>(Err(Error::NoResponders {
+                subject: "x".into(),
+            }));
+        assert_eq!(breaker.snapshot().consecutive_failures, 0);
+    }
+
     struct ManualClock(Mutex<Instant>);
     impl Clock for ManualClock {
         fn now(&self) -> Instant {

@@ -481,8 +481,8 @@ impl Client {
         Fut: Future + Send + 'static,
         Fut::Output: HandlerOutcome,
     {
-        config.validate()?;
         self.ensure_open()?;
+        config.validate()?;
         let name = config
             .durable
             .clone()
@@ -550,6 +550,7 @@ impl Client {
     /// [`Error::InvalidName`], [`Error::StreamNotFound`],
     /// [`Error::JetStreamUnavailable`], [`Error::JetStream`].
     pub async fn stop_and_delete_consumer(&self, stream: &str, name: &str) -> Result<()> {
+        self.ensure_open()?;
         subject::validate_name("consumer", name)?;
         self.stop_consumer(stream, name).await;
         let stream = self.get_stream(stream).await?;

@@ -360,6 +360,17 @@ impl Client {
             .get_or_init(|| async_nats::jetstream::new(conn.clone())))
     }
 
+    /// The breaker, then the connection: the checks every JetStream call
+    /// makes after its input was validated (see [`Client::publish`] for the
+    /// order).
+    pub(crate) fn js_call(
+        &self,
+    ) -> Result<(crate::breaker::Permit<'_>, &async_nats::jetstream::Context)> {
+        let permit = self.guard()?;
+        self.live_conn()?;
+        Ok((permit, self.jetstream()?))
+    }
+
     /// Creates a stream.
     ///
     /// ```no_run
@@ -380,9 +391,9 @@ impl Client {
     /// [`Error::JetStreamUnavailable`], [`Error::JetStream`] (for example
     /// when a stream with another config exists).
     pub async fn create_stream(&self, config: stream::Config) -> Result<stream::Stream> {
+        self.ensure_open()?;
         check_stream_config(&config)?;
-        let js = self.jetstream()?;
-        let permit = self.guard()?;
+        let (permit, js) = self.js_call()?;
         let result = js
             .create_stream(config)
             .await
@@ -396,9 +407,9 @@ impl Client {
     /// [`Error::StreamNotFound`] (an answer, not a breaker failure),
     /// [`Error::InvalidName`], [`Error::JetStreamUnavailable`].
     pub async fn get_stream(&self, name: &str) -> Result<stream::Stream> {
+        self.ensure_open()?;
         subject::validate_name("stream", name)?;
-        let js = self.jetstream()?;
-        let permit = self.guard()?;
+        let (permit, js) = self.js_call()?;
         let result = js
             .get_stream(name)
             .await
@@ -411,9 +422,9 @@ impl Client {
     /// # Errors
     /// [`Error::InvalidName`], [`Error::JetStreamUnavailable`], [`Error::JetStream`].
     pub async fn delete_stream(&self, name: &str) -> Result<bool> {
+        self.ensure_open()?;
         subject::validate_name("stream", name)?;
-        let js = self.jetstream()?;
-        let permit = self.guard()?;
+        let (permit, js) = self.js_call()?;
         let result = match js.delete_stream(name).await {
             Ok(status) => Ok(status.success),
             Err(err) => match err.kind() {
@@ -438,6 +449,7 @@ impl Client {
     /// # Errors
     /// As [`create_stream`](Self::create_stream), plus the conflict above.
     pub async fn ensure_stream(&self, config: stream::Config) -> Result<stream::Stream> {
+        self.ensure_open()?;
         check_stream_config(&config)?;
         let mut existing = match self.get_stream(&config.name).await {
             Ok(stream) => stream,
@@ -465,8 +477,7 @@ impl Client {
             return Ok(existing);
         }
         tracing::info!(stream = %config.name, fields = ?updatable, "updating stream configuration");
-        let js = self.jetstream()?;
-        let permit = self.guard()?;
+        let (permit, js) = self.js_call()?;
         let result = js
             .update_stream(&config)
             .await
@@ -956,5 +967,49 @@ fn record_ack(
                 errors.push((index, err));
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use async_nats::jetstream::context::PublishError;
+
+    fn api_error(code: u64) -> async_nats::jetstream::Error {
+        serde_json::from_str(&format!(
+            r#"{{"code":400,"err_code":{code},"description":"test"}}"#
+        ))
+        .expect("an API error")
+    }
+
+    #[test]
+    fn both_wrong_last_sequence_codes_are_conflicts() {
+        for code in [10_071, 10_164] {
+            let err = PublishError::with_source(PublishErrorKind::Other, api_error(code));
+            assert_eq!(classify_publish(&err), PublishFault::Conflict, "{code}");
+        }
+        let err = PublishError::with_source(PublishErrorKind::Other, api_error(10_999));
+        assert_eq!(classify_publish(&err), PublishFault::Other);
+    }
+
+    #[test]
+    fn publish_faults_by_kind_and_through_wrappers() {
+        let cases = [
+            (PublishErrorKind::TimedOut, PublishFault::Timeout),
+            (PublishErrorKind::StreamNotFound, PublishFault::NoResponders),
+            (PublishErrorKind::WrongLastSequence, PublishFault::Conflict),
+            (PublishErrorKind::BrokenPipe, PublishFault::Unavailable),
+            (PublishErrorKind::MaxPayloadExceeded, PublishFault::TooLarge),
+        ];
+        for (kind, fault) in cases {
+            assert_eq!(classify_publish(&PublishError::new(kind)), fault);
+            // A KV put error wraps the publish error as its source.
+            let wrapped = async_nats::jetstream::kv::PutError::with_source(
+                async_nats::jetstream::kv::PutErrorKind::Publish,
+                PublishError::new(kind),
+            );
+            assert_eq!(classify_publish(&wrapped), fault);
+        }
+        assert!(map_publish("s", PublishError::new(PublishErrorKind::TimedOut)).is_timeout());
     }
 }

@@ -168,8 +168,8 @@ impl Client {
     /// [`Error::InvalidName`], [`Error::BucketConfigConflict`],
     /// [`Error::JetStreamUnavailable`], [`Error::JetStream`].
     pub async fn create_key_value_bucket(&self, config: kv::Config) -> Result<kv::Store> {
+        self.ensure_open()?;
         check_bucket_name(&config.bucket)?;
-        let js = self.jetstream()?;
         match self.get_key_value_bucket(&config.bucket).await {
             Ok(existing) => {
                 // Fetched by get_key_value just now.
@@ -190,7 +190,7 @@ impl Client {
                     return Ok(existing);
                 }
                 tracing::info!(bucket = %config.bucket, "updating KV bucket configuration");
-                let permit = self.guard()?;
+                let (permit, js) = self.js_call()?;
                 let result = js
                     .update_key_value(config)
                     .await
@@ -198,7 +198,7 @@ impl Client {
                 permit.record(result)
             }
             Err(Error::BucketNotFound { .. }) => {
-                let permit = self.guard()?;
+                let (permit, js) = self.js_call()?;
                 let result = js
                     .create_key_value(config)
                     .await
@@ -220,9 +220,9 @@ impl Client {
     /// [`Error::BucketNotFound`] (an answer, not a breaker failure),
     /// [`Error::InvalidName`], [`Error::JetStreamUnavailable`].
     pub async fn get_key_value_bucket(&self, name: &str) -> Result<kv::Store> {
+        self.ensure_open()?;
         check_bucket_name(name)?;
-        let js = self.jetstream()?;
-        let permit = self.guard()?;
+        let (permit, js) = self.js_call()?;
         let result = js.get_key_value(name).await.map_err(|err| {
             // async-nats wraps the stream lookup's error: classify by its kind.
             let lookup = std::error::Error::source(&err)
@@ -244,6 +244,7 @@ impl Client {
     /// # Errors
     /// [`Error::InvalidName`], [`Error::JetStreamUnavailable`], [`Error::JetStream`].
     pub async fn delete_key_value_bucket(&self, name: &str) -> Result<bool> {
+        self.ensure_open()?;
         check_bucket_name(name)?;
         self.delete_stream(&format!("KV_{name}")).await
     }
@@ -253,8 +254,8 @@ impl Client {
     /// # Errors
     /// [`Error::JetStreamUnavailable`].
     pub async fn list_key_value_buckets(&self) -> Result<Vec<String>> {
-        let js = self.jetstream()?;
-        let permit = self.guard()?;
+        self.ensure_open()?;
+        let (permit, js) = self.js_call()?;
         let result = async {
             let mut names = js.stream_names();
             let mut buckets = Vec::new();
@@ -476,6 +477,12 @@ impl KvStore {
         (stored_id.as_str() == id).then_some(message.sequence)
     }
 
+    /// Closed first, then the key: the order every operation checks in.
+    fn check_key(&self, key: &str) -> Result<()> {
+        self.client.ensure_open()?;
+        subject::validate_key(key)
+    }
+
     fn check_value(&self, value: &[u8]) -> Result<()> {
         if value.len() > self.options.max_value_size {
             return Err(Error::ValueTooLarge {
@@ -492,7 +499,7 @@ impl KvStore {
     /// [`Error::KeyNotFound`] when it was never written, deleted or purged;
     /// [`Error::InvalidKey`]; [`Error::JetStreamUnavailable`].
     pub async fn get(&self, key: &str) -> Result<KvEntry> {
-        subject::validate_key(key)?;
+        self.check_key(key)?;
         match self.entry_raw(key).await? {
             Some(entry) if entry.operation == Operation::Put => Ok(entry.into()),
             _ => Err(Error::KeyNotFound {
@@ -532,7 +539,7 @@ impl KvStore {
     /// # Errors
     /// [`Error::InvalidKey`], [`Error::ValueTooLarge`], [`Error::JetStreamUnavailable`].
     pub async fn put(&self, key: &str, value: impl Into<Bytes>) -> Result<u64> {
-        subject::validate_key(key)?;
+        self.check_key(key)?;
         let value = value.into();
         self.check_value(&value)?;
         let revision = self
@@ -566,7 +573,7 @@ impl KvStore {
     /// [`Error::KeyExists`], [`Error::InvalidKey`], [`Error::ValueTooLarge`],
     /// [`Error::JetStreamUnavailable`].
     pub async fn create(&self, key: &str, value: impl Into<Bytes>) -> Result<u64> {
-        subject::validate_key(key)?;
+        self.check_key(key)?;
         let value = value.into();
         self.check_value(&value)?;
         let exists = || Error::KeyExists {
@@ -625,7 +632,7 @@ impl KvStore {
     /// [`Error::RevisionMismatch`], [`Error::InvalidKey`],
     /// [`Error::ValueTooLarge`], [`Error::JetStreamUnavailable`].
     pub async fn update(&self, key: &str, value: impl Into<Bytes>, revision: u64) -> Result<u64> {
-        subject::validate_key(key)?;
+        self.check_key(key)?;
         let value = value.into();
         self.check_value(&value)?;
         let new = self
@@ -661,7 +668,7 @@ impl KvStore {
     /// # Errors
     /// [`Error::InvalidKey`], [`Error::JetStreamUnavailable`].
     pub async fn delete(&self, key: &str) -> Result<()> {
-        subject::validate_key(key)?;
+        self.check_key(key)?;
         self.op("kv delete", async {
             self.bucket
                 .delete(key)
@@ -678,7 +685,7 @@ impl KvStore {
     /// # Errors
     /// [`Error::InvalidKey`], [`Error::JetStreamUnavailable`].
     pub async fn purge(&self, key: &str) -> Result<()> {
-        subject::validate_key(key)?;
+        self.check_key(key)?;
         self.op("kv purge", async {
             self.bucket
                 .purge(key)
@@ -698,7 +705,7 @@ impl KvStore {
     /// [`Error::KeyNotFound`] when the key has no revision at all;
     /// [`Error::InvalidKey`]; [`Error::JetStreamUnavailable`].
     pub async fn history(&self, key: &str) -> Result<Vec<KvEntry>> {
-        subject::validate_key(key)?;
+        self.check_key(key)?;
         let entries: Vec<KvEntry> = self
             .op("kv history", async {
                 let mut history = self
@@ -738,6 +745,7 @@ impl KvStore {
     /// [`Error::InvalidKey`] for a prefix no key could start with;
     /// [`Error::JetStreamUnavailable`].
     pub async fn keys_by_prefix(&self, prefix: &str) -> Result<Vec<String>> {
+        self.client.ensure_open()?;
         if prefix.is_empty() {
             return self.keys().await;
         }
@@ -769,6 +777,7 @@ impl KvStore {
     /// # Errors
     /// [`Error::InvalidSubject`] for a bad pattern; [`Error::JetStreamUnavailable`].
     pub async fn filtered_keys(&self, pattern: &str) -> Result<Vec<String>> {
+        self.client.ensure_open()?;
         subject::validate_subscribe(pattern)?;
         let prefix = self.bucket.prefix.clone();
         let stream = self.bucket.stream.clone();
@@ -863,7 +872,7 @@ impl KvStore {
     where
         F: FnMut(Option<&[u8]>) -> Result<Vec<u8>>,
     {
-        subject::validate_key(key)?;
+        self.check_key(key)?;
         let backoff = self.options.backoff();
         let attempts = self.options.max_retries.saturating_add(1);
         for attempt in 0..attempts {
@@ -1020,6 +1029,7 @@ impl KvStore {
     /// # Errors
     /// [`Error::InvalidSubject`] for a bad pattern; [`Error::JetStreamUnavailable`].
     pub async fn watch(&self, pattern: &str) -> Result<KvWatch> {
+        self.client.ensure_open()?;
         subject::validate_subscribe(pattern)?;
         let initial = self.filtered_subject_count(pattern).await?;
         let watcher = self

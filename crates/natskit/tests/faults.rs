@@ -629,3 +629,93 @@ async fn stream_not_found_is_confirmed() -> TestResult {
     assert!(matches!(err, Error::StreamNotFound { .. }), "{err}");
     Ok(())
 }
+
+/// Every operation checks in one order: closed, invalid input, circuit
+/// open, not connected.
+#[tokio::test]
+async fn every_operation_checks_in_one_order() -> TestResult {
+    let mut server = NatsServer::start_jetstream()?;
+    let client = Client::builder(server.url())
+        .health_interval(Duration::ZERO)
+        .connect()
+        .await?;
+    let bucket = client
+        .create_key_value_bucket(kv::Config {
+            bucket: "order".into(),
+            storage: StorageType::Memory,
+            ..Default::default()
+        })
+        .await?;
+    let store = client.kv_store(bucket, KvOptions::default());
+    server.kill_async().await?;
+    eventually(WAIT, "the drop to be seen", || async {
+        client
+            .publish("a.b", "x")
+            .await
+            .err()
+            .filter(Error::is_not_connected)
+    })
+    .await;
+
+    // Disconnected, circuit closed: not connected, for every kind of call.
+    let not_connected = [
+        client
+            .request("a.b", "x", Duration::from_secs(1))
+            .await
+            .err(),
+        client.publish_to_stream("a.b", "x").await.err(),
+        client.get_stream("S").await.err(),
+        client.get_key_value_bucket("order").await.err(),
+        store.put("k", "v").await.err(),
+    ];
+    for err in not_connected {
+        let err = err.expect("must fail");
+        assert!(err.is_not_connected(), "{err}");
+    }
+    // Invalid input comes before the connection.
+    let err = client.publish("a b", "x").await.expect_err("invalid");
+    assert!(err.is_invalid_input(), "{err}");
+
+    // Circuit open: every call fails fast with CircuitOpen, not NotConnected.
+    client.breaker().trip();
+    let open = [
+        client.publish("a.b", "x").await.err(),
+        client
+            .request("a.b", "x", Duration::from_secs(1))
+            .await
+            .err(),
+        client.publish_to_stream("a.b", "x").await.err(),
+        client.get_stream("S").await.err(),
+        client.get_key_value_bucket("order").await.err(),
+        client.list_key_value_buckets().await.err(),
+        store.put("k", "v").await.err(),
+        store.get("k").await.err(),
+    ];
+    for err in open {
+        let err = err.expect("must fail");
+        assert!(err.is_circuit_open(), "{err}");
+    }
+    // Invalid input still comes first, and never counts.
+    let failures = client.status_info().total_failures;
+    for err in [
+        client.publish("a..b", "x").await.err(),
+        client.get_stream("bad name").await.err(),
+        store.put("bad key!", "v").await.err(),
+    ] {
+        let err = err.expect("must fail");
+        assert!(err.is_invalid_input(), "{err}");
+    }
+    assert_eq!(client.status_info().total_failures, failures);
+
+    // Closed comes before everything.
+    client.close().await?;
+    for err in [
+        client.publish("a b", "x").await.err(),
+        client.get_stream("bad name").await.err(),
+        store.put("bad key!", "v").await.err(),
+    ] {
+        let err = err.expect("must fail");
+        assert!(err.is_closed(), "{err}");
+    }
+    Ok(())
+}
