@@ -4,7 +4,9 @@ use std::time::{Duration, Instant};
 
 use async_nats::jetstream::{self, stream};
 use futures_util::StreamExt;
-use natskit_testing::{Cluster, NatsServer, OperatorAuth, TestEnv, TestStream, eventually};
+use natskit_testing::{
+    Cluster, LinkState, NatsServer, OperatorAuth, Proxy, TestEnv, TestStream, eventually,
+};
 
 type TestResult = Result<(), Box<dyn std::error::Error + Send + Sync>>;
 
@@ -485,5 +487,126 @@ async fn lame_duck_warns_clients_and_refuses_new_ones() -> TestResult {
         },
     )
     .await;
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn proxy_partitions_delays_and_cuts_the_link() -> TestResult {
+    let server = NatsServer::start()?;
+    let proxy = Proxy::start(server.client_port()).await?;
+    let client = connect(&proxy.url()).await?;
+    let responder = connect(&server.url()).await?;
+    let mut requests = responder.subscribe("proxy.echo").await?;
+    tokio::spawn(async move {
+        while let Some(msg) = requests.next().await {
+            if let Some(reply) = msg.reply {
+                let _ = responder.publish(reply, msg.payload).await;
+            }
+        }
+    });
+    responder_ready(&client).await;
+    assert_eq!(proxy.connections(), 1);
+
+    proxy.blackhole();
+    assert_eq!(proxy.state(), LinkState::Blackhole);
+    let request = client.request("proxy.echo", "held".into());
+    assert!(
+        tokio::time::timeout(Duration::from_millis(500), request)
+            .await
+            .is_err(),
+        "a partitioned link answered"
+    );
+    proxy.heal();
+    responder_ready(&client).await;
+
+    proxy.set_latency(Duration::from_millis(100));
+    let started = Instant::now();
+    client.request("proxy.echo", "slow".into()).await?;
+    assert!(
+        started.elapsed() >= Duration::from_millis(200),
+        "latency each way"
+    );
+    proxy.set_latency(Duration::ZERO);
+
+    proxy.cut();
+    eventually(
+        Duration::from_secs(10),
+        "a new connection after the cut",
+        || async { (proxy.connections() >= 2).then_some(()) },
+    )
+    .await;
+    responder_ready(&client).await;
+    Ok(())
+}
+
+/// Waits until a request through the client is answered.
+async fn responder_ready(client: &async_nats::Client) {
+    eventually(Duration::from_secs(10), "an answer", || async {
+        tokio::time::timeout(
+            Duration::from_millis(500),
+            client.request("proxy.echo", "ping".into()),
+        )
+        .await
+        .ok()
+        .and_then(Result::ok)
+    })
+    .await;
+}
+
+#[test]
+fn jetstream_options_go_into_the_harness_block() -> TestResult {
+    let server = NatsServer::builder()
+        .sync_always()
+        .jetstream_option("max_memory_store", "64MB")
+        .start()?;
+    assert!(server.has_jetstream());
+    let varz = server.monitor("/varz")?;
+    let config = &varz["jetstream"]["config"];
+    assert_eq!(config["max_memory"].as_u64(), Some(64 * 1024 * 1024));
+    assert_eq!(config["sync_always"].as_bool(), Some(true), "{config}");
+    let store = config["store_dir"].as_str().unwrap_or_default();
+    assert!(
+        store.starts_with(&*server.dir().to_string_lossy()),
+        "the store stays in the server's directory: {store}"
+    );
+    let refused = NatsServer::builder()
+        .extra_config("jetstream { store_dir: /tmp/elsewhere }")
+        .start();
+    assert!(
+        refused.is_err(),
+        "a jetstream block in extra_config is refused"
+    );
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cluster_builder_and_stream_leader_lookup() -> TestResult {
+    let mut cluster = Cluster::builder(3)
+        .configure(|_, builder| builder.sync_always())
+        .start()?;
+    let client = connect(&cluster.node(0).url()).await?;
+    let js = jetstream::new(client);
+    js.create_stream(stream::Config {
+        name: "LOOKUP".into(),
+        subjects: vec!["lookup.>".into()],
+        num_replicas: 3,
+        ..Default::default()
+    })
+    .await?;
+    let leader = cluster
+        .wait_for_stream_current_async("LOOKUP", Duration::from_secs(30))
+        .await?;
+    assert_eq!(cluster.stream_leader("LOOKUP"), Some(leader));
+    assert!(leader < cluster.len());
+    let sync =
+        cluster.node(leader).monitor("/varz")?["jetstream"]["config"]["sync_always"].as_bool();
+    assert_eq!(sync, Some(true), "per-node options applied");
+    cluster.node_mut(leader).kill_async().await?;
+    let new_leader = eventually(Duration::from_secs(30), "a new stream leader", || {
+        let found = cluster.stream_leader("LOOKUP").filter(|l| *l != leader);
+        async move { found }
+    })
+    .await;
+    assert_ne!(new_leader, leader);
     Ok(())
 }
