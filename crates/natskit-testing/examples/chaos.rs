@@ -454,12 +454,89 @@ async fn r3_stream_leader_kills() -> Outcome {
     Ok(line)
 }
 
-/// 8 tasks increment one key of an R3 bucket by CAS while the bucket's
-/// stream leader is killed and restarted: the final value equals the
-/// number of `Ok` returns, and no call returns a conflict or no-responders.
+/// Counts of one CAS counter run.
+#[derive(Default)]
+struct CounterRun {
+    ok: AtomicU64,
+    waits: AtomicU64,
+    done: AtomicUsize,
+    errors: Mutex<BTreeMap<String, usize>>,
+}
+
+/// `tasks` tasks each increment `key` `each` times by CAS.
+fn spawn_counter(
+    store: &natskit::KvStore,
+    key: &'static str,
+    tasks: usize,
+    each: usize,
+) -> (Arc<CounterRun>, Vec<tokio::task::JoinHandle<()>>) {
+    let run = Arc::new(CounterRun::default());
+    let handles = (0..tasks)
+        .map(|_| {
+            let (store, run) = (store.clone(), run.clone());
+            tokio::spawn(async move {
+                let mut increments = 0;
+                while increments < each {
+                    increments += 1;
+                    let result = store
+                        .update_with_retry(key, |current| {
+                            let n: u64 = match current {
+                                Some(v) => std::str::from_utf8(v)?.parse()?,
+                                None => 0,
+                            };
+                            Ok::<_, natskit::BoxError>((n + 1).to_string().into_bytes())
+                        })
+                        .await;
+                    match result {
+                        Ok(_) => {
+                            run.ok.fetch_add(1, Ordering::SeqCst);
+                        }
+                        // Failed fast without touching the server: wait for
+                        // the reconnect, as an application would.
+                        Err(err) if err.is_not_connected() || err.is_circuit_open() => {
+                            increments -= 1;
+                            run.waits.fetch_add(1, Ordering::SeqCst);
+                            tokio::time::sleep(Duration::from_millis(50)).await;
+                            continue;
+                        }
+                        Err(err) => {
+                            let kind = if err.is_conflict() {
+                                "conflict"
+                            } else if matches!(err, Error::NoResponders { .. }) {
+                                "no-responders"
+                            } else if err.is_timeout() {
+                                "timeout"
+                            } else {
+                                "other"
+                            };
+                            if let Ok(mut errors) = run.errors.lock() {
+                                *errors.entry(format!("{kind}: {err}")).or_default() += 1;
+                            }
+                        }
+                    }
+                    run.done.fetch_add(1, Ordering::SeqCst);
+                }
+            })
+        })
+        .collect();
+    (run, handles)
+}
+
+async fn counter_value(store: &natskit::KvStore, key: &str) -> Result<u64, String> {
+    let entry = store.get(key).await.map_err(fail)?;
+    std::str::from_utf8(&entry.value)
+        .map_err(fail)?
+        .parse()
+        .map_err(fail)
+}
+
+/// One key of an R3 bucket incremented by CAS from 8 tasks with the
+/// default `KvOptions`: first without faults (8 x 500 must end at exactly
+/// 4,000 with no error), then while the bucket's stream leader is killed and
+/// restarted (the final value equals the number of `Ok` returns, and no call
+/// returns a conflict or no-responders).
 async fn r3_kv_counter_leader_kill() -> Outcome {
     const TASKS: usize = 8;
-    const EACH: usize = 150;
     let mut cluster = Cluster::start(3).map_err(fail)?;
     let client = Client::builder(cluster.urls())
         .connect()
@@ -481,57 +558,30 @@ async fn r3_kv_counter_leader_kill() -> Outcome {
         .wait_for_stream_current_async("KV_counter", Duration::from_secs(30))
         .await
         .map_err(fail)?;
-    let store = client.kv_store(
-        bucket,
-        KvOptions {
-            max_retries: 100,
-            ..KvOptions::default()
-        },
-    );
-    let ok = Arc::new(AtomicU64::new(0));
-    let errors = Arc::new(Mutex::new(BTreeMap::<String, usize>::new()));
-    let done = Arc::new(AtomicUsize::new(0));
-    let mut tasks = Vec::new();
-    for _ in 0..TASKS {
-        let (store, ok, errors, done) = (store.clone(), ok.clone(), errors.clone(), done.clone());
-        tasks.push(tokio::spawn(async move {
-            for _ in 0..EACH {
-                let result = store
-                    .update_with_retry("n", |current| {
-                        let n: u64 = match current {
-                            Some(v) => std::str::from_utf8(v)?.parse()?,
-                            None => 0,
-                        };
-                        Ok::<_, natskit::BoxError>((n + 1).to_string().into_bytes())
-                    })
-                    .await;
-                match result {
-                    Ok(_) => {
-                        ok.fetch_add(1, Ordering::SeqCst);
-                    }
-                    Err(err) => {
-                        let kind = if err.is_conflict() {
-                            "conflict"
-                        } else if matches!(err, Error::NoResponders { .. }) {
-                            "no-responders"
-                        } else if err.is_timeout() {
-                            "timeout"
-                        } else {
-                            "other"
-                        };
-                        if let Ok(mut errors) = errors.lock() {
-                            *errors.entry(format!("{kind}: {err}")).or_default() += 1;
-                        }
-                    }
-                }
-                done.fetch_add(1, Ordering::SeqCst);
-            }
-        }));
+    let store = client.kv_store(bucket, KvOptions::default());
+
+    let calm_started = Instant::now();
+    let (calm, tasks) = spawn_counter(&store, "calm", TASKS, 500);
+    for task in tasks {
+        task.await.map_err(fail)?;
     }
+    let calm_value = counter_value(&store, "calm").await?;
+    let calm_errors = calm.errors.lock().map_err(fail)?.clone();
+    let calm_line = format!(
+        "no fault: 8 x 500 -> {calm_value} with {} errors in {:.1?}",
+        calm_errors.values().sum::<usize>(),
+        calm_started.elapsed()
+    );
+    check(calm_value == 4000 && calm_errors.is_empty(), || {
+        format!("{calm_line} {calm_errors:?}")
+    })?;
+
+    const EACH: usize = 150;
+    let (run, tasks) = spawn_counter(&store, "n", TASKS, EACH);
     wait_for(
         Duration::from_secs(60),
         "a third of the increments",
-        || async { (done.load(Ordering::SeqCst) >= TASKS * EACH / 3).then_some(()) },
+        || async { (run.done.load(Ordering::SeqCst) >= TASKS * EACH / 3).then_some(()) },
     )
     .await?;
     let leader = cluster
@@ -547,22 +597,17 @@ async fn r3_kv_counter_leader_kill() -> Outcome {
     for task in tasks {
         task.await.map_err(fail)?;
     }
-    let value: u64 = {
-        let entry = store.get("n").await.map_err(fail)?;
-        std::str::from_utf8(&entry.value)
-            .map_err(fail)?
-            .parse()
-            .map_err(fail)?
-    };
-    let ok = ok.load(Ordering::SeqCst);
-    let errors = errors.lock().map_err(fail)?.clone();
+    let value = counter_value(&store, "n").await?;
+    let ok = run.ok.load(Ordering::SeqCst);
+    let errors = run.errors.lock().map_err(fail)?.clone();
     let bad = errors
         .keys()
         .filter(|k| k.starts_with("conflict") || k.starts_with("no-responders"))
         .count();
     let line = format!(
-        "killed leader n{leader}: {ok} Ok of {}, final value {value}, errors {errors:?}",
-        TASKS * EACH
+        "{calm_line}; leader n{leader} killed: {ok} Ok of {}, final value {value}, {} fast failures while reconnecting (retried), errors {errors:?}",
+        TASKS * EACH,
+        run.waits.load(Ordering::SeqCst)
     );
     check(value == ok && bad == 0, || line.clone())?;
     client.close().await.map_err(fail)?;
@@ -687,6 +732,7 @@ async fn breaker_faults() -> Outcome {
 /// and naks: every message handled at least once, no orphan consumers.
 async fn consumer_kill_delete_naks() -> Outcome {
     const TOTAL: u64 = 2000;
+    const NAKS: usize = 10;
     let mut server = NatsServer::builder().sync_always().start().map_err(fail)?;
     let client = Client::builder(server.url())
         .connect()
@@ -696,35 +742,55 @@ async fn consumer_kill_delete_naks() -> Outcome {
         .create_stream(file_stream("WORK", "work.>", 1))
         .await
         .map_err(fail)?;
-    let publisher = client.stream_publisher(256).map_err(fail)?;
-    for i in 0..TOTAL {
-        publisher
-            .publish(format!("work.{i}"), "job")
-            .await
-            .map_err(fail)?;
-    }
-    let report = publisher.flush().await;
-    check(report.acked == TOTAL, || format!("published {report:?}"))?;
+    // Half the messages before the kill, half after it.
+    let publish_half = |from: u64| {
+        let client = client.clone();
+        async move {
+            let publisher = client.stream_publisher(256).map_err(fail)?;
+            for i in from..from + TOTAL / 2 {
+                publisher
+                    .publish(format!("work.{i}"), "job")
+                    .await
+                    .map_err(fail)?;
+            }
+            let report = publisher.flush().await;
+            check(report.acked == TOTAL / 2, || {
+                format!("published {report:?}")
+            })
+        }
+    };
+    publish_half(0).await?;
 
     let handled = Arc::new(Mutex::new(HashSet::new()));
     let failed_once = Arc::new(Mutex::new(HashSet::new()));
     let deliveries = Arc::new(AtomicU64::new(0));
-    let (seen, failed, count) = (handled.clone(), failed_once.clone(), deliveries.clone());
+    let nak_phase = Arc::new(AtomicBool::new(false));
+    let (seen, failed, count, naking) = (
+        handled.clone(),
+        failed_once.clone(),
+        deliveries.clone(),
+        nak_phase.clone(),
+    );
     let handle = client
         .consume_stream_with_config(
             StreamConsumerConfig::new("WORK")
                 .durable("worker")
                 .heartbeat(Duration::from_millis(500)),
             move |msg: async_nats::jetstream::Message| {
-                let (seen, failed, count) = (seen.clone(), failed.clone(), count.clone());
+                let (seen, failed, count, naking) =
+                    (seen.clone(), failed.clone(), count.clone(), naking.clone());
                 async move {
                     count.fetch_add(1, Ordering::SeqCst);
                     let seq = msg.info().map_or(0, |i| i.stream_sequence);
-                    // Messages of the first half fail once (nak'd for 30 s):
-                    // only the recreated consumer can deliver them in time.
-                    let fail = seq.is_multiple_of(50)
-                        && seq <= TOTAL / 2
-                        && failed.lock().is_ok_and(|mut f| f.insert(seq));
+                    // After the restart, the first delivery of ten 50th
+                    // messages not handled yet fails (nak'd for 30 s): only
+                    // the recreated consumer can deliver them again in time.
+                    let fail = naking.load(Ordering::SeqCst)
+                        && seq.is_multiple_of(50)
+                        && seen.lock().is_ok_and(|s| !s.contains(&seq))
+                        && failed
+                            .lock()
+                            .is_ok_and(|mut f| f.len() < NAKS && f.insert(seq));
                     let settled = consume_with_heartbeat(&msg, Duration::from_secs(5), async {
                         if fail { Err("transient") } else { Ok(()) }
                     })
@@ -740,18 +806,39 @@ async fn consumer_kill_delete_naks() -> Outcome {
         .await
         .map_err(fail)?;
     let started = Instant::now();
-    wait_for(Duration::from_secs(60), "a third handled", || async {
-        (handled.lock().ok()?.len() as u64 >= TOTAL / 3).then_some(())
-    })
+    wait_for(
+        Duration::from_secs(60),
+        "the first half handled",
+        || async { (handled.lock().ok()?.len() as u64 == TOTAL / 2).then_some(()) },
+    )
     .await?;
     server.kill_async().await.map_err(fail)?;
     server.restart_async().await.map_err(fail)?;
+    nak_phase.store(true, Ordering::SeqCst);
     wait_for(
-        Duration::from_secs(60),
-        "all but the nak'd handled",
-        || async { (handled.lock().ok()?.len() as u64 >= TOTAL - TOTAL / 100).then_some(()) },
+        Duration::from_secs(30),
+        "publishing after the restart",
+        || async { publish_half(TOTAL / 2).await.ok() },
     )
     .await?;
+    wait_for(
+        Duration::from_secs(60),
+        "every message but the nak'd ones handled",
+        || async {
+            let naked = failed_once.lock().ok()?.len();
+            let handled = handled.lock().ok()?.len();
+            (naked == NAKS && handled as u64 == TOTAL - NAKS as u64).then_some(())
+        },
+    )
+    .await
+    .map_err(|e| {
+        format!(
+            "{e}: {} handled, {} nak'd, {} deliveries",
+            handled.lock().map(|h| h.len()).unwrap_or(0),
+            failed_once.lock().map(|f| f.len()).unwrap_or(0),
+            deliveries.load(Ordering::SeqCst)
+        )
+    })?;
     let raw = async_nats::connect(server.url()).await.map_err(fail)?;
     async_nats::jetstream::new(raw)
         .delete_consumer_from_stream("worker", "WORK")
@@ -768,8 +855,16 @@ async fn consumer_kill_delete_naks() -> Outcome {
         )
     })?;
     let took = started.elapsed();
-    let mut stream = client.get_stream("WORK").await.map_err(fail)?;
-    let consumers = stream.info().await.map_err(fail)?.state.consumer_count;
+    let consumers = wait_for(
+        Duration::from_secs(30),
+        "one consumer on the server",
+        || async {
+            let mut stream = client.get_stream("WORK").await.ok()?;
+            let count = stream.info().await.ok()?.state.consumer_count;
+            (count == 1).then_some(count)
+        },
+    )
+    .await?;
     let stats = handle.stats();
     let line = format!(
         "{TOTAL} handled at least once in {took:.1?} across a kill and an outside delete; {} deliveries, {} naks, {} recreations, {consumers} consumer(s) on the server",
