@@ -120,9 +120,11 @@ impl StreamConsumerConfig {
         }
     }
 
-    /// Makes the consumer durable under `name` (default: ephemeral).
+    /// Makes the consumer durable under `name` (default: ephemeral). An
+    /// empty name is an [`Error::InvalidName`] when the consumer starts,
+    /// never a silent ephemeral consumer.
     pub fn durable(mut self, name: impl Into<String>) -> Self {
-        self.durable = Some(name.into()).filter(|n| !n.is_empty());
+        self.durable = Some(name.into());
         self
     }
 

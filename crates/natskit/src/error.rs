@@ -53,6 +53,15 @@ pub enum Error {
         /// Why it was rejected.
         reason: &'static str,
     },
+    /// A message header is invalid (an empty name, a name with spaces or
+    /// `:`, a value with a line break).
+    #[error("invalid header {name:?}: {reason}")]
+    InvalidHeader {
+        /// The header's name.
+        name: String,
+        /// Why it was rejected.
+        reason: &'static str,
+    },
     /// The payload is larger than the server accepts.
     #[error("payload of {size} bytes exceeds the server maximum of {max} bytes")]
     PayloadTooLarge {
@@ -349,6 +358,7 @@ impl Error {
         matches!(
             self,
             Error::InvalidSubject { .. }
+                | Error::InvalidHeader { .. }
                 | Error::PayloadTooLarge { .. }
                 | Error::InvalidConfig(_)
                 | Error::InvalidName { .. }

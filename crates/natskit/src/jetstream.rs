@@ -252,7 +252,29 @@ impl StreamPublishOptions {
         self
     }
 
+    /// Checks the caller's headers and the values the options put in headers.
+    fn validate(&self) -> Result<()> {
+        use async_nats::header;
+        if let Some(headers) = &self.headers {
+            crate::header::validate(headers)?;
+        }
+        if let Some(id) = &self.message_id {
+            if id.is_empty() {
+                return Err(Error::InvalidHeader {
+                    name: header::NATS_MESSAGE_ID.to_string(),
+                    reason: "empty message id",
+                });
+            }
+            crate::header::validate_value(header::NATS_MESSAGE_ID.as_ref(), id)?;
+        }
+        if let Some(stream) = &self.expected_stream {
+            subject::validate_name("stream", stream)?;
+        }
+        Ok(())
+    }
+
     /// Every header this publish carries: the caller's, then the options'.
+    /// Call [`validate`](Self::validate) first.
     fn header_map(&self) -> Option<HeaderMap> {
         use async_nats::header;
         let mut headers = self.headers.clone().unwrap_or_default();
@@ -275,14 +297,6 @@ impl StreamPublishOptions {
             headers.insert(header::NATS_EXPECTED_STREAM, stream.as_str());
         }
         (!headers.is_empty()).then_some(headers)
-    }
-
-    fn message(&self, payload: Bytes) -> PublishMessage {
-        let message = PublishMessage::build().payload(payload);
-        match self.header_map() {
-            Some(headers) => message.headers(headers),
-            None => message,
-        }
     }
 }
 
@@ -553,6 +567,7 @@ impl Client {
         let subject = subject.to_subject();
         let payload = payload.into();
         subject::validate_publish(&subject)?;
+        options.validate()?;
         options.headers =
             crate::trace::outgoing(options.headers.take(), self.inner.config.trace_mode);
         if options.message_id.is_none() {
@@ -846,13 +861,17 @@ impl StreamPublisher {
         payload: impl Into<Bytes>,
         mut options: StreamPublishOptions,
     ) -> Result<()> {
-        options.headers =
-            crate::trace::outgoing(options.headers.take(), self.client.inner.config.trace_mode);
+        self.client.ensure_open()?;
         let subject = subject.to_subject();
         let payload = payload.into();
         subject::validate_publish(&subject)?;
-        let conn = self.client.live_conn()?;
-        crate::pubsub::check_payload(conn, payload.len(), options.headers.as_ref())?;
+        options.validate()?;
+        options.headers =
+            crate::trace::outgoing(options.headers.take(), self.client.inner.config.trace_mode);
+        let headers = options.header_map();
+        if let Ok(conn) = self.client.nats() {
+            crate::pubsub::check_payload(conn, payload.len(), headers.as_ref())?;
+        }
         let slot = self
             .slots
             .clone()
@@ -860,12 +879,18 @@ impl StreamPublisher {
             .await
             .map_err(|_| Error::Closed)?;
         let permit = self.client.guard()?;
+        self.client.live_conn()?;
+        let message = match headers {
+            Some(headers) => PublishMessage::build().payload(payload).headers(headers),
+            None => PublishMessage::build().payload(payload),
+        };
         let sent = self
             .js
-            .send_publish(subject.clone(), options.message(payload))
+            .send_publish(subject.clone(), message)
             .await
             .map_err(|e| map_publish(&subject, e));
-        let future = permit.record(sent)?;
+        // Queued, not yet acknowledged: proves nothing about the server.
+        let future = permit.record_unconfirmed(sent)?;
         let index = self.shared.sent.fetch_add(1, Ordering::Relaxed);
         self.acks
             .send((index, future, subject.to_string(), slot))

@@ -302,6 +302,10 @@ fn check_bucket_name(name: &str) -> Result<()> {
     Ok(())
 }
 
+/// Bytes a KV write's headers take on the wire: `NATS/1.0`, a message id
+/// and an expected revision, with room to spare.
+const KV_WRITE_HEADER_OVERHEAD: usize = 160;
+
 /// How long one send of a KV write waits for its ack before it is resent
 /// with the same message id.
 const KV_RESEND_ACK_WAIT: Duration = Duration::from_secs(1);
@@ -492,9 +496,7 @@ impl KvStore {
                         PublishFault::TooLarge => {
                             return Err(Error::ValueTooLarge {
                                 size: value.len(),
-                                max: self.options.max_value_size.min(
-                                    self.client.nats().map_or(usize::MAX, async_nats::Client::max_payload),
-                                ),
+                                max: self.max_value_size(),
                             });
                         }
                         PublishFault::WrongMessageId | PublishFault::Other => {
@@ -586,11 +588,30 @@ impl KvStore {
         subject::validate_key(key)
     }
 
+    /// The largest value a write can carry: the store's limit, and what
+    /// the server's `max_payload` leaves after the write's headers.
+    pub fn max_value_size(&self) -> usize {
+        let server = self
+            .client
+            .nats()
+            .map_or(0, async_nats::Client::max_payload);
+        if server == 0 {
+            self.options.max_value_size
+        } else {
+            self.options
+                .max_value_size
+                .min(server.saturating_sub(KV_WRITE_HEADER_OVERHEAD))
+        }
+    }
+
+    /// A value too large is a caller mistake, found before any I/O (never
+    /// a server rejection counted against the breaker).
     fn check_value(&self, value: &[u8]) -> Result<()> {
-        if value.len() > self.options.max_value_size {
+        let max = self.max_value_size();
+        if value.len() > max {
             return Err(Error::ValueTooLarge {
                 size: value.len(),
-                max: self.options.max_value_size,
+                max,
             });
         }
         Ok(())

@@ -58,6 +58,7 @@ pub mod breaker;
 mod client;
 mod consumer;
 mod error;
+pub mod header;
 mod jetstream;
 mod kv;
 pub mod metrics;

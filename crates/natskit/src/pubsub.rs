@@ -348,6 +348,9 @@ impl Client {
     ) -> Result<()> {
         self.ensure_open()?;
         subject::validate_publish(&subject)?;
+        if let Some(headers) = &headers {
+            crate::header::validate(headers)?;
+        }
         let headers = trace::outgoing(headers, self.inner.config.trace_mode);
         if let Ok(conn) = self.nats() {
             check_payload(conn, payload.len(), headers.as_ref())?;

@@ -128,6 +128,7 @@ impl Client {
         let payload = payload.into();
         self.ensure_open()?;
         subject::validate_publish(&subject)?;
+        crate::header::validate(&headers)?;
         let permit = self.guard()?;
         let started = std::time::Instant::now();
         let result = self
@@ -304,8 +305,13 @@ impl Client {
                 let sent = match outcome {
                     Ok(body) => client.reply(&reply_to, body).await,
                     Err(err) => {
+                        // The message may hold line breaks: clean it, or the
+                        // header block would break (async-nats panics).
                         let mut headers = HeaderMap::new();
-                        headers.insert(SERVICE_ERROR_HEADER, err.message.as_str());
+                        headers.insert(
+                            SERVICE_ERROR_HEADER,
+                            crate::header::sanitize_value(&err.message).as_ref(),
+                        );
                         headers.insert(SERVICE_ERROR_CODE_HEADER, err.code.to_string().as_str());
                         client
                             .reply_with_headers(

@@ -284,7 +284,10 @@ impl TraceContext {
         }
         headers.insert(TRACEPARENT_HEADER, self.format_traceparent().as_str());
         if let Some(state) = &self.tracestate {
-            headers.insert(TRACESTATE_HEADER, state.as_str());
+            headers.insert(
+                TRACESTATE_HEADER,
+                crate::header::sanitize_value(state).as_ref(),
+            );
         }
         if mode == TraceMode::Full {
             headers.insert(TRACE_ID_HEADER, hex(&self.trace_id).as_str());
@@ -460,7 +463,12 @@ pub mod otel {
 
     impl Injector for HeaderInjector<'_> {
         fn set(&mut self, key: &str, value: String) {
-            self.0.insert(key, value.as_str());
+            // A propagator's field that is not a valid header is skipped:
+            // async-nats would panic on it.
+            if crate::header::validate_name(key).is_ok() {
+                self.0
+                    .insert(key, crate::header::sanitize_value(&value).as_ref());
+            }
         }
     }
 

@@ -2,21 +2,65 @@
 //! ([`Subject`]) that bind a pattern to a payload type and a [`Codec`].
 //!
 //! A subject is a non-empty list of `.`-separated tokens with no empty
-//! tokens and no whitespace. `*` (one token) and `>` (the rest, last token
-//! only) are wildcards, allowed when subscribing, never when publishing.
+//! tokens, no whitespace (ASCII or Unicode) and no control characters, at
+//! most [`MAX_SUBJECT_LEN`] bytes. `*` (one token) and `>` (the rest, last
+//! token only) are wildcards, allowed when subscribing, never when
+//! publishing.
+//!
+//! The lengths keep every protocol line natskit sends within the server's
+//! 4,096-byte control-line limit (a longer line makes the server drop the
+//! connection, with the messages in flight): a subject with a reply inbox
+//! (`HPUB`), or with a queue group (`SUB`), plus the rest of the line.
 
 use crate::error::Error;
 
 mod typed;
 #[cfg(feature = "msgpack")]
 pub use typed::MsgPackCodec;
-pub use typed::{Codec, ErrorHook, JsonCodec, Subject};
+pub use typed::{Codec, ErrorHook, JsonCodec, MAX_DECODE_DEPTH, Subject};
+
+/// Longest subject accepted, in bytes.
+pub const MAX_SUBJECT_LEN: usize = 3072;
+/// Longest queue group name accepted, in bytes.
+pub const MAX_QUEUE_LEN: usize = 512;
+/// Longest KV key accepted, in bytes (the key goes into a subject after the
+/// bucket's prefix).
+pub const MAX_KEY_LEN: usize = 2048;
+
+// The longest lines natskit can send fit in the server's 4,096 bytes,
+// checked at compile time: "SUB <subject> <queue> <sid>\r\n" and
+// "HPUB <subject> <inbox up to 128> <header bytes> <total bytes>\r\n".
+const _: () = assert!(4 + MAX_SUBJECT_LEN + 1 + MAX_QUEUE_LEN + 1 + 20 + 2 <= 4096);
+const _: () = assert!(5 + MAX_SUBJECT_LEN + 1 + 128 + 1 + 10 + 1 + 10 + 2 <= 4096);
+const _: () = assert!(4 + 256 + 1 + MAX_KEY_LEN <= MAX_SUBJECT_LEN);
+
+/// `text` for an error message: at most 128 bytes of it, cut on a character
+/// boundary, with the full length when cut.
+pub(crate) fn shorten(text: &str) -> String {
+    const KEEP: usize = 128;
+    if text.len() <= KEEP {
+        return text.to_owned();
+    }
+    let mut end = KEEP;
+    while !text.is_char_boundary(end) {
+        end -= 1;
+    }
+    format!("{}... ({} bytes)", &text[..end], text.len())
+}
 
 fn invalid(subject: &str, reason: &'static str) -> Error {
     Error::InvalidSubject {
-        subject: subject.to_owned(),
+        subject: shorten(subject),
         reason,
     }
+}
+
+/// Whether `text` holds a character no subject, queue or header may hold:
+/// an ASCII or Unicode control character or Unicode whitespace (ASCII
+/// whitespace is checked by the callers, with its own message).
+fn has_forbidden_char(text: &str) -> bool {
+    text.bytes().any(|b| b < 0x20 || b == 0x7f)
+        || (!text.is_ascii() && text.chars().any(|c| c.is_control() || c.is_whitespace()))
 }
 
 /// One pass over the bytes; allocates only to report an error.
@@ -24,6 +68,12 @@ fn check_tokens(subject: &str, wildcards: bool) -> Result<(), Error> {
     let bytes = subject.as_bytes();
     if bytes.is_empty() {
         return Err(invalid(subject, "empty subject"));
+    }
+    if bytes.len() > MAX_SUBJECT_LEN {
+        return Err(invalid(
+            subject,
+            "longer than 3072 bytes (MAX_SUBJECT_LEN; the server's protocol line limit is 4096)",
+        ));
     }
     // Length and first byte of the current token.
     let mut len = 0usize;
@@ -78,6 +128,12 @@ fn check_tokens(subject: &str, wildcards: bool) -> Result<(), Error> {
             "wildcards are not allowed when publishing",
         ));
     }
+    if has_forbidden_char(subject) {
+        return Err(invalid(
+            subject,
+            "contains a control character or Unicode whitespace",
+        ));
+    }
     Ok(())
 }
 
@@ -113,7 +169,15 @@ pub fn validate_subscribe(subject: &str) -> Result<(), Error> {
     check_tokens(subject, true)
 }
 
-/// Checks a queue group name: non-empty, no whitespace.
+/// Checks a queue group name: non-empty, at most [`MAX_QUEUE_LEN`] bytes,
+/// no whitespace (ASCII or Unicode), no control characters.
+///
+/// ```
+/// use natskit::subject::validate_queue;
+/// assert!(validate_queue("workers").is_ok());
+/// assert!(validate_queue("two words").is_err());
+/// assert!(validate_queue("nbsp\u{a0}inside").is_err());
+/// ```
 ///
 /// # Errors
 /// [`Error::InvalidSubject`] naming the reason.
@@ -122,6 +186,18 @@ pub fn validate_queue(queue: &str) -> Result<(), Error> {
         return Err(invalid(
             queue,
             "queue group must be non-empty without whitespace",
+        ));
+    }
+    if queue.len() > MAX_QUEUE_LEN {
+        return Err(invalid(
+            queue,
+            "queue group longer than 512 bytes (MAX_QUEUE_LEN)",
+        ));
+    }
+    if has_forbidden_char(queue) {
+        return Err(invalid(
+            queue,
+            "queue group contains a control character or Unicode whitespace",
         ));
     }
     Ok(())
@@ -147,14 +223,15 @@ pub fn validate_name(what: &'static str, name: &str) -> Result<(), Error> {
         b.is_ascii_whitespace()
             || b.is_ascii_control()
             || matches!(b, b'.' | b'*' | b'>' | b'/' | b'\\')
-    }) {
-        "contains whitespace or one of . * > / \\"
+    }) || has_forbidden_char(name)
+    {
+        "contains whitespace, a control character or one of . * > / \\"
     } else {
         return Ok(());
     };
     Err(Error::InvalidName {
         what,
-        name: name.to_owned(),
+        name: shorten(name),
         reason,
     })
 }
@@ -174,6 +251,8 @@ pub fn validate_name(what: &'static str, name: &str) -> Result<(), Error> {
 pub fn validate_key(key: &str) -> Result<(), Error> {
     let reason = if key.is_empty() {
         "empty"
+    } else if key.len() > MAX_KEY_LEN {
+        "longer than 2048 bytes (MAX_KEY_LEN)"
     } else if key.starts_with('.') || key.ends_with('.') || key.contains("..") {
         "empty token (leading, trailing or double '.')"
     } else if key.starts_with("_kv") {
@@ -187,7 +266,7 @@ pub fn validate_key(key: &str) -> Result<(), Error> {
         return Ok(());
     };
     Err(Error::InvalidKey {
-        key: key.to_owned(),
+        key: shorten(key),
         reason,
     })
 }
@@ -221,6 +300,49 @@ pub fn covers(pattern: &str, subject: &str) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn control_characters_and_unicode_whitespace_are_rejected() {
+        for bad in [
+            "a\0b",
+            "a\x7fb",
+            "a\u{a0}b",
+            "a\u{2028}b",
+            "a\u{85}b",
+            "a\u{3000}b",
+            "a\tb",
+            "a\u{1b}b",
+        ] {
+            assert!(validate_publish(bad).is_err(), "{bad:?}");
+            assert!(validate_subscribe(bad).is_err(), "{bad:?}");
+            assert!(validate_queue(bad).is_err(), "{bad:?}");
+            assert!(validate_key(bad).is_err(), "{bad:?}");
+            assert!(validate_name("stream", bad).is_err(), "{bad:?}");
+        }
+        // Other non-ASCII text is fine in subjects.
+        assert!(validate_publish("caf\u{e9}.m\u{fc}nchen").is_ok());
+    }
+
+    #[test]
+    fn lengths_stay_within_the_protocol_line() {
+        let long = |n: usize| "a".repeat(n);
+        assert!(validate_publish(&long(MAX_SUBJECT_LEN)).is_ok());
+        let err = validate_publish(&long(MAX_SUBJECT_LEN + 1)).unwrap_err();
+        assert!(err.to_string().contains("3072"), "{err}");
+        assert!(
+            err.to_string().len() < 400,
+            "the error does not echo it all"
+        );
+        assert!(validate_subscribe(&long(100_000)).is_err());
+        assert!(validate_queue(&long(MAX_QUEUE_LEN)).is_ok());
+        assert!(validate_queue(&long(MAX_QUEUE_LEN + 1)).is_err());
+        assert!(validate_key(&long(MAX_KEY_LEN)).is_ok());
+        assert!(validate_key(&long(MAX_KEY_LEN + 1)).is_err());
+        assert_eq!(
+            shorten("\u{e9}".repeat(100).as_str()).len(),
+            128 + " (200 bytes)".len() + 3
+        );
+    }
 
     #[test]
     fn publish_rules() {

@@ -35,7 +35,12 @@ pub trait Codec<T>: Send + Sync + 'static {
     fn decode(&self, bytes: &[u8]) -> std::result::Result<T, BoxError>;
 }
 
-/// JSON through `serde_json` (the default codec).
+/// Deepest nesting a codec decodes (serde_json's own limit): deeper input
+/// is a decode error, never a stack overflow.
+pub const MAX_DECODE_DEPTH: usize = 128;
+
+/// JSON through `serde_json` (the default codec); nesting is limited to
+/// [`MAX_DECODE_DEPTH`] levels.
 #[derive(Debug, Clone, Copy, Default)]
 pub struct JsonCodec;
 
@@ -66,7 +71,11 @@ impl<T: Serialize + DeserializeOwned> Codec<T> for MsgPackCodec {
     }
 
     fn decode(&self, bytes: &[u8]) -> std::result::Result<T, BoxError> {
-        Ok(rmp_serde::from_slice(bytes)?)
+        // rmp-serde allows 1,024 levels, which overflows a 2 MiB tokio
+        // worker stack in a debug build; use serde_json's limit instead.
+        let mut decoder = rmp_serde::Deserializer::from_read_ref(bytes);
+        decoder.set_max_depth(MAX_DECODE_DEPTH);
+        Ok(serde::Deserialize::deserialize(&mut decoder)?)
     }
 }
 
@@ -566,5 +575,39 @@ mod tests {
             vec![1, 2]
         );
         assert!(Codec::<Vec<u32>>::decode(&codec, b"{").is_err());
+    }
+
+    /// Decodes `bytes` on a thread with a tokio worker's 2 MiB stack.
+    fn decode_on_small_stack<C: Codec<serde_json::Value> + Send + 'static>(
+        codec: C,
+        bytes: Vec<u8>,
+    ) -> bool {
+        std::thread::Builder::new()
+            .stack_size(2 * 1024 * 1024)
+            .spawn(move || codec.decode(&bytes).is_ok())
+            .expect("thread")
+            .join()
+            .expect("no stack overflow")
+    }
+
+    #[test]
+    fn deep_json_is_an_error_not_a_crash() {
+        let deep = |n: usize| format!("{}{}", "[".repeat(n), "]".repeat(n)).into_bytes();
+        assert!(decode_on_small_stack(JsonCodec, deep(100)));
+        assert!(!decode_on_small_stack(JsonCodec, deep(100_000)));
+    }
+
+    #[cfg(feature = "msgpack")]
+    #[test]
+    fn deep_msgpack_is_an_error_not_a_crash() {
+        // 0x91 = a one-element array; the innermost element is nil (0xc0).
+        let deep = |n: usize| {
+            let mut bytes = vec![0x91; n];
+            bytes.push(0xc0);
+            bytes
+        };
+        assert!(decode_on_small_stack(MsgPackCodec, deep(100)));
+        assert!(!decode_on_small_stack(MsgPackCodec, deep(1_000)));
+        assert!(!decode_on_small_stack(MsgPackCodec, deep(100_000)));
     }
 }
