@@ -2,7 +2,7 @@
 //! subscriptions whose handlers run under a deadline, survive panics, and
 //! never lose messages silently.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, VecDeque};
 use std::future::Future;
 use std::panic::AssertUnwindSafe;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -33,8 +33,12 @@ pub struct SubscriptionStats {
     pub panics: u64,
     /// Handlers that exceeded the per-message deadline.
     pub timeouts: u64,
-    /// Messages the client dropped because this subscription fell behind
-    /// (a lower bound: async-nats reports each drop as a best-effort event).
+    /// Messages dropped because this subscription fell behind. natskit
+    /// reads the subscription without pause into its own queue of
+    /// `subscription_capacity` messages while handlers run, and counts every
+    /// message that does not fit exactly; async-nats' buffer behind it is
+    /// then rarely full, and its drops (reported by best-effort events) are
+    /// added when reported.
     pub dropped: u64,
 }
 
@@ -48,12 +52,18 @@ pub(crate) struct StatsCell {
     panics: AtomicU64,
     timeouts: AtomicU64,
     dropped: AtomicU64,
-    /// Nanoseconds since `Registry::epoch` of the last drop warning.
+    /// Nanoseconds since `created` of the last drop warning.
     last_warned: AtomicU64,
+    created: Instant,
+    /// The client's count of dropped messages.
+    client_dropped: Arc<AtomicU64>,
 }
 
 impl StatsCell {
-    fn new((received_metric, dropped_metric): (metrics::Counter, metrics::Counter)) -> Self {
+    fn new(
+        (received_metric, dropped_metric): (metrics::Counter, metrics::Counter),
+        client_dropped: Arc<AtomicU64>,
+    ) -> Self {
         Self {
             received_metric,
             dropped_metric,
@@ -64,6 +74,33 @@ impl StatsCell {
             timeouts: AtomicU64::new(0),
             dropped: AtomicU64::new(0),
             last_warned: AtomicU64::new(0),
+            created: Instant::now(),
+            client_dropped,
+        }
+    }
+
+    /// Counts one dropped message (here, client-wide and in the metric) and
+    /// warns at most once a second per subscription.
+    fn record_drop(&self, subject: &str) {
+        self.record_drops(1, subject);
+    }
+
+    /// Counts `n` dropped messages; see [`record_drop`](Self::record_drop).
+    fn record_drops(&self, n: u64, subject: &str) {
+        let dropped = self.dropped.fetch_add(n, Ordering::Relaxed) + n;
+        self.client_dropped.fetch_add(n, Ordering::Relaxed);
+        self.dropped_metric.increment(n);
+        let now = u64::try_from(self.created.elapsed().as_nanos())
+            .unwrap_or(u64::MAX)
+            .max(1);
+        let last = self.last_warned.load(Ordering::Relaxed);
+        if (last == 0 || now.saturating_sub(last) >= 1_000_000_000)
+            && self
+                .last_warned
+                .compare_exchange(last, now, Ordering::Relaxed, Ordering::Relaxed)
+                .is_ok()
+        {
+            tracing::warn!(%subject, dropped, "slow consumer: messages dropped");
         }
     }
 
@@ -83,21 +120,10 @@ impl StatsCell {
 /// Maps async-nats subscription ids to natskit stats, so slow-consumer
 /// events are counted per subscription.
 /// Also keeps every running subscription's control channel, for `close`.
-#[derive(Debug)]
+#[derive(Debug, Default)]
 pub(crate) struct Registry {
     subs: Mutex<HashMap<u64, (String, Weak<StatsCell>)>>,
     controls: Mutex<Vec<Arc<watch::Sender<Control>>>>,
-    epoch: Instant,
-}
-
-impl Default for Registry {
-    fn default() -> Self {
-        Self {
-            subs: Mutex::new(HashMap::new()),
-            controls: Mutex::new(Vec::new()),
-            epoch: Instant::now(),
-        }
-    }
 }
 
 impl Registry {
@@ -126,27 +152,18 @@ impl Registry {
         }
     }
 
-    pub(crate) fn record_drop(&self, sid: u64) {
+    /// A drop reported by async-nats (a slow-consumer event) for
+    /// subscription `sid`; whether the subscription was known.
+    pub(crate) fn record_drop(&self, sid: u64) -> bool {
         let Some((subject, stats)) = self.subs.lock().ok().and_then(|subs| {
             subs.get(&sid)
                 .and_then(|(s, w)| Some((s.clone(), w.upgrade()?)))
         }) else {
             tracing::warn!(sid, "message dropped: subscription could not keep up");
-            return;
+            return false;
         };
-        let dropped = stats.dropped.fetch_add(1, Ordering::Relaxed) + 1;
-        stats.dropped_metric.increment(1);
-        // Warn at most once a second per subscription.
-        let now = u64::try_from(self.epoch.elapsed().as_nanos()).unwrap_or(u64::MAX);
-        let last = stats.last_warned.load(Ordering::Relaxed);
-        if (last == 0 || now.saturating_sub(last) >= 1_000_000_000)
-            && stats
-                .last_warned
-                .compare_exchange(last, now.max(1), Ordering::Relaxed, Ordering::Relaxed)
-                .is_ok()
-        {
-            tracing::warn!(%subject, dropped, "slow consumer: messages dropped");
-        }
+        stats.record_drop(&subject);
+        true
     }
 }
 
@@ -444,7 +461,10 @@ impl Client {
             .await?;
         // Taken before the task starts, so nothing can fail once it runs.
         let conn = self.live_conn().or_else(|_| self.nats())?.clone();
-        let stats = Arc::new(StatsCell::new(self.inner.metrics.subscription(&subject)));
+        let stats = Arc::new(StatsCell::new(
+            self.inner.metrics.subscription(&subject),
+            self.inner.counters.dropped.clone(),
+        ));
         if let Some(sid) = subscriber_sid(&subscriber) {
             self.inner.registry.register(sid, &subject, &stats);
         }
@@ -459,6 +479,7 @@ impl Client {
                 .unwrap_or(self.inner.config.handler_deadline),
             stats: stats.clone(),
             subject: subject.to_string(),
+            capacity: self.inner.config.subscription_capacity,
         };
         let concurrency = options.concurrency.unwrap_or(1);
         let tasks = self.inner.tasks.clone();
@@ -546,6 +567,39 @@ struct Runner<F> {
     deadline: Duration,
     stats: Arc<StatsCell>,
     subject: String,
+    /// Messages natskit buffers while handlers are busy; beyond it each
+    /// message is dropped and counted.
+    capacity: usize,
+}
+
+/// Messages a runner takes from the subscription at once when they are
+/// ready, before it looks at its handlers and controls again.
+const READ_BATCH: usize = 1024;
+
+/// Messages read in one go, counted once.
+#[derive(Default)]
+struct Batch {
+    read: u64,
+    dropped: u64,
+}
+
+impl Batch {
+    fn accept(&mut self, message: Message, queue: &mut VecDeque<Message>, capacity: usize) {
+        self.read += 1;
+        if queue.len() < capacity {
+            queue.push_back(message);
+        } else {
+            self.dropped += 1;
+        }
+    }
+}
+
+/// What ends a runner's loop.
+enum Exit {
+    /// Handle what is buffered, then unsubscribe.
+    Drain,
+    /// Unsubscribe at once (a running handler finishes).
+    Stop,
 }
 
 impl<F, Fut> Runner<F>
@@ -554,6 +608,10 @@ where
     Fut: Future + Send + 'static,
     Fut::Output: HandlerOutcome,
 {
+    /// Reads the subscription without pause into natskit's own bounded
+    /// queue while handlers run, so async-nats' buffer (whose overflow is
+    /// reported only by best-effort events) does not fill, and every
+    /// message natskit has to drop is counted exactly.
     async fn run(
         self,
         mut subscriber: async_nats::Subscriber,
@@ -562,41 +620,89 @@ where
         tasks: tokio_util::task::TaskTracker,
         shutdown: tokio_util::sync::CancellationToken,
     ) {
+        let mut queue: VecDeque<Message> = VecDeque::new();
         let limiter = (concurrency > 1).then(|| Arc::new(Semaphore::new(concurrency)));
-        loop {
-            let message = tokio::select! {
+        // The one handler running inline (concurrency 1).
+        let mut running = std::pin::pin!(None);
+        let exit = loop {
+            if limiter.is_none()
+                && running.is_none()
+                && let Some(message) = queue.pop_front()
+            {
+                running.set(Some(self.invoke(message)));
+            }
+            let slot_wanted = limiter.is_some() && !queue.is_empty();
+            let slot = async {
+                match &limiter {
+                    Some(limiter) if slot_wanted => limiter.clone().acquire_owned().await.ok(),
+                    _ => std::future::pending().await,
+                }
+            };
+            let inline = async {
+                match running.as_mut().as_pin_mut() {
+                    Some(handler) => handler.await,
+                    None => std::future::pending().await,
+                }
+            };
+            tokio::select! {
                 biased;
                 // The client was dropped without `close()`.
-                () = shutdown.cancelled() => {
-                    let _ = subscriber.unsubscribe().await;
-                    break;
-                }
+                () = shutdown.cancelled() => break Exit::Stop,
                 changed = control.changed() => {
                     // The sender lives in the registry as long as the client:
                     // an error means the client is gone.
                     let command = if changed.is_ok() { *control.borrow_and_update() } else { Control::Stop };
                     match command {
-                        Control::Run => continue,
-                        Control::Drain => {
-                            // Everything sent before the drain request is
-                            // buffered by now: handle it, then leave.
-                            while let Some(Some(message)) = subscriber.next().now_or_never() {
-                                self.dispatch(message, limiter.as_ref(), &tasks).await;
-                            }
-                            let _ = subscriber.unsubscribe().await;
-                            break;
+                        Control::Run => {}
+                        Control::Drain => break Exit::Drain,
+                        Control::Stop => break Exit::Stop,
+                    }
+                }
+                () = inline => running.set(None),
+                Some(permit) = slot => {
+                    if let Some(message) = queue.pop_front() {
+                        self.spawn(message, permit, &tasks);
+                    }
+                }
+                message = subscriber.next() => {
+                    let Some(message) = message else { break Exit::Drain };
+                    // Take what else is ready without another round of the
+                    // select (bounded, so handlers and control stay served),
+                    // and count the batch once.
+                    let mut batch = Batch::default();
+                    batch.accept(message, &mut queue, self.capacity);
+                    for _ in 0..READ_BATCH {
+                        match subscriber.next().now_or_never() {
+                            Some(Some(message)) => batch.accept(message, &mut queue, self.capacity),
+                            Some(None) | None => break,
                         }
-                        Control::Stop => {
-                            let _ = subscriber.unsubscribe().await;
-                            break;
+                    }
+                    self.count(batch);
+                }
+            }
+        };
+        // A running handler finishes either way.
+        if let Some(handler) = running.as_mut().as_pin_mut() {
+            handler.await;
+        }
+        if matches!(exit, Exit::Drain) {
+            // Everything sent before the drain request is buffered by now:
+            // handle it, then leave.
+            while let Some(Some(message)) = subscriber.next().now_or_never() {
+                self.accept(message, &mut queue);
+            }
+            while let Some(message) = queue.pop_front() {
+                match &limiter {
+                    None => self.invoke(message).await,
+                    Some(limiter) => {
+                        if let Ok(permit) = limiter.clone().acquire_owned().await {
+                            self.spawn(message, permit, &tasks);
                         }
                     }
                 }
-                message = subscriber.next() => message,
-            };
-            let Some(message) = message else { break };
-            self.dispatch(message, limiter.as_ref(), &tasks).await;
+            }
         }
+        let _ = subscriber.unsubscribe().await;
         // Wait for in-flight concurrent handlers.
         if let Some(limiter) = limiter {
             let _ = limiter
@@ -605,41 +711,43 @@ where
         }
     }
 
-    async fn dispatch(
+    /// Counts a message read from the subscription and queues it, or drops
+    /// it (counted) when the queue is full.
+    fn accept(&self, message: Message, queue: &mut VecDeque<Message>) {
+        let mut batch = Batch::default();
+        batch.accept(message, queue, self.capacity);
+        self.count(batch);
+    }
+
+    fn count(&self, batch: Batch) {
+        self.stats.received.fetch_add(batch.read, Ordering::Relaxed);
+        self.stats.received_metric.increment(batch.read);
+        if batch.dropped > 0 {
+            self.stats.record_drops(batch.dropped, &self.subject);
+        }
+    }
+
+    fn invoke(&self, message: Message) -> impl Future<Output = ()> + Send + 'static {
+        let (handler, stats, subject) = (
+            self.handler.clone(),
+            self.stats.clone(),
+            self.subject.clone(),
+        );
+        let deadline = self.deadline;
+        async move { handle(&*handler, message, deadline, &stats, &subject).await }
+    }
+
+    fn spawn(
         &self,
         message: Message,
-        limiter: Option<&Arc<Semaphore>>,
+        slot: tokio::sync::OwnedSemaphorePermit,
         tasks: &tokio_util::task::TaskTracker,
     ) {
-        self.stats.received.fetch_add(1, Ordering::Relaxed);
-        self.stats.received_metric.increment(1);
-        match limiter {
-            None => {
-                handle(
-                    &*self.handler,
-                    message,
-                    self.deadline,
-                    &self.stats,
-                    &self.subject,
-                )
-                .await
-            }
-            Some(limiter) => {
-                let Ok(slot) = limiter.clone().acquire_owned().await else {
-                    return;
-                };
-                let (handler, stats, subject) = (
-                    self.handler.clone(),
-                    self.stats.clone(),
-                    self.subject.clone(),
-                );
-                let deadline = self.deadline;
-                tasks.spawn(async move {
-                    handle(&*handler, message, deadline, &stats, &subject).await;
-                    drop(slot);
-                });
-            }
-        }
+        let invocation = self.invoke(message);
+        tasks.spawn(async move {
+            invocation.await;
+            drop(slot);
+        });
     }
 }
 
