@@ -136,6 +136,23 @@ fn file_stream(name: &str, subject: &str, replicas: usize) -> stream::Config {
     }
 }
 
+/// A `sync_interval: always` server, a client, and a file stream on it.
+async fn durable_server_with_stream(
+    name: &str,
+    subject: &str,
+) -> Result<(NatsServer, Client), String> {
+    let server = NatsServer::builder().sync_always().start().map_err(fail)?;
+    let client = Client::builder(server.url())
+        .connect()
+        .await
+        .map_err(fail)?;
+    client
+        .create_stream(file_stream(name, subject, 1))
+        .await
+        .map_err(fail)?;
+    Ok((server, client))
+}
+
 /// Reads every message of `stream` through a raw async-nats client and
 /// returns how many there are and the distinct `Nats-Msg-Id`s. Retried for
 /// a while: right after a restart the stream may still be electing.
@@ -284,15 +301,7 @@ fn lost_and_duplicates(acked: &[String], stored: u64, ids: &HashSet<String>) -> 
 /// Three SIGKILLs of a `sync_interval: always` server during awaited and
 /// pipelined publishing.
 async fn single_server_kills() -> Outcome {
-    let mut server = NatsServer::builder().sync_always().start().map_err(fail)?;
-    let client = Client::builder(server.url())
-        .connect()
-        .await
-        .map_err(fail)?;
-    client
-        .create_stream(file_stream("KILLS", "kills.>", 1))
-        .await
-        .map_err(fail)?;
+    let (mut server, client) = durable_server_with_stream("KILLS", "kills.>").await?;
     let stop = Arc::new(AtomicBool::new(false));
     let (awaited, awaited_task) =
         spawn_awaited_publisher(client.clone(), "kills.awaited", "a", stop.clone());
@@ -733,15 +742,7 @@ async fn breaker_faults() -> Outcome {
 async fn consumer_kill_delete_naks() -> Outcome {
     const TOTAL: u64 = 2000;
     const NAKS: usize = 10;
-    let mut server = NatsServer::builder().sync_always().start().map_err(fail)?;
-    let client = Client::builder(server.url())
-        .connect()
-        .await
-        .map_err(fail)?;
-    client
-        .create_stream(file_stream("WORK", "work.>", 1))
-        .await
-        .map_err(fail)?;
+    let (mut server, client) = durable_server_with_stream("WORK", "work.>").await?;
     // Half the messages before the kill, half after it.
     let publish_half = |from: u64| {
         let client = client.clone();

@@ -39,6 +39,19 @@ fn connections(server: &NatsServer) -> u64 {
         .unwrap_or(u64::MAX)
 }
 
+/// How long until a request to `subject` is answered, polling.
+async fn time_to_first_reply(client: &Client, subject: &str) -> Duration {
+    let started = Instant::now();
+    eventually(WAIT, "a request to be answered", || async {
+        client
+            .request(subject.to_owned(), "x", Duration::from_millis(500))
+            .await
+            .ok()
+    })
+    .await;
+    started.elapsed()
+}
+
 /// At-least-once across a consumer deleted from outside: messages nak'd
 /// (waiting for a 30 s redelivery) below the highest delivered sequence are
 /// delivered again by the recreated consumer, well before the nak delay.
@@ -265,15 +278,7 @@ async fn mixed_traffic_opens_the_breaker_on_a_frozen_server_and_recovers_fast() 
     // Thaw at once: the client's own probes find the server and admit the
     // next call as the probe, instead of waiting out the 4 s.
     server.resume_async().await?;
-    let thawed = Instant::now();
-    eventually(WAIT, "a request to succeed after the thaw", || async {
-        client
-            .request("svc.echo", "x", Duration::from_millis(500))
-            .await
-            .ok()
-    })
-    .await;
-    let recovery = thawed.elapsed();
+    let recovery = time_to_first_reply(&client, "svc.echo").await;
     println!("frozen server: requests succeed {recovery:?} after the thaw (target 1 s)");
     assert!(recovery < Duration::from_secs(3), "{recovery:?}");
     assert_eq!(client.breaker().state(), BreakerState::Closed);
@@ -337,15 +342,7 @@ async fn killed_server_paces_reconnects_and_recovers_quickly() -> TestResult {
     );
 
     server.restart_async().await?;
-    let restarted = Instant::now();
-    eventually(WAIT, "a request after the restart", || async {
-        client
-            .request("svc.time", "", Duration::from_millis(500))
-            .await
-            .ok()
-    })
-    .await;
-    let recovery = restarted.elapsed();
+    let recovery = time_to_first_reply(&client, "svc.time").await;
     println!("killed server: requests succeed {recovery:?} after the restart (target 1 s)");
     assert!(recovery < Duration::from_secs(3), "{recovery:?}");
     service.unsubscribe().await;
