@@ -668,7 +668,7 @@ async fn breaker_faults() -> Outcome {
             let outcome = match i % 3 {
                 0 => client.publish("mix.core", "x").await.map(drop),
                 1 => client
-                    .request("mix.svc", "x", Duration::from_millis(200))
+                    .request_timeout("mix.svc", "x", Duration::from_millis(200))
                     .await
                     .map(drop),
                 _ => client
@@ -708,7 +708,7 @@ async fn breaker_faults() -> Outcome {
             "a request after healing",
             || async {
                 client
-                    .request("mix.svc", "x", Duration::from_millis(500))
+                    .request_timeout("mix.svc", "x", Duration::from_millis(500))
                     .await
                     .ok()
                     .map(|_| healed.elapsed())

@@ -143,8 +143,7 @@ async fn main() -> BenchResult {
         },
         || async {
             for _ in 0..REQUESTS {
-                kit.request("bench.echo", payload.clone(), Duration::ZERO)
-                    .await?;
+                kit.request("bench.echo", payload.clone()).await?;
             }
             Ok(())
         },

@@ -29,7 +29,7 @@ async fn main() -> Result<(), Box<dyn std::error::Error + Send + Sync>> {
         .await?;
     for _ in 0..10 {
         client
-            .request("example.echo", "ping", Duration::from_secs(1))
+            .request_timeout("example.echo", "ping", Duration::from_secs(1))
             .await?;
     }
 

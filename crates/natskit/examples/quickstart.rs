@@ -62,7 +62,7 @@ async fn main() -> Result<()> {
         )
         .await?;
     let reply = client
-        .request("demo.upper", "hello, edge", Duration::from_secs(2))
+        .request_timeout("demo.upper", "hello, edge", Duration::from_secs(2))
         .await?;
     say(
         start,
@@ -142,7 +142,7 @@ async fn main() -> Result<()> {
         while killed.elapsed() < Duration::from_millis(2500) {
             let at = Instant::now();
             match client
-                .request("demo.upper", "x", Duration::from_millis(300))
+                .request_timeout("demo.upper", "x", Duration::from_millis(300))
                 .await
             {
                 Ok(_) => say(start, "  request answered (unexpected)"),
@@ -177,7 +177,7 @@ async fn main() -> Result<()> {
         let restarted = Instant::now();
         loop {
             if client
-                .request("demo.upper", "x", Duration::from_millis(500))
+                .request_timeout("demo.upper", "x", Duration::from_millis(500))
                 .await
                 .is_ok()
             {

@@ -120,7 +120,7 @@ struct TlsConfig {
     client_cert: Option<(PathBuf, PathBuf)>,
 }
 
-/// Settings of a [`Client`], with the reference system's defaults.
+/// Settings of a [`Client`] (defaults in [`ClientBuilder`]'s setters).
 #[derive(Clone)]
 pub(crate) struct Config {
     pub(crate) urls: Vec<String>,
@@ -130,12 +130,13 @@ pub(crate) struct Config {
     pub(crate) connect_timeout: Duration,
     pub(crate) drain_timeout: Duration,
     pub(crate) ping_interval: Duration,
-    pub(crate) health_interval: Duration,
+    pub(crate) health_interval: Option<Duration>,
     pub(crate) connection_lost_after: Duration,
     pub(crate) breaker: BreakerConfig,
     pub(crate) is_failure: Option<FailurePredicate>,
     pub(crate) subscription_capacity: usize,
     pub(crate) handler_deadline: Duration,
+    pub(crate) request_timeout: Duration,
     pub(crate) buffer_when_disconnected: bool,
     pub(crate) retry_initial_connect: bool,
     pub(crate) trace_mode: crate::trace::TraceMode,
@@ -162,7 +163,7 @@ impl fmt::Debug for Config {
     }
 }
 
-/// Builds a [`Client`]. Every setting has the reference system's default.
+/// Builds a [`Client`]. Every setting has a default, named in its setter's docs.
 ///
 /// ```no_run
 /// use std::time::Duration;
@@ -179,6 +180,7 @@ impl fmt::Debug for Config {
 /// # Ok(()) }
 /// ```
 #[derive(Debug)]
+#[must_use]
 pub struct ClientBuilder {
     config: Config,
     secrets: Secrets,
@@ -208,12 +210,13 @@ impl ClientBuilder {
                 connect_timeout: Duration::from_secs(5),
                 drain_timeout: Duration::from_secs(30),
                 ping_interval: Duration::from_secs(30),
-                health_interval: Duration::from_secs(10),
+                health_interval: Some(Duration::from_secs(10)),
                 connection_lost_after: Duration::from_secs(30),
                 breaker: BreakerConfig::default(),
                 is_failure: None,
                 subscription_capacity: 65_536,
                 handler_deadline: Duration::from_secs(30),
+                request_timeout: crate::request::DEFAULT_REQUEST_TIMEOUT,
                 buffer_when_disconnected: false,
                 retry_initial_connect: false,
                 trace_mode: crate::trace::TraceMode::Full,
@@ -227,10 +230,10 @@ impl ClientBuilder {
         }
     }
 
-    /// Maximum reconnection attempts after a disconnect; negative means
-    /// forever (the default, -1).
-    pub fn max_reconnects(mut self, max: i64) -> Self {
-        self.config.max_reconnects = usize::try_from(max).ok();
+    /// Maximum reconnection attempts after a disconnect: `Some(n)`, or
+    /// `None` to keep trying forever (the default).
+    pub fn max_reconnects(mut self, max: Option<usize>) -> Self {
+        self.config.max_reconnects = max;
         self
     }
 
@@ -238,10 +241,9 @@ impl ClientBuilder {
         /// Longest wait between reconnection attempts (default 1 s). After a
         /// drop the first attempt goes at once, the next ones after 100 ms,
         /// 200 ms, 400 ms... up to this wait, with 20% jitter, so a
-        /// restarted server is found again within about this wait. (The
-        /// reference waits 2 s between attempts; natskit's default halves
-        /// the worst-case recovery time. Failed attempts still feed the
-        /// breaker, which keeps failing user calls fast meanwhile.)
+        /// restarted server is found again within about this wait. Failed
+        /// attempts still feed the breaker, which keeps failing user calls
+        /// fast meanwhile.
         reconnect_wait: Duration => config.reconnect_wait);
     setter!(
         /// Timeout of a connection attempt (default 5 s).
@@ -252,10 +254,20 @@ impl ClientBuilder {
     setter!(
         /// Interval of protocol pings that detect dead connections (default 30 s).
         ping_interval: Duration => config.ping_interval);
-    setter!(
-        /// Interval of health checks (a ping round trip); zero turns them off
-        /// (default 10 s).
-        health_interval: Duration => config.health_interval);
+    /// Interval of health checks, a round trip through the server (default
+    /// 10 s; must be above zero). See also
+    /// [`disable_health_checks`](Self::disable_health_checks).
+    pub fn health_interval(mut self, interval: Duration) -> Self {
+        self.config.health_interval = Some(interval);
+        self
+    }
+
+    /// No periodic health checks: [`Client::is_healthy`] then follows the
+    /// connection alone.
+    pub fn disable_health_checks(mut self) -> Self {
+        self.config.health_interval = None;
+        self
+    }
     setter!(
         /// How long the connection must stay down before the
         /// connection-lost callback fires (default 30 s).
@@ -285,14 +297,19 @@ impl ClientBuilder {
         /// Deadline for one message handler invocation (default 30 s).
         handler_deadline: Duration => config.handler_deadline);
     setter!(
+        /// Timeout of [`Client::request`] (default 5 s); see also
+        /// [`Client::request_timeout`].
+        request_timeout: Duration => config.request_timeout);
+    setter!(
         /// While disconnected, let async-nats buffer publishes for the next
         /// connection instead of failing with [`Error::NotConnected`]
-        /// (default false, the reference's behaviour).
+        /// (default false).
         buffer_when_disconnected: bool => config.buffer_when_disconnected);
     setter!(
         /// Which trace headers outgoing messages carry (default
-        /// [`TraceMode::Full`](crate::trace::TraceMode::Full), the reference's
-        /// four headers; `W3c` for `traceparent` alone, `Off` for none).
+        /// [`TraceMode::Full`](crate::trace::TraceMode::Full): `traceparent`
+        /// and the three `X-*` headers; `W3c` for `traceparent` alone, `Off`
+        /// for none).
         trace_mode: crate::trace::TraceMode => config.trace_mode);
     setter!(
         /// Make [`Client::connect`] return at once and keep connecting in the
@@ -393,9 +410,15 @@ impl ClientBuilder {
     /// a Tokio runtime: it starts the task that delivers status and callbacks.
     ///
     /// # Errors
-    /// [`Error::InvalidConfig`] for no URL, an unparsable URL or a zero
+    /// [`Error::InvalidConfig`] outside a Tokio runtime, for no URL, an
+    /// unparsable URL, URLs carrying different credentials, or a zero
     /// timeout.
     pub fn build(mut self) -> Result<Client> {
+        if tokio::runtime::Handle::try_current().is_err() {
+            return Err(Error::InvalidConfig(
+                "a Client needs a Tokio runtime: build it inside one".into(),
+            ));
+        }
         let config = self.config;
         if config.urls.is_empty() {
             return Err(Error::InvalidConfig("no server URL given".into()));
@@ -405,8 +428,15 @@ impl ClientBuilder {
             url.parse::<async_nats::ServerAddr>()
                 .map_err(|e| Error::InvalidConfig(format!("bad server URL {url:?}: {e}")))?;
         }
-        if config.connect_timeout.is_zero() || config.drain_timeout.is_zero() {
-            return Err(Error::InvalidConfig("timeouts must be above zero".into()));
+        if config.connect_timeout.is_zero()
+            || config.drain_timeout.is_zero()
+            || config.request_timeout.is_zero()
+            || config.handler_deadline.is_zero()
+            || config.health_interval.is_some_and(|d| d.is_zero())
+        {
+            return Err(Error::InvalidConfig(
+                "timeouts, deadlines and intervals must be above zero".into(),
+            ));
         }
         if config.subscription_capacity == 0 {
             return Err(Error::InvalidConfig(
@@ -918,6 +948,29 @@ impl Client {
         Ok(rtt)
     }
 
+    /// Returns once the server has processed everything this client sent
+    /// before the call: a round trip through the server (async-nats'
+    /// `flush` only writes the socket, which a frozen server does not
+    /// stop). Bounded by the connect timeout.
+    ///
+    /// ```no_run
+    /// # async fn demo(client: natskit::Client) -> natskit::Result<()> {
+    /// client.publish("audit.login", "alice").await?;
+    /// client.flush().await?; // the server has it
+    /// # Ok(()) }
+    /// ```
+    ///
+    /// # Errors
+    /// [`Error::Closed`], [`Error::NotConnected`], or
+    /// [`Error::ConnectionTimeout`] when the server did not answer in time.
+    pub async fn flush(&self) -> Result<()> {
+        self.ensure_open()?;
+        let conn = self.live_conn()?;
+        sync_with_server(conn, self.inner.config.connect_timeout)
+            .await
+            .map(drop)
+    }
+
     /// Waits until the status is [`Status::Connected`].
     ///
     /// # Errors
@@ -1209,8 +1262,8 @@ async fn supervise(
     let mut lost_deadline: Option<tokio::time::Instant> = None;
     let mut probe: Option<Probe> = None;
     let mut probing: Option<ProbeFuture> = None;
-    let mut health = (!config.health_interval.is_zero()).then(|| {
-        let mut interval = tokio::time::interval(config.health_interval);
+    let mut health = config.health_interval.map(|every| {
+        let mut interval = tokio::time::interval(every);
         interval.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         interval
     });
@@ -1241,7 +1294,10 @@ async fn supervise(
                 return;
             };
             let bound = match kind {
-                ProbeKind::Health => config.health_interval.min(config.connect_timeout),
+                ProbeKind::Health => config
+                    .health_interval
+                    .unwrap_or(config.connect_timeout)
+                    .min(config.connect_timeout),
                 ProbeKind::Breaker => Duration::from_secs(1),
             };
             let existing = probe.take();

@@ -63,8 +63,9 @@ pub enum AckPolicy {
     All,
 }
 
-/// Configuration of a supervised consumer, with every field of the
-/// reference's `StreamConsumerConfig` plus the start time it forgot.
+/// Configuration of a supervised consumer: durable or ephemeral, filter,
+/// deliver and ack policy, max deliver, ack wait, back-off, max ack pending,
+/// auto-create, per-message timeout, heartbeat; each with a getter.
 ///
 /// ```
 /// use std::time::Duration;
@@ -82,6 +83,7 @@ pub enum AckPolicy {
 /// # let _ = config;
 /// ```
 #[derive(Debug, Clone)]
+#[must_use]
 pub struct StreamConsumerConfig {
     stream: String,
     durable: Option<String>,
@@ -128,9 +130,11 @@ impl StreamConsumerConfig {
         self
     }
 
-    /// Only messages on subjects matching `filter` (default: all).
+    /// Only messages on subjects matching `filter` (default: all). An
+    /// empty filter is an [`Error::InvalidSubject`] when the consumer
+    /// starts.
     pub fn filter_subject(mut self, filter: impl Into<String>) -> Self {
-        self.filter_subject = Some(filter.into()).filter(|f| !f.is_empty());
+        self.filter_subject = Some(filter.into());
         self
     }
 
@@ -179,6 +183,71 @@ impl StreamConsumerConfig {
         /// How long an ephemeral consumer survives without this client before
         /// the server removes it (default 5 min).
         inactive_threshold: Duration => inactive_threshold);
+
+    /// The stream name.
+    pub fn stream(&self) -> &str {
+        &self.stream
+    }
+
+    /// The durable name; `None` for an ephemeral consumer.
+    pub fn durable_name(&self) -> Option<&str> {
+        self.durable.as_deref()
+    }
+
+    /// The filter subject; `None` for every subject of the stream.
+    pub fn filter(&self) -> Option<&str> {
+        self.filter_subject.as_deref()
+    }
+
+    /// Where a new consumer starts.
+    pub fn deliver(&self) -> DeliverPolicy {
+        self.deliver_policy
+    }
+
+    /// How messages are acknowledged.
+    pub fn ack(&self) -> AckPolicy {
+        self.ack_policy
+    }
+
+    /// Maximum delivery attempts per message (0 = unlimited).
+    pub fn max_deliveries(&self) -> i64 {
+        self.max_deliver
+    }
+
+    /// How long the server waits for an ack before redelivering.
+    pub fn ack_wait_time(&self) -> Duration {
+        self.ack_wait
+    }
+
+    /// Redelivery delays per attempt.
+    pub fn backoff_delays(&self) -> &[Duration] {
+        &self.backoff
+    }
+
+    /// Maximum unacknowledged messages outstanding (0 = server default).
+    pub fn max_pending_acks(&self) -> i64 {
+        self.max_ack_pending
+    }
+
+    /// The stream settings used when the stream is missing, if auto-create is on.
+    pub fn auto_create_config(&self) -> Option<&StreamAutoCreateConfig> {
+        self.auto_create.as_ref()
+    }
+
+    /// Deadline of one handler invocation.
+    pub fn handler_timeout(&self) -> Duration {
+        self.message_timeout
+    }
+
+    /// Idle heartbeat of the pull stream.
+    pub fn heartbeat_interval(&self) -> Duration {
+        self.heartbeat
+    }
+
+    /// How long an ephemeral consumer survives without this client.
+    pub fn inactivity_threshold(&self) -> Duration {
+        self.inactive_threshold
+    }
 
     fn validate(&self) -> Result<()> {
         subject::validate_name("stream", &self.stream)?;
@@ -416,16 +485,16 @@ impl Consumers {
 }
 
 impl Client {
-    /// Consumes `stream` with an ephemeral consumer filtered by `filter`
-    /// (empty for all), delivering all messages. The handler gets each
-    /// message and acknowledges it.
+    /// Consumes `stream` with an ephemeral consumer, filtered by `filter`
+    /// (`None` for every subject), delivering all messages. The handler gets
+    /// each message and acknowledges it.
     ///
     /// # Errors
     /// See [`consume_stream_with_config`](Self::consume_stream_with_config).
     pub async fn consume_stream<F, Fut>(
         &self,
         stream: &str,
-        filter: &str,
+        filter: Option<&str>,
         handler: F,
     ) -> Result<ConsumerHandle>
     where
@@ -433,11 +502,11 @@ impl Client {
         Fut: Future + Send + 'static,
         Fut::Output: HandlerOutcome,
     {
-        self.consume_stream_with_config(
-            StreamConsumerConfig::new(stream).filter_subject(filter),
-            handler,
-        )
-        .await
+        let mut config = StreamConsumerConfig::new(stream);
+        if let Some(filter) = filter {
+            config = config.filter_subject(filter);
+        }
+        self.consume_stream_with_config(config, handler).await
     }
 
     /// Starts a supervised pull consumer.

@@ -193,6 +193,7 @@ pub(crate) fn map_publish(
 /// # let _ = opts;
 /// ```
 #[derive(Debug, Clone, Default)]
+#[must_use]
 pub struct StreamPublishOptions {
     message_id: Option<String>,
     expected_last_sequence: Option<u64>,
@@ -504,33 +505,19 @@ impl Client {
         Ok(existing)
     }
 
-    /// Publishes to a stream and waits for the acknowledgement.
-    ///
-    /// # Errors
-    /// See [`publish_to_stream_with`](Self::publish_to_stream_with).
-    pub async fn publish_to_stream(
-        &self,
-        subject: impl ToSubject,
-        payload: impl Into<Bytes>,
-    ) -> Result<()> {
-        self.publish_to_stream_with(subject, payload, StreamPublishOptions::new())
-            .await
-            .map(drop)
-    }
-
-    /// Publishes to a stream and returns the acknowledgement (stream,
+    /// Publishes to a stream and returns its acknowledgement (stream,
     /// sequence, duplicate flag).
     ///
     /// ```no_run
     /// # async fn demo(client: natskit::Client) -> natskit::Result<()> {
-    /// let ack = client.publish_to_stream_with_ack("events.user.created", "{}").await?;
+    /// let ack = client.publish_to_stream("events.user.created", "{}").await?;
     /// println!("stored in {} at {}", ack.stream, ack.sequence);
     /// # Ok(()) }
     /// ```
     ///
     /// # Errors
     /// See [`publish_to_stream_with`](Self::publish_to_stream_with).
-    pub async fn publish_to_stream_with_ack(
+    pub async fn publish_to_stream(
         &self,
         subject: impl ToSubject,
         payload: impl Into<Bytes>,
@@ -720,7 +707,7 @@ fn check_stream_config(config: &stream::Config) -> Result<()> {
     Ok(())
 }
 
-/// Settings for creating a missing stream, as the reference defines them:
+/// Settings for creating a missing stream:
 /// file storage, limits retention, 7 days max age, one replica.
 #[derive(Debug, Clone, PartialEq)]
 pub struct StreamAutoCreateConfig {

@@ -32,7 +32,7 @@
 //!         Ok::<_, natskit::ServiceError>(msg.payload)
 //!     })
 //!     .await?;
-//! let reply = client.request("echo", "ping", Duration::from_secs(1)).await?;
+//! let reply = client.request_timeout("echo", "ping", Duration::from_secs(1)).await?;
 //! assert_eq!(&reply[..], b"ping");
 //!
 //! sub.drain().await;
@@ -41,6 +41,7 @@
 //! # Ok(()) }
 //! ```
 #![warn(missing_docs)]
+#![forbid(unsafe_code)]
 
 /// A documented builder method that sets one field: `name: Type => path.to.field`.
 macro_rules! setter {
@@ -68,6 +69,9 @@ pub mod subject;
 mod temporal;
 pub mod trace;
 
+/// The async-nats version natskit is built on, so that users need no
+/// matching dependency of their own (`natskit::async_nats::jetstream::...`).
+pub use async_nats;
 pub use async_nats::{HeaderMap, Message};
 pub use backoff::Backoff;
 pub use breaker::{BreakerState, CircuitBreaker};

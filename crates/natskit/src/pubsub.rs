@@ -207,6 +207,7 @@ impl<E: Into<BoxError>> HandlerOutcome for std::result::Result<(), E> {
 /// # let _ = opts;
 /// ```
 #[derive(Debug, Clone, Default)]
+#[must_use]
 pub struct SubscribeOptions {
     queue: Option<String>,
     concurrency: Option<usize>,

@@ -16,7 +16,7 @@ use crate::error::{BoxError, Error, Result};
 use crate::pubsub::{SubscribeOptions, Subscription, check_payload};
 use crate::subject;
 
-/// Timeout of a request when none (or zero) is given.
+/// Default of [`ClientBuilder::request_timeout`](crate::ClientBuilder::request_timeout).
 pub const DEFAULT_REQUEST_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// Header naming a service error in a reply (NATS micro convention).
@@ -81,21 +81,24 @@ impl<E: std::error::Error> From<E> for ServiceError {
     }
 }
 
-fn effective_timeout(timeout: Duration) -> Duration {
+/// A zero timeout is a caller mistake (it used to mean "the default").
+fn check_timeout(timeout: Duration) -> Result<()> {
     if timeout.is_zero() {
-        DEFAULT_REQUEST_TIMEOUT
-    } else {
-        timeout
+        return Err(Error::InvalidArgument(
+            "a request timeout must be above zero (request() uses the client's default)".into(),
+        ));
     }
+    Ok(())
 }
 
 impl Client {
-    /// Sends a request and returns the reply's payload. A zero `timeout`
-    /// means [`DEFAULT_REQUEST_TIMEOUT`].
+    /// Sends a request and returns the reply's payload, waiting up to the
+    /// client's request timeout ([`ClientBuilder::request_timeout`](crate::ClientBuilder::request_timeout),
+    /// default [`DEFAULT_REQUEST_TIMEOUT`]).
     ///
     /// ```no_run
     /// # async fn demo(client: natskit::Client) -> natskit::Result<()> {
-    /// let answer = client.request("time.now", "", std::time::Duration::ZERO).await?;
+    /// let answer = client.request("time.now", "").await?;
     /// # let _ = answer; Ok(()) }
     /// ```
     ///
@@ -103,6 +106,28 @@ impl Client {
     /// [`Error::Timeout`] and [`Error::NoResponders`] (distinct), plus the
     /// publish checks (subject, payload size, breaker, connection).
     pub async fn request(
+        &self,
+        subject: impl ToSubject,
+        payload: impl Into<Bytes>,
+    ) -> Result<Bytes> {
+        self.request_timeout(subject, payload, self.inner.config.request_timeout)
+            .await
+    }
+
+    /// [`request`](Self::request) with its own timeout.
+    ///
+    /// ```no_run
+    /// # async fn demo(client: natskit::Client) -> natskit::Result<()> {
+    /// let answer = client
+    ///     .request_timeout("time.now", "", std::time::Duration::from_millis(200))
+    ///     .await?;
+    /// # let _ = answer; Ok(()) }
+    /// ```
+    ///
+    /// # Errors
+    /// As [`request`](Self::request); [`Error::InvalidArgument`] for a zero
+    /// timeout.
+    pub async fn request_timeout(
         &self,
         subject: impl ToSubject,
         payload: impl Into<Bytes>,
@@ -129,6 +154,7 @@ impl Client {
         self.ensure_open()?;
         subject::validate_publish(&subject)?;
         crate::header::validate(&headers)?;
+        check_timeout(timeout)?;
         let permit = self.guard()?;
         let started = std::time::Instant::now();
         let result = self
@@ -168,6 +194,7 @@ impl Client {
         let payload = payload.into();
         self.ensure_open()?;
         subject::validate_publish(&subject)?;
+        check_timeout(timeout)?;
         let headers = HeaderMap::new();
         let permit = self.guard()?;
         let started = std::time::Instant::now();
@@ -207,7 +234,6 @@ impl Client {
         let headers = crate::trace::outgoing(Some(headers.clone()), self.inner.config.trace_mode)
             .filter(|h| !h.is_empty());
         check_payload(conn, payload.len(), headers.as_ref())?;
-        let timeout = effective_timeout(timeout);
         let mut request = async_nats::Request::new()
             .payload(payload.clone())
             .timeout(Some(timeout));

@@ -43,7 +43,7 @@ pub const PARENT_SPAN_HEADER: &str = "X-Parent-Span-ID";
 /// Which trace headers a client writes.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub enum TraceMode {
-    /// `traceparent` plus the reference's `X-Trace-ID`, `X-Span-ID`,
+    /// `traceparent` plus the `X-Trace-ID`, `X-Span-ID`,
     /// `X-Parent-Span-ID` (default).
     #[default]
     Full,
@@ -200,6 +200,11 @@ impl TraceContext {
     /// The span id as 16 lowercase hex digits.
     pub fn span_id_hex(&self) -> String {
         hex(&self.span_id)
+    }
+
+    /// The parent span id as 16 lowercase hex digits, if there is one.
+    pub fn parent_span_id_hex(&self) -> Option<String> {
+        self.parent_span_id.as_ref().map(|p| hex(p))
     }
 
     /// Builds a context from raw parts; `None` if an id is all zeros.
@@ -371,7 +376,7 @@ pub fn current_or_new() -> TraceContext {
 
 /// Spawns `future` on its own task carrying the current trace, detached
 /// from the caller: the caller's timeouts and cancellation no longer apply,
-/// the trace does (the reference's `DetachContextWithTrace`). Use it, for
+/// the trace does. Use it, for
 /// example, to publish an error reply after the request's deadline passed.
 pub fn spawn_detached<F>(future: F) -> tokio::task::JoinHandle<F::Output>
 where
@@ -437,7 +442,7 @@ pub(crate) fn outgoing(headers: Option<HeaderMap>, mode: TraceMode) -> Option<He
         #[cfg(feature = "opentelemetry")]
         if let Some(trace) = otel::current_span() {
             // An OpenTelemetry span is current: let the standard propagator
-            // write traceparent/tracestate, then add the reference headers.
+            // write traceparent/tracestate, then add the X-* headers.
             otel::inject_current(&mut headers);
             return trace;
         }

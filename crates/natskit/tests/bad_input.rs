@@ -100,13 +100,13 @@ async fn bad_input_is_typed_uncounted_and_loses_nothing() -> TestResult {
         (
             "control char in request",
             client
-                .request("a\0b", "x", Duration::from_secs(1))
+                .request_timeout("a\0b", "x", Duration::from_secs(1))
                 .await
                 .map(drop),
         ),
         (
             "control char in stream publish",
-            client.publish_to_stream("keep.\0", "x").await,
+            client.publish_to_stream("keep.\0", "x").await.map(drop),
         ),
         ("4 KB key", store.put(&long(4_096), "x").await.map(drop)),
         ("key with space", store.put("a b", "x").await.map(drop)),
@@ -338,4 +338,13 @@ async fn a_huge_info_line_cannot_stretch_the_connect_timeout() -> TestResult {
     println!("connect to a 64 MiB INFO peer failed after {took:?}: {err}");
     assert!(took < timeout * 3, "{took:?}");
     Ok(())
+}
+
+/// Building a client outside a Tokio runtime is an error, not a panic.
+#[test]
+fn building_outside_a_runtime_is_an_error() {
+    let err = Client::builder("nats://127.0.0.1:4222")
+        .build()
+        .expect_err("no runtime");
+    assert!(matches!(err, Error::InvalidConfig(_)), "{err}");
 }

@@ -325,7 +325,7 @@ async fn credentials_file_auth() -> TestResult {
         )
         .await?;
     let reply = client
-        .request("creds.echo", "signed", Duration::from_secs(5))
+        .request_timeout("creds.echo", "signed", Duration::from_secs(5))
         .await?;
     assert_eq!(reply.as_ref(), b"signed");
     drop(replies);
@@ -624,7 +624,7 @@ async fn invalid_input_is_typed_and_not_a_failure() -> TestResult {
         .unwrap_err();
     assert!(err.is_invalid_input());
     let err = client
-        .request("nobody.home", "x", Duration::from_millis(200))
+        .request_timeout("nobody.home", "x", Duration::from_millis(200))
         .await
         .unwrap_err();
     assert!(err.is_no_responders(), "{err}");
@@ -649,7 +649,7 @@ async fn not_connected_before_connect() -> TestResult {
     );
     assert!(
         client
-            .request("a", "b", Duration::ZERO)
+            .request("a", "b")
             .await
             .unwrap_err()
             .is_not_connected()
@@ -679,7 +679,7 @@ async fn serve_replies_and_reports_errors_in_headers() -> TestResult {
         )
         .await?;
     client.nats()?.flush().await?;
-    let reply = client.request("math.double", "21", Duration::ZERO).await?;
+    let reply = client.request("math.double", "21").await?;
     assert_eq!(&reply[..], b"42");
 
     let mut headers = HeaderMap::new();

@@ -44,7 +44,7 @@ async fn time_to_first_reply(client: &Client, subject: &str) -> Duration {
     let started = Instant::now();
     eventually(WAIT, "a request to be answered", || async {
         client
-            .request(subject.to_owned(), "x", Duration::from_millis(500))
+            .request_timeout(subject.to_owned(), "x", Duration::from_millis(500))
             .await
             .ok()
     })
@@ -177,7 +177,7 @@ async fn mixed_traffic_opens_the_breaker_on_a_frozen_server_and_recovers_fast() 
         },
     );
     client
-        .request("svc.echo", "up", Duration::from_secs(2))
+        .request_timeout("svc.echo", "up", Duration::from_secs(2))
         .await?;
 
     server.pause_async().await?;
@@ -201,7 +201,7 @@ async fn mixed_traffic_opens_the_breaker_on_a_frozen_server_and_recovers_fast() 
         }
         let outcomes = [
             client
-                .request("svc.echo", "x", Duration::from_millis(300))
+                .request_timeout("svc.echo", "x", Duration::from_millis(300))
                 .await
                 .map(drop),
             client
@@ -246,7 +246,7 @@ async fn mixed_traffic_opens_the_breaker_on_a_frozen_server_and_recovers_fast() 
     for _ in 0..1000 {
         let at = Instant::now();
         let err = client
-            .request("svc.echo", "x", Duration::from_millis(300))
+            .request_timeout("svc.echo", "x", Duration::from_millis(300))
             .await
             .expect_err("open");
         rejections.push(at.elapsed());
@@ -269,7 +269,7 @@ async fn mixed_traffic_opens_the_breaker_on_a_frozen_server_and_recovers_fast() 
         })
         .await;
         let err = client
-            .request("svc.echo", "x", Duration::from_millis(300))
+            .request_timeout("svc.echo", "x", Duration::from_millis(300))
             .await
             .expect_err("frozen");
         assert!(err.is_timeout(), "{err}");
@@ -297,7 +297,7 @@ async fn killed_server_paces_reconnects_and_recovers_quickly() -> TestResult {
         .breaker_threshold(3)
         .initial_backoff(Duration::from_millis(500))
         .max_backoff(Duration::from_secs(2))
-        .health_interval(Duration::ZERO)
+        .disable_health_checks()
         .connect()
         .await?;
     let service = client
@@ -306,7 +306,7 @@ async fn killed_server_paces_reconnects_and_recovers_quickly() -> TestResult {
         })
         .await?;
     client
-        .request("svc.time", "", Duration::from_secs(2))
+        .request_timeout("svc.time", "", Duration::from_secs(2))
         .await?;
 
     server.kill_async().await?;
@@ -315,7 +315,7 @@ async fn killed_server_paces_reconnects_and_recovers_quickly() -> TestResult {
     let mut saw_open = false;
     while killed.elapsed() < Duration::from_secs(3) {
         match client
-            .request("svc.time", "", Duration::from_millis(200))
+            .request_timeout("svc.time", "", Duration::from_millis(200))
             .await
         {
             Ok(_) => panic!("a killed server answered"),
@@ -412,7 +412,7 @@ async fn dropped_clients_release_their_connections() -> TestResult {
     admin.close().await?;
     for i in 0..5 {
         let client = Client::builder(server.url())
-            .health_interval(Duration::ZERO)
+            .disable_health_checks()
             .connect()
             .await?;
         let _sub = client.subscribe("drops.core", |_msg| async {}).await?;
@@ -430,7 +430,7 @@ async fn dropped_clients_release_their_connections() -> TestResult {
         let _ephemeral = client
             .consume_stream(
                 "DROPS",
-                "drops.>",
+                Some("drops.>"),
                 |msg: async_nats::jetstream::Message| async move { msg.ack().await },
             )
             .await?;
@@ -458,7 +458,7 @@ async fn stopped_ephemeral_consumers_are_deleted() -> TestResult {
         let handle = client
             .consume_stream(
                 "EPH",
-                "eph.>",
+                Some("eph.>"),
                 |msg: async_nats::jetstream::Message| async move { msg.ack().await },
             )
             .await?;
@@ -561,10 +561,7 @@ async fn stream_publishes_resume_quickly_after_a_restart() -> TestResult {
             (client.clone(), acked.clone(), failed.clone(), stop.clone());
         tokio::spawn(async move {
             while !stop.load(Ordering::SeqCst) {
-                match client
-                    .publish_to_stream_with_ack("durable.x", "payload")
-                    .await
-                {
+                match client.publish_to_stream("durable.x", "payload").await {
                     Ok(_) => {
                         acked.fetch_add(1, Ordering::SeqCst);
                     }
@@ -633,7 +630,7 @@ async fn stream_not_found_is_confirmed() -> TestResult {
 async fn every_operation_checks_in_one_order() -> TestResult {
     let mut server = NatsServer::start_jetstream()?;
     let client = Client::builder(server.url())
-        .health_interval(Duration::ZERO)
+        .disable_health_checks()
         .connect()
         .await?;
     let bucket = client
@@ -657,7 +654,7 @@ async fn every_operation_checks_in_one_order() -> TestResult {
     // Disconnected, circuit closed: not connected, for every kind of call.
     let not_connected = [
         client
-            .request("a.b", "x", Duration::from_secs(1))
+            .request_timeout("a.b", "x", Duration::from_secs(1))
             .await
             .err(),
         client.publish_to_stream("a.b", "x").await.err(),
@@ -678,7 +675,7 @@ async fn every_operation_checks_in_one_order() -> TestResult {
     let open = [
         client.publish("a.b", "x").await.err(),
         client
-            .request("a.b", "x", Duration::from_secs(1))
+            .request_timeout("a.b", "x", Duration::from_secs(1))
             .await
             .err(),
         client.publish_to_stream("a.b", "x").await.err(),
@@ -714,5 +711,26 @@ async fn every_operation_checks_in_one_order() -> TestResult {
         let err = err.expect("must fail");
         assert!(err.is_closed(), "{err}");
     }
+    Ok(())
+}
+
+/// `flush()` is a round trip: a frozen server makes it time out.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn flush_waits_for_the_server() -> TestResult {
+    let mut server = NatsServer::start()?;
+    let client = Client::builder(server.url())
+        .connect_timeout(Duration::from_millis(500))
+        .disable_health_checks()
+        .connect()
+        .await?;
+    client.publish("f.x", "x").await?;
+    client.flush().await?;
+    server.pause_async().await?;
+    client.publish("f.x", "x").await?;
+    let err = client.flush().await.expect_err("frozen");
+    assert!(err.is_timeout(), "{err}");
+    server.resume_async().await?;
+    client.flush().await?;
+    client.close().await?;
     Ok(())
 }

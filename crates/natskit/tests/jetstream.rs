@@ -145,7 +145,7 @@ async fn publish_with_ack_dedup_and_preconditions() -> TestResult {
         .create_stream(config("EVENTS", &["events.>"]))
         .await?;
     let ack = client
-        .publish_to_stream_with_ack("events.user.created", "{}")
+        .publish_to_stream("events.user.created", "{}")
         .await?;
     assert_eq!(ack.stream, "EVENTS");
     assert!(ack.sequence >= 1);
@@ -374,7 +374,7 @@ async fn handler_panic_naks_and_the_consumer_keeps_running() -> TestResult {
     let ok = Arc::new(AtomicUsize::new(0));
     let seen = ok.clone();
     let handle = client
-        .consume_stream("PANIC", "panic.>", move |msg: Message| {
+        .consume_stream("PANIC", Some("panic.>"), move |msg: Message| {
             let seen = seen.clone();
             async move {
                 if msg.payload.as_ref() == b"boom"

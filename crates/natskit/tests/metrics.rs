@@ -153,7 +153,7 @@ async fn requests_subscriptions_and_kv_conflicts() -> TestResult {
         .await?;
     c.nats()?.flush().await?;
     for _ in 0..3 {
-        c.request("m.echo", "x", WAIT).await?;
+        c.request_timeout("m.echo", "x", WAIT).await?;
     }
     assert_eq!(
         histogram_len(

@@ -126,7 +126,11 @@ async fn requests_and_stream_consumers_carry_the_trace() -> TestResult {
         .await?;
     env.nats().flush().await?;
     let origin = TraceContext::new();
-    let reply = trace::scope(origin.clone(), client.request("trace.svc", "", WAIT)).await?;
+    let reply = trace::scope(
+        origin.clone(),
+        client.request_timeout("trace.svc", "", WAIT),
+    )
+    .await?;
     assert_eq!(std::str::from_utf8(&reply)?, origin.trace_id_hex());
 
     client
@@ -140,13 +144,17 @@ async fn requests_and_stream_consumers_carry_the_trace() -> TestResult {
     let seen = Arc::new(Mutex::new(None::<TraceContext>));
     let record = seen.clone();
     let _consumer = client
-        .consume_stream("TRACED", "", move |msg: async_nats::jetstream::Message| {
-            let record = record.clone();
-            async move {
-                *record.lock().unwrap() = trace::current();
-                msg.ack().await
-            }
-        })
+        .consume_stream(
+            "TRACED",
+            None,
+            move |msg: async_nats::jetstream::Message| {
+                let record = record.clone();
+                async move {
+                    *record.lock().unwrap() = trace::current();
+                    msg.ack().await
+                }
+            },
+        )
         .await?;
     trace::scope(origin.clone(), client.publish_to_stream("traced.a", "x")).await?;
     let span = eventually(WAIT, "the consumer handler", || async {
