@@ -348,6 +348,60 @@ impl Error {
         )
     }
 
+    /// The JetStream API error code the server answered with (10071 wrong
+    /// last sequence, 10059 stream not found...), found anywhere in this
+    /// error's sources.
+    ///
+    /// ```
+    /// # fn handle(err: natskit::Error) {
+    /// if err.jetstream_code() == Some(10_058) {
+    ///     // stream name already in use with a different configuration
+    /// }
+    /// # }
+    /// ```
+    pub fn jetstream_code(&self) -> Option<u64> {
+        use async_nats::jetstream::context::{
+            ConsumerInfoError, ConsumerInfoErrorKind, CreateStreamError, CreateStreamErrorKind,
+            GetStreamError, GetStreamErrorKind,
+        };
+        use async_nats::jetstream::stream::{ConsumerError, ConsumerErrorKind};
+        // async-nats keeps the API error in the error's kind, not always in
+        // its sources: look in both.
+        let mut next: Option<&(dyn std::error::Error + 'static)> = Some(self);
+        while let Some(err) = next {
+            let api = if let Some(api) = err.downcast_ref::<async_nats::jetstream::Error>() {
+                Some(api.clone())
+            } else if let Some(e) = err.downcast_ref::<CreateStreamError>() {
+                match e.kind() {
+                    CreateStreamErrorKind::JetStream(api) => Some(api),
+                    _ => None,
+                }
+            } else if let Some(e) = err.downcast_ref::<GetStreamError>() {
+                match e.kind() {
+                    GetStreamErrorKind::JetStream(api) => Some(api),
+                    _ => None,
+                }
+            } else if let Some(e) = err.downcast_ref::<ConsumerError>() {
+                match e.kind() {
+                    ConsumerErrorKind::JetStream(api) => Some(api),
+                    _ => None,
+                }
+            } else if let Some(e) = err.downcast_ref::<ConsumerInfoError>() {
+                match e.kind() {
+                    ConsumerInfoErrorKind::JetStream(api) => Some(api),
+                    _ => None,
+                }
+            } else {
+                None
+            };
+            if let Some(api) = api {
+                return Some(api.error_code().0);
+            }
+            next = err.source();
+        }
+        None
+    }
+
     /// Nobody answered a request.
     pub fn is_no_responders(&self) -> bool {
         matches!(self, Error::NoResponders { .. })

@@ -793,6 +793,20 @@ async fn handle<F, Fut>(
 mod tests {
     use super::*;
 
+    /// async-nats 0.51 exposes a subscriber's id only through `Debug`; if a
+    /// new version changes that, this fails loudly (slow-consumer events
+    /// could no longer be attributed to their subscription).
+    #[tokio::test]
+    async fn subscription_ids_are_read_from_async_nats() {
+        let server = natskit_testing::NatsServer::start().expect("a server");
+        let conn = async_nats::connect(server.url()).await.expect("connect");
+        let first = conn.subscribe("sid.a").await.expect("subscribe");
+        let second = conn.subscribe("sid.b").await.expect("subscribe");
+        let (a, b) = (subscriber_sid(&first), subscriber_sid(&second));
+        assert!(a.is_some() && b.is_some(), "{first:?} / {second:?}");
+        assert_ne!(a, b);
+    }
+
     #[test]
     fn handler_outcomes() {
         assert!(().into_result().is_ok());

@@ -91,6 +91,17 @@ fn check_timeout(timeout: Duration) -> Result<()> {
     Ok(())
 }
 
+/// The service error a reply carries in its `Nats-Service-Error` headers.
+pub(crate) fn service_error(reply: &Message) -> Option<ServiceError> {
+    let headers = reply.headers.as_ref()?;
+    let message = headers.get(SERVICE_ERROR_HEADER)?;
+    let code = headers
+        .get(SERVICE_ERROR_CODE_HEADER)
+        .and_then(|c| c.as_str().parse().ok())
+        .unwrap_or(500);
+    Some(ServiceError::new(code, message.as_str()))
+}
+
 impl Client {
     /// Sends a request and returns the reply's payload, waiting up to the
     /// client's request timeout ([`ClientBuilder::request_timeout`](crate::ClientBuilder::request_timeout),
@@ -103,7 +114,9 @@ impl Client {
     /// ```
     ///
     /// # Errors
-    /// [`Error::Timeout`] and [`Error::NoResponders`] (distinct), plus the
+    /// [`Error::Timeout`] and [`Error::NoResponders`] (distinct),
+    /// [`Error::Service`] when the reply carries a service error (the
+    /// `Nats-Service-Error` headers [`serve`](Self::serve) writes), plus the
     /// publish checks (subject, payload size, breaker, connection).
     pub async fn request(
         &self,
@@ -240,7 +253,8 @@ impl Client {
         if let Some(headers) = headers {
             request = request.headers(headers);
         }
-        conn.send_request(subject.clone(), request)
+        let reply = conn
+            .send_request(subject.clone(), request)
             .await
             .map_err(|err| match err.kind() {
                 async_nats::RequestErrorKind::TimedOut => Error::Timeout {
@@ -251,7 +265,11 @@ impl Client {
                     subject: subject.to_string(),
                 },
                 _ => Error::Request(err),
-            })
+            })?;
+        match service_error(&reply) {
+            Some(err) => Err(Error::Service(err)),
+            None => Ok(reply),
+        }
     }
 
     /// Replies to a request. An empty `reply_to` (the message was not a

@@ -203,15 +203,19 @@ async fn serve_survives_multi_line_errors() -> TestResult {
         })
         .await?;
     for _ in 0..3 {
-        let reply = client
-            .request_with_headers("svc.fail", HeaderMap::new(), "x", Duration::from_secs(2))
-            .await?;
-        let headers = reply.headers.expect("error headers");
-        let error = headers
-            .get(natskit::SERVICE_ERROR_HEADER)
-            .expect("the error header")
-            .as_str();
-        assert_eq!(error, "line one  line two three");
+        let err = client
+            .request_timeout("svc.fail", "x", Duration::from_secs(2))
+            .await
+            .expect_err("a service error");
+        match err {
+            Error::Service(error) => {
+                assert_eq!(
+                    (error.code, error.message.as_str()),
+                    (400, "line one  line two three")
+                );
+            }
+            other => panic!("expected a service error, got {other}"),
+        }
     }
     assert!(!service.is_finished());
     assert_eq!(service.stats().panics, 0);

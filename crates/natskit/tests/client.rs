@@ -684,8 +684,20 @@ async fn serve_replies_and_reports_errors_in_headers() -> TestResult {
 
     let mut headers = HeaderMap::new();
     headers.insert("X-Caller", "test");
-    let reply = client
+    // natskit's requests turn the service error headers into Error::Service.
+    let err = client
         .request_with_headers("math.double", headers, "twenty", Duration::from_secs(2))
+        .await
+        .expect_err("a service error");
+    match &err {
+        Error::Service(service_error) => assert_eq!(service_error.code, 500),
+        other => panic!("expected a service error, got {other}"),
+    }
+    assert!(!err.is_infrastructure());
+    // On the wire: the NATS micro headers and an `error: ` body.
+    let reply = client
+        .nats()?
+        .request("math.double", "twenty".into())
         .await?;
     let error = reply.headers.as_ref().expect("error headers");
     assert!(error.get(natskit::SERVICE_ERROR_HEADER).is_some());
@@ -696,7 +708,7 @@ async fn serve_replies_and_reports_errors_in_headers() -> TestResult {
         Some("500")
     );
     assert!(reply.payload.starts_with(b"error: "));
-    assert_eq!(service.stats().handled, 2);
+    assert_eq!(service.stats().handled, 3);
 
     client.reply("", "nobody asked").await?;
     Ok(())

@@ -803,3 +803,18 @@ async fn publish_retries_through_a_leader_loss_without_duplicates() -> TestResul
     );
     Ok(())
 }
+
+#[tokio::test]
+async fn jetstream_errors_expose_the_server_code() -> TestResult {
+    let env = env().await?;
+    let client = env.client();
+    client
+        .create_stream(config("CODED", &["coded.a.>"]))
+        .await?;
+    let err = client
+        .create_stream(config("CODED", &["coded.b.>"]))
+        .await
+        .expect_err("same name, other subjects");
+    assert_eq!(err.jetstream_code(), Some(10_058), "{err}");
+    Ok(())
+}

@@ -447,15 +447,6 @@ where
                 timeout,
             )
             .await?;
-        if let Some(headers) = &reply.headers
-            && let Some(message) = headers.get(crate::request::SERVICE_ERROR_HEADER)
-        {
-            let code = headers
-                .get(crate::request::SERVICE_ERROR_CODE_HEADER)
-                .and_then(|c| c.as_str().parse().ok())
-                .unwrap_or(500);
-            return Err(Error::Service(ServiceError::new(code, message.as_str())));
-        }
         <C as Codec<R>>::decode(&self.codec, &reply.payload)
             .map_err(|e| codec_error::<C, R>(&subject, "decode", e))
     }
