@@ -10,21 +10,20 @@
 
 use std::collections::HashMap;
 use std::future::Future;
-use std::panic::AssertUnwindSafe;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime};
 
 use async_nats::jetstream::consumer::{self, PullConsumer, pull};
 use async_nats::jetstream::{self, AckKind};
-use futures_util::{FutureExt, StreamExt};
+use futures_util::StreamExt;
 use tokio::sync::watch;
 
 use crate::backoff::Backoff;
 use crate::client::{Client, WeakClient};
 use crate::error::{BoxError, Error, Result};
 use crate::jetstream::StreamAutoCreateConfig;
-use crate::pubsub::HandlerOutcome;
+use crate::pubsub::{HandlerOutcome, Invocation, invoke};
 use crate::subject;
 
 /// Whether a consumer API error says the consumer does not exist.
@@ -927,10 +926,10 @@ where
             counters.redelivered.fetch_add(1, Ordering::Relaxed);
             self.metrics.redeliveries.increment(1);
         }
-        let context = crate::trace::HandlerContext::from_headers(message.headers.as_ref());
-        let invocation = AssertUnwindSafe(context.run((self.handler)(message))).catch_unwind();
-        let failed = match tokio::time::timeout(self.config.message_timeout, invocation).await {
-            Ok(Ok(outcome)) => match outcome.into_result() {
+        let headers = message.headers.clone();
+        let timeout = self.config.message_timeout;
+        let failed = match invoke(headers.as_ref(), timeout, (self.handler)(message)).await {
+            Invocation::Done(outcome) => match outcome.into_result() {
                 Ok(()) => {
                     counters.handled.fetch_add(1, Ordering::Relaxed);
                     false
@@ -941,14 +940,14 @@ where
                     true
                 }
             },
-            Ok(Err(_panic)) => {
+            Invocation::Panicked(what) => {
                 counters.panics.fetch_add(1, Ordering::Relaxed);
-                tracing::error!(consumer = %self.name, "consumer handler panicked; naking");
+                tracing::error!(consumer = %self.name, panic = %what, "consumer handler panicked; naking");
                 true
             }
-            Err(_) => {
+            Invocation::TimedOut => {
                 counters.timeouts.fetch_add(1, Ordering::Relaxed);
-                tracing::warn!(consumer = %self.name, timeout = ?self.config.message_timeout, "consumer handler timed out; naking");
+                tracing::warn!(consumer = %self.name, ?timeout, "consumer handler timed out; naking");
                 true
             }
         };

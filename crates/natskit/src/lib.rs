@@ -65,6 +65,7 @@ mod kv;
 pub mod metrics;
 mod pubsub;
 mod request;
+mod service;
 pub mod subject;
 mod temporal;
 pub mod trace;
@@ -90,6 +91,7 @@ pub use request::{
     DEFAULT_REQUEST_TIMEOUT, RetryConfig, SERVICE_ERROR_CODE_HEADER, SERVICE_ERROR_HEADER,
     ServiceError,
 };
+pub use service::{Service, ServiceConfig};
 #[cfg(feature = "msgpack")]
 pub use subject::MsgPackCodec;
 pub use subject::{Codec, JsonCodec, Subject};

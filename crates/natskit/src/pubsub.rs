@@ -752,6 +752,39 @@ where
     }
 }
 
+/// How one run of user code for a message ended.
+pub(crate) enum Invocation<T> {
+    /// It returned.
+    Done(T),
+    /// It panicked, with the panic's message.
+    Panicked(String),
+    /// It ran past its deadline and was cancelled.
+    TimedOut,
+}
+
+/// The one way natskit runs user code for a message (subscriptions,
+/// services, consumers): in the trace scope of the message's headers, under
+/// a deadline, with a panic caught and its message kept.
+pub(crate) async fn invoke<Fut: Future>(
+    headers: Option<&HeaderMap>,
+    deadline: Duration,
+    work: Fut,
+) -> Invocation<Fut::Output> {
+    let context = trace::HandlerContext::from_headers(headers);
+    let invocation = AssertUnwindSafe(context.run(work)).catch_unwind();
+    match tokio::time::timeout(deadline, invocation).await {
+        Ok(Ok(output)) => Invocation::Done(output),
+        Ok(Err(panic)) => Invocation::Panicked(
+            panic
+                .downcast_ref::<&str>()
+                .map(|s| (*s).to_owned())
+                .or_else(|| panic.downcast_ref::<String>().cloned())
+                .unwrap_or_default(),
+        ),
+        Err(_) => Invocation::TimedOut,
+    }
+}
+
 async fn handle<F, Fut>(
     handler: &F,
     message: Message,
@@ -763,25 +796,19 @@ async fn handle<F, Fut>(
     Fut: Future,
     Fut::Output: HandlerOutcome,
 {
-    let context = trace::HandlerContext::from_headers(message.headers.as_ref());
-    let invocation = AssertUnwindSafe(context.run(handler(message))).catch_unwind();
-    match tokio::time::timeout(deadline, invocation).await {
-        Ok(Ok(outcome)) => {
+    let headers = message.headers.clone();
+    match invoke(headers.as_ref(), deadline, handler(message)).await {
+        Invocation::Done(outcome) => {
             if let Err(err) = outcome.into_result() {
                 stats.errors.fetch_add(1, Ordering::Relaxed);
                 tracing::warn!(%subject, %err, "message handler failed");
             }
         }
-        Ok(Err(panic)) => {
+        Invocation::Panicked(what) => {
             stats.panics.fetch_add(1, Ordering::Relaxed);
-            let what = panic
-                .downcast_ref::<&str>()
-                .map(|s| (*s).to_owned())
-                .or_else(|| panic.downcast_ref::<String>().cloned())
-                .unwrap_or_default();
             tracing::error!(%subject, panic = %what, "message handler panicked");
         }
-        Err(_) => {
+        Invocation::TimedOut => {
             stats.timeouts.fetch_add(1, Ordering::Relaxed);
             tracing::warn!(%subject, ?deadline, "message handler exceeded its deadline");
         }
