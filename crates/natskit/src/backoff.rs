@@ -74,6 +74,27 @@ impl Backoff {
     }
 }
 
+/// Retry settings of [`Client::request_with_retry`](crate::Client::request_with_retry).
+///
+/// Defaults: 3 retries, 100 ms first back-off, doubling, capped at 2 s, with
+/// jitter. Only no-responders and timeouts are retried.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct RetryConfig {
+    /// Retries after the first attempt.
+    pub max_retries: u32,
+    /// Back-off schedule between attempts.
+    pub backoff: Backoff,
+}
+
+impl Default for RetryConfig {
+    fn default() -> Self {
+        Self {
+            max_retries: 3,
+            backoff: Backoff::new(Duration::from_millis(100), Duration::from_secs(2)),
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -15,63 +15,8 @@ use zeroize::Zeroizing;
 use crate::backoff::Backoff;
 use crate::breaker::{BreakerConfig, BreakerState, CircuitBreaker, FailurePredicate, SystemClock};
 use crate::error::{Error, Result};
-use crate::pubsub::Registry;
-
-/// Connection status of a [`Client`].
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
-pub enum Status {
-    /// Not connected, and not trying (before `connect`, or after giving up).
-    Disconnected,
-    /// The first connection attempt is under way.
-    Connecting,
-    /// Connected and usable.
-    Connected,
-    /// The connection dropped; the client is reconnecting by itself.
-    Reconnecting,
-    /// The circuit breaker is open: calls fail fast until its back-off ends.
-    CircuitOpen,
-    /// [`Client::close`] has finished; the client cannot be used again.
-    Closed,
-}
-
-impl fmt::Display for Status {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(match self {
-            Status::Disconnected => "disconnected",
-            Status::Connecting => "connecting",
-            Status::Connected => "connected",
-            Status::Reconnecting => "reconnecting",
-            Status::CircuitOpen => "circuit open",
-            Status::Closed => "closed",
-        })
-    }
-}
-
-/// Detailed status, from [`Client::status_info`].
-#[derive(Debug, Clone, PartialEq)]
-pub struct StatusInfo {
-    /// Connection status.
-    pub status: Status,
-    /// Circuit breaker state.
-    pub breaker: BreakerState,
-    /// Consecutive infrastructure failures counted by the breaker.
-    pub consecutive_failures: u32,
-    /// All infrastructure failures since the client was built.
-    pub total_failures: u64,
-    /// When the last failure happened.
-    pub last_failure: Option<SystemTime>,
-    /// Successful reconnections (the first connection does not count).
-    pub reconnects: u64,
-    /// Round-trip time measured by the last health check or [`Client::rtt`].
-    pub rtt: Option<Duration>,
-    /// Result of the last health check.
-    pub healthy: bool,
-    /// Messages dropped because a subscription could not keep up.
-    pub dropped_messages: u64,
-    /// Panics caught in the client's callbacks (`on_status_change`,
-    /// `on_disconnect`...); the client keeps running.
-    pub callback_panics: u64,
-}
+use crate::registry::Registry;
+pub use crate::status::{Status, StatusInfo};
 
 type Callback0 = Arc<dyn Fn() + Send + Sync>;
 type CallbackStr = Arc<dyn Fn(Option<&str>) + Send + Sync>;
@@ -216,7 +161,7 @@ impl ClientBuilder {
                 is_failure: None,
                 subscription_capacity: 65_536,
                 handler_deadline: Duration::from_secs(30),
-                request_timeout: crate::request::DEFAULT_REQUEST_TIMEOUT,
+                request_timeout: DEFAULT_REQUEST_TIMEOUT,
                 buffer_when_disconnected: false,
                 retry_initial_connect: false,
                 trace_mode: crate::trace::TraceMode::Full,
@@ -504,6 +449,9 @@ impl ClientBuilder {
     }
 }
 
+/// Default of [`ClientBuilder::request_timeout`](crate::ClientBuilder::request_timeout).
+pub const DEFAULT_REQUEST_TIMEOUT: Duration = Duration::from_secs(5);
+
 /// Smallest buffer async-nats gets per subscription: 4x its default, so
 /// that a burst never overflows it while natskit's reader catches up on a
 /// loaded machine (measured: with 65,536, a 200,000-message flood on 2
@@ -550,7 +498,7 @@ pub(crate) struct Inner {
     pub(crate) shutdown: CancellationToken,
     pub(crate) counters: Counters,
     pub(crate) registry: Arc<Registry>,
-    pub(crate) consumers: crate::consumer::Consumers,
+    pub(crate) consumers: crate::registry::Consumers,
     pub(crate) metrics: crate::metrics::ClientMetrics,
     /// Subscription and handler tasks, awaited by `close`.
     pub(crate) tasks: TaskTracker,
@@ -1012,7 +960,7 @@ impl Client {
         let conn = self.inner.conn.get();
         // JetStream consumers stop pulling first; a handler already running
         // finishes (its ack still goes out).
-        if tokio::time::timeout_at(deadline, self.stop_all_consumers())
+        if tokio::time::timeout_at(deadline, self.inner.consumers.stop_all())
             .await
             .is_err()
         {

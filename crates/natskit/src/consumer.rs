@@ -8,10 +8,9 @@
 //! message waiting for redelivery is never skipped and no orphan consumers
 //! pile up.
 
-use std::collections::HashMap;
 use std::future::Future;
+use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime};
 
 use async_nats::jetstream::consumer::{self, PullConsumer, pull};
@@ -22,8 +21,8 @@ use tokio::sync::watch;
 use crate::backoff::Backoff;
 use crate::client::{Client, WeakClient};
 use crate::error::{BoxError, Error, Result};
+use crate::handler::{HandlerOutcome, Invocation, invoke};
 use crate::jetstream::StreamAutoCreateConfig;
-use crate::pubsub::{HandlerOutcome, Invocation, invoke};
 use crate::subject;
 
 /// Whether a consumer API error says the consumer does not exist.
@@ -439,47 +438,13 @@ impl ConsumerHandle {
     }
 }
 
-/// The consumers a client runs, by (stream, consumer name).
-#[derive(Debug, Default)]
-pub(crate) struct Consumers {
-    running: Mutex<HashMap<(String, String), ConsumerHandle>>,
-}
-
-impl Consumers {
-    fn insert(&self, handle: ConsumerHandle) {
-        if let Ok(mut running) = self.running.lock() {
-            running.retain(|_, h| !h.is_stopped());
-            running.insert(
-                (handle.stream().to_owned(), handle.name().to_owned()),
-                handle,
-            );
-        }
+impl crate::registry::Stoppable for ConsumerHandle {
+    fn is_stopped(&self) -> bool {
+        ConsumerHandle::is_stopped(self)
     }
 
-    fn remove(&self, stream: &str, name: &str) -> Option<ConsumerHandle> {
-        self.running
-            .lock()
-            .ok()?
-            .remove(&(stream.to_owned(), name.to_owned()))
-    }
-
-    pub(crate) fn names_on(&self, stream: &str) -> Vec<String> {
-        self.running
-            .lock()
-            .map(|r| {
-                r.iter()
-                    .filter(|((s, _), h)| s == stream && !h.is_stopped())
-                    .map(|((_, name), _)| name.clone())
-                    .collect()
-            })
-            .unwrap_or_default()
-    }
-
-    fn take_all(&self) -> Vec<ConsumerHandle> {
-        self.running
-            .lock()
-            .map(|mut r| r.drain().map(|(_, h)| h).collect())
-            .unwrap_or_default()
+    fn stop(&self) -> futures_util::future::BoxFuture<'_, ()> {
+        Box::pin(ConsumerHandle::stop(self))
     }
 }
 
@@ -575,7 +540,9 @@ impl Client {
         let handle = ConsumerHandle {
             shared: shared.clone(),
         };
-        self.inner.consumers.insert(handle.clone());
+        self.inner
+            .consumers
+            .insert(&config.stream, &name, Arc::new(handle.clone()));
         let supervisor = Supervisor {
             metrics: self.inner.metrics.consumer(&config.stream, &name),
             client: self.downgrade(),
@@ -608,9 +575,7 @@ impl Client {
 
     /// Stops every consumer this client runs.
     pub async fn stop_all_consumers(&self) {
-        for handle in self.inner.consumers.take_all() {
-            handle.stop().await;
-        }
+        self.inner.consumers.stop_all().await;
     }
 
     /// Stops the consumer and deletes it from the server, losing its

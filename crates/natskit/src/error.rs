@@ -1,6 +1,43 @@
 //! The error type of every natskit operation.
 
+use std::fmt;
 use std::time::Duration;
+
+/// An error a request handler returns; the requester receives it as a reply
+/// with the `Nats-Service-Error` and `Nats-Service-Error-Code` headers and
+/// the body `error: <message>`.
+///
+/// Any `std::error::Error` converts into it with code 500, so `?` works in
+/// handlers.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ServiceError {
+    /// Error code (HTTP-like; 500 by default).
+    pub code: u16,
+    /// Human-readable message.
+    pub message: String,
+}
+
+impl ServiceError {
+    /// An error with a code.
+    pub fn new(code: u16, message: impl Into<String>) -> Self {
+        Self {
+            code,
+            message: message.into(),
+        }
+    }
+}
+
+impl fmt::Display for ServiceError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{} (code {})", self.message, self.code)
+    }
+}
+
+impl<E: std::error::Error> From<E> for ServiceError {
+    fn from(err: E) -> Self {
+        Self::new(500, err.to_string())
+    }
+}
 
 /// A boxed error from user code or a lower layer.
 pub type BoxError = Box<dyn std::error::Error + Send + Sync + 'static>;
@@ -287,7 +324,7 @@ pub enum Error {
     },
     /// A service answered a typed request with an error.
     #[error("service error: {0}")]
-    Service(crate::request::ServiceError),
+    Service(ServiceError),
     /// JetStream answered with an error.
     #[error("JetStream {op} failed: {source}")]
     JetStream {

@@ -13,6 +13,11 @@ use async_nats::HeaderMap;
 use crate::error::Error;
 use crate::subject::shorten;
 
+/// Header naming a service error in a reply (NATS micro convention).
+pub const SERVICE_ERROR_HEADER: &str = "Nats-Service-Error";
+/// Header carrying a service error code in a reply.
+pub const SERVICE_ERROR_CODE_HEADER: &str = "Nats-Service-Error-Code";
+
 /// Longest header name accepted, in bytes.
 pub const MAX_HEADER_NAME_LEN: usize = 256;
 

@@ -22,9 +22,9 @@ use tokio::sync::{Semaphore, mpsc};
 pub use async_nats::jetstream::publish::PublishAck;
 
 use crate::backoff::Backoff;
+use crate::backoff::RetryConfig;
 use crate::client::Client;
 use crate::error::{BoxError, Error, Result};
-use crate::request::RetryConfig;
 use crate::subject;
 
 pub(crate) fn unavailable(op: &'static str, err: impl Into<BoxError>) -> Error {
@@ -562,7 +562,7 @@ impl Client {
         }
         let headers = options.header_map();
         if let Ok(conn) = self.nats() {
-            crate::pubsub::check_payload(conn, payload.len(), headers.as_ref())?;
+            crate::handler::check_payload(conn, payload.len(), headers.as_ref())?;
         }
         let permit = self.guard()?;
         self.live_conn()?;
@@ -857,7 +857,7 @@ impl StreamPublisher {
             crate::trace::outgoing(options.headers.take(), self.client.inner.config.trace_mode);
         let headers = options.header_map();
         if let Ok(conn) = self.client.nats() {
-            crate::pubsub::check_payload(conn, payload.len(), headers.as_ref())?;
+            crate::handler::check_payload(conn, payload.len(), headers.as_ref())?;
         }
         let slot = self
             .slots

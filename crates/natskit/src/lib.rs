@@ -59,16 +59,21 @@ pub mod breaker;
 mod client;
 mod consumer;
 mod error;
+mod handler;
 pub mod header;
 mod jetstream;
 mod kv;
 pub mod metrics;
+mod monitor;
 mod pubsub;
+mod registry;
 mod request;
 mod service;
+mod status;
 pub mod subject;
 mod temporal;
 pub mod trace;
+mod typed;
 
 /// The async-nats version natskit is built on, so that users need no
 /// matching dependency of their own (`natskit::async_nats::jetstream::...`).
@@ -82,20 +87,23 @@ pub use consumer::{
     StreamConsumerConfig, consume_with_heartbeat,
 };
 pub use error::{BoxError, Error, Result};
+pub use handler::HandlerOutcome;
 pub use jetstream::{
     PublishAck, PublishReport, StreamAutoCreateConfig, StreamPublishOptions, StreamPublisher,
 };
 pub use kv::{KvEntry, KvOperation, KvOptions, KvStore, KvWatch, WatchEvent};
-pub use pubsub::{HandlerOutcome, SubscribeOptions, Subscription, SubscriptionStats};
+pub use monitor::StreamMonitor;
+pub use pubsub::{SubscribeOptions, Subscription};
+pub use registry::SubscriptionStats;
 pub use request::{
     DEFAULT_REQUEST_TIMEOUT, RetryConfig, SERVICE_ERROR_CODE_HEADER, SERVICE_ERROR_HEADER,
     ServiceError,
 };
 pub use service::{Service, ServiceConfig};
-#[cfg(feature = "msgpack")]
-pub use subject::MsgPackCodec;
-pub use subject::{Codec, JsonCodec, Subject};
 pub use temporal::{CacheStats, DEFAULT_CACHE_TTL, TemporalResolver};
+#[cfg(feature = "msgpack")]
+pub use typed::MsgPackCodec;
+pub use typed::{Codec, ErrorHook, JsonCodec, MAX_DECODE_DEPTH, Subject};
 
 /// The README's examples, compiled as doctests.
 #[cfg(doctest)]

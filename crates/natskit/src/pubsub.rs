@@ -2,12 +2,11 @@
 //! subscriptions whose handlers run under a deadline, survive panics, and
 //! never lose messages silently.
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::VecDeque;
 use std::future::Future;
-use std::panic::AssertUnwindSafe;
-use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, Weak};
-use std::time::{Duration, Instant};
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+use std::time::Duration;
 
 use async_nats::subject::ToSubject;
 use async_nats::{HeaderMap, Message};
@@ -16,185 +15,11 @@ use futures_util::{FutureExt, StreamExt};
 use tokio::sync::{Semaphore, watch};
 
 use crate::client::{Client, sync_with_server};
-use crate::error::{BoxError, Error, Result};
+use crate::error::{Error, Result};
+use crate::handler::{HandlerOutcome, Invocation, check_payload, invoke};
+use crate::registry::{Control, StatsCell, SubscriptionStats, request_drain, subscriber_sid};
 use crate::subject;
 use crate::trace;
-
-/// Counters of one subscription, from [`Subscription::stats`].
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
-pub struct SubscriptionStats {
-    /// Messages taken from the subscription.
-    pub received: u64,
-    /// Handler invocations that finished (in any way).
-    pub handled: u64,
-    /// Handlers that returned an error.
-    pub errors: u64,
-    /// Handlers that panicked.
-    pub panics: u64,
-    /// Handlers that exceeded the per-message deadline.
-    pub timeouts: u64,
-    /// Messages dropped because this subscription fell behind. natskit
-    /// reads the subscription without pause into its own queue of
-    /// `subscription_capacity` messages while handlers run, and counts every
-    /// message that does not fit exactly; async-nats' buffer behind it is
-    /// then rarely full, and its drops (reported by best-effort events) are
-    /// added when reported.
-    pub dropped: u64,
-}
-
-#[derive(Debug)]
-pub(crate) struct StatsCell {
-    received_metric: metrics::Counter,
-    dropped_metric: metrics::Counter,
-    received: AtomicU64,
-    handled: AtomicU64,
-    errors: AtomicU64,
-    panics: AtomicU64,
-    timeouts: AtomicU64,
-    dropped: AtomicU64,
-    /// Nanoseconds since `created` of the last drop warning.
-    last_warned: AtomicU64,
-    created: Instant,
-    /// The client's count of dropped messages.
-    client_dropped: Arc<AtomicU64>,
-}
-
-impl StatsCell {
-    fn new(
-        (received_metric, dropped_metric): (metrics::Counter, metrics::Counter),
-        client_dropped: Arc<AtomicU64>,
-    ) -> Self {
-        Self {
-            received_metric,
-            dropped_metric,
-            received: AtomicU64::new(0),
-            handled: AtomicU64::new(0),
-            errors: AtomicU64::new(0),
-            panics: AtomicU64::new(0),
-            timeouts: AtomicU64::new(0),
-            dropped: AtomicU64::new(0),
-            last_warned: AtomicU64::new(0),
-            created: Instant::now(),
-            client_dropped,
-        }
-    }
-
-    /// Counts one dropped message (here, client-wide and in the metric) and
-    /// warns at most once a second per subscription.
-    fn record_drop(&self, subject: &str) {
-        self.record_drops(1, subject);
-    }
-
-    /// Counts `n` dropped messages; see [`record_drop`](Self::record_drop).
-    fn record_drops(&self, n: u64, subject: &str) {
-        let dropped = self.dropped.fetch_add(n, Ordering::Relaxed) + n;
-        self.client_dropped.fetch_add(n, Ordering::Relaxed);
-        self.dropped_metric.increment(n);
-        let now = u64::try_from(self.created.elapsed().as_nanos())
-            .unwrap_or(u64::MAX)
-            .max(1);
-        let last = self.last_warned.load(Ordering::Relaxed);
-        if (last == 0 || now.saturating_sub(last) >= 1_000_000_000)
-            && self
-                .last_warned
-                .compare_exchange(last, now, Ordering::Relaxed, Ordering::Relaxed)
-                .is_ok()
-        {
-            tracing::warn!(%subject, dropped, "slow consumer: messages dropped");
-        }
-    }
-
-    fn snapshot(&self) -> SubscriptionStats {
-        let get = |c: &AtomicU64| c.load(Ordering::Relaxed);
-        SubscriptionStats {
-            received: get(&self.received),
-            handled: get(&self.handled),
-            errors: get(&self.errors),
-            panics: get(&self.panics),
-            timeouts: get(&self.timeouts),
-            dropped: get(&self.dropped),
-        }
-    }
-}
-
-/// Maps async-nats subscription ids to natskit stats, so slow-consumer
-/// events are counted per subscription.
-/// Also keeps every running subscription's control channel, for `close`.
-#[derive(Debug, Default)]
-pub(crate) struct Registry {
-    subs: Mutex<HashMap<u64, (String, Weak<StatsCell>)>>,
-    controls: Mutex<Vec<Arc<watch::Sender<Control>>>>,
-}
-
-impl Registry {
-    fn add_control(&self, control: &Arc<watch::Sender<Control>>) {
-        if let Ok(mut controls) = self.controls.lock() {
-            // A finished runner has dropped its receiver.
-            controls.retain(|c| c.receiver_count() > 0);
-            controls.push(control.clone());
-        }
-    }
-
-    /// Tells every running subscription to handle what it has buffered and
-    /// stop. The caller has synced with the server first.
-    pub(crate) fn drain_all(&self) {
-        if let Ok(controls) = self.controls.lock() {
-            for control in controls.iter() {
-                request_drain(control);
-            }
-        }
-    }
-
-    fn register(&self, sid: u64, subject: &str, stats: &Arc<StatsCell>) {
-        if let Ok(mut subs) = self.subs.lock() {
-            subs.retain(|_, (_, s)| s.strong_count() > 0);
-            subs.insert(sid, (subject.to_owned(), Arc::downgrade(stats)));
-        }
-    }
-
-    /// A drop reported by async-nats (a slow-consumer event) for
-    /// subscription `sid`; whether the subscription was known.
-    pub(crate) fn record_drop(&self, sid: u64) -> bool {
-        let Some((subject, stats)) = self.subs.lock().ok().and_then(|subs| {
-            subs.get(&sid)
-                .and_then(|(s, w)| Some((s.clone(), w.upgrade()?)))
-        }) else {
-            tracing::warn!(sid, "message dropped: subscription could not keep up");
-            return false;
-        };
-        stats.record_drop(&subject);
-        true
-    }
-}
-
-/// async-nats keeps a subscriber's id private but prints it in `Debug`
-/// (`Subscriber { sid: 7, .. }`); read it from there to map slow-consumer
-/// events (which carry only the id) to the subscription.
-fn subscriber_sid(subscriber: &async_nats::Subscriber) -> Option<u64> {
-    let text = format!("{subscriber:?}");
-    let rest = text.split_once("sid: ")?.1;
-    let end = rest.find(|c: char| !c.is_ascii_digit())?;
-    rest[..end].parse().ok()
-}
-
-/// What a message handler may return: `()` or `Result<(), E>`. Errors are
-/// counted in [`SubscriptionStats::errors`] and logged.
-pub trait HandlerOutcome {
-    /// Converts into a result.
-    fn into_result(self) -> std::result::Result<(), BoxError>;
-}
-
-impl HandlerOutcome for () {
-    fn into_result(self) -> std::result::Result<(), BoxError> {
-        Ok(())
-    }
-}
-
-impl<E: Into<BoxError>> HandlerOutcome for std::result::Result<(), E> {
-    fn into_result(self) -> std::result::Result<(), BoxError> {
-        self.map_err(Into::into)
-    }
-}
 
 /// Options of a handler subscription.
 ///
@@ -239,13 +64,6 @@ impl SubscribeOptions {
     }
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub(crate) enum Control {
-    Run,
-    Drain,
-    Stop,
-}
-
 /// A running handler subscription. Dropping the handle does **not** stop
 /// it; call [`unsubscribe`](Self::unsubscribe) or [`drain`](Self::drain), or
 /// close the client.
@@ -257,17 +75,6 @@ pub struct Subscription {
     done: watch::Receiver<bool>,
     conn: async_nats::Client,
     sync_timeout: Duration,
-}
-
-fn request_drain(control: &watch::Sender<Control>) {
-    control.send_if_modified(|c| {
-        if *c == Control::Run {
-            *c = Control::Drain;
-            true
-        } else {
-            false
-        }
-    });
 }
 
 impl Subscription {
@@ -531,38 +338,6 @@ impl Client {
     }
 }
 
-/// Checks payload plus encoded headers against the server's `max_payload`.
-pub(crate) fn check_payload(
-    conn: &async_nats::Client,
-    payload: usize,
-    headers: Option<&HeaderMap>,
-) -> Result<()> {
-    let max = conn.max_payload();
-    if max == 0 {
-        return Ok(());
-    }
-    let size = payload + headers.map_or(0, encoded_len);
-    if size > max {
-        return Err(Error::PayloadTooLarge { size, max });
-    }
-    Ok(())
-}
-
-/// Size of headers on the wire: `NATS/1.0\r\n`, `Name: value\r\n` each, `\r\n`.
-fn encoded_len(headers: &HeaderMap) -> usize {
-    let fields: usize = headers
-        .iter()
-        .map(|(name, values)| {
-            let name = AsRef::<str>::as_ref(name).len();
-            values
-                .iter()
-                .map(|v| name + 2 + v.as_str().len() + 2)
-                .sum::<usize>()
-        })
-        .sum();
-    10 + fields + 2
-}
-
 struct Runner<F> {
     handler: Arc<F>,
     deadline: Duration,
@@ -749,39 +524,6 @@ where
             invocation.await;
             drop(slot);
         });
-    }
-}
-
-/// How one run of user code for a message ended.
-pub(crate) enum Invocation<T> {
-    /// It returned.
-    Done(T),
-    /// It panicked, with the panic's message.
-    Panicked(String),
-    /// It ran past its deadline and was cancelled.
-    TimedOut,
-}
-
-/// The one way natskit runs user code for a message (subscriptions,
-/// services, consumers): in the trace scope of the message's headers, under
-/// a deadline, with a panic caught and its message kept.
-pub(crate) async fn invoke<Fut: Future>(
-    headers: Option<&HeaderMap>,
-    deadline: Duration,
-    work: Fut,
-) -> Invocation<Fut::Output> {
-    let context = trace::HandlerContext::from_headers(headers);
-    let invocation = AssertUnwindSafe(context.run(work)).catch_unwind();
-    match tokio::time::timeout(deadline, invocation).await {
-        Ok(Ok(output)) => Invocation::Done(output),
-        Ok(Err(panic)) => Invocation::Panicked(
-            panic
-                .downcast_ref::<&str>()
-                .map(|s| (*s).to_owned())
-                .or_else(|| panic.downcast_ref::<String>().cloned())
-                .unwrap_or_default(),
-        ),
-        Err(_) => Invocation::TimedOut,
     }
 }
 

@@ -1,7 +1,6 @@
 //! Request/reply: requests with timeouts and retry, reply helpers, and
 //! request handlers (`serve`).
 
-use std::fmt;
 use std::future::Future;
 use std::sync::Arc;
 use std::time::Duration;
@@ -10,76 +9,16 @@ use async_nats::subject::ToSubject;
 use async_nats::{HeaderMap, Message};
 use bytes::Bytes;
 
-use crate::backoff::Backoff;
 use crate::client::Client;
 use crate::error::{BoxError, Error, Result};
-use crate::pubsub::{SubscribeOptions, Subscription, check_payload};
+use crate::handler::check_payload;
+use crate::pubsub::{SubscribeOptions, Subscription};
 use crate::subject;
 
-/// Default of [`ClientBuilder::request_timeout`](crate::ClientBuilder::request_timeout).
-pub const DEFAULT_REQUEST_TIMEOUT: Duration = Duration::from_secs(5);
-
-/// Header naming a service error in a reply (NATS micro convention).
-pub const SERVICE_ERROR_HEADER: &str = "Nats-Service-Error";
-/// Header carrying a service error code in a reply.
-pub const SERVICE_ERROR_CODE_HEADER: &str = "Nats-Service-Error-Code";
-
-/// Retry settings of [`Client::request_with_retry`].
-///
-/// Defaults: 3 retries, 100 ms first back-off, doubling, capped at 2 s, with
-/// jitter. Only no-responders and timeouts are retried.
-#[derive(Debug, Clone, Copy, PartialEq)]
-pub struct RetryConfig {
-    /// Retries after the first attempt.
-    pub max_retries: u32,
-    /// Back-off schedule between attempts.
-    pub backoff: Backoff,
-}
-
-impl Default for RetryConfig {
-    fn default() -> Self {
-        Self {
-            max_retries: 3,
-            backoff: Backoff::new(Duration::from_millis(100), Duration::from_secs(2)),
-        }
-    }
-}
-
-/// An error a request handler returns; the requester receives it as a reply
-/// with the `Nats-Service-Error` and `Nats-Service-Error-Code` headers and
-/// the body `error: <message>`.
-///
-/// Any `std::error::Error` converts into it with code 500, so `?` works in
-/// handlers.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct ServiceError {
-    /// Error code (HTTP-like; 500 by default).
-    pub code: u16,
-    /// Human-readable message.
-    pub message: String,
-}
-
-impl ServiceError {
-    /// An error with a code.
-    pub fn new(code: u16, message: impl Into<String>) -> Self {
-        Self {
-            code,
-            message: message.into(),
-        }
-    }
-}
-
-impl fmt::Display for ServiceError {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "{} (code {})", self.message, self.code)
-    }
-}
-
-impl<E: std::error::Error> From<E> for ServiceError {
-    fn from(err: E) -> Self {
-        Self::new(500, err.to_string())
-    }
-}
+pub use crate::backoff::RetryConfig;
+pub use crate::client::DEFAULT_REQUEST_TIMEOUT;
+pub use crate::error::ServiceError;
+pub use crate::header::{SERVICE_ERROR_CODE_HEADER, SERVICE_ERROR_HEADER};
 
 /// A zero timeout is a caller mistake (it used to mean "the default").
 fn check_timeout(timeout: Duration) -> Result<()> {

@@ -15,9 +15,9 @@ use futures_util::StreamExt;
 use tokio::sync::watch;
 
 use crate::client::Client;
+use crate::error::ServiceError;
 use crate::error::{Error, Result};
-use crate::pubsub::{Invocation, invoke};
-use crate::request::ServiceError;
+use crate::handler::{Invocation, invoke};
 use crate::subject;
 
 /// Settings of a [`Service`].

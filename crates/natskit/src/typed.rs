@@ -14,10 +14,11 @@ use serde::de::DeserializeOwned;
 
 use crate::client::Client;
 use crate::consumer::{ConsumerHandle, StreamConsumerConfig};
+use crate::error::ServiceError;
 use crate::error::{BoxError, Error, Result};
+use crate::handler::HandlerOutcome;
 use crate::jetstream::{PublishAck, StreamPublishOptions};
-use crate::pubsub::{HandlerOutcome, SubscribeOptions, Subscription};
-use crate::request::ServiceError;
+use crate::pubsub::{SubscribeOptions, Subscription};
 
 /// Encodes and decodes payloads of type `T`.
 pub trait Codec<T>: Send + Sync + 'static {
@@ -120,7 +121,7 @@ impl Template {
             }
         }
         let wildcard = wildcard.join(".");
-        super::validate_subscribe(&wildcard)?;
+        crate::subject::validate_subscribe(&wildcard)?;
         Ok(Self {
             pattern: pattern.to_owned(),
             parts,
@@ -160,7 +161,7 @@ impl Template {
             }
         }
         let subject = out.join(".");
-        super::validate_publish(&subject)?;
+        crate::subject::validate_publish(&subject)?;
         Ok(subject)
     }
 }

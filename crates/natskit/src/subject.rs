@@ -1,5 +1,5 @@
-//! Subjects: pure checks over strings (no I/O), and typed subjects
-//! ([`Subject`]) that bind a pattern to a payload type and a [`Codec`].
+//! Subjects: pure checks over strings (no I/O). Typed subjects, which bind
+//! a pattern to a payload type and a codec, are [`crate::Subject`].
 //!
 //! A subject is a non-empty list of `.`-separated tokens with no empty
 //! tokens, no whitespace (ASCII or Unicode) and no control characters, at
@@ -13,11 +13,6 @@
 //! (`HPUB`), or with a queue group (`SUB`), plus the rest of the line.
 
 use crate::error::Error;
-
-mod typed;
-#[cfg(feature = "msgpack")]
-pub use typed::MsgPackCodec;
-pub use typed::{Codec, ErrorHook, JsonCodec, MAX_DECODE_DEPTH, Subject};
 
 /// Longest subject accepted, in bytes.
 pub const MAX_SUBJECT_LEN: usize = 3072;

@@ -1,0 +1,97 @@
+//! How natskit runs user code for a message, and the size check every
+//! outgoing message passes: the connection layer's shared prologue and
+//! invocation path.
+
+use std::future::Future;
+use std::panic::AssertUnwindSafe;
+use std::time::Duration;
+
+use async_nats::HeaderMap;
+use futures_util::FutureExt;
+
+use crate::error::{BoxError, Error, Result};
+use crate::trace;
+
+/// What a message handler may return: `()` or `Result<(), E>`. Errors are
+/// counted in [`SubscriptionStats::errors`](crate::SubscriptionStats::errors) and logged.
+pub trait HandlerOutcome {
+    /// Converts into a result.
+    fn into_result(self) -> std::result::Result<(), BoxError>;
+}
+
+impl HandlerOutcome for () {
+    fn into_result(self) -> std::result::Result<(), BoxError> {
+        Ok(())
+    }
+}
+
+impl<E: Into<BoxError>> HandlerOutcome for std::result::Result<(), E> {
+    fn into_result(self) -> std::result::Result<(), BoxError> {
+        self.map_err(Into::into)
+    }
+}
+
+/// Checks payload plus encoded headers against the server's `max_payload`.
+pub(crate) fn check_payload(
+    conn: &async_nats::Client,
+    payload: usize,
+    headers: Option<&HeaderMap>,
+) -> Result<()> {
+    let max = conn.max_payload();
+    if max == 0 {
+        return Ok(());
+    }
+    let size = payload + headers.map_or(0, encoded_len);
+    if size > max {
+        return Err(Error::PayloadTooLarge { size, max });
+    }
+    Ok(())
+}
+
+/// Size of headers on the wire: `NATS/1.0\r\n`, `Name: value\r\n` each, `\r\n`.
+fn encoded_len(headers: &HeaderMap) -> usize {
+    let fields: usize = headers
+        .iter()
+        .map(|(name, values)| {
+            let name = AsRef::<str>::as_ref(name).len();
+            values
+                .iter()
+                .map(|v| name + 2 + v.as_str().len() + 2)
+                .sum::<usize>()
+        })
+        .sum();
+    10 + fields + 2
+}
+
+/// How one run of user code for a message ended.
+pub(crate) enum Invocation<T> {
+    /// It returned.
+    Done(T),
+    /// It panicked, with the panic's message.
+    Panicked(String),
+    /// It ran past its deadline and was cancelled.
+    TimedOut,
+}
+
+/// The one way natskit runs user code for a message (subscriptions,
+/// services, consumers): in the trace scope of the message's headers, under
+/// a deadline, with a panic caught and its message kept.
+pub(crate) async fn invoke<Fut: Future>(
+    headers: Option<&HeaderMap>,
+    deadline: Duration,
+    work: Fut,
+) -> Invocation<Fut::Output> {
+    let context = trace::HandlerContext::from_headers(headers);
+    let invocation = AssertUnwindSafe(context.run(work)).catch_unwind();
+    match tokio::time::timeout(deadline, invocation).await {
+        Ok(Ok(output)) => Invocation::Done(output),
+        Ok(Err(panic)) => Invocation::Panicked(
+            panic
+                .downcast_ref::<&str>()
+                .map(|s| (*s).to_owned())
+                .or_else(|| panic.downcast_ref::<String>().cloned())
+                .unwrap_or_default(),
+        ),
+        Err(_) => Invocation::TimedOut,
+    }
+}

@@ -1,0 +1,88 @@
+//! Stream and consumer gauges polled from the server
+//! ([`Client::monitor_stream`]).
+
+use std::time::Duration;
+
+use metrics::gauge;
+
+use crate::client::Client;
+use crate::error::Result;
+
+/// A running poll of stream and consumer gauges; stops when dropped or
+/// [`stop`](Self::stop)ped.
+#[derive(Debug)]
+pub struct StreamMonitor {
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl StreamMonitor {
+    /// Stops polling.
+    pub fn stop(self) {
+        self.task.abort();
+    }
+}
+
+impl Drop for StreamMonitor {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+impl Client {
+    /// Polls `stream` every `interval` and sets `natskit_stream_messages`,
+    /// `natskit_stream_bytes` and, for the consumers this client runs on it,
+    /// `natskit_consumer_pending`, from the server's values.
+    ///
+    /// # Errors
+    /// [`Error::InvalidArgument`](crate::Error::InvalidArgument) for a zero
+    /// interval, [`Error::InvalidName`](crate::Error::InvalidName).
+    pub fn monitor_stream(&self, stream: &str, interval: Duration) -> Result<StreamMonitor> {
+        crate::subject::validate_name("stream", stream)?;
+        if interval.is_zero() {
+            return Err(crate::Error::InvalidArgument(
+                "monitor interval must be above zero".into(),
+            ));
+        }
+        let weak = self.downgrade();
+        let shutdown = self.inner.shutdown.clone();
+        let name = stream.to_owned();
+        let metrics = self.inner.metrics.clone();
+        let labels = [("client", metrics.client.clone()), ("stream", name.clone())];
+        let messages = gauge!("natskit_stream_messages", &labels);
+        let bytes = gauge!("natskit_stream_bytes", &labels);
+        let task = tokio::spawn(async move {
+            let mut ticker = tokio::time::interval(interval);
+            loop {
+                tokio::select! {
+                    () = shutdown.cancelled() => break,
+                    _ = ticker.tick() => {}
+                }
+                // Weak: the monitor must not keep a dropped client alive.
+                let Some(client) = weak.upgrade() else { break };
+                let Ok(mut stream) = client.get_stream(&name).await else {
+                    continue;
+                };
+                if let Ok(info) = stream.info().await {
+                    #[allow(clippy::cast_precision_loss)]
+                    {
+                        messages.set(info.state.messages as f64);
+                        bytes.set(info.state.bytes as f64);
+                    }
+                }
+                for consumer in client.consumer_names_on(&name) {
+                    if let Ok(info) = stream.consumer_info(&consumer).await {
+                        #[allow(clippy::cast_precision_loss)]
+                        gauge!(
+                            "natskit_consumer_pending",
+                            "client" => metrics.client.clone(),
+                            "stream" => name.clone(),
+                            "consumer" => consumer
+                        )
+                        .set(info.num_pending as f64);
+                    }
+                }
+            }
+        });
+        Ok(StreamMonitor { task })
+    }
+}
