@@ -50,6 +50,7 @@ async fn main() -> Result<(), Box<dyn std::error::Error + Send + Sync>> {
                         break;
                     }
                 }
+                other => println!("  [watch] {other:?}"),
             }
         }
     });

@@ -42,6 +42,7 @@ impl Clock for SystemClock {
 
 /// State of a circuit breaker.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+#[non_exhaustive]
 pub enum BreakerState {
     /// Calls pass through.
     Closed,

@@ -334,6 +334,7 @@ fn to_offset_datetime(at: SystemTime) -> Result<time::OffsetDateTime> {
 
 /// Counters and health of a supervised consumer.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+#[non_exhaustive]
 pub struct ConsumerStats {
     /// Messages delivered to the handler.
     pub delivered: u64,
@@ -949,6 +950,7 @@ impl std::error::Error for Permanent {
 
 /// How [`consume_with_heartbeat`] settled the message.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[non_exhaustive]
 pub enum Settled {
     /// The work succeeded; the message was acknowledged.
     Acked,

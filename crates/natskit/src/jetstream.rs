@@ -797,6 +797,7 @@ struct PublisherShared {
 
 /// Outcome counts of a [`StreamPublisher`] at a flush.
 #[derive(Debug, Default)]
+#[non_exhaustive]
 pub struct PublishReport {
     /// Messages acknowledged since the publisher was created.
     pub acked: u64,

@@ -21,6 +21,7 @@ use crate::subject;
 
 /// What a KV entry records.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[non_exhaustive]
 pub enum KvOperation {
     /// A value was written.
     Put,
@@ -991,11 +992,63 @@ impl KvStore {
         .await
     }
 
-    /// The CAS loop; `update` already reports natskit errors (a JSON helper's
-    /// decode error stays [`Error::Json`]).
+    /// [`update_with_retry`](Self::update_with_retry) with an async update
+    /// function, for updates that must await something (a lookup, another
+    /// service). It gets the current value (`None` when the key is missing,
+    /// deleted or purged) and may run again after a conflict.
+    ///
+    /// ```no_run
+    /// # async fn demo(store: natskit::KvStore, client: natskit::Client) -> natskit::Result<()> {
+    /// store
+    ///     .update_with_retry_async("price", |current| {
+    ///         let client = client.clone();
+    ///         async move {
+    ///             let quote = client.request("pricing.quote", current.unwrap_or_default()).await?;
+    ///             Ok::<_, natskit::Error>(quote.to_vec())
+    ///         }
+    ///     })
+    ///     .await?;
+    /// # Ok(()) }
+    /// ```
+    ///
+    /// # Errors
+    /// As [`update_with_retry`](Self::update_with_retry).
+    pub async fn update_with_retry_async<F, Fut, E>(&self, key: &str, mut update: F) -> Result<u64>
+    where
+        F: FnMut(Option<Bytes>) -> Fut,
+        Fut: Future<Output = std::result::Result<Vec<u8>, E>>,
+        E: Into<BoxError>,
+    {
+        self.cas_loop_async(key, |current| {
+            let pending = update(current);
+            async move {
+                pending.await.map_err(|e| Error::UpdateAborted {
+                    key: key.to_owned(),
+                    source: e.into(),
+                })
+            }
+        })
+        .await
+    }
+
+    /// The CAS loop with a synchronous update; `update` already reports
+    /// natskit errors (a JSON helper's decode error stays [`Error::Json`]).
     async fn cas_loop<F>(&self, key: &str, mut update: F) -> Result<u64>
     where
         F: FnMut(Option<&[u8]>) -> Result<Vec<u8>>,
+    {
+        self.cas_loop_async(key, |current| {
+            std::future::ready(update(current.as_deref()))
+        })
+        .await
+    }
+
+    /// The one CAS loop: read, update, write with the read revision, retry
+    /// on conflict with back-off.
+    async fn cas_loop_async<F, Fut>(&self, key: &str, mut update: F) -> Result<u64>
+    where
+        F: FnMut(Option<Bytes>) -> Fut,
+        Fut: Future<Output = Result<Vec<u8>>>,
     {
         self.check_key(key)?;
         let backoff = self.options.backoff();
@@ -1005,11 +1058,11 @@ impl KvStore {
                 tokio::time::sleep(backoff.delay_random(attempt - 1)).await;
             }
             let current = self.entry_raw(key).await?;
-            let (value, revision) = match &current {
-                Some(e) if e.operation == Operation::Put => (Some(&e.value[..]), Some(e.revision)),
+            let (value, revision) = match current {
+                Some(e) if e.operation == Operation::Put => (Some(e.value), Some(e.revision)),
                 _ => (None, None),
             };
-            let new = update(value)?;
+            let new = update(value).await?;
             self.check_value(&new)?;
             match self.try_write(key, new.into(), revision).await? {
                 Attempt::Done(revision) => return Ok(revision),
@@ -1213,6 +1266,7 @@ fn json_kind(value: &serde_json::Value) -> &'static str {
 
 /// An event of a [`KvWatch`].
 #[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
 pub enum WatchEvent {
     /// A key's value, deletion or purge.
     Entry(KvEntry),

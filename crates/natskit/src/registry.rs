@@ -12,6 +12,7 @@ use tokio::sync::watch;
 
 /// Counters of one subscription, from [`Subscription::stats`](crate::Subscription::stats).
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+#[non_exhaustive]
 pub struct SubscriptionStats {
     /// Messages taken from the subscription.
     pub received: u64,

@@ -8,6 +8,7 @@ use crate::breaker::BreakerState;
 
 /// Connection status of a [`Client`](crate::Client).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+#[non_exhaustive]
 pub enum Status {
     /// Not connected, and not trying (before `connect`, or after giving up).
     Disconnected,
@@ -38,6 +39,7 @@ impl fmt::Display for Status {
 
 /// Detailed status, from [`Client::status_info`](crate::Client::status_info).
 #[derive(Debug, Clone, PartialEq)]
+#[non_exhaustive]
 pub struct StatusInfo {
     /// Connection status.
     pub status: Status,

@@ -24,6 +24,7 @@ const CONCURRENCY: usize = 16;
 
 /// Cache counters of a [`TemporalResolver`].
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+#[non_exhaustive]
 pub struct CacheStats {
     /// Lookups served from the cache.
     pub hits: u64,

@@ -42,6 +42,7 @@ pub const PARENT_SPAN_HEADER: &str = "X-Parent-Span-ID";
 
 /// Which trace headers a client writes.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+#[non_exhaustive]
 pub enum TraceMode {
     /// `traceparent` plus the `X-Trace-ID`, `X-Span-ID`,
     /// `X-Parent-Span-ID` (default).

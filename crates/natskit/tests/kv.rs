@@ -396,6 +396,7 @@ async fn watch_replays_marks_and_follows() -> TestResult {
                 initial.push((e.key, String::from_utf8_lossy(&e.value).into_owned()))
             }
             Some(WatchEvent::InitialDone) => break,
+            Some(other) => panic!("unexpected {other:?}"),
             None => panic!("watch ended"),
         }
     }
@@ -614,5 +615,43 @@ async fn temporal_resolver_binary_search_and_cache() -> TestResult {
     let stats = resolver.stats();
     assert!(stats.hits > 0 && stats.misses > 0, "{stats:?}");
     assert!(stats.entries >= 1);
+    Ok(())
+}
+
+/// An update that must await something: contended async CAS updates all
+/// land, and an error from the update aborts without writing.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn async_updates_retry_like_sync_ones() -> TestResult {
+    let env = TestEnv::builder().jetstream().start().await?;
+    let kv = store(&env, "async_cas").await?;
+    let mut tasks = Vec::new();
+    for _ in 0..4 {
+        let kv = kv.clone();
+        tasks.push(tokio::spawn(async move {
+            for _ in 0..20 {
+                kv.update_with_retry_async("n", |current| async move {
+                    // Something to wait for between the read and the write.
+                    tokio::time::sleep(Duration::from_millis(1)).await;
+                    let n: u64 = match current {
+                        Some(v) => std::str::from_utf8(&v)?.parse()?,
+                        None => 0,
+                    };
+                    Ok::<_, natskit::BoxError>((n + 1).to_string().into_bytes())
+                })
+                .await?;
+            }
+            Ok::<_, Error>(())
+        }));
+    }
+    for task in tasks {
+        task.await??;
+    }
+    assert_eq!(&kv.get("n").await?.value[..], b"80");
+    let err = kv
+        .update_with_retry_async("n", |_current| async { Err::<Vec<u8>, _>("no") })
+        .await
+        .expect_err("aborted");
+    assert!(matches!(err, Error::UpdateAborted { .. }), "{err}");
+    assert_eq!(&kv.get("n").await?.value[..], b"80", "nothing written");
     Ok(())
 }
