@@ -560,6 +560,45 @@ impl Client {
         Ok(handle)
     }
 
+    /// A supervised consumer as a [`futures_util::Stream`] of messages
+    /// ([`ConsumerStream`]): the same supervision as
+    /// [`consume_stream_with_config`](Self::consume_stream_with_config)
+    /// (recreated with back-off when lost, resuming at the ack floor). The
+    /// caller acknowledges each message. A message not taken from the stream
+    /// within the config's message timeout is nak'd and comes again.
+    /// Dropping the stream stops the consumer (deleting it when ephemeral).
+    ///
+    /// ```no_run
+    /// # async fn demo(client: natskit::Client) -> natskit::Result<()> {
+    /// use futures_util::StreamExt;
+    /// use natskit::StreamConsumerConfig;
+    /// let mut orders = client
+    ///     .consumer_stream(StreamConsumerConfig::new("ORDERS").durable("billing"))
+    ///     .await?;
+    /// while let Some(msg) = orders.next().await {
+    ///     println!("{}", msg.subject);
+    ///     msg.ack().await.ok();
+    /// }
+    /// # Ok(()) }
+    /// ```
+    ///
+    /// # Errors
+    /// See [`consume_stream_with_config`](Self::consume_stream_with_config).
+    pub async fn consumer_stream(&self, config: StreamConsumerConfig) -> Result<ConsumerStream> {
+        let (tx, rx) = tokio::sync::mpsc::channel::<jetstream::Message>(1);
+        let handle = self
+            .consume_stream_with_config(config, move |msg: jetstream::Message| {
+                let tx = tx.clone();
+                async move {
+                    tx.send(msg)
+                        .await
+                        .map_err(|_| BoxError::from("the consumer stream was dropped"))
+                }
+            })
+            .await?;
+        Ok(ConsumerStream { rx, handle })
+    }
+
     /// Stops the consumer `name` on `stream` that this client runs; it
     /// stays on the server. Stopping an unknown or stopped consumer does
     /// nothing.
@@ -928,6 +967,41 @@ where
         if stream_seq > 0 {
             counters.last_seq.fetch_max(stream_seq, Ordering::Relaxed);
         }
+    }
+}
+
+/// A supervised consumer as a [`futures_util::Stream`] of JetStream
+/// messages, from [`Client::consumer_stream`]. Dropping it stops the
+/// consumer.
+#[derive(Debug)]
+pub struct ConsumerStream {
+    rx: tokio::sync::mpsc::Receiver<jetstream::Message>,
+    handle: ConsumerHandle,
+}
+
+impl ConsumerStream {
+    /// The supervised consumer behind the stream: name, stats, health.
+    pub fn handle(&self) -> &ConsumerHandle {
+        &self.handle
+    }
+}
+
+impl futures_util::Stream for ConsumerStream {
+    type Item = jetstream::Message;
+
+    fn poll_next(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<jetstream::Message>> {
+        self.rx.poll_recv(cx)
+    }
+}
+
+impl Drop for ConsumerStream {
+    fn drop(&mut self) {
+        // Signal only: the supervisor stops (and deletes an ephemeral
+        // consumer) on its own task.
+        self.handle.shared.stop.send_replace(true);
     }
 }
 

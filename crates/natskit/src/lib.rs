@@ -83,7 +83,7 @@ pub use backoff::Backoff;
 pub use breaker::{BreakerState, CircuitBreaker};
 pub use client::{Client, ClientBuilder, Status, StatusInfo};
 pub use consumer::{
-    AckPolicy, ConsumerHandle, ConsumerStats, DeliverPolicy, Permanent, Settled,
+    AckPolicy, ConsumerHandle, ConsumerStats, ConsumerStream, DeliverPolicy, Permanent, Settled,
     StreamConsumerConfig, consume_with_heartbeat,
 };
 pub use error::{BoxError, Error, Result};
@@ -93,7 +93,7 @@ pub use jetstream::{
 };
 pub use kv::{KvEntry, KvOperation, KvOptions, KvStore, KvWatch, WatchEvent};
 pub use monitor::StreamMonitor;
-pub use pubsub::{SubscribeOptions, Subscription};
+pub use pubsub::{MessageStream, SubscribeOptions, Subscription};
 pub use registry::SubscriptionStats;
 pub use request::{
     DEFAULT_REQUEST_TIMEOUT, RetryConfig, SERVICE_ERROR_CODE_HEADER, SERVICE_ERROR_HEADER,

@@ -318,6 +318,40 @@ impl Client {
         self.subscriber_inner(&subject.to_subject(), None).await
     }
 
+    /// Subscribes and returns the messages as a [`futures_util::Stream`]
+    /// ([`MessageStream`]), after the same checks as
+    /// [`subscribe`](Self::subscribe), with the same stats. Dropping the
+    /// stream unsubscribes.
+    ///
+    /// ```no_run
+    /// # async fn demo(client: natskit::Client) -> natskit::Result<()> {
+    /// use futures_util::StreamExt;
+    /// let mut messages = client.subscribe_stream("sensors.>").await?;
+    /// while let Some(msg) = messages.next().await {
+    ///     println!("{}", msg.subject);
+    /// }
+    /// # Ok(()) }
+    /// ```
+    ///
+    /// # Errors
+    /// See [`subscribe`](Self::subscribe).
+    pub async fn subscribe_stream(&self, subject: impl ToSubject) -> Result<MessageStream> {
+        let subject = subject.to_subject();
+        let subscriber = self.subscriber_inner(&subject, None).await?;
+        let stats = Arc::new(StatsCell::new(
+            self.inner.metrics.subscription(&subject),
+            self.inner.counters.dropped.clone(),
+        ));
+        if let Some(sid) = subscriber_sid(&subscriber) {
+            self.inner.registry.register(sid, &subject, &stats);
+        }
+        Ok(MessageStream {
+            subject: subject.to_string(),
+            subscriber,
+            stats,
+        })
+    }
+
     async fn subscriber_inner(
         &self,
         subject: &async_nats::Subject,
@@ -346,6 +380,54 @@ struct Runner<F> {
     /// Messages natskit buffers while handlers are busy; beyond it each
     /// message is dropped and counted.
     capacity: usize,
+}
+
+/// A subscription as a [`futures_util::Stream`] of messages, from
+/// [`Client::subscribe_stream`]. Counts what it yields in
+/// [`stats`](Self::stats) (drops reported by async-nats included). Dropping
+/// it unsubscribes.
+#[derive(Debug)]
+pub struct MessageStream {
+    subject: String,
+    subscriber: async_nats::Subscriber,
+    stats: Arc<StatsCell>,
+}
+
+impl MessageStream {
+    /// The subscribed subject.
+    pub fn subject(&self) -> &str {
+        &self.subject
+    }
+
+    /// Counters: `received` is what the stream yielded.
+    pub fn stats(&self) -> SubscriptionStats {
+        self.stats.snapshot()
+    }
+
+    /// Unsubscribes now; messages already buffered are still yielded. An
+    /// unsubscribe the client could not send is logged.
+    pub async fn unsubscribe(&mut self) {
+        if let Err(err) = self.subscriber.unsubscribe().await {
+            tracing::debug!(subject = %self.subject, %err, "unsubscribe failed");
+        }
+    }
+}
+
+impl futures_util::Stream for MessageStream {
+    type Item = Message;
+
+    fn poll_next(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Message>> {
+        let polled = self.subscriber.poll_next_unpin(cx);
+        if let std::task::Poll::Ready(Some(_)) = &polled {
+            self.stats.received.fetch_add(1, Ordering::Relaxed);
+            self.stats.received_metric.increment(1);
+            self.stats.handled.fetch_add(1, Ordering::Relaxed);
+        }
+        polled
+    }
 }
 
 /// Messages a runner takes from the subscription at once when they are

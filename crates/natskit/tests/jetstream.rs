@@ -818,3 +818,80 @@ async fn jetstream_errors_expose_the_server_code() -> TestResult {
     assert_eq!(err.jetstream_code(), Some(10_058), "{err}");
     Ok(())
 }
+
+#[tokio::test]
+async fn streams_of_messages_for_subscriptions_and_consumers() -> TestResult {
+    use futures_util::StreamExt;
+    let env = env().await?;
+    let client = env.client();
+
+    // A subscription as a Stream, with stats; dropping it unsubscribes.
+    let subscriptions = || env.server().monitor("/subsz").ok()?["num_subscriptions"].as_u64();
+    let before = subscriptions();
+    let mut messages = client.subscribe_stream("streamed.>").await?;
+    client.publish("streamed.a", "1").await?;
+    client.publish("streamed.b", "2").await?;
+    for expected in ["streamed.a", "streamed.b"] {
+        let msg = tokio::time::timeout(WAIT, messages.next())
+            .await?
+            .expect("a message");
+        assert_eq!(msg.subject.as_str(), expected);
+    }
+    assert_eq!(messages.stats().received, 2);
+    assert_ne!(subscriptions(), before);
+    drop(messages);
+    eventually(WAIT, "the unsubscribe to reach the server", || async {
+        (subscriptions() == before).then_some(())
+    })
+    .await;
+
+    // A supervised consumer as a Stream: survives an outside delete.
+    client.create_stream(config("STREAMED", &["sc.>"])).await?;
+    for i in 0..10 {
+        client.publish_to_stream(format!("sc.{i}"), "x").await?;
+    }
+    let mut consumer = client
+        .consumer_stream(
+            StreamConsumerConfig::new("STREAMED").heartbeat(Duration::from_millis(300)),
+        )
+        .await?;
+    let name = consumer.handle().name().to_owned();
+    let mut seen = BTreeSet::new();
+    while seen.len() < 5 {
+        let msg = tokio::time::timeout(WAIT, consumer.next())
+            .await?
+            .expect("a message");
+        seen.insert(msg.subject.to_string());
+        msg.ack().await.map_err(|e| e.to_string())?;
+    }
+    env.jetstream()
+        .get_stream("STREAMED")
+        .await?
+        .delete_consumer(&name)
+        .await?;
+    // Published after the delete: only a recreated consumer delivers these.
+    for i in 10..15 {
+        client.publish_to_stream(format!("sc.{i}"), "x").await?;
+    }
+    while seen.len() < 15 {
+        let msg = tokio::time::timeout(WAIT, consumer.next())
+            .await?
+            .expect("a message after the recreation");
+        seen.insert(msg.subject.to_string());
+        msg.ack().await.map_err(|e| e.to_string())?;
+    }
+    assert!(consumer.handle().stats().recreations >= 1);
+    let handle = consumer.handle().clone();
+    drop(consumer);
+    eventually(WAIT, "the dropped stream's consumer to stop", || async {
+        handle.is_stopped().then_some(())
+    })
+    .await;
+    eventually(WAIT, "the ephemeral consumer deleted", || async {
+        let mut stream = client.get_stream("STREAMED").await.ok()?;
+        let count = stream.info().await.ok()?.state.consumer_count;
+        (count == 0).then_some(())
+    })
+    .await;
+    Ok(())
+}
