@@ -17,6 +17,7 @@ use crate::breaker::{BreakerConfig, BreakerState, CircuitBreaker, FailurePredica
 use crate::error::{Error, Result};
 use crate::registry::Registry;
 pub use crate::status::{Status, StatusInfo};
+use crate::status::{StatusCore, StatusEffect, StatusInput};
 
 type Callback0 = Arc<dyn Fn() + Send + Sync>;
 type CallbackStr = Arc<dyn Fn(Option<&str>) + Send + Sync>;
@@ -1147,14 +1148,6 @@ pub(crate) enum Signal {
     Closed,
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Link {
-    Idle,
-    Connecting,
-    Up,
-    Down,
-}
-
 /// Why a round trip through the server was started.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum ProbeKind {
@@ -1184,10 +1177,12 @@ fn fire(inner: &Weak<Inner>, what: &'static str, callback: impl FnOnce()) {
     }
 }
 
-/// The one task that turns connection events, breaker changes and health
-/// checks into status changes and callbacks, in order. Round trips (health
-/// checks, and probes while the breaker is open) run beside it, so a frozen
-/// server never delays a status change.
+/// The status task: a thin async shell around [`StatusCore`], which decides
+/// what status, health and callbacks follow from each input. The shell
+/// turns signals, timers and probe results into inputs and carries out the
+/// effects in order. Round trips (health checks, and probes while the
+/// breaker is open) run beside it, so a frozen server never delays a status
+/// change.
 async fn supervise(
     inner: Weak<Inner>,
     mut signals: mpsc::UnboundedReceiver<Signal>,
@@ -1202,12 +1197,7 @@ async fn supervise(
     let metrics = strong.metrics.clone();
     drop(strong);
     let callbacks = config.callbacks.clone();
-    let mut link = Link::Idle;
-    let mut breaker_open = false;
-    let mut closed = false;
-    let mut ever_connected = false;
-    let mut last_error: Option<String> = None;
-    let mut lost_deadline: Option<tokio::time::Instant> = None;
+    let mut core = StatusCore::new(config.connection_lost_after);
     let mut probe: Option<Probe> = None;
     let mut probing: Option<ProbeFuture> = None;
     let mut health = config.health_interval.map(|every| {
@@ -1218,16 +1208,57 @@ async fn supervise(
     let mut breaker_ticker = tokio::time::interval(BREAKER_PROBE_INTERVAL);
     breaker_ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
 
-    let set_healthy = |healthy: bool| {
-        let Some(strong) = inner.upgrade() else {
-            return;
-        };
-        let was = strong.counters.healthy.swap(healthy, Ordering::Relaxed);
-        drop(strong);
-        if was != healthy {
-            tracing::info!(healthy, "NATS health changed");
-            if let Some(cb) = &callbacks.on_health_change {
-                fire(&inner, "on_health_change", || cb(healthy));
+    // Carries out the effects of one input, in order.
+    let apply = |effects: Vec<StatusEffect>| {
+        for effect in effects {
+            match effect {
+                StatusEffect::ConnectionSucceeded => {
+                    if let Some(inner) = inner.upgrade() {
+                        inner.ever_connected.store(true, Ordering::Release);
+                        inner.breaker.connection_succeeded();
+                    }
+                }
+                StatusEffect::CountReconnect => {
+                    if let Some(inner) = inner.upgrade() {
+                        inner.counters.reconnects.fetch_add(1, Ordering::Relaxed);
+                    }
+                    metrics.reconnects.increment(1);
+                }
+                StatusEffect::Disconnected(reason) => {
+                    tracing::warn!(?reason, "disconnected from NATS");
+                    if let Some(cb) = &callbacks.on_disconnect {
+                        fire(&inner, "on_disconnect", || cb(reason.as_deref()));
+                    }
+                }
+                StatusEffect::Reconnected => {
+                    tracing::info!("reconnected to NATS");
+                    if let Some(cb) = &callbacks.on_reconnect {
+                        fire(&inner, "on_reconnect", || cb());
+                    }
+                }
+                StatusEffect::ConnectionLost(reason) => {
+                    tracing::error!(after = ?config.connection_lost_after, ?reason, "NATS connection lost");
+                    if let Some(cb) = &callbacks.on_connection_lost {
+                        fire(&inner, "on_connection_lost", || cb(reason.as_deref()));
+                    }
+                }
+                StatusEffect::HealthChanged(healthy) => {
+                    if let Some(inner) = inner.upgrade() {
+                        inner.counters.healthy.store(healthy, Ordering::Relaxed);
+                    }
+                    tracing::info!(healthy, "NATS health changed");
+                    if let Some(cb) = &callbacks.on_health_change {
+                        fire(&inner, "on_health_change", || cb(healthy));
+                    }
+                }
+                StatusEffect::StatusChanged(status) => {
+                    tracing::debug!(%status, "status changed");
+                    status_tx.send_replace(status);
+                    metrics.status.set(crate::metrics::status_code(status));
+                    if let Some(cb) = &callbacks.on_status_change {
+                        fire(&inner, "on_status_change", || cb(status));
+                    }
+                }
             }
         }
     };
@@ -1262,10 +1293,11 @@ async fn supervise(
             }));
         };
 
-    loop {
+    while !core.is_closed() {
+        let lost_at = core.lost_deadline();
         let lost_sleep = async {
-            match lost_deadline {
-                Some(at) => tokio::time::sleep_until(at).await,
+            match lost_at {
+                Some(at) => tokio::time::sleep_until(tokio::time::Instant::from_std(at)).await,
                 None => std::future::pending().await,
             }
         };
@@ -1281,45 +1313,14 @@ async fn supervise(
                 None => std::future::pending().await,
             }
         };
-        let probe_breaker = breaker_open && link == Link::Up && !closed;
-        tokio::select! {
-            () = shutdown.cancelled(), if !closed => break,
+        let probe_breaker = core.should_probe_breaker();
+        let input = tokio::select! {
+            () = shutdown.cancelled() => break,
             signal = signals.recv() => {
                 let Some(signal) = signal else { break };
                 match signal {
-                    Signal::Nats(async_nats::Event::Connected) | Signal::Established if link != Link::Up => {
-                        if let Some(inner) = inner.upgrade() {
-                            inner.ever_connected.store(true, Ordering::Release);
-                            inner.breaker.connection_succeeded();
-                            if ever_connected {
-                                inner.counters.reconnects.fetch_add(1, Ordering::Relaxed);
-                                metrics.reconnects.increment(1);
-                            }
-                        }
-                        let reconnected = ever_connected;
-                        ever_connected = true;
-                        link = Link::Up;
-                        lost_deadline = None;
-                        set_healthy(true);
-                        if reconnected {
-                            tracing::info!("reconnected to NATS");
-                            if let Some(cb) = &callbacks.on_reconnect {
-                                fire(&inner, "on_reconnect", || cb());
-                            }
-                        }
-                    }
-                    Signal::Nats(async_nats::Event::Connected) | Signal::Established => {}
-                    Signal::Nats(async_nats::Event::Disconnected) => {
-                        if link == Link::Up {
-                            tracing::warn!(reason = ?last_error, "disconnected from NATS");
-                            link = Link::Down;
-                            lost_deadline = Some(tokio::time::Instant::now() + config.connection_lost_after);
-                            set_healthy(false);
-                            if let Some(cb) = &callbacks.on_disconnect {
-                                fire(&inner, "on_disconnect", || cb(last_error.as_deref()));
-                            }
-                        }
-                    }
+                    Signal::Nats(async_nats::Event::Connected) | Signal::Established => StatusInput::Connected,
+                    Signal::Nats(async_nats::Event::Disconnected) => StatusInput::Disconnected,
                     Signal::Nats(async_nats::Event::SlowConsumer(sid)) => {
                         // Counted client-wide by the subscription's cell
                         // (or here when the id is unknown).
@@ -1328,126 +1329,81 @@ async fn supervise(
                         {
                             inner.counters.dropped.fetch_add(1, Ordering::Relaxed);
                         }
+                        continue;
                     }
                     Signal::Nats(async_nats::Event::ServerError(err)) => {
                         tracing::warn!(%err, "NATS server error");
-                        last_error = Some(err.to_string());
+                        StatusInput::ServerError(err.to_string())
                     }
                     Signal::Nats(async_nats::Event::ClientError(err)) => {
                         tracing::warn!(%err, "NATS client error");
-                        if matches!(err, async_nats::ClientError::MaxReconnects) {
-                            link = Link::Idle;
+                        StatusInput::ClientError {
+                            gave_up: matches!(err, async_nats::ClientError::MaxReconnects),
+                            message: err.to_string(),
                         }
-                        last_error = Some(err.to_string());
                     }
-                    Signal::Nats(event) => tracing::debug!(%event, "NATS event"),
+                    Signal::Nats(event) => {
+                        tracing::debug!(%event, "NATS event");
+                        continue;
+                    }
                     Signal::Breaker(state) => {
                         tracing::info!(%state, "circuit breaker changed");
-                        breaker_open = state != BreakerState::Closed;
+                        StatusInput::Breaker(state)
                     }
-                    Signal::Connecting => {
-                        if link == Link::Idle {
-                            link = Link::Connecting;
-                        }
-                    }
-                    Signal::ConnectFailed(err) => {
-                        last_error = Some(err);
-                        if link == Link::Connecting {
-                            link = Link::Idle;
-                        }
-                    }
+                    Signal::Connecting => StatusInput::Connecting,
+                    Signal::ConnectFailed(err) => StatusInput::ConnectFailed(err),
                     Signal::Closed => {
-                        closed = true;
-                        lost_deadline = None;
-                        health = None;
                         probe = None;
                         probing = None;
-                        set_healthy(false);
+                        health = None;
+                        StatusInput::Closed
                     }
                 }
             }
-            () = lost_sleep => {
-                lost_deadline = None;
-                tracing::error!(after = ?config.connection_lost_after, "NATS connection lost");
-                if let Some(cb) = &callbacks.on_connection_lost {
-                    fire(&inner, "on_connection_lost", || cb(last_error.as_deref()));
-                }
-            }
+            () = lost_sleep => StatusInput::LostTimerFired,
             _ = breaker_ticker.tick(), if probe_breaker => {
                 start_probe(ProbeKind::Breaker, &mut probe, &mut probing);
+                continue;
             }
             (kind, kept, measured) = probe_done => {
                 probing = None;
                 probe = kept;
-                match measured {
-                    Ok(rtt) => {
+                match (&measured, kind) {
+                    (Ok(rtt), _) => {
                         if let Some(inner) = inner.upgrade() {
-                            inner.counters.rtt_nanos.store(duration_nanos(rtt), Ordering::Relaxed);
+                            inner.counters.rtt_nanos.store(duration_nanos(*rtt), Ordering::Relaxed);
                             // The server answers: let the half-open probe through now.
                             if inner.breaker.server_reachable() {
                                 tracing::info!(?rtt, "server reachable again; admitting the breaker's probe");
                             }
                         }
-                        if kind == ProbeKind::Health {
-                            set_healthy(link == Link::Up);
-                        }
                     }
-                    Err(err) => {
-                        if kind == ProbeKind::Health {
-                            tracing::warn!(%err, "health check failed");
-                            set_healthy(false);
-                        }
-                    }
+                    (Err(err), ProbeKind::Health) => tracing::warn!(%err, "health check failed"),
+                    (Err(_), ProbeKind::Breaker) => {}
                 }
+                if kind == ProbeKind::Breaker {
+                    continue;
+                }
+                StatusInput::HealthChecked(measured.is_ok())
             }
             _ = health_tick => {
-                let Some(strong) = inner.upgrade() else { break };
-                let conn = strong.conn.get().cloned();
+                let Some(conn) = inner.upgrade().and_then(|i| i.conn.get().cloned()) else {
+                    continue;
+                };
                 // Events can be dropped by async-nats when its queue is full:
-                // reconcile the link with the authoritative state.
-                if let Some(conn) = &conn {
-                    let up = conn.connection_state() == async_nats::connection::State::Connected;
-                    if up && matches!(link, Link::Down | Link::Connecting) {
-                        // Through the signal path, so a reconnect is counted
-                        // and its callback fires even if the event was lost.
-                        let _ = strong.signals.send(Signal::Established);
-                    } else if !up && link == Link::Up {
-                        link = Link::Down;
-                        lost_deadline.get_or_insert(tokio::time::Instant::now() + config.connection_lost_after);
-                    }
-                }
-                drop(strong);
-                if link == Link::Up && conn.is_some() {
+                // reconcile with the authoritative state, then check health.
+                let up = conn.connection_state() == async_nats::connection::State::Connected;
+                let effects = core.handle(StatusInput::LinkObserved { up }, std::time::Instant::now());
+                apply(effects);
+                if core.is_up() {
                     start_probe(ProbeKind::Health, &mut probe, &mut probing);
-                } else {
-                    set_healthy(false);
+                    continue;
                 }
-            }
-        }
-
-        let status = if closed {
-            Status::Closed
-        } else if breaker_open {
-            Status::CircuitOpen
-        } else {
-            match link {
-                Link::Idle => Status::Disconnected,
-                Link::Connecting => Status::Connecting,
-                Link::Up => Status::Connected,
-                Link::Down => Status::Reconnecting,
+                StatusInput::HealthChecked(false)
             }
         };
-        if *status_tx.borrow() != status {
-            tracing::debug!(%status, "status changed");
-            status_tx.send_replace(status);
-            metrics.status.set(crate::metrics::status_code(status));
-            if let Some(cb) = &callbacks.on_status_change {
-                fire(&inner, "on_status_change", || cb(status));
-            }
-        }
-        if closed {
-            break;
-        }
+        let effects = core.handle(input, std::time::Instant::now());
+        apply(effects);
     }
 }
 
