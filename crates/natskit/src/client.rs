@@ -476,12 +476,12 @@ pub(crate) struct Counters {
 }
 
 pub(crate) struct Inner {
-    pub(crate) config: Config,
+    config: Config,
     secrets: Mutex<Option<Secrets>>,
-    pub(crate) breaker: Arc<CircuitBreaker>,
+    breaker: Arc<CircuitBreaker>,
     conn: OnceLock<async_nats::Client>,
     /// JetStream context on `conn`, made on first use (not per call).
-    pub(crate) jetstream: OnceLock<async_nats::jetstream::Context>,
+    jetstream: OnceLock<async_nats::jetstream::Context>,
     connect_lock: tokio::sync::Mutex<()>,
     lifecycle: AtomicU64,
     /// Mirrors the connection state for the hot path (async-nats' own state
@@ -496,13 +496,13 @@ pub(crate) struct Inner {
     /// Cancelled when the last `Client` handle is dropped (or at close):
     /// every task the client started ends, so nothing keeps the connection
     /// alive.
-    pub(crate) shutdown: CancellationToken,
-    pub(crate) counters: Counters,
-    pub(crate) registry: Arc<Registry>,
-    pub(crate) consumers: crate::registry::Consumers,
-    pub(crate) metrics: crate::metrics::ClientMetrics,
+    shutdown: CancellationToken,
+    counters: Counters,
+    registry: Arc<Registry>,
+    consumers: crate::registry::Consumers,
+    metrics: crate::metrics::ClientMetrics,
     /// Subscription and handler tasks, awaited by `close`.
-    pub(crate) tasks: TaskTracker,
+    tasks: TaskTracker,
 }
 
 impl Drop for Inner {
@@ -767,6 +767,46 @@ impl Client {
             .breaker
             .acquire()
             .inspect_err(|_| self.inner.metrics.breaker_rejections.increment(1))
+    }
+
+    /// The settings (for feature modules; `Inner` stays private here).
+    pub(crate) fn config(&self) -> &Config {
+        &self.inner.config
+    }
+
+    /// Where the shared JetStream context is kept once made.
+    pub(crate) fn jetstream_cell(&self) -> &OnceLock<async_nats::jetstream::Context> {
+        &self.inner.jetstream
+    }
+
+    /// The client's metric handles.
+    pub(crate) fn metrics(&self) -> &crate::metrics::ClientMetrics {
+        &self.inner.metrics
+    }
+
+    /// Subscription bookkeeping.
+    pub(crate) fn registry(&self) -> &Registry {
+        &self.inner.registry
+    }
+
+    /// The consumers this client runs.
+    pub(crate) fn consumers(&self) -> &crate::registry::Consumers {
+        &self.inner.consumers
+    }
+
+    /// Tasks `close` waits for.
+    pub(crate) fn tasks(&self) -> &TaskTracker {
+        &self.inner.tasks
+    }
+
+    /// Cancelled when the client is dropped or closed.
+    pub(crate) fn shutdown(&self) -> &CancellationToken {
+        &self.inner.shutdown
+    }
+
+    /// The client-wide count of dropped messages, shared with subscriptions.
+    pub(crate) fn dropped_counter(&self) -> Arc<AtomicU64> {
+        self.inner.counters.dropped.clone()
     }
 
     /// A handle for the client's own tasks that does not keep it alive.

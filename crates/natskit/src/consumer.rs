@@ -541,19 +541,18 @@ impl Client {
         let handle = ConsumerHandle {
             shared: shared.clone(),
         };
-        self.inner
-            .consumers
+        self.consumers()
             .insert(&config.stream, &name, Arc::new(handle.clone()));
         let supervisor = Supervisor {
-            metrics: self.inner.metrics.consumer(&config.stream, &name),
+            metrics: self.metrics().consumer(&config.stream, &name),
             client: self.downgrade(),
-            shutdown: self.inner.shutdown.clone(),
+            shutdown: self.shutdown().clone(),
             config,
             name,
             handler: Arc::new(handler),
             shared,
         };
-        self.inner.tasks.spawn(async move {
+        self.tasks().spawn(async move {
             supervisor.run(consumer, stop_rx).await;
             let _ = done_tx.send(true);
         });
@@ -603,19 +602,19 @@ impl Client {
     /// stays on the server. Stopping an unknown or stopped consumer does
     /// nothing.
     pub async fn stop_consumer(&self, stream: &str, name: &str) {
-        if let Some(handle) = self.inner.consumers.remove(stream, name) {
+        if let Some(handle) = self.consumers().remove(stream, name) {
             handle.stop().await;
         }
     }
 
     /// Names of the consumers this client runs on `stream`.
     pub fn consumer_names_on(&self, stream: &str) -> Vec<String> {
-        self.inner.consumers.names_on(stream)
+        self.consumers().names_on(stream)
     }
 
     /// Stops every consumer this client runs.
     pub async fn stop_all_consumers(&self) {
-        self.inner.consumers.stop_all().await;
+        self.consumers().stop_all().await;
     }
 
     /// Stops the consumer and deletes it from the server, losing its

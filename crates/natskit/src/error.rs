@@ -142,15 +142,9 @@ pub enum Error {
     /// A request failed for a reason other than a timeout or no responders.
     #[error("request failed: {0}")]
     Request(#[source] async_nats::RequestError),
-    /// Flushing (the ping round trip) failed.
-    #[error("flush failed: {0}")]
-    Flush(#[source] async_nats::client::FlushError),
     /// Draining did not finish within the drain timeout.
     #[error("drain did not finish within {0:?}")]
     DrainTimeout(Duration),
-    /// Draining failed.
-    #[error("drain failed: {0}")]
-    Drain(#[source] async_nats::client::DrainError),
     /// A stream, consumer or bucket name is invalid.
     #[error("invalid {what} name {name:?}: {reason}")]
     InvalidName {
@@ -170,14 +164,6 @@ pub enum Error {
     StreamNotFound {
         /// Stream name (empty when only the subject was known).
         stream: String,
-    },
-    /// The consumer does not exist.
-    #[error("consumer {consumer:?} not found on stream {stream:?}")]
-    ConsumerNotFound {
-        /// Stream name.
-        stream: String,
-        /// Consumer name.
-        consumer: String,
     },
     /// A stream exists whose configuration differs in fields that cannot be
     /// updated in place.
@@ -363,14 +349,11 @@ impl Error {
         ) || matches!(self, Error::Connect(e) if e.kind() == async_nats::ConnectErrorKind::TimedOut)
     }
 
-    /// A stream, consumer, bucket or key does not exist.
+    /// A stream, bucket or key does not exist.
     pub fn is_not_found(&self) -> bool {
         matches!(
             self,
-            Error::StreamNotFound { .. }
-                | Error::ConsumerNotFound { .. }
-                | Error::BucketNotFound { .. }
-                | Error::KeyNotFound { .. }
+            Error::StreamNotFound { .. } | Error::BucketNotFound { .. } | Error::KeyNotFound { .. }
         )
     }
 
@@ -488,7 +471,6 @@ impl Error {
             Error::ConnectionTimeout(_)
             | Error::Connect(_)
             | Error::Timeout { .. }
-            | Error::Flush(_)
             | Error::DrainTimeout(_)
             | Error::JetStreamUnavailable { .. }
             | Error::JetStreamTimeout { .. } => true,

@@ -370,8 +370,7 @@ impl Client {
     pub fn jetstream(&self) -> Result<&async_nats::jetstream::Context> {
         let conn = self.nats()?;
         Ok(self
-            .inner
-            .jetstream
+            .jetstream_cell()
             .get_or_init(|| async_nats::jetstream::new(conn.clone())))
     }
 
@@ -555,8 +554,7 @@ impl Client {
         let payload = payload.into();
         subject::validate_publish(&subject)?;
         options.validate()?;
-        options.headers =
-            crate::trace::outgoing(options.headers.take(), self.inner.config.trace_mode);
+        options.headers = crate::trace::outgoing(options.headers.take(), self.config().trace_mode);
         if options.message_id.is_none() {
             options.message_id = Some(nuid::next().to_string());
         }
@@ -617,7 +615,7 @@ impl Client {
             let delay = retry.backoff.delay_random(attempt);
             tracing::debug!(%subject, attempt, ?delay, "JetStream unavailable; retrying publish");
             attempt += 1;
-            self.inner.metrics.retry("stream_publish");
+            self.metrics().retry("stream_publish");
             tokio::select! {
                 () = tokio::time::sleep(delay) => {}
                 // Reconnected: no reason to wait any longer.
@@ -855,7 +853,7 @@ impl StreamPublisher {
         subject::validate_publish(&subject)?;
         options.validate()?;
         options.headers =
-            crate::trace::outgoing(options.headers.take(), self.client.inner.config.trace_mode);
+            crate::trace::outgoing(options.headers.take(), self.client.config().trace_mode);
         let headers = options.header_map();
         if let Ok(conn) = self.client.nats() {
             crate::handler::check_payload(conn, payload.len(), headers.as_ref())?;

@@ -280,7 +280,7 @@ impl Client {
     /// Wraps a bucket in a [`KvStore`].
     pub fn kv_store(&self, bucket: kv::Store, options: KvOptions) -> KvStore {
         KvStore {
-            conflicts: self.inner.metrics.kv_conflicts(&bucket.name),
+            conflicts: self.metrics().kv_conflicts(&bucket.name),
             client: self.clone(),
             bucket,
             options,
@@ -538,7 +538,7 @@ impl KvStore {
             }
             tracing::debug!(bucket = %self.bucket.name, key, attempt, err = %fault, "kv write not confirmed; resending");
             attempt += 1;
-            self.client.inner.metrics.retry("kv_write");
+            self.client.metrics().retry("kv_write");
             tokio::select! {
                 () = tokio::time::sleep(delay) => {}
                 _ = epoch.changed() => {}
@@ -1068,7 +1068,7 @@ impl KvStore {
                 Attempt::Done(revision) => return Ok(revision),
                 Attempt::Conflict => {
                     self.conflicts.increment(1);
-                    self.client.inner.metrics.retry("kv_cas");
+                    self.client.metrics().retry("kv_cas");
                     tracing::debug!(bucket = %self.bucket.name, key, attempt, "kv CAS conflict; retrying");
                 }
             }

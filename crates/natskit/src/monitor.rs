@@ -44,9 +44,9 @@ impl Client {
             ));
         }
         let weak = self.downgrade();
-        let shutdown = self.inner.shutdown.clone();
+        let shutdown = self.shutdown().clone();
         let name = stream.to_owned();
-        let metrics = self.inner.metrics.clone();
+        let metrics = self.metrics().clone();
         let labels = [("client", metrics.client.clone()), ("stream", name.clone())];
         let messages = gauge!("natskit_stream_messages", &labels);
         let bytes = gauge!("natskit_stream_bytes", &labels);

@@ -176,7 +176,7 @@ impl Client {
         if let Some(headers) = &headers {
             crate::header::validate(headers)?;
         }
-        let headers = trace::outgoing(headers, self.inner.config.trace_mode);
+        let headers = trace::outgoing(headers, self.config().trace_mode);
         if let Ok(conn) = self.nats() {
             check_payload(conn, payload.len(), headers.as_ref())?;
         }
@@ -187,7 +187,7 @@ impl Client {
             Some(headers) => conn.publish_with_headers(subject, headers, payload).await,
         };
         if result.is_ok() {
-            self.inner.metrics.publishes.increment(1);
+            self.metrics().publishes.increment(1);
         }
         // A publish handed to the client's buffer proves nothing about the
         // server: it never counts as a success.
@@ -270,29 +270,27 @@ impl Client {
         // Taken before the task starts, so nothing can fail once it runs.
         let conn = self.live_conn().or_else(|_| self.nats())?.clone();
         let stats = Arc::new(StatsCell::new(
-            self.inner.metrics.subscription(&subject),
-            self.inner.counters.dropped.clone(),
+            self.metrics().subscription(&subject),
+            self.dropped_counter(),
         ));
         if let Some(sid) = subscriber_sid(&subscriber) {
-            self.inner.registry.register(sid, &subject, &stats);
+            self.registry().register(sid, &subject, &stats);
         }
         let (control, control_rx) = watch::channel(Control::Run);
         let control = Arc::new(control);
-        self.inner.registry.add_control(&control);
+        self.registry().add_control(&control);
         let (done_tx, done) = watch::channel(false);
         let run = Runner {
             handler: Arc::new(handler),
-            deadline: options
-                .deadline
-                .unwrap_or(self.inner.config.handler_deadline),
+            deadline: options.deadline.unwrap_or(self.config().handler_deadline),
             stats: stats.clone(),
             subject: subject.to_string(),
-            capacity: self.inner.config.subscription_capacity,
+            capacity: self.config().subscription_capacity,
         };
         let concurrency = options.concurrency.unwrap_or(1);
-        let tasks = self.inner.tasks.clone();
-        let shutdown = self.inner.shutdown.clone();
-        self.inner.tasks.spawn(async move {
+        let tasks = self.tasks().clone();
+        let shutdown = self.shutdown().clone();
+        self.tasks().spawn(async move {
             run.run(subscriber, control_rx, concurrency, tasks, shutdown)
                 .await;
             let _ = done_tx.send(true);
@@ -303,7 +301,7 @@ impl Client {
             control,
             done,
             conn,
-            sync_timeout: self.inner.config.connect_timeout,
+            sync_timeout: self.config().connect_timeout,
         })
     }
 
@@ -339,11 +337,11 @@ impl Client {
         let subject = subject.to_subject();
         let subscriber = self.subscriber_inner(&subject, None).await?;
         let stats = Arc::new(StatsCell::new(
-            self.inner.metrics.subscription(&subject),
-            self.inner.counters.dropped.clone(),
+            self.metrics().subscription(&subject),
+            self.dropped_counter(),
         ));
         if let Some(sid) = subscriber_sid(&subscriber) {
-            self.inner.registry.register(sid, &subject, &stats);
+            self.registry().register(sid, &subject, &stats);
         }
         Ok(MessageStream {
             subject: subject.to_string(),

@@ -62,7 +62,7 @@ impl Client {
         subject: impl ToSubject,
         payload: impl Into<Bytes>,
     ) -> Result<Bytes> {
-        self.request_timeout(subject, payload, self.inner.config.request_timeout)
+        self.request_timeout(subject, payload, self.config().request_timeout)
             .await
     }
 
@@ -107,13 +107,13 @@ impl Client {
         subject::validate_publish(&subject)?;
         crate::header::validate(&headers)?;
         check_timeout(timeout)?;
+        let headers = self.outgoing_headers(headers, payload.len())?;
         let permit = self.guard()?;
         let started = std::time::Instant::now();
         let result = self
-            .request_once(&subject, &headers, &payload, timeout)
+            .request_once(&subject, headers.as_ref(), &payload, timeout)
             .await;
-        self.inner
-            .metrics
+        self.metrics()
             .request_duration
             .record(started.elapsed().as_secs_f64());
         permit.record(result)
@@ -147,13 +147,13 @@ impl Client {
         self.ensure_open()?;
         subject::validate_publish(&subject)?;
         check_timeout(timeout)?;
-        let headers = HeaderMap::new();
+        let headers = self.outgoing_headers(HeaderMap::new(), payload.len())?;
         let permit = self.guard()?;
         let started = std::time::Instant::now();
         let mut attempt = 0;
         let result = loop {
             match self
-                .request_once(&subject, &headers, &payload, timeout)
+                .request_once(&subject, headers.as_ref(), &payload, timeout)
                 .await
             {
                 Err(err @ (Error::NoResponders { .. } | Error::Timeout { .. }))
@@ -162,35 +162,43 @@ impl Client {
                     let delay = retry.backoff.delay_random(attempt);
                     tracing::debug!(%subject, %err, attempt, ?delay, "request failed; retrying");
                     attempt += 1;
-                    self.inner.metrics.retry("request");
+                    self.metrics().retry("request");
                     tokio::time::sleep(delay).await;
                 }
                 other => break other.map(|m| m.payload),
             }
         };
-        self.inner
-            .metrics
+        self.metrics()
             .request_duration
             .record(started.elapsed().as_secs_f64());
         permit.record(result)
     }
 
+    /// The headers a request carries (the caller's plus trace), checked
+    /// with the payload against the server's maximum: input checks, before
+    /// the breaker and the connection.
+    fn outgoing_headers(&self, headers: HeaderMap, payload: usize) -> Result<Option<HeaderMap>> {
+        let headers = crate::trace::outgoing(Some(headers), self.config().trace_mode)
+            .filter(|h| !h.is_empty());
+        if let Ok(conn) = self.nats() {
+            check_payload(conn, payload, headers.as_ref())?;
+        }
+        Ok(headers)
+    }
+
     async fn request_once(
         &self,
         subject: &async_nats::Subject,
-        headers: &HeaderMap,
+        headers: Option<&HeaderMap>,
         payload: &Bytes,
         timeout: Duration,
     ) -> Result<Message> {
         let conn = self.live_conn()?;
-        let headers = crate::trace::outgoing(Some(headers.clone()), self.inner.config.trace_mode)
-            .filter(|h| !h.is_empty());
-        check_payload(conn, payload.len(), headers.as_ref())?;
         let mut request = async_nats::Request::new()
             .payload(payload.clone())
             .timeout(Some(timeout));
         if let Some(headers) = headers {
-            request = request.headers(headers);
+            request = request.headers(headers.clone());
         }
         let reply = conn
             .send_request(subject.clone(), request)

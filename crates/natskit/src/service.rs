@@ -148,9 +148,7 @@ impl Client {
             inner: Arc::new(ServiceInner {
                 client: self.clone(),
                 service: tokio::sync::Mutex::new(Some(service)),
-                deadline: config
-                    .deadline
-                    .unwrap_or(self.inner.config.handler_deadline),
+                deadline: config.deadline.unwrap_or(self.config().handler_deadline),
                 queue_group: config.queue_group,
                 stop: watch::Sender::new(false),
             }),
@@ -192,10 +190,10 @@ impl Service {
             .await
             .map_err(|e| Error::InvalidArgument(format!("adding endpoint {subject:?}: {e}")))?;
         let deadline = self.inner.deadline;
-        let shutdown = client.inner.shutdown.clone();
+        let shutdown = client.shutdown().clone();
         let mut stop = self.inner.stop.subscribe();
         let subject = subject.to_owned();
-        client.inner.tasks.spawn(async move {
+        client.tasks().spawn(async move {
             let mut endpoint = endpoint;
             loop {
                 let request = tokio::select! {
