@@ -1,45 +1,140 @@
 //! natskit: a NATS client for Rust services that keeps working when the
-//! network does not, built on the official [`async_nats`] client.
+//! network does not, built on the official [`async_nats`] client (re-exported
+//! as [`natskit::async_nats`](async_nats)).
 //!
-//! - [`Client`]: one or many server URLs, connect timeout, a
-//!   [circuit breaker](breaker) with exponential back-off and a real
-//!   half-open probe, reconnection paced by the breaker, status and detailed
-//!   status, health checks, disconnect/reconnect/lost callbacks, user/password,
-//!   token, nkey, credentials-file and TLS auth, graceful close that drains and
-//!   wipes credentials.
-//! - Publish/subscribe with subject checks, payload limits, handler deadlines,
-//!   panic isolation and counted (never silent) drops.
-//! - Request/reply with timeouts, retry, reply helpers and request handlers.
+//! What it promises under faults, and how that is tested, is in
+//! `RELIABILITY.md`; every breaking change is in `CHANGELOG.md`.
+//!
+//! # The client
+//!
+//! [`Client`]: one or many server URLs, a connect timeout, a
+//! [circuit breaker](breaker) with exponential back-off and a real half-open
+//! probe, reconnection, [`Status`] and [`StatusInfo`], health checks,
+//! callbacks, user/password, token, nkey, credentials-file and TLS auth, and
+//! a graceful [`close`](Client::close) that drains and wipes credentials.
+//! Every operation checks, in order: closed, invalid input, the circuit, the
+//! connection.
 //!
 //! ```no_run
 //! use std::time::Duration;
-//!
 //! # async fn demo() -> natskit::Result<()> {
 //! let client = natskit::Client::builder("nats://127.0.0.1:4222")
 //!     .name("quickstart")
-//!     .build()?;
-//! client.connect().await?;
+//!     .breaker_threshold(5)
+//!     .on_status_change(|status| println!("status: {status}"))
+//!     .connect()
+//!     .await?;
+//! println!("{:?}", client.status_info());
+//! client.close().await?;
+//! # Ok(()) }
+//! ```
 //!
+//! # Publish and subscribe
+//!
+//! Handlers run under a deadline with panics caught; every drop is counted
+//! ([`SubscriptionStats`]). [`Client::subscribe_stream`] gives a
+//! [`MessageStream`] instead.
+//!
+//! ```no_run
+//! # async fn demo(client: natskit::Client) -> natskit::Result<()> {
 //! let sub = client
-//!     .subscribe("greetings.*", |msg: async_nats::Message| async move {
+//!     .subscribe("greetings.*", |msg: natskit::Message| async move {
 //!         println!("{} says {:?}", msg.subject, msg.payload);
 //!     })
 //!     .await?;
 //! client.publish("greetings.world", "hello").await?;
-//!
-//! let service = client
-//!     .serve("echo", natskit::SubscribeOptions::new(), |msg: async_nats::Message| async move {
-//!         Ok::<_, natskit::ServiceError>(msg.payload)
-//!     })
-//!     .await?;
-//! let reply = client.request_timeout("echo", "ping", Duration::from_secs(1)).await?;
-//! assert_eq!(&reply[..], b"ping");
-//!
 //! sub.drain().await;
-//! service.unsubscribe().await;
-//! client.close().await?;
 //! # Ok(()) }
 //! ```
+//!
+//! # Request/reply and services
+//!
+//! Timeouts and no-responders are distinct errors; a service error comes
+//! back as [`Error::Service`]. [`Client::add_service`] registers a NATS micro
+//! service ([`Service`]) discoverable through `$SRV.*`.
+//!
+//! ```no_run
+//! # async fn demo(client: natskit::Client) -> natskit::Result<()> {
+//! use natskit::{ServiceConfig, ServiceError};
+//! let service = client.add_service(ServiceConfig::new("echo", "1.0.0")).await?;
+//! service
+//!     .endpoint("echo", |msg: natskit::Message| async move {
+//!         Ok::<_, ServiceError>(msg.payload)
+//!     })
+//!     .await?;
+//! let reply = client.request("echo", "ping").await?;
+//! assert_eq!(&reply[..], b"ping");
+//! # Ok(()) }
+//! ```
+//!
+//! # JetStream
+//!
+//! Streams ([`Client::ensure_stream`]), acknowledged publishes that resend
+//! with a message id across reconnects and elections
+//! ([`Client::publish_to_stream`], [`StreamPublisher`]), and supervised
+//! consumers that are recreated when lost and resume at the ack floor
+//! ([`Client::consume_stream_with_config`], [`Client::consumer_stream`]).
+//!
+//! ```no_run
+//! # async fn demo(client: natskit::Client) -> natskit::Result<()> {
+//! use natskit::StreamConsumerConfig;
+//! let ack = client.publish_to_stream("orders.created", "{}").await?;
+//! let consumer = client
+//!     .consume_stream_with_config(
+//!         StreamConsumerConfig::new("ORDERS").durable("billing"),
+//!         |msg: async_nats::jetstream::Message| async move { msg.ack().await },
+//!     )
+//!     .await?;
+//! # let _ = (ack, consumer); Ok(()) }
+//! ```
+//!
+//! # Key-value and time travel
+//!
+//! [`KvStore`]: compare-and-swap with retry (sync or async updates), JSON
+//! helpers, prefix and wildcard keys, resilient watches, exact outcomes
+//! across elections; [`TemporalResolver`]: a key's value at a past time.
+//!
+//! ```no_run
+//! # async fn demo(client: natskit::Client) -> natskit::Result<()> {
+//! use async_nats::jetstream::kv;
+//! let bucket = client
+//!     .create_key_value_bucket(kv::Config { bucket: "config".into(), ..Default::default() })
+//!     .await?;
+//! let store = client.kv_store(bucket, natskit::KvOptions::default());
+//! store
+//!     .update_json("limits", |map| {
+//!         map.insert("workers".into(), 8.into());
+//!         Ok::<_, std::convert::Infallible>(())
+//!     })
+//!     .await?;
+//! let an_hour_ago = std::time::SystemTime::now() - std::time::Duration::from_secs(3600);
+//! let then = natskit::TemporalResolver::new(&store).get_at_timestamp("limits", an_hour_ago).await;
+//! # let _ = then; Ok(()) }
+//! ```
+//!
+//! # Typed subjects
+//!
+//! [`Subject`] binds a subject template to a payload type and a [`Codec`]
+//! (JSON; MessagePack with the `msgpack` feature); undecodable messages are
+//! counted, never fatal.
+//!
+//! ```no_run
+//! # async fn demo(client: natskit::Client) -> natskit::Result<()> {
+//! #[derive(serde::Serialize, serde::Deserialize)]
+//! struct Reading { celsius: f64 }
+//! let readings = natskit::Subject::<Reading>::new("sensors.t1.reading")?;
+//! readings.publish(&client, &Reading { celsius: 21.5 }).await?;
+//! # Ok(()) }
+//! ```
+//!
+//! # Around the edges
+//!
+//! - [`trace`]: W3C trace context (and `X-Trace-ID` headers) injected into
+//!   what is sent and extracted into handlers.
+//! - [`metrics`]: everything reported through the `metrics` facade;
+//!   [`Client::monitor_stream`] polls server gauges.
+//! - [`header`] and [`subject`]: the pure checks every input passes.
+//! - [`breaker`]: the circuit breaker's pure state machine.
 #![warn(missing_docs)]
 #![forbid(unsafe_code)]
 
