@@ -553,7 +553,7 @@ async fn r3_kv_counter_leader_kill() -> Outcome {
         .map_err(fail)?;
     let bucket = wait_for(Duration::from_secs(30), "an R3 bucket", || async {
         client
-            .create_key_value_bucket(kv::Config {
+            .ensure_key_value_bucket(kv::Config {
                 bucket: "counter".into(),
                 num_replicas: 3,
                 storage: StorageType::File,
@@ -773,7 +773,7 @@ async fn consumer_kill_delete_naks() -> Outcome {
         nak_phase.clone(),
     );
     let handle = client
-        .consume_stream_with_config(
+        .consume_stream_with(
             StreamConsumerConfig::new("WORK")
                 .durable("worker")
                 .heartbeat(Duration::from_millis(500)),
@@ -889,7 +889,7 @@ async fn kv_watch_across_restart() -> Outcome {
         .await
         .map_err(fail)?;
     let bucket = client
-        .create_key_value_bucket(kv::Config {
+        .ensure_key_value_bucket(kv::Config {
             bucket: "watched".into(),
             storage: StorageType::File,
             ..Default::default()

@@ -83,7 +83,7 @@ async fn main() -> Result<()> {
     let seen = Arc::new(Mutex::new(HashSet::new()));
     let handled = seen.clone();
     let consumer = client
-        .consume_stream_with_config(
+        .consume_stream_with(
             StreamConsumerConfig::new("DEMO_ORDERS")
                 .durable("demo-billing")
                 .heartbeat(Duration::from_millis(500)),
@@ -109,7 +109,7 @@ async fn main() -> Result<()> {
 
     // KV: compare-and-swap counter.
     let bucket = client
-        .create_key_value_bucket(kv::Config {
+        .ensure_key_value_bucket(kv::Config {
             bucket: "demo_state".into(),
             ..Default::default()
         })

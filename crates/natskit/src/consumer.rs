@@ -455,7 +455,7 @@ impl Client {
     /// each message and acknowledges it.
     ///
     /// # Errors
-    /// See [`consume_stream_with_config`](Self::consume_stream_with_config).
+    /// See [`consume_stream_with`](Self::consume_stream_with).
     pub async fn consume_stream<F, Fut>(
         &self,
         stream: &str,
@@ -471,7 +471,7 @@ impl Client {
         if let Some(filter) = filter {
             config = config.filter_subject(filter);
         }
-        self.consume_stream_with_config(config, handler).await
+        self.consume_stream_with(config, handler).await
     }
 
     /// Starts a supervised pull consumer.
@@ -490,7 +490,7 @@ impl Client {
     /// # async fn demo(client: natskit::Client) -> natskit::Result<()> {
     /// use natskit::StreamConsumerConfig;
     /// let consumer = client
-    ///     .consume_stream_with_config(
+    ///     .consume_stream_with(
     ///         StreamConsumerConfig::new("ORDERS").durable("billing"),
     ///         |msg: async_nats::jetstream::Message| async move {
     ///             println!("{}", msg.subject);
@@ -507,7 +507,7 @@ impl Client {
     /// a back-off without enough deliveries, a filter outside the stream's
     /// subjects), [`Error::StreamNotFound`] without auto-create, and the
     /// errors of creating the consumer.
-    pub async fn consume_stream_with_config<F, Fut>(
+    pub async fn consume_stream_with<F, Fut>(
         &self,
         config: StreamConsumerConfig,
         handler: F,
@@ -561,7 +561,7 @@ impl Client {
 
     /// A supervised consumer as a [`futures_util::Stream`] of messages
     /// ([`ConsumerStream`]): the same supervision as
-    /// [`consume_stream_with_config`](Self::consume_stream_with_config)
+    /// [`consume_stream_with`](Self::consume_stream_with)
     /// (recreated with back-off when lost, resuming at the ack floor). The
     /// caller acknowledges each message. A message not taken from the stream
     /// within the config's message timeout is nak'd and comes again.
@@ -582,11 +582,11 @@ impl Client {
     /// ```
     ///
     /// # Errors
-    /// See [`consume_stream_with_config`](Self::consume_stream_with_config).
+    /// See [`consume_stream_with`](Self::consume_stream_with).
     pub async fn consumer_stream(&self, config: StreamConsumerConfig) -> Result<ConsumerStream> {
         let (tx, rx) = tokio::sync::mpsc::channel::<jetstream::Message>(1);
         let handle = self
-            .consume_stream_with_config(config, move |msg: jetstream::Message| {
+            .consume_stream_with(config, move |msg: jetstream::Message| {
                 let tx = tx.clone();
                 async move {
                     tx.send(msg)

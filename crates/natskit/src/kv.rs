@@ -135,7 +135,7 @@ pub(crate) trait Invalidate: Send + Sync {
 /// # async fn demo(client: natskit::Client) -> natskit::Result<()> {
 /// use async_nats::jetstream::kv;
 /// let bucket = client
-///     .create_key_value_bucket(kv::Config { bucket: "config".into(), history: 5, ..Default::default() })
+///     .ensure_key_value_bucket(kv::Config { bucket: "config".into(), history: 5, ..Default::default() })
 ///     .await?;
 /// let store = client.kv_store(bucket, natskit::KvOptions::default());
 /// store.update_json("service.config", |config| {
@@ -172,7 +172,7 @@ impl Client {
     /// # Errors
     /// [`Error::InvalidName`], [`Error::BucketConfigConflict`],
     /// [`Error::JetStreamUnavailable`], [`Error::JetStream`].
-    pub async fn create_key_value_bucket(&self, config: kv::Config) -> Result<kv::Store> {
+    pub async fn ensure_key_value_bucket(&self, config: kv::Config) -> Result<kv::Store> {
         self.ensure_open()?;
         check_bucket_name(&config.bucket)?;
         match self.get_key_value_bucket(&config.bucket).await {

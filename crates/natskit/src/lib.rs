@@ -73,14 +73,14 @@
 //! with a message id across reconnects and elections
 //! ([`Client::publish_to_stream`], [`StreamPublisher`]), and supervised
 //! consumers that are recreated when lost and resume at the ack floor
-//! ([`Client::consume_stream_with_config`], [`Client::consumer_stream`]).
+//! ([`Client::consume_stream_with`], [`Client::consumer_stream`]).
 //!
 //! ```no_run
 //! # async fn demo(client: natskit::Client) -> natskit::Result<()> {
 //! use natskit::StreamConsumerConfig;
 //! let ack = client.publish_to_stream("orders.created", "{}").await?;
 //! let consumer = client
-//!     .consume_stream_with_config(
+//!     .consume_stream_with(
 //!         StreamConsumerConfig::new("ORDERS").durable("billing"),
 //!         |msg: async_nats::jetstream::Message| async move { msg.ack().await },
 //!     )
@@ -98,7 +98,7 @@
 //! # async fn demo(client: natskit::Client) -> natskit::Result<()> {
 //! use async_nats::jetstream::kv;
 //! let bucket = client
-//!     .create_key_value_bucket(kv::Config { bucket: "config".into(), ..Default::default() })
+//!     .ensure_key_value_bucket(kv::Config { bucket: "config".into(), ..Default::default() })
 //!     .await?;
 //! let store = client.kv_store(bucket, natskit::KvOptions::default());
 //! store

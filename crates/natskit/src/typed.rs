@@ -496,7 +496,7 @@ where
     /// being redelivered forever. The handler acknowledges decoded messages.
     ///
     /// # Errors
-    /// The errors of [`Client::consume_stream_with_config`].
+    /// The errors of [`Client::consume_stream_with`].
     pub async fn consume<F, Fut>(
         &self,
         client: &Client,
@@ -511,7 +511,7 @@ where
         let handler = Arc::new(handler);
         let this = self.clone();
         client
-            .consume_stream_with_config(config, move |msg: jetstream::Message| {
+            .consume_stream_with(config, move |msg: jetstream::Message| {
                 let (handler, this) = (handler.clone(), this.clone());
                 async move {
                     match this.decode(&msg.subject, &msg.payload) {

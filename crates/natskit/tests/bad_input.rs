@@ -51,7 +51,7 @@ async fn bad_input_is_typed_uncounted_and_loses_nothing() -> TestResult {
         .await?;
     client.publish_to_stream("keep.a", "stored").await?;
     let bucket = client
-        .create_key_value_bucket(kv::Config {
+        .ensure_key_value_bucket(kv::Config {
             bucket: "keep".into(),
             storage: StorageType::Memory,
             ..Default::default()
@@ -148,7 +148,7 @@ async fn bad_input_is_typed_uncounted_and_loses_nothing() -> TestResult {
         (
             "empty durable name",
             client
-                .consume_stream_with_config(
+                .consume_stream_with(
                     StreamConsumerConfig::new("KEEP").durable(""),
                     |m: async_nats::jetstream::Message| async move { m.ack().await },
                 )

@@ -73,7 +73,7 @@ async fn nakd_messages_survive_an_outside_delete_of_the_consumer() -> TestResult
     let failed_once = Arc::new(Mutex::new(BTreeSet::new()));
     let seen = handled.clone();
     let handle = client
-        .consume_stream_with_config(
+        .consume_stream_with(
             StreamConsumerConfig::new("NAKS")
                 .durable("worker")
                 .heartbeat(Duration::from_millis(300)),
@@ -163,7 +163,7 @@ async fn mixed_traffic_opens_the_breaker_on_a_frozen_server_and_recovers_fast() 
         .create_stream(memory_stream("MIXED", &["mixed.>"]))
         .await?;
     let bucket = client
-        .create_key_value_bucket(kv::Config {
+        .ensure_key_value_bucket(kv::Config {
             bucket: "mixed".into(),
             storage: StorageType::Memory,
             ..Default::default()
@@ -422,7 +422,7 @@ async fn dropped_clients_release_their_connections() -> TestResult {
             })
             .await?;
         let _durable = client
-            .consume_stream_with_config(
+            .consume_stream_with(
                 StreamConsumerConfig::new("DROPS").durable(format!("d{i}")),
                 |msg: async_nats::jetstream::Message| async move { msg.ack().await },
             )
@@ -480,7 +480,7 @@ async fn contended_cas_on_a_cluster_loses_nothing() -> TestResult {
     let client = Client::builder(cluster.urls()).connect().await?;
     let bucket = eventually(WAIT, "an R3 bucket", || async {
         client
-            .create_key_value_bucket(kv::Config {
+            .ensure_key_value_bucket(kv::Config {
                 bucket: "counter".into(),
                 num_replicas: 3,
                 storage: StorageType::File,
@@ -634,7 +634,7 @@ async fn every_operation_checks_in_one_order() -> TestResult {
         .connect()
         .await?;
     let bucket = client
-        .create_key_value_bucket(kv::Config {
+        .ensure_key_value_bucket(kv::Config {
             bucket: "order".into(),
             storage: StorageType::Memory,
             ..Default::default()

@@ -17,7 +17,7 @@ const WAIT: Duration = Duration::from_secs(20);
 async fn store_with(env: &TestEnv, bucket: &str, options: KvOptions) -> natskit::Result<KvStore> {
     let client = env.client();
     let bucket = client
-        .create_key_value_bucket(kv::Config {
+        .ensure_key_value_bucket(kv::Config {
             bucket: env.prefixed_bucket_name(bucket),
             history: 64,
             storage: StorageType::Memory,
@@ -101,10 +101,10 @@ async fn buckets_are_managed_and_names_checked() -> TestResult {
         storage: StorageType::Memory,
         ..Default::default()
     };
-    client.create_key_value_bucket(config(5)).await?;
-    let bucket = client.create_key_value_bucket(config(5)).await?;
+    client.ensure_key_value_bucket(config(5)).await?;
+    let bucket = client.ensure_key_value_bucket(config(5)).await?;
     assert_eq!(bucket.status().await?.history(), 5);
-    let bucket = client.create_key_value_bucket(config(10)).await?;
+    let bucket = client.ensure_key_value_bucket(config(10)).await?;
     assert_eq!(
         bucket.status().await?.history(),
         10,
@@ -113,7 +113,7 @@ async fn buckets_are_managed_and_names_checked() -> TestResult {
     let mut on_disk = config(10);
     on_disk.storage = StorageType::File;
     assert!(matches!(
-        client.create_key_value_bucket(on_disk).await,
+        client.ensure_key_value_bucket(on_disk).await,
         Err(Error::BucketConfigConflict { .. })
     ));
     assert_eq!(client.list_key_value_buckets().await?, vec!["settings"]);
@@ -420,7 +420,7 @@ async fn watch_survives_server_restart() -> TestResult {
     let mut env = TestEnv::builder().file_storage().start().await?;
     let client = env.client().clone();
     let bucket = client
-        .create_key_value_bucket(kv::Config {
+        .ensure_key_value_bucket(kv::Config {
             bucket: "durable_watch".into(),
             history: 5,
             storage: StorageType::File,

@@ -171,7 +171,7 @@ async fn requests_subscriptions_and_kv_conflicts() -> TestResult {
     );
 
     let bucket = c
-        .create_key_value_bucket(kv::Config {
+        .ensure_key_value_bucket(kv::Config {
             bucket: env.prefixed_bucket_name("metrics"),
             storage: stream::StorageType::Memory,
             ..Default::default()
@@ -226,7 +226,7 @@ async fn consumers_and_polled_stream_gauges() -> TestResult {
         d.publish_to_stream(format!("metrics.{i}"), "x").await?;
     }
     let consumer = d
-        .consume_stream_with_config(
+        .consume_stream_with(
             StreamConsumerConfig::new("METRICS").durable("watcher"),
             |msg: async_nats::jetstream::Message| async move { msg.ack().await },
         )
