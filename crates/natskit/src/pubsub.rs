@@ -543,10 +543,15 @@ where
         }
         if matches!(exit, Exit::Drain) {
             // Everything sent before the drain request is buffered by now:
-            // handle it, then leave.
-            while let Some(Some(message)) = subscriber.next().now_or_never() {
-                self.accept(message, &mut queue);
-            }
+            // handle it, then leave. Unconstrained: tokio's cooperative
+            // budget would otherwise make the channel look empty after 128
+            // messages, and the rest would be lost.
+            tokio::task::unconstrained(async {
+                while let Some(Some(message)) = subscriber.next().now_or_never() {
+                    self.accept(message, &mut queue);
+                }
+            })
+            .await;
             while let Some(message) = queue.pop_front() {
                 match &limiter {
                     None => self.invoke(message).await,

@@ -451,7 +451,12 @@ async fn close_drains_and_is_idempotent() -> TestResult {
         client.publish("drain.me", format!("{i}")).await?;
     }
     client.close().await?;
-    assert_eq!(handled.load(Ordering::SeqCst), 2000, "close must drain");
+    assert_eq!(
+        handled.load(Ordering::SeqCst),
+        2000,
+        "close must drain: {:?}",
+        sub.stats()
+    );
     assert!(sub.is_finished());
     assert_eq!(sub.stats().handled, 2000);
     client.close().await?; // no-op
