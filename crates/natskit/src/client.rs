@@ -505,6 +505,16 @@ pub(crate) struct Inner {
     tasks: TaskTracker,
 }
 
+/// An outgoing message that passed [`Client::prologue`].
+pub(crate) struct Outgoing<'a> {
+    /// Its breaker permit, to settle with the outcome.
+    pub(crate) permit: crate::breaker::Permit<'a>,
+    /// The live connection.
+    pub(crate) conn: &'a async_nats::Client,
+    /// Every header the message carries.
+    pub(crate) headers: Option<async_nats::HeaderMap>,
+}
+
 impl Drop for Inner {
     fn drop(&mut self) {
         // Dropped without `close()`: end every task, which releases the
@@ -758,6 +768,40 @@ impl Client {
                 let step = u32::try_from(attempts - 2).unwrap_or(u32::MAX);
                 wait.delay_random(step)
             }))
+    }
+
+    /// The one prologue of every outgoing message, in the order every
+    /// operation checks: closed; invalid input (the subject, the caller's
+    /// headers, whatever `extra` checks and adds to the traced headers, then
+    /// payload plus every header against the server's maximum); the
+    /// circuit; the connection.
+    #[inline]
+    pub(crate) fn prologue(
+        &self,
+        subject: &str,
+        headers: Option<async_nats::HeaderMap>,
+        payload: usize,
+        extra: impl FnOnce(Option<async_nats::HeaderMap>) -> Result<Option<async_nats::HeaderMap>>,
+    ) -> Result<Outgoing<'_>> {
+        self.ensure_open()?;
+        crate::subject::validate_publish(subject)?;
+        if let Some(headers) = &headers {
+            crate::header::validate(headers)?;
+        }
+        let headers = extra(crate::trace::outgoing(
+            headers,
+            self.inner.config.trace_mode,
+        ))?;
+        if let Ok(conn) = self.nats() {
+            crate::handler::check_payload(conn, payload, headers.as_ref())?;
+        }
+        let permit = self.guard()?;
+        let conn = self.live_conn()?;
+        Ok(Outgoing {
+            permit,
+            conn,
+            headers,
+        })
     }
 
     /// Admits a call through the breaker, counting rejections.

@@ -549,21 +549,18 @@ impl Client {
         payload: impl Into<Bytes>,
         mut options: StreamPublishOptions,
     ) -> Result<PublishAck> {
-        self.ensure_open()?;
         let subject = subject.to_subject();
         let payload = payload.into();
-        subject::validate_publish(&subject)?;
-        options.validate()?;
-        options.headers = crate::trace::outgoing(options.headers.take(), self.config().trace_mode);
-        if options.message_id.is_none() {
-            options.message_id = Some(nuid::next().to_string());
-        }
-        let headers = options.header_map();
-        if let Ok(conn) = self.nats() {
-            crate::handler::check_payload(conn, payload.len(), headers.as_ref())?;
-        }
-        let permit = self.guard()?;
-        self.live_conn()?;
+        let caller_headers = options.headers.take();
+        let out = self.prologue(&subject, caller_headers, payload.len(), |traced| {
+            options.validate()?;
+            options.headers = traced;
+            if options.message_id.is_none() {
+                options.message_id = Some(nuid::next().to_string());
+            }
+            Ok(options.header_map())
+        })?;
+        let (permit, headers) = (out.permit, out.headers);
         // The shared context, or a copy with this call's timeout.
         let with_timeout;
         let js = match options.timeout {
@@ -847,25 +844,23 @@ impl StreamPublisher {
         payload: impl Into<Bytes>,
         mut options: StreamPublishOptions,
     ) -> Result<()> {
-        self.client.ensure_open()?;
         let subject = subject.to_subject();
         let payload = payload.into();
-        subject::validate_publish(&subject)?;
-        options.validate()?;
-        options.headers =
-            crate::trace::outgoing(options.headers.take(), self.client.config().trace_mode);
-        let headers = options.header_map();
-        if let Ok(conn) = self.client.nats() {
-            crate::handler::check_payload(conn, payload.len(), headers.as_ref())?;
-        }
+        let caller_headers = options.headers.take();
+        let out = self
+            .client
+            .prologue(&subject, caller_headers, payload.len(), |traced| {
+                options.validate()?;
+                options.headers = traced;
+                Ok(options.header_map())
+            })?;
+        let (permit, headers) = (out.permit, out.headers);
         let slot = self
             .slots
             .clone()
             .acquire_owned()
             .await
             .map_err(|_| Error::Closed)?;
-        let permit = self.client.guard()?;
-        self.client.live_conn()?;
         let message = match headers {
             Some(headers) => PublishMessage::build().payload(payload).headers(headers),
             None => PublishMessage::build().payload(payload),

@@ -16,10 +16,9 @@ use tokio::sync::{Semaphore, watch};
 
 use crate::client::{Client, sync_with_server};
 use crate::error::{Error, Result};
-use crate::handler::{HandlerOutcome, Invocation, check_payload, invoke};
+use crate::handler::{HandlerOutcome, Invocation, invoke};
 use crate::registry::{Control, StatsCell, SubscriptionStats, request_drain, subscriber_sid};
 use crate::subject;
-use crate::trace;
 
 /// Options of a handler subscription.
 ///
@@ -171,18 +170,9 @@ impl Client {
         payload: Bytes,
         headers: Option<HeaderMap>,
     ) -> Result<()> {
-        self.ensure_open()?;
-        subject::validate_publish(&subject)?;
-        if let Some(headers) = &headers {
-            crate::header::validate(headers)?;
-        }
-        let headers = trace::outgoing(headers, self.config().trace_mode);
-        if let Ok(conn) = self.nats() {
-            check_payload(conn, payload.len(), headers.as_ref())?;
-        }
-        let permit = self.guard()?;
-        let conn = self.live_conn()?;
-        let result = match headers {
+        let out = self.prologue(&subject, headers, payload.len(), Ok)?;
+        let (permit, conn) = (out.permit, out.conn);
+        let result = match out.headers {
             None => conn.publish(subject, payload).await,
             Some(headers) => conn.publish_with_headers(subject, headers, payload).await,
         };

@@ -11,9 +11,7 @@ use bytes::Bytes;
 
 use crate::client::Client;
 use crate::error::{BoxError, Error, Result};
-use crate::handler::check_payload;
 use crate::pubsub::{SubscribeOptions, Subscription};
-use crate::subject;
 
 pub use crate::backoff::RetryConfig;
 pub use crate::client::DEFAULT_REQUEST_TIMEOUT;
@@ -103,12 +101,11 @@ impl Client {
     ) -> Result<Message> {
         let subject = subject.to_subject();
         let payload = payload.into();
-        self.ensure_open()?;
-        subject::validate_publish(&subject)?;
-        crate::header::validate(&headers)?;
-        check_timeout(timeout)?;
-        let headers = self.outgoing_headers(headers, payload.len())?;
-        let permit = self.guard()?;
+        let out = self.prologue(&subject, Some(headers), payload.len(), |traced| {
+            check_timeout(timeout)?;
+            Ok(traced.filter(|h| !h.is_empty()))
+        })?;
+        let (permit, headers) = (out.permit, out.headers);
         let started = std::time::Instant::now();
         let result = self
             .request_once(&subject, headers.as_ref(), &payload, timeout)
@@ -144,11 +141,11 @@ impl Client {
     ) -> Result<Bytes> {
         let subject = subject.to_subject();
         let payload = payload.into();
-        self.ensure_open()?;
-        subject::validate_publish(&subject)?;
-        check_timeout(timeout)?;
-        let headers = self.outgoing_headers(HeaderMap::new(), payload.len())?;
-        let permit = self.guard()?;
+        let out = self.prologue(&subject, None, payload.len(), |traced| {
+            check_timeout(timeout)?;
+            Ok(traced.filter(|h| !h.is_empty()))
+        })?;
+        let (permit, headers) = (out.permit, out.headers);
         let started = std::time::Instant::now();
         let mut attempt = 0;
         let result = loop {
@@ -172,18 +169,6 @@ impl Client {
             .request_duration
             .record(started.elapsed().as_secs_f64());
         permit.record(result)
-    }
-
-    /// The headers a request carries (the caller's plus trace), checked
-    /// with the payload against the server's maximum: input checks, before
-    /// the breaker and the connection.
-    fn outgoing_headers(&self, headers: HeaderMap, payload: usize) -> Result<Option<HeaderMap>> {
-        let headers = crate::trace::outgoing(Some(headers), self.config().trace_mode)
-            .filter(|h| !h.is_empty());
-        if let Ok(conn) = self.nats() {
-            check_payload(conn, payload, headers.as_ref())?;
-        }
-        Ok(headers)
     }
 
     async fn request_once(
