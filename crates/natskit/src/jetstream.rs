@@ -6,6 +6,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
+use crate::subject::IntoSubject;
 use async_nats::HeaderMap;
 use async_nats::jetstream::ErrorCode;
 use async_nats::jetstream::context::{
@@ -13,7 +14,6 @@ use async_nats::jetstream::context::{
 };
 use async_nats::jetstream::message::PublishMessage;
 use async_nats::jetstream::stream::{self, RetentionPolicy, StorageType};
-use async_nats::subject::ToSubject;
 use bytes::Bytes;
 use futures_util::StreamExt;
 use futures_util::stream::FuturesUnordered;
@@ -518,7 +518,7 @@ impl Client {
     /// See [`publish_to_stream_with`](Self::publish_to_stream_with).
     pub async fn publish_to_stream(
         &self,
-        subject: impl ToSubject,
+        subject: impl IntoSubject,
         payload: impl Into<Bytes>,
     ) -> Result<PublishAck> {
         self.publish_to_stream_with(subject, payload, StreamPublishOptions::new())
@@ -545,11 +545,11 @@ impl Client {
     /// [`Error::JetStreamTimeout`], [`Error::JetStreamUnavailable`].
     pub async fn publish_to_stream_with(
         &self,
-        subject: impl ToSubject,
+        subject: impl IntoSubject,
         payload: impl Into<Bytes>,
         mut options: StreamPublishOptions,
     ) -> Result<PublishAck> {
-        let subject = subject.to_subject();
+        let subject = subject.into_subject();
         let payload = payload.into();
         let caller_headers = options.headers.take();
         let out = self.prologue(&subject, caller_headers, payload.len(), |traced| {
@@ -829,7 +829,11 @@ impl StreamPublisher {
     /// # Errors
     /// Invalid subject, payload too large, not connected, circuit open, or
     /// the message could not be sent (nothing is counted then).
-    pub async fn publish(&self, subject: impl ToSubject, payload: impl Into<Bytes>) -> Result<()> {
+    pub async fn publish(
+        &self,
+        subject: impl IntoSubject,
+        payload: impl Into<Bytes>,
+    ) -> Result<()> {
         self.publish_with(subject, payload, StreamPublishOptions::new())
             .await
     }
@@ -840,11 +844,11 @@ impl StreamPublisher {
     /// See [`publish`](Self::publish).
     pub async fn publish_with(
         &self,
-        subject: impl ToSubject,
+        subject: impl IntoSubject,
         payload: impl Into<Bytes>,
         mut options: StreamPublishOptions,
     ) -> Result<()> {
-        let subject = subject.to_subject();
+        let subject = subject.into_subject();
         let payload = payload.into();
         let caller_headers = options.headers.take();
         let out = self
@@ -888,7 +892,7 @@ impl StreamPublisher {
         batch: impl IntoIterator<Item = (S, P)>,
     ) -> Result<PublishReport>
     where
-        S: ToSubject,
+        S: IntoSubject,
         P: Into<Bytes>,
     {
         for (subject, payload) in batch {

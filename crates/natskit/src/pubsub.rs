@@ -8,7 +8,7 @@ use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use std::time::Duration;
 
-use async_nats::subject::ToSubject;
+use crate::subject::IntoSubject;
 use async_nats::{HeaderMap, Message};
 use bytes::Bytes;
 use futures_util::{FutureExt, StreamExt};
@@ -145,10 +145,10 @@ impl Client {
     // core publish throughput (measured with perf).
     pub fn publish(
         &self,
-        subject: impl ToSubject,
+        subject: impl IntoSubject,
         payload: impl Into<Bytes>,
     ) -> impl Future<Output = Result<()>> + Send + '_ {
-        self.publish_inner(subject.to_subject(), payload.into(), None)
+        self.publish_inner(subject.into_subject(), payload.into(), None)
     }
 
     /// Publishes with headers. See [`publish`](Self::publish).
@@ -157,11 +157,11 @@ impl Client {
     /// See [`publish`](Self::publish).
     pub fn publish_with_headers(
         &self,
-        subject: impl ToSubject,
+        subject: impl IntoSubject,
         headers: HeaderMap,
         payload: impl Into<Bytes>,
     ) -> impl Future<Output = Result<()>> + Send + '_ {
-        self.publish_inner(subject.to_subject(), payload.into(), Some(headers))
+        self.publish_inner(subject.into_subject(), payload.into(), Some(headers))
     }
 
     pub(crate) async fn publish_inner(
@@ -207,7 +207,7 @@ impl Client {
     /// [`Error::Closed`], [`Error::Subscribe`].
     pub async fn subscribe<F, Fut>(
         &self,
-        subject: impl ToSubject,
+        subject: impl IntoSubject,
         handler: F,
     ) -> Result<Subscription>
     where
@@ -225,7 +225,7 @@ impl Client {
     /// See [`subscribe`](Self::subscribe).
     pub async fn queue_subscribe<F, Fut>(
         &self,
-        subject: impl ToSubject,
+        subject: impl IntoSubject,
         queue: impl Into<String>,
         handler: F,
     ) -> Result<Subscription>
@@ -244,7 +244,7 @@ impl Client {
     /// See [`subscribe`](Self::subscribe).
     pub async fn subscribe_with<F, Fut>(
         &self,
-        subject: impl ToSubject,
+        subject: impl IntoSubject,
         options: SubscribeOptions,
         handler: F,
     ) -> Result<Subscription>
@@ -253,7 +253,7 @@ impl Client {
         Fut: Future + Send + 'static,
         Fut::Output: HandlerOutcome,
     {
-        let subject = subject.to_subject();
+        let subject = subject.into_subject();
         let subscriber = self
             .subscriber_inner(&subject, options.queue.clone())
             .await?;
@@ -302,8 +302,8 @@ impl Client {
     ///
     /// # Errors
     /// See [`subscribe`](Self::subscribe).
-    pub async fn subscriber(&self, subject: impl ToSubject) -> Result<async_nats::Subscriber> {
-        self.subscriber_inner(&subject.to_subject(), None).await
+    pub async fn subscriber(&self, subject: impl IntoSubject) -> Result<async_nats::Subscriber> {
+        self.subscriber_inner(&subject.into_subject(), None).await
     }
 
     /// Subscribes and returns the messages as a [`futures_util::Stream`]
@@ -323,8 +323,8 @@ impl Client {
     ///
     /// # Errors
     /// See [`subscribe`](Self::subscribe).
-    pub async fn subscribe_stream(&self, subject: impl ToSubject) -> Result<MessageStream> {
-        let subject = subject.to_subject();
+    pub async fn subscribe_stream(&self, subject: impl IntoSubject) -> Result<MessageStream> {
+        let subject = subject.into_subject();
         let subscriber = self.subscriber_inner(&subject, None).await?;
         let stats = Arc::new(StatsCell::new(
             self.metrics().subscription(&subject),

@@ -5,7 +5,7 @@ use std::future::Future;
 use std::sync::Arc;
 use std::time::Duration;
 
-use async_nats::subject::ToSubject;
+use crate::subject::IntoSubject;
 use async_nats::{HeaderMap, Message};
 use bytes::Bytes;
 
@@ -57,7 +57,7 @@ impl Client {
     /// publish checks (subject, payload size, breaker, connection).
     pub async fn request(
         &self,
-        subject: impl ToSubject,
+        subject: impl IntoSubject,
         payload: impl Into<Bytes>,
     ) -> Result<Bytes> {
         self.request_timeout(subject, payload, self.config().request_timeout)
@@ -79,7 +79,7 @@ impl Client {
     /// timeout.
     pub async fn request_timeout(
         &self,
-        subject: impl ToSubject,
+        subject: impl IntoSubject,
         payload: impl Into<Bytes>,
         timeout: Duration,
     ) -> Result<Bytes> {
@@ -94,12 +94,12 @@ impl Client {
     /// See [`request`](Self::request).
     pub async fn request_with_headers(
         &self,
-        subject: impl ToSubject,
+        subject: impl IntoSubject,
         headers: HeaderMap,
         payload: impl Into<Bytes>,
         timeout: Duration,
     ) -> Result<Message> {
-        let subject = subject.to_subject();
+        let subject = subject.into_subject();
         let payload = payload.into();
         let out = self.prologue(&subject, Some(headers), payload.len(), |traced| {
             check_timeout(timeout)?;
@@ -134,12 +134,12 @@ impl Client {
     /// See [`request`](Self::request).
     pub async fn request_with_retry(
         &self,
-        subject: impl ToSubject,
+        subject: impl IntoSubject,
         payload: impl Into<Bytes>,
         timeout: Duration,
         retry: RetryConfig,
     ) -> Result<Bytes> {
-        let subject = subject.to_subject();
+        let subject = subject.into_subject();
         let payload = payload.into();
         let out = self.prologue(&subject, None, payload.len(), |traced| {
             check_timeout(timeout)?;
@@ -255,7 +255,7 @@ impl Client {
     /// See [`subscribe`](Self::subscribe).
     pub async fn serve<F, Fut>(
         &self,
-        subject: impl ToSubject,
+        subject: impl IntoSubject,
         options: SubscribeOptions,
         handler: F,
     ) -> Result<Subscription>

@@ -14,6 +14,59 @@
 
 use crate::error::Error;
 
+/// What natskit accepts as a subject: string literals (used without a
+/// copy), `String`, `&String`, [`async_nats::Subject`] and `&Subject`.
+///
+/// A borrowed `&str` that is not `'static` needs `.to_owned()`: accepting
+/// every `&str` would copy string literals too, on every publish (the hot
+/// path raw async-nats keeps copy-free for them).
+///
+/// ```
+/// use natskit::subject::IntoSubject;
+/// let name = String::from("orders.created");
+/// assert_eq!(&*(&name).into_subject(), "orders.created"); // no clone needed
+/// assert_eq!(&*"orders.created".into_subject(), "orders.created");
+/// ```
+pub trait IntoSubject {
+    /// The subject.
+    fn into_subject(self) -> async_nats::Subject;
+}
+
+impl IntoSubject for &'static str {
+    #[inline]
+    fn into_subject(self) -> async_nats::Subject {
+        async_nats::Subject::from_static(self)
+    }
+}
+
+impl IntoSubject for String {
+    #[inline]
+    fn into_subject(self) -> async_nats::Subject {
+        async_nats::Subject::from(self)
+    }
+}
+
+impl IntoSubject for &String {
+    #[inline]
+    fn into_subject(self) -> async_nats::Subject {
+        async_nats::Subject::from(self.as_str())
+    }
+}
+
+impl IntoSubject for async_nats::Subject {
+    #[inline]
+    fn into_subject(self) -> async_nats::Subject {
+        self
+    }
+}
+
+impl IntoSubject for &async_nats::Subject {
+    #[inline]
+    fn into_subject(self) -> async_nats::Subject {
+        self.clone()
+    }
+}
+
 /// Longest subject accepted, in bytes.
 pub const MAX_SUBJECT_LEN: usize = 3072;
 /// Longest queue group name accepted, in bytes.
