@@ -224,6 +224,14 @@ impl BreakerCore {
         }
     }
 
+    /// When the current open period ends, while open.
+    pub fn open_until(&self) -> Option<Instant> {
+        match self.state {
+            BreakerState::Open => self.open_until,
+            _ => None,
+        }
+    }
+
     /// Time until a probe is allowed, while open.
     pub fn retry_after(&self, now: Instant) -> Option<Duration> {
         match (self.state, self.open_until) {
@@ -443,6 +451,10 @@ pub struct CircuitBreaker {
     fast: AtomicU64,
     /// Mirror of the consecutive failure count.
     failures: AtomicU32,
+    /// While open: nanoseconds after `epoch` when the open period ends (0
+    /// otherwise), so rejections need neither the lock nor the core.
+    open_until: AtomicU64,
+    epoch: Instant,
     clock: Arc<dyn Clock>,
     is_failure: FailurePredicate,
     listener: Option<TransitionListener>,
@@ -479,6 +491,8 @@ impl CircuitBreaker {
             core: Mutex::new(BreakerCore::new(config)),
             fast: AtomicU64::new(0),
             failures: AtomicU32::new(0),
+            open_until: AtomicU64::new(0),
+            epoch: clock.now(),
             clock,
             is_failure: is_failure.unwrap_or_else(|| Arc::new(Error::is_infrastructure)),
             listener,
@@ -506,6 +520,17 @@ impl CircuitBreaker {
             });
         }
         let now = self.clock.now();
+        if fast & 3 == BreakerState::Open.code() {
+            // Open and not yet due: reject without the lock, so callers do
+            // not convoy on it during an outage.
+            let until = self.open_until.load(Ordering::Acquire);
+            let at = self.nanos_since_epoch(now);
+            if until != 0 && at < until {
+                return Err(Error::CircuitOpen {
+                    retry_after: Duration::from_nanos(until - at),
+                });
+            }
+        }
         let (admission, transition) = self.mutate(|core| {
             let before = core.state();
             let admission = core.admit(now);
@@ -608,7 +633,15 @@ impl CircuitBreaker {
         );
         self.failures
             .store(core.consecutive_failures(), Ordering::Relaxed);
+        let until = core
+            .open_until()
+            .map_or(0, |until| self.nanos_since_epoch(until).max(1));
+        self.open_until.store(until, Ordering::Release);
         result
+    }
+
+    fn nanos_since_epoch(&self, at: Instant) -> u64 {
+        u64::try_from(at.saturating_duration_since(self.epoch).as_nanos()).unwrap_or(u64::MAX)
     }
 
     fn notify(&self, transition: Option<Transition>) {
