@@ -13,7 +13,7 @@ use std::time::{Duration, Instant};
 use async_nats::jetstream::kv;
 use async_nats::jetstream::stream::{self, StorageType};
 use natskit::{
-    BreakerState, Client, Error, KvOptions, RetryConfig, ServiceError, Settled, Status,
+    BreakerState, Client, Error, KvOptions, KvStore, RetryConfig, ServiceError, Settled, Status,
     StreamConsumerConfig, StreamPublishOptions, SubscribeOptions, consume_with_heartbeat,
 };
 use natskit_testing::{Cluster, NatsServer, Proxy, TestEnv, eventually};
@@ -29,6 +29,22 @@ fn memory_stream(name: &str, subjects: &[&str]) -> stream::Config {
         storage: StorageType::Memory,
         ..Default::default()
     }
+}
+
+/// A KV store on a new in-memory bucket.
+async fn memory_store(
+    client: &Client,
+    bucket: &str,
+    options: KvOptions,
+) -> natskit::Result<KvStore> {
+    let bucket = client
+        .ensure_key_value_bucket(kv::Config {
+            bucket: bucket.into(),
+            storage: StorageType::Memory,
+            ..Default::default()
+        })
+        .await?;
+    Ok(client.kv_store(bucket, options))
 }
 
 fn connections(server: &NatsServer) -> u64 {
@@ -162,20 +178,15 @@ async fn mixed_traffic_opens_the_breaker_on_a_frozen_server_and_recovers_fast() 
     client
         .create_stream(memory_stream("MIXED", &["mixed.>"]))
         .await?;
-    let bucket = client
-        .ensure_key_value_bucket(kv::Config {
-            bucket: "mixed".into(),
-            storage: StorageType::Memory,
-            ..Default::default()
-        })
-        .await?;
-    let kv = client.kv_store(
-        bucket,
+    let kv = memory_store(
+        &client,
+        "mixed",
         KvOptions {
             timeout: Duration::from_millis(300),
             ..KvOptions::default()
         },
-    );
+    )
+    .await?;
     client
         .request_timeout("svc.echo", "up", Duration::from_secs(2))
         .await?;
@@ -633,14 +644,7 @@ async fn every_operation_checks_in_one_order() -> TestResult {
         .disable_health_checks()
         .connect()
         .await?;
-    let bucket = client
-        .ensure_key_value_bucket(kv::Config {
-            bucket: "order".into(),
-            storage: StorageType::Memory,
-            ..Default::default()
-        })
-        .await?;
-    let store = client.kv_store(bucket, KvOptions::default());
+    let store = memory_store(&client, "order", KvOptions::default()).await?;
     server.kill_async().await?;
     eventually(WAIT, "the drop to be seen", || async {
         client
