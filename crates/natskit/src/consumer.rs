@@ -862,6 +862,8 @@ where
             let mut delivered_since_read = false;
             let mut reading: Option<std::pin::Pin<Box<dyn Future<Output = Option<u64>> + Send>>> =
                 None;
+            // Made once per session, not per message (it takes a lock).
+            let mut cancelled = std::pin::pin!(self.shutdown.cancelled());
             loop {
                 // Read while something was delivered since the last read, or
                 // the floor is still below what was delivered (acks are
@@ -879,7 +881,7 @@ where
                 tokio::select! {
                     biased;
                     _ = stop.changed() => return true,
-                    () = self.shutdown.cancelled() => return false,
+                    () = &mut cancelled => return false,
                     floor = floor_read => {
                         reading = None;
                         if let Some(floor) = floor {

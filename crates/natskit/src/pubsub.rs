@@ -470,6 +470,9 @@ where
         let limiter = (concurrency > 1).then(|| Arc::new(Semaphore::new(concurrency)));
         // The one handler running inline (concurrency 1).
         let mut running = std::pin::pin!(None);
+        // Made once: registering a new cancellation waiter per message
+        // takes the token's lock on the hot path.
+        let mut cancelled = std::pin::pin!(shutdown.cancelled());
         let exit = loop {
             if limiter.is_none()
                 && running.is_none()
@@ -493,7 +496,7 @@ where
             tokio::select! {
                 biased;
                 // The client was dropped without `close()`.
-                () = shutdown.cancelled() => break Exit::Stop,
+                () = &mut cancelled => break Exit::Stop,
                 changed = control.changed() => {
                     // The sender lives in the registry as long as the client:
                     // an error means the client is gone.

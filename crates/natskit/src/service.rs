@@ -195,9 +195,10 @@ impl Service {
         let subject = subject.to_owned();
         client.tasks().spawn(async move {
             let mut endpoint = endpoint;
+            let mut cancelled = std::pin::pin!(shutdown.cancelled());
             loop {
                 let request = tokio::select! {
-                    () = shutdown.cancelled() => break,
+                    () = &mut cancelled => break,
                     _ = stop.wait_for(|s| *s) => break,
                     request = endpoint.next() => match request {
                         Some(request) => request,
