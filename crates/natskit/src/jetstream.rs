@@ -810,7 +810,10 @@ type AckJob = (
 );
 
 /// Pipelined JetStream publisher from [`Client::stream_publisher`]. Clone-free;
-/// share it behind an `Arc` to publish from several tasks.
+/// share it behind an `Arc` to publish from several tasks. Dropping it
+/// abandons nothing already sent: the acks still in flight are awaited and
+/// counted by its collector task, but nobody reads the counts; call
+/// [`flush`](Self::flush) first to learn them.
 #[derive(Debug)]
 pub struct StreamPublisher {
     client: Client,

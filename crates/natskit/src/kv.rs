@@ -1277,6 +1277,8 @@ pub enum WatchEvent {
 type WatchFuture = Pin<Box<dyn Future<Output = Result<kv::Watch>> + Send>>;
 
 /// A resilient watch from [`KvStore::watch`]; a `Stream` of [`WatchEvent`].
+/// Dropping it ends the watch (its consumer on the server is ephemeral and
+/// goes with it).
 pub struct KvWatch {
     store: KvStore,
     pattern: String,
