@@ -17,6 +17,31 @@ const ROUNDS: usize = 4;
 
 type BenchResult<T = ()> = Result<T, Box<dyn std::error::Error + Send + Sync>>;
 
+/// One measured scenario, for `target/bench/bench.json`.
+#[derive(serde::Serialize)]
+struct Row {
+    name: String,
+    unit: &'static str,
+    raw: f64,
+    natskit: f64,
+    /// natskit / raw; above 1 is better for rates, worse for times.
+    ratio: f64,
+}
+
+static ROWS: std::sync::Mutex<Vec<Row>> = std::sync::Mutex::new(Vec::new());
+
+fn record(name: &str, unit: &'static str, raw: f64, natskit: f64) {
+    if let Ok(mut rows) = ROWS.lock() {
+        rows.push(Row {
+            name: name.to_owned(),
+            unit,
+            raw,
+            natskit,
+            ratio: natskit / raw,
+        });
+    }
+}
+
 /// Runs both closures `ROUNDS` times, alternating which goes first (the
 /// server may still be busy with the previous run), and keeps the best time
 /// of each.
@@ -48,6 +73,7 @@ where
         rate(best_kit),
         rate(best_kit) / rate(best_raw)
     );
+    record(name, "ops/s", rate(best_raw), rate(best_kit));
     Ok(())
 }
 
@@ -211,6 +237,125 @@ async fn main() -> BenchResult {
         },
     )
     .await?;
+    const SUBSCRIPTIONS: usize = 10_000;
+    compare(
+        "create + remove 10,000 subscriptions",
+        SUBSCRIPTIONS,
+        || async {
+            let mut subs = Vec::with_capacity(SUBSCRIPTIONS);
+            for i in 0..SUBSCRIPTIONS {
+                subs.push(raw.subscribe(format!("bench.subs.{i}")).await?);
+            }
+            drop(subs);
+            raw.flush().await?;
+            Ok(())
+        },
+        || async {
+            let mut subs = Vec::with_capacity(SUBSCRIPTIONS);
+            for i in 0..SUBSCRIPTIONS {
+                subs.push(
+                    kit.subscribe(format!("bench.subs.{i}"), |_msg: natskit::Message| async {})
+                        .await?,
+                );
+            }
+            for sub in &subs {
+                sub.unsubscribe().await;
+            }
+            kit.nats()?.flush().await?;
+            Ok(())
+        },
+    )
+    .await?;
+
+    breaker_micro();
     kit.close().await?;
+    write_json()?;
+    Ok(())
+}
+
+/// The breaker's closed path, open rejection, and open rejection with four
+/// threads hammering it, against a minimal atomic breaker (one load and a
+/// compare), in nanoseconds per call (lower is better).
+fn breaker_micro() {
+    use natskit::breaker::{BreakerConfig, CircuitBreaker};
+    use std::sync::Arc;
+    use std::sync::atomic::{AtomicU64, Ordering};
+    const CALLS: u64 = 2_000_000;
+
+    struct Minimal {
+        open_until: AtomicU64,
+        epoch: std::time::Instant,
+    }
+    impl Minimal {
+        fn admit(&self) -> bool {
+            let until = self.open_until.load(Ordering::Acquire);
+            until == 0 || (self.epoch.elapsed().as_nanos() as u64) >= until
+        }
+    }
+    let per_call = |threads: u64, f: &(dyn Fn() -> bool + Sync)| {
+        let start = std::time::Instant::now();
+        std::thread::scope(|scope| {
+            for _ in 0..threads {
+                scope.spawn(|| {
+                    let mut admitted = 0u64;
+                    for _ in 0..CALLS {
+                        admitted += u64::from(std::hint::black_box(f()));
+                    }
+                    std::hint::black_box(admitted);
+                });
+            }
+        });
+        start.elapsed().as_nanos() as f64 / CALLS as f64
+    };
+    let closed = Arc::new(CircuitBreaker::new(BreakerConfig::default()));
+    let open = Arc::new(CircuitBreaker::new(BreakerConfig::default()));
+    open.trip();
+    let minimal_closed = Minimal {
+        open_until: AtomicU64::new(0),
+        epoch: std::time::Instant::now(),
+    };
+    let minimal_open = Minimal {
+        open_until: AtomicU64::new(u64::MAX),
+        epoch: std::time::Instant::now(),
+    };
+    type Call<'a> = &'a (dyn Fn() -> bool + Sync);
+    let scenarios: [(&str, u64, Call<'_>, Call<'_>); 3] = [
+        (
+            "breaker closed path (ns/call)",
+            1,
+            &|| minimal_closed.admit(),
+            &|| closed.acquire().map(|p| p.success()).is_ok(),
+        ),
+        (
+            "breaker open rejection (ns/call)",
+            1,
+            &|| minimal_open.admit(),
+            &|| open.acquire().is_ok(),
+        ),
+        (
+            "breaker open, 4 threads (ns/call)",
+            4,
+            &|| minimal_open.admit(),
+            &|| open.acquire().is_ok(),
+        ),
+    ];
+    for (name, threads, minimal, natskit) in scenarios {
+        let (raw, kit) = (per_call(threads, minimal), per_call(threads, natskit));
+        println!(
+            "{name:<34} minimal {raw:>9.1}      natskit {kit:>9.1}      ratio {:.2}",
+            kit / raw
+        );
+        record(name, "ns/call", raw, kit);
+    }
+}
+
+/// Writes every row to `target/bench/bench.json`.
+fn write_json() -> BenchResult {
+    let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../../target/bench");
+    std::fs::create_dir_all(&dir)?;
+    let rows = ROWS.lock().map_err(|_| "rows lock poisoned")?;
+    let path = dir.join("bench.json");
+    std::fs::write(&path, serde_json::to_vec_pretty(&*rows)?)?;
+    println!("\nwrote {}", path.display());
     Ok(())
 }
