@@ -650,10 +650,16 @@ impl CircuitBreaker {
         }
     }
 
+    #[inline]
     fn settle(&self, generation: u64, probe: bool, failed: bool) {
         if !failed && !probe && self.failures.load(Ordering::Relaxed) == 0 {
             return; // closed-path success with nothing to reset
         }
+        self.settle_slow(generation, probe, failed);
+    }
+
+    #[cold]
+    fn settle_slow(&self, generation: u64, probe: bool, failed: bool) {
         let now = self.clock.now();
         let transition = self.mutate(|core| {
             if failed {
@@ -727,6 +733,7 @@ impl Permit<'_> {
     }
 
     /// Reports success (or a non-infrastructure outcome).
+    #[inline]
     pub fn success(self) {
         self.finish(false);
     }
@@ -736,6 +743,7 @@ impl Permit<'_> {
         self.finish(true);
     }
 
+    #[inline]
     fn finish(mut self, failed: bool) {
         self.settled = true;
         self.breaker.settle(self.generation, self.probe, failed);
@@ -743,11 +751,19 @@ impl Permit<'_> {
 }
 
 impl Drop for Permit<'_> {
+    #[inline]
     fn drop(&mut self) {
         if !self.settled && self.probe {
-            let generation = self.generation;
-            self.breaker.mutate(|core| core.release_probe(generation));
+            self.release();
         }
+    }
+}
+
+impl Permit<'_> {
+    #[cold]
+    fn release(&self) {
+        let generation = self.generation;
+        self.breaker.mutate(|core| core.release_probe(generation));
     }
 }
 
