@@ -258,14 +258,8 @@ impl Client {
             .subscriber_inner(&subject, options.queue.clone())
             .await?;
         // Taken before the task starts, so nothing can fail once it runs.
-        let conn = self.live_conn().or_else(|_| self.nats())?.clone();
-        let stats = Arc::new(StatsCell::new(
-            self.metrics().subscription(&subject),
-            self.dropped_counter(),
-        ));
-        if let Some(sid) = subscriber_sid(&subscriber) {
-            self.registry().register(sid, &subject, &stats);
-        }
+        let conn = self.nats()?.clone();
+        let stats = self.tracked_stats(&subject, &subscriber);
         let (control, control_rx) = watch::channel(Control::Run);
         let control = Arc::new(control);
         self.registry().add_control(&control);
@@ -326,18 +320,29 @@ impl Client {
     pub async fn subscribe_stream(&self, subject: impl IntoSubject) -> Result<MessageStream> {
         let subject = subject.into_subject();
         let subscriber = self.subscriber_inner(&subject, None).await?;
-        let stats = Arc::new(StatsCell::new(
-            self.metrics().subscription(&subject),
-            self.dropped_counter(),
-        ));
-        if let Some(sid) = subscriber_sid(&subscriber) {
-            self.registry().register(sid, &subject, &stats);
-        }
+        let stats = self.tracked_stats(&subject, &subscriber);
         Ok(MessageStream {
             subject: subject.to_string(),
             subscriber,
             stats,
         })
+    }
+
+    /// A subscription's counters, registered so that async-nats'
+    /// slow-consumer events for it reach them.
+    fn tracked_stats(
+        &self,
+        subject: &async_nats::Subject,
+        subscriber: &async_nats::Subscriber,
+    ) -> Arc<StatsCell> {
+        let stats = Arc::new(StatsCell::new(
+            self.metrics().subscription(subject),
+            self.dropped_counter(),
+        ));
+        if let Some(sid) = subscriber_sid(subscriber) {
+            self.registry().register(sid, subject, &stats);
+        }
+        stats
     }
 
     async fn subscriber_inner(
@@ -478,7 +483,7 @@ where
                 && running.is_none()
                 && let Some(message) = queue.pop_front()
             {
-                running.set(Some(self.invoke(message)));
+                running.set(Some(self.invoke_inline(message)));
             }
             let slot_wanted = limiter.is_some() && !queue.is_empty();
             let slot = async {
@@ -547,7 +552,7 @@ where
             .await;
             while let Some(message) = queue.pop_front() {
                 match &limiter {
-                    None => self.invoke(message).await,
+                    None => self.invoke_inline(message).await,
                     Some(limiter) => {
                         if let Ok(permit) = limiter.clone().acquire_owned().await {
                             self.spawn(message, permit, &tasks);
@@ -581,6 +586,20 @@ where
         }
     }
 
+    /// The handler for one message in this task: borrows the runner, so
+    /// the hot path clones nothing per message.
+    async fn invoke_inline(&self, message: Message) {
+        handle(
+            &*self.handler,
+            message,
+            self.deadline,
+            &self.stats,
+            &self.subject,
+        )
+        .await;
+    }
+
+    /// The handler for one message in a task of its own (concurrency above 1).
     fn invoke(&self, message: Message) -> impl Future<Output = ()> + Send + 'static {
         let (handler, stats, subject) = (
             self.handler.clone(),
