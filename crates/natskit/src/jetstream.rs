@@ -247,18 +247,17 @@ impl StreamPublishOptions {
         self
     }
 
-    /// Retries while JetStream is unavailable (default: 3 retries from 100 ms).
+    /// Retries while JetStream is unavailable (default: 10 retries from 100 ms
+    /// to 1 s; a resend carries the same message id).
     pub fn retry(mut self, retry: RetryConfig) -> Self {
         self.retry = Some(retry);
         self
     }
 
-    /// Checks the caller's headers and the values the options put in headers.
+    /// Checks the values the options put in headers (the caller's own
+    /// headers are checked by `Client::prologue`).
     fn validate(&self) -> Result<()> {
         use async_nats::header;
-        if let Some(headers) = &self.headers {
-            crate::header::validate(headers)?;
-        }
         if let Some(id) = &self.message_id {
             if id.is_empty() {
                 return Err(Error::InvalidHeader {
