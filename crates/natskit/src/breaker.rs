@@ -724,12 +724,19 @@ impl Permit<'_> {
     /// core publish handed to the client's buffer): a counted error is a
     /// failure, anything else settles nothing, since a buffered publish
     /// does not prove the server reachable.
+    #[inline]
     pub fn record_unconfirmed<T>(self, result: Result<T, Error>) -> Result<T, Error> {
-        match &result {
-            Err(e) if self.breaker.counts(e) => self.finish(true),
-            _ => drop(self),
+        if let Err(e) = &result {
+            self.unconfirmed_failure(e);
         }
         result
+    }
+
+    #[cold]
+    fn unconfirmed_failure(self, error: &Error) {
+        if self.breaker.counts(error) {
+            self.finish(true);
+        }
     }
 
     /// Reports success (or a non-infrastructure outcome).

@@ -739,6 +739,11 @@ impl Client {
             // which counts its own drops exactly; keep it roomy so bursts
             // never overflow it (its drops are reported by lossy events).
             .subscription_capacity(config.subscription_capacity.max(STAGING_CAPACITY))
+            // natskit checks every subject it publishes to more strictly
+            // (tokens, control characters, length) before async-nats sees
+            // it; async-nats' second scan cost about 10% of core publish
+            // throughput. Subscribe subjects are still checked by both.
+            .skip_subject_validation(true)
             .max_reconnects(config.max_reconnects)
             .event_callback(move |event| {
                 match event {
@@ -792,11 +797,12 @@ impl Client {
             headers,
             self.inner.config.trace_mode,
         ))?;
-        if let Ok(conn) = self.nats() {
+        let conn = self.inner.conn.get();
+        if let Some(conn) = conn {
             crate::handler::check_payload(conn, payload, headers.as_ref())?;
         }
         let permit = self.guard()?;
-        let conn = self.live_conn()?;
+        let conn = self.usable(conn.ok_or(Error::NotConnected)?)?;
         Ok(Outgoing {
             permit,
             conn,
@@ -887,7 +893,13 @@ impl Client {
     /// (unless buffering while disconnected is on).
     #[inline]
     pub(crate) fn live_conn(&self) -> Result<&async_nats::Client> {
-        let conn = self.nats()?;
+        self.usable(self.nats()?)
+    }
+
+    /// `conn` if it may be used now: connected, or buffering while
+    /// disconnected is on.
+    #[inline]
+    fn usable<'a>(&self, conn: &'a async_nats::Client) -> Result<&'a async_nats::Client> {
         if !self.inner.config.buffer_when_disconnected
             && !self.inner.connected.load(Ordering::Acquire)
         {

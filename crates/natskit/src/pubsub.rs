@@ -12,12 +12,12 @@ use crate::subject::IntoSubject;
 use async_nats::{HeaderMap, Message};
 use bytes::Bytes;
 use futures_util::{FutureExt, StreamExt};
-use tokio::sync::{Semaphore, watch};
+use tokio::sync::Semaphore;
 
 use crate::client::{Client, sync_with_server};
 use crate::error::{Error, Result};
-use crate::handler::{HandlerOutcome, Invocation, invoke};
-use crate::registry::{Control, StatsCell, SubscriptionStats, request_drain, subscriber_sid};
+use crate::handler::{HandlerOutcome, Invocation, invoke_in};
+use crate::registry::{Control, StatsCell, SubControl, SubscriptionStats, subscriber_sid};
 use crate::subject;
 
 /// Options of a handler subscription.
@@ -70,8 +70,7 @@ impl SubscribeOptions {
 pub struct Subscription {
     subject: String,
     stats: Arc<StatsCell>,
-    control: Arc<watch::Sender<Control>>,
-    done: watch::Receiver<bool>,
+    control: Arc<SubControl>,
     conn: async_nats::Client,
     sync_timeout: Duration,
 }
@@ -89,13 +88,13 @@ impl Subscription {
 
     /// Whether the subscription has ended.
     pub fn is_finished(&self) -> bool {
-        *self.done.borrow()
+        self.control.is_finished()
     }
 
     /// Stops at once: no further messages are handled; a handler already
     /// running finishes. Idempotent.
     pub async fn unsubscribe(&self) {
-        self.control.send_replace(Control::Stop);
+        self.control.stop();
         self.wait_finished().await;
     }
 
@@ -110,13 +109,12 @@ impl Subscription {
         {
             tracing::warn!(subject = %self.subject, %err, "could not sync with the server before draining");
         }
-        request_drain(&self.control);
+        self.control.drain();
         self.wait_finished().await;
     }
 
     async fn wait_finished(&self) {
-        let mut done = self.done.clone();
-        let _ = done.wait_for(|d| *d).await;
+        self.control.wait_finished().await;
     }
 }
 
@@ -171,17 +169,21 @@ impl Client {
         headers: Option<HeaderMap>,
     ) -> Result<()> {
         let out = self.prologue(&subject, headers, payload.len(), Ok)?;
-        let (permit, conn) = (out.permit, out.conn);
-        let result = match out.headers {
-            None => conn.publish(subject, payload).await,
-            Some(headers) => conn.publish_with_headers(subject, headers, payload).await,
-        };
+        let result = async_nats::client::traits::Publisher::publish_message(
+            out.conn,
+            async_nats::message::OutboundMessage {
+                subject,
+                reply: None,
+                payload,
+                headers: out.headers,
+            },
+        )
+        .await;
         if result.is_ok() {
             self.metrics().publishes.increment(1);
         }
-        // A publish handed to the client's buffer proves nothing about the
-        // server: it never counts as a success.
-        permit.record_unconfirmed(result.map_err(Error::Publish))
+        out.permit
+            .record_unconfirmed(result.map_err(Error::Publish))
     }
 
     /// Subscribes with an async handler that receives every message
@@ -260,10 +262,8 @@ impl Client {
         // Taken before the task starts, so nothing can fail once it runs.
         let conn = self.nats()?.clone();
         let stats = self.tracked_stats(&subject, &subscriber);
-        let (control, control_rx) = watch::channel(Control::Run);
-        let control = Arc::new(control);
+        let control = Arc::new(SubControl::default());
         self.registry().add_control(&control);
-        let (done_tx, done) = watch::channel(false);
         let run = Runner {
             handler: Arc::new(handler),
             deadline: options.deadline.unwrap_or(self.config().handler_deadline),
@@ -273,17 +273,15 @@ impl Client {
         };
         let concurrency = options.concurrency.unwrap_or(1);
         let tasks = self.tasks().clone();
-        let shutdown = self.shutdown().clone();
-        self.tasks().spawn(async move {
-            run.run(subscriber, control_rx, concurrency, tasks, shutdown)
-                .await;
-            let _ = done_tx.send(true);
-        });
+        // A combinator, not an `async` block: the block would keep the
+        // runner's arguments beside the runner's future.
+        let finished = control.clone();
+        let running = run.run(subscriber, control.clone(), concurrency, tasks);
+        self.tasks().spawn(running.map(move |()| finished.finish()));
         Ok(Subscription {
             subject: subject.to_string(),
             stats,
             control,
-            done,
             conn,
             sync_timeout: self.config().connect_timeout,
         })
@@ -466,18 +464,14 @@ where
     async fn run(
         self,
         mut subscriber: async_nats::Subscriber,
-        mut control: watch::Receiver<Control>,
+        control: Arc<SubControl>,
         concurrency: usize,
         tasks: tokio_util::task::TaskTracker,
-        shutdown: tokio_util::sync::CancellationToken,
     ) {
         let mut queue: VecDeque<Message> = VecDeque::new();
         let limiter = (concurrency > 1).then(|| Arc::new(Semaphore::new(concurrency)));
         // The one handler running inline (concurrency 1).
         let mut running = std::pin::pin!(None);
-        // Made once: registering a new cancellation waiter per message
-        // takes the token's lock on the hot path.
-        let mut cancelled = std::pin::pin!(shutdown.cancelled());
         let exit = loop {
             if limiter.is_none()
                 && running.is_none()
@@ -488,7 +482,12 @@ where
             let slot_wanted = limiter.is_some() && !queue.is_empty();
             let slot = async {
                 match &limiter {
-                    Some(limiter) if slot_wanted => limiter.clone().acquire_owned().await.ok(),
+                    // Boxed: only concurrent subscriptions (which spawn a
+                    // task per message anyway) pay for it, not the size of
+                    // every subscription's task.
+                    Some(limiter) if slot_wanted => {
+                        Box::pin(limiter.clone().acquire_owned()).await.ok()
+                    }
                     _ => std::future::pending().await,
                 }
             };
@@ -500,13 +499,8 @@ where
             };
             tokio::select! {
                 biased;
-                // The client was dropped without `close()`.
-                () = &mut cancelled => break Exit::Stop,
-                changed = control.changed() => {
-                    // The sender lives in the registry as long as the client:
-                    // an error means the client is gone.
-                    let command = if changed.is_ok() { *control.borrow_and_update() } else { Control::Stop };
-                    match command {
+                () = control.changed() => {
+                    match control.command() {
                         Control::Run => {}
                         Control::Drain => break Exit::Drain,
                         Control::Stop => break Exit::Stop,
@@ -539,6 +533,22 @@ where
         if let Some(handler) = running.as_mut().as_pin_mut() {
             handler.await;
         }
+        // The ending runs once per subscription: boxed, so its futures do
+        // not add to the size every idle subscription's task keeps.
+        Box::pin(self.finish(exit, subscriber, queue, limiter, concurrency, tasks)).await;
+    }
+
+    /// Drains (for [`Exit::Drain`]), unsubscribes, and waits for handlers
+    /// still running in tasks of their own.
+    async fn finish(
+        &self,
+        exit: Exit,
+        mut subscriber: async_nats::Subscriber,
+        mut queue: VecDeque<Message>,
+        limiter: Option<Arc<Semaphore>>,
+        concurrency: usize,
+        tasks: tokio_util::task::TaskTracker,
+    ) {
         if matches!(exit, Exit::Drain) {
             // Everything sent before the drain request is buffered by now:
             // handle it, then leave. Unconstrained: tokio's cooperative
@@ -588,7 +598,7 @@ where
 
     /// The handler for one message in this task: borrows the runner, so
     /// the hot path clones nothing per message.
-    async fn invoke_inline(&self, message: Message) {
+    fn invoke_inline(&self, message: Message) -> impl Future<Output = ()> + '_ {
         handle(
             &*self.handler,
             message,
@@ -596,7 +606,6 @@ where
             &self.stats,
             &self.subject,
         )
-        .await;
     }
 
     /// The handler for one message in a task of its own (concurrency above 1).
@@ -624,35 +633,41 @@ where
     }
 }
 
-async fn handle<F, Fut>(
+/// One handler invocation, counted. Not an `async fn` (see
+/// `handler::invoke`): the message is moved into the handler, not kept
+/// beside it.
+fn handle<'a, F, Fut>(
     handler: &F,
     message: Message,
     deadline: Duration,
-    stats: &StatsCell,
-    subject: &str,
-) where
+    stats: &'a StatsCell,
+    subject: &'a str,
+) -> impl Future<Output = ()> + 'a
+where
     F: Fn(Message) -> Fut,
-    Fut: Future,
+    Fut: Future + 'a,
     Fut::Output: HandlerOutcome,
 {
-    let headers = message.headers.clone();
-    match invoke(headers.as_ref(), deadline, handler(message)).await {
-        Invocation::Done(outcome) => {
-            if let Err(err) = outcome.into_result() {
-                stats.errors.fetch_add(1, Ordering::Relaxed);
-                tracing::warn!(%subject, %err, "message handler failed");
+    let context = crate::trace::HandlerContext::from_headers(message.headers.as_ref());
+    invoke_in(context, deadline, handler(message)).map(move |invocation| {
+        match invocation {
+            Invocation::Done(outcome) => {
+                if let Err(err) = outcome.into_result() {
+                    stats.errors.fetch_add(1, Ordering::Relaxed);
+                    tracing::warn!(%subject, %err, "message handler failed");
+                }
+            }
+            Invocation::Panicked(what) => {
+                stats.panics.fetch_add(1, Ordering::Relaxed);
+                tracing::error!(%subject, panic = %what, "message handler panicked");
+            }
+            Invocation::TimedOut => {
+                stats.timeouts.fetch_add(1, Ordering::Relaxed);
+                tracing::warn!(%subject, ?deadline, "message handler exceeded its deadline");
             }
         }
-        Invocation::Panicked(what) => {
-            stats.panics.fetch_add(1, Ordering::Relaxed);
-            tracing::error!(%subject, panic = %what, "message handler panicked");
-        }
-        Invocation::TimedOut => {
-            stats.timeouts.fetch_add(1, Ordering::Relaxed);
-            tracing::warn!(%subject, ?deadline, "message handler exceeded its deadline");
-        }
-    }
-    stats.handled.fetch_add(1, Ordering::Relaxed);
+        stats.handled.fetch_add(1, Ordering::Relaxed);
+    })
 }
 
 #[cfg(test)]

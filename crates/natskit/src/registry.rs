@@ -3,12 +3,12 @@
 //! stop everything: the connection layer's bookkeeping, no I/O.
 
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU8, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, Weak};
 use std::time::Instant;
 
 use futures_util::future::BoxFuture;
-use tokio::sync::watch;
+use tokio::sync::Notify;
 
 /// Counters of one subscription, from [`Subscription::stats`](crate::Subscription::stats).
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
@@ -114,21 +114,21 @@ impl StatsCell {
 #[derive(Debug, Default)]
 pub(crate) struct Registry {
     subs: Mutex<HashMap<u64, (String, Weak<StatsCell>)>>,
-    controls: Mutex<Vec<Arc<watch::Sender<Control>>>>,
+    controls: Mutex<Vec<Arc<SubControl>>>,
     /// Sizes after the last pruning passes.
     subs_kept: AtomicUsize,
     controls_kept: AtomicUsize,
 }
 
 impl Registry {
-    pub(crate) fn add_control(&self, control: &Arc<watch::Sender<Control>>) {
+    pub(crate) fn add_control(&self, control: &Arc<SubControl>) {
         if let Ok(mut controls) = self.controls.lock() {
-            // A finished runner has dropped its receiver. Pruned when the
+            // Finished runners are pruned when the
             // list has doubled since the last pass, so subscribing stays
             // O(1) amortized (pruning on every call made 10,000
             // subscriptions quadratic).
             if controls.len() >= 2 * self.controls_kept.load(Ordering::Relaxed).max(32) {
-                controls.retain(|c| c.receiver_count() > 0);
+                controls.retain(|c| !c.is_finished());
                 self.controls_kept.store(controls.len(), Ordering::Relaxed);
             }
             controls.push(control.clone());
@@ -140,7 +140,7 @@ impl Registry {
     pub(crate) fn drain_all(&self) {
         if let Ok(controls) = self.controls.lock() {
             for control in controls.iter() {
-                request_drain(control);
+                control.drain();
             }
         }
     }
@@ -171,16 +171,68 @@ impl Registry {
     }
 }
 
+impl Drop for Registry {
+    /// The client was dropped (without `close()`): every subscription stops
+    /// (a running handler finishes) and unsubscribes.
+    fn drop(&mut self) {
+        if let Ok(controls) = self.controls.get_mut() {
+            for control in controls.iter() {
+                control.stop();
+            }
+        }
+    }
+}
+
 /// async-nats keeps a subscriber's id private but prints it in `Debug`
 /// (`Subscriber { sid: 7, .. }`); read it from there to map slow-consumer
 /// events (which carry only the id) to the subscription.
+///
+/// Only the first bytes are formatted (`sid` is the first field): the
+/// writer refuses more, which ends the formatting, so the channel state
+/// after it is never printed (that cost more than the subscribe itself).
 pub(crate) fn subscriber_sid(subscriber: &async_nats::Subscriber) -> Option<u64> {
-    let text = format!("{subscriber:?}");
+    use std::fmt::Write as _;
+    let mut prefix = Prefix::default();
+    let _ = write!(prefix, "{subscriber:?}");
+    let bytes = &prefix.buf[..prefix.len];
+    // The cut may split a character: keep what is whole.
+    let text = std::str::from_utf8(bytes)
+        .or_else(|e| std::str::from_utf8(&bytes[..e.valid_up_to()]))
+        .ok()?;
     let rest = text.split_once("sid: ")?.1;
     let end = rest.find(|c: char| !c.is_ascii_digit())?;
     rest[..end].parse().ok()
 }
 
+/// The first 64 bytes of a formatted value.
+struct Prefix {
+    buf: [u8; 64],
+    len: usize,
+}
+
+impl Default for Prefix {
+    fn default() -> Self {
+        Self {
+            buf: [0; 64],
+            len: 0,
+        }
+    }
+}
+
+impl std::fmt::Write for Prefix {
+    fn write_str(&mut self, s: &str) -> std::fmt::Result {
+        let take = s.len().min(self.buf.len() - self.len);
+        self.buf[self.len..self.len + take].copy_from_slice(&s.as_bytes()[..take]);
+        self.len += take;
+        if take < s.len() {
+            Err(std::fmt::Error)
+        } else {
+            Ok(())
+        }
+    }
+}
+
+/// What a subscription's runner is told to do.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) enum Control {
     Run,
@@ -188,15 +240,81 @@ pub(crate) enum Control {
     Stop,
 }
 
-pub(crate) fn request_drain(control: &watch::Sender<Control>) {
-    control.send_if_modified(|c| {
-        if *c == Control::Run {
-            *c = Control::Drain;
-            true
-        } else {
-            false
+/// What a subscription's handle, its runner and the client share: the
+/// command for the runner and whether it has finished, in one small
+/// allocation. (Two `watch` channels did this before at about 800 bytes
+/// per subscription.)
+#[derive(Debug, Default)]
+pub(crate) struct SubControl {
+    /// A [`Control`] as `u8`.
+    command: AtomicU8,
+    /// The runner is the only waiter; `notify_one` keeps a permit when it
+    /// is busy, so no command is missed.
+    wake_runner: Notify,
+    finished: AtomicBool,
+    finished_waiters: Notify,
+}
+
+const RUN: u8 = 0;
+const DRAIN: u8 = 1;
+const STOP: u8 = 2;
+
+impl SubControl {
+    /// Stops the runner at once (a running handler finishes).
+    pub(crate) fn stop(&self) {
+        self.command.store(STOP, Ordering::Release);
+        self.wake_runner.notify_one();
+    }
+
+    /// Asks a running runner to handle what it has buffered and stop; no
+    /// effect once it was told to drain or stop.
+    pub(crate) fn drain(&self) {
+        if self
+            .command
+            .compare_exchange(RUN, DRAIN, Ordering::AcqRel, Ordering::Acquire)
+            .is_ok()
+        {
+            self.wake_runner.notify_one();
         }
-    });
+    }
+
+    /// The current command.
+    pub(crate) fn command(&self) -> Control {
+        match self.command.load(Ordering::Acquire) {
+            RUN => Control::Run,
+            DRAIN => Control::Drain,
+            _ => Control::Stop,
+        }
+    }
+
+    /// Completes after a command was given (perhaps before this call).
+    pub(crate) fn changed(&self) -> tokio::sync::futures::Notified<'_> {
+        self.wake_runner.notified()
+    }
+
+    /// Marks the runner finished and wakes everyone waiting for that.
+    pub(crate) fn finish(&self) {
+        self.finished.store(true, Ordering::Release);
+        self.finished_waiters.notify_waiters();
+    }
+
+    pub(crate) fn is_finished(&self) -> bool {
+        self.finished.load(Ordering::Acquire)
+    }
+
+    /// Waits until the runner has finished.
+    pub(crate) async fn wait_finished(&self) {
+        loop {
+            let notified = self.finished_waiters.notified();
+            let mut notified = std::pin::pin!(notified);
+            // Registered before the check, so a `finish` in between is seen.
+            notified.as_mut().enable();
+            if self.is_finished() {
+                return;
+            }
+            notified.await;
+        }
+    }
 }
 
 /// A running consumer, as the client sees it: a key and a way to stop it.

@@ -111,8 +111,56 @@ fn has_forbidden_char(text: &str) -> bool {
         || (!text.is_ascii() && text.chars().any(|c| c.is_control() || c.is_whitespace()))
 }
 
+/// How [`plain_subject`] sees a byte.
+const PLAIN: u8 = 0;
+const DOT: u8 = 1;
+/// Anything the fast path leaves to the full check: whitespace, control
+/// characters, DEL, wildcard characters, non-ASCII.
+const OTHER: u8 = 2;
+
+const CLASS: [u8; 256] = {
+    let mut class = [PLAIN; 256];
+    let mut b = 0;
+    while b < 256 {
+        if b < 0x21 || b >= 0x7f || b == b'*' as usize || b == b'>' as usize {
+            class[b] = OTHER;
+        }
+        b += 1;
+    }
+    class[b'.' as usize] = DOT;
+    class
+};
+
+/// The common case in one tight pass: printable ASCII without wildcard
+/// characters, tokens not empty, within the length limit. `false` sends the
+/// subject to the full check, which gives the reason (or accepts it).
+#[inline]
+fn plain_subject(bytes: &[u8]) -> bool {
+    if bytes.is_empty() || bytes.len() > MAX_SUBJECT_LEN {
+        return false;
+    }
+    let mut after_dot = true;
+    for &b in bytes {
+        match CLASS[b as usize] {
+            PLAIN => after_dot = false,
+            DOT if !after_dot => after_dot = true,
+            _ => return false,
+        }
+    }
+    !after_dot
+}
+
 /// One pass over the bytes; allocates only to report an error.
+#[inline]
 fn check_tokens(subject: &str, wildcards: bool) -> Result<(), Error> {
+    if plain_subject(subject.as_bytes()) {
+        return Ok(());
+    }
+    check_tokens_fully(subject, wildcards)
+}
+
+#[cold]
+fn check_tokens_fully(subject: &str, wildcards: bool) -> Result<(), Error> {
     let bytes = subject.as_bytes();
     if bytes.is_empty() {
         return Err(invalid(subject, "empty subject"));
@@ -348,6 +396,38 @@ pub fn covers(pattern: &str, subject: &str) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The fast path never accepts what the full check rejects, and
+    /// accepts the everyday subjects.
+    #[test]
+    fn the_fast_path_agrees_with_the_full_check() {
+        for good in [
+            "a",
+            "orders.eu.created",
+            "a-b_c.d1",
+            "$JS.API.INFO",
+            "_INBOX.x.y",
+        ] {
+            assert!(plain_subject(good.as_bytes()), "{good}");
+        }
+        let alphabet = b"ab.*> \t\x00\x7f\xc2\xa0-_$";
+        let mut rng = fastrand::Rng::with_seed(11);
+        for _ in 0..200_000 {
+            let len = rng.usize(0..12);
+            let bytes: Vec<u8> = (0..len)
+                .map(|_| alphabet[rng.usize(0..alphabet.len())])
+                .collect();
+            let Ok(text) = std::str::from_utf8(&bytes) else {
+                continue;
+            };
+            if plain_subject(bytes.as_slice()) {
+                assert!(check_tokens_fully(text, false).is_ok(), "{text:?}");
+                assert!(check_tokens_fully(text, true).is_ok(), "{text:?}");
+            }
+        }
+        let long = "a".repeat(MAX_SUBJECT_LEN + 1);
+        assert!(!plain_subject(long.as_bytes()));
+    }
 
     #[test]
     fn control_characters_and_unicode_whitespace_are_rejected() {

@@ -353,21 +353,31 @@ fn header<'a>(headers: &'a HeaderMap, name: &str) -> Option<&'a str> {
 /// (it cost 1.9x the allocations of cloning a prebuilt map).
 struct Scoped {
     trace: TraceContext,
-    /// For [`TraceMode::Full`] and [`TraceMode::W3c`].
-    headers: [std::sync::OnceLock<HeaderMap>; 2],
+    /// The headers for the mode first asked for (a client's mode is fixed;
+    /// a second client with another mode in the same scope builds its own
+    /// each time). One slot, since every handler invocation holds a scope.
+    headers: std::sync::OnceLock<(TraceMode, HeaderMap)>,
 }
 
 impl Scoped {
+    fn new(trace: TraceContext) -> Self {
+        Self {
+            trace,
+            headers: std::sync::OnceLock::new(),
+        }
+    }
+
     /// The scope's headers for `mode` (not [`TraceMode::Off`]).
     fn headers(&self, mode: TraceMode) -> HeaderMap {
-        let slot = usize::from(mode != TraceMode::Full);
-        self.headers[slot]
-            .get_or_init(|| {
-                let mut headers = HeaderMap::new();
-                self.trace.inject(&mut headers, mode);
-                headers
-            })
-            .clone()
+        let build = || {
+            let mut headers = HeaderMap::new();
+            self.trace.inject(&mut headers, mode);
+            headers
+        };
+        match self.headers.get_or_init(|| (mode, build())) {
+            (cached, headers) if *cached == mode => headers.clone(),
+            _ => build(),
+        }
     }
 }
 
@@ -377,11 +387,7 @@ tokio::task_local! {
 
 /// Runs `future` with `trace` as the current trace context.
 pub async fn scope<F: Future>(trace: TraceContext, future: F) -> F::Output {
-    let scoped = Scoped {
-        trace,
-        headers: Default::default(),
-    };
-    CURRENT.scope(scoped, future).await
+    CURRENT.scope(Scoped::new(trace), future).await
 }
 
 /// The trace context of the current task, if one is in scope.
@@ -444,28 +450,36 @@ impl HandlerContext {
         }
     }
 
-    pub(crate) async fn run<F: Future>(self, future: F) -> F::Output {
+    /// Not an `async fn`, so the future is not kept twice (see
+    /// `handler::invoke`).
+    pub(crate) fn run<F: Future>(self, future: F) -> impl Future<Output = F::Output> {
+        use futures_util::future::Either;
         #[cfg(feature = "opentelemetry")]
         let future = {
             use opentelemetry::trace::FutureExt as _;
             match self.otel {
-                Some(cx) => futures_util::future::Either::Left(future.with_context(cx)),
-                None => futures_util::future::Either::Right(future),
+                Some(cx) => Either::Left(future.with_context(cx)),
+                None => Either::Right(future),
             }
         };
         match self.span {
-            Some(span) => scope(span, future).await,
-            None => future.await,
+            Some(span) => Either::Left(CURRENT.scope(Scoped::new(span), future)),
+            None => Either::Right(future),
         }
     }
 }
 
 /// Headers for an outgoing message: the given ones (or new) with the
 /// current trace injected; `None` when tracing is off and none were given.
+#[inline]
 pub(crate) fn outgoing(headers: Option<HeaderMap>, mode: TraceMode) -> Option<HeaderMap> {
     if mode == TraceMode::Off {
         return headers;
     }
+    traced(headers, mode)
+}
+
+fn traced(headers: Option<HeaderMap>, mode: TraceMode) -> Option<HeaderMap> {
     if headers.is_none()
         && let Ok(cached) = CURRENT.try_with(|s| s.headers(mode))
     {
