@@ -151,8 +151,8 @@ fn record(
     // Within rounding of the target counts as met (equal allocation
     // counts differ in the last digits).
     let met = target.map(|t| match better {
-        Better::Higher => ratio >= t - 1e-6,
-        Better::Lower => ratio <= t + 1e-6,
+        Better::Higher => ratio >= t * (1.0 - 1e-3),
+        Better::Lower => ratio <= t * (1.0 + 1e-3),
     });
     let target_text = match (target, better) {
         (Some(t), Better::Higher) => format!(">= {t}"),
@@ -1288,8 +1288,28 @@ fn breaker_micro() {
         start.elapsed().as_nanos() as f64 / CALLS as f64
     };
     let closed = Arc::new(CircuitBreaker::new(BreakerConfig::default()));
-    let open = Arc::new(CircuitBreaker::new(BreakerConfig::default()));
+    // Open for an hour, so every call of the run meets an open breaker.
+    let hour = std::time::Duration::from_secs(3600);
+    let open = Arc::new(CircuitBreaker::new(BreakerConfig {
+        backoff: natskit::Backoff::new(hour, hour),
+        ..BreakerConfig::default()
+    }));
     open.trip();
+    // Half-open with the probe out: every other caller is turned away.
+    let probing = Arc::new(CircuitBreaker::new(BreakerConfig {
+        backoff: natskit::Backoff::new(
+            std::time::Duration::from_millis(1),
+            std::time::Duration::from_millis(1),
+        ),
+        ..BreakerConfig::default()
+    }));
+    probing.trip();
+    std::thread::sleep(std::time::Duration::from_millis(5));
+    let probe = probing.acquire();
+    assert!(
+        probe.is_ok(),
+        "the first call after the open time is the probe"
+    );
     let minimal_closed = Minimal {
         open_until: AtomicU64::new(0),
         epoch: Instant::now(),
@@ -1299,7 +1319,7 @@ fn breaker_micro() {
         epoch: Instant::now(),
     };
     type Call<'a> = &'a (dyn Fn() -> bool + Sync);
-    let scenarios: [(&str, u64, f64, Call<'_>, Call<'_>); 3] = [
+    let scenarios: [(&str, u64, f64, Call<'_>, Call<'_>); 4] = [
         (
             "breaker closed path (vs minimal atomic breaker)",
             1,
@@ -1320,6 +1340,13 @@ fn breaker_micro() {
             1.5,
             &|| minimal_open.admit(),
             &|| open.acquire().is_ok(),
+        ),
+        (
+            "breaker half-open rejection (probe out), 4 threads",
+            4,
+            1.5,
+            &|| minimal_open.admit(),
+            &|| probing.acquire().is_ok(),
         ),
     ];
     for (name, threads, target, minimal, natskit) in scenarios {
