@@ -879,6 +879,11 @@ impl Client {
 
     /// The underlying async-nats client, for what natskit does not wrap.
     ///
+    /// natskit checks every subject it publishes to before async-nats sees
+    /// it, so this connection skips async-nats' own publish-subject check
+    /// (`skip_subject_validation`): publish through it only to subjects
+    /// checked with [`subject::validate_publish`](crate::subject::validate_publish).
+    ///
     /// # Errors
     /// [`Error::NotConnected`] before the first connection, [`Error::Closed`]
     /// after close.
