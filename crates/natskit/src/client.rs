@@ -429,6 +429,7 @@ impl ClientBuilder {
             consumers: Default::default(),
             metrics,
             tasks: TaskTracker::new(),
+            outbox_stats: Mutex::new(None),
         });
         tokio::spawn(supervise(
             Arc::downgrade(&inner),
@@ -503,7 +504,13 @@ pub(crate) struct Inner {
     metrics: crate::metrics::ClientMetrics,
     /// Subscription and handler tasks, awaited by `close`.
     tasks: TaskTracker,
+    /// Reads the figures of the outbox attached to this client, if any.
+    outbox_stats: Mutex<Option<OutboxStatsSource>>,
 }
+
+/// What an attached outbox gives `status_info` (the outbox lives in a layer
+/// above the connection, so the client only holds this reader).
+pub(crate) type OutboxStatsSource = Arc<dyn Fn() -> crate::status::OutboxStats + Send + Sync>;
 
 /// An outgoing message that passed [`Client::prologue`].
 pub(crate) struct Outgoing<'a> {
@@ -954,6 +961,31 @@ impl Client {
             healthy: counters.healthy.load(Ordering::Relaxed),
             dropped_messages: counters.dropped.load(Ordering::Relaxed),
             callback_panics: counters.callback_panics.load(Ordering::Relaxed),
+            outbox: self
+                .inner
+                .outbox_stats
+                .lock()
+                .ok()
+                .and_then(|source| source.as_ref().map(|read| read())),
+        }
+    }
+
+    /// Attaches an outbox's figures to [`status_info`](Self::status_info);
+    /// `false` when another outbox is attached already.
+    pub(crate) fn attach_outbox_stats(&self, source: OutboxStatsSource) -> bool {
+        match self.inner.outbox_stats.lock() {
+            Ok(mut slot) if slot.is_none() => {
+                *slot = Some(source);
+                true
+            }
+            _ => false,
+        }
+    }
+
+    /// Detaches the outbox figures attached with `attach_outbox_stats`.
+    pub(crate) fn detach_outbox_stats(&self) {
+        if let Ok(mut slot) = self.inner.outbox_stats.lock() {
+            *slot = None;
         }
     }
 

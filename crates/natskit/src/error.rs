@@ -311,6 +311,47 @@ pub enum Error {
     /// A service answered a typed request with an error.
     #[error("service error: {0}")]
     Service(ServiceError),
+    /// The durable outbox holds as many messages or bytes as it may: the
+    /// message was not stored. Back-pressure: retry once it drained.
+    #[error(
+        "outbox full: {messages} messages, {bytes} bytes pending (limits {max_messages} messages, {max_bytes} bytes)"
+    )]
+    OutboxFull {
+        /// Messages pending.
+        messages: u64,
+        /// Bytes pending.
+        bytes: u64,
+        /// The message limit.
+        max_messages: u64,
+        /// The byte limit.
+        max_bytes: u64,
+    },
+    /// The outbox's store failed (I/O error, a full disk, the file open
+    /// in another outbox).
+    #[error("outbox {op} failed: {source}")]
+    Outbox {
+        /// The operation.
+        op: &'static str,
+        /// The cause.
+        #[source]
+        source: BoxError,
+    },
+    /// The outbox file is damaged beyond what its store repairs on open.
+    #[error("outbox store {path} is corrupted: {reason}")]
+    OutboxCorrupted {
+        /// The file.
+        path: String,
+        /// What the store found.
+        reason: String,
+    },
+    /// `flush_outbox` ended before everything stored was acknowledged.
+    #[error("outbox flush timed out after {timeout:?} with {pending} messages pending")]
+    OutboxFlushTimeout {
+        /// The timeout that elapsed.
+        timeout: Duration,
+        /// Messages still pending.
+        pending: u64,
+    },
     /// JetStream answered with an error.
     #[error("JetStream {op} failed: {source}")]
     JetStream {
@@ -346,6 +387,7 @@ impl Error {
                 | Error::ConnectionTimeout(_)
                 | Error::DrainTimeout(_)
                 | Error::JetStreamTimeout { .. }
+                | Error::OutboxFlushTimeout { .. }
         ) || matches!(self, Error::Connect(e) if e.kind() == async_nats::ConnectErrorKind::TimedOut)
     }
 
@@ -420,6 +462,16 @@ impl Error {
             next = err.source();
         }
         None
+    }
+
+    /// The outbox is full (back-pressure; nothing was stored).
+    pub fn is_outbox_full(&self) -> bool {
+        matches!(self, Error::OutboxFull { .. })
+    }
+
+    /// The outbox store is damaged.
+    pub fn is_corrupted(&self) -> bool {
+        matches!(self, Error::OutboxCorrupted { .. })
     }
 
     /// Nobody answered a request.

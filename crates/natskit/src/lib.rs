@@ -160,6 +160,8 @@ mod jetstream;
 mod kv;
 pub mod metrics;
 mod monitor;
+pub mod outbox;
+mod outbox_store;
 mod pubsub;
 mod registry;
 mod request;
@@ -188,6 +190,7 @@ pub use jetstream::{
 };
 pub use kv::{KvEntry, KvOperation, KvOptions, KvStore, KvWatch, WatchEvent};
 pub use monitor::StreamMonitor;
+pub use outbox::{DeadLetter, DeadMessage, Outbox, OutboxConfig, Receipt};
 pub use pubsub::{MessageStream, SubscribeOptions, Subscription};
 pub use registry::SubscriptionStats;
 pub use request::{
@@ -195,6 +198,7 @@ pub use request::{
     ServiceError,
 };
 pub use service::{Service, ServiceConfig};
+pub use status::OutboxStats;
 pub use temporal::{CacheStats, DEFAULT_CACHE_TTL, TemporalResolver};
 #[cfg(feature = "msgpack")]
 pub use typed::MsgPackCodec;

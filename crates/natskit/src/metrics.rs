@@ -18,6 +18,8 @@
 //! | `natskit_consumer_deliveries_total`, `..._redeliveries_total`, `..._recreations_total` | counter | client, stream, consumer |
 //! | `natskit_stream_messages`, `natskit_stream_bytes` | gauge (server values) | client, stream |
 //! | `natskit_consumer_pending` | gauge (server values) | client, stream, consumer |
+//! | `natskit_outbox_pending_messages`, `natskit_outbox_pending_bytes`, `natskit_outbox_oldest_age_seconds`, `natskit_outbox_dead_letters` | gauge | client |
+//! | `natskit_outbox_enqueued_total`, `..._forwarded_total`, `..._failed_total`, `..._resent_total`, `..._reordered_total`, `..._dead_lettered_total` | counter | client |
 //!
 //! Handles are registered when a client is built: install the global
 //! recorder before building clients. The stream gauges are polled by
@@ -124,6 +126,45 @@ impl ClientMetrics {
             redeliveries: counter!("natskit_consumer_redeliveries_total", &labels),
             recreations: counter!("natskit_consumer_recreations_total", &labels),
         }
+    }
+}
+
+impl ClientMetrics {
+    pub(crate) fn outbox(&self) -> OutboxMetrics {
+        let labels = [("client", self.client.clone())];
+        OutboxMetrics {
+            pending_messages: gauge!("natskit_outbox_pending_messages", &labels),
+            pending_bytes: gauge!("natskit_outbox_pending_bytes", &labels),
+            oldest_age: gauge!("natskit_outbox_oldest_age_seconds", &labels),
+            dead_letters: gauge!("natskit_outbox_dead_letters", &labels),
+            enqueued: counter!("natskit_outbox_enqueued_total", &labels),
+            forwarded: counter!("natskit_outbox_forwarded_total", &labels),
+            failed: counter!("natskit_outbox_failed_total", &labels),
+            resent: counter!("natskit_outbox_resent_total", &labels),
+            reordered: counter!("natskit_outbox_reordered_total", &labels),
+            dead_lettered: counter!("natskit_outbox_dead_lettered_total", &labels),
+        }
+    }
+}
+
+/// Handles of one outbox's metrics.
+#[derive(Clone)]
+pub(crate) struct OutboxMetrics {
+    pub(crate) pending_messages: Gauge,
+    pub(crate) pending_bytes: Gauge,
+    pub(crate) oldest_age: Gauge,
+    pub(crate) dead_letters: Gauge,
+    pub(crate) enqueued: Counter,
+    pub(crate) forwarded: Counter,
+    pub(crate) failed: Counter,
+    pub(crate) resent: Counter,
+    pub(crate) reordered: Counter,
+    pub(crate) dead_lettered: Counter,
+}
+
+impl std::fmt::Debug for OutboxMetrics {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("OutboxMetrics")
     }
 }
 

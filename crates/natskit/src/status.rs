@@ -62,6 +62,43 @@ pub struct StatusInfo {
     /// Panics caught in the client's callbacks (`on_status_change`,
     /// `on_disconnect`...); the client keeps running.
     pub callback_panics: u64,
+    /// The figures of the durable outbox attached to this client (see
+    /// `Outbox::open`), if any.
+    pub outbox: Option<OutboxStats>,
+}
+
+/// Figures of a durable outbox, from `Outbox::stats` and
+/// [`StatusInfo::outbox`].
+#[derive(Debug, Clone, Default, PartialEq)]
+#[non_exhaustive]
+pub struct OutboxStats {
+    /// Messages stored and not yet acknowledged by JetStream.
+    pub pending_messages: u64,
+    /// Their stored size in bytes.
+    pub pending_bytes: u64,
+    /// How long the oldest pending message has waited (None when empty).
+    pub oldest_age: Option<Duration>,
+    /// Messages stored durably since the outbox was opened.
+    pub enqueued: u64,
+    /// Messages acknowledged by JetStream (and removed) since opened.
+    pub forwarded: u64,
+    /// Acknowledgements that said the stream had the message already (a
+    /// resend the duplicate window absorbed).
+    pub duplicates: u64,
+    /// Sends that failed for a reason that passes (no ack in time, no
+    /// connection, no leader); the message was sent again.
+    pub failed: u64,
+    /// Messages sent again after a failure or a reconnection.
+    pub resent: u64,
+    /// Messages the stream stored after a later message (an earlier send
+    /// was lost while a later one landed); see the outbox's ordering notes.
+    pub reordered: u64,
+    /// Messages moved aside for good (refused by JetStream, or unreadable
+    /// in the store) and still in the dead-letter area.
+    pub dead_letters: u64,
+    /// Streams whose duplicate window is shorter than the outbox counts on
+    /// (exactly-once then degrades to at-least-once), with their window.
+    pub short_duplicate_windows: Vec<(String, Duration)>,
 }
 
 /// What the status machine reacts to.

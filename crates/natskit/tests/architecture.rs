@@ -26,6 +26,8 @@ const LAYERS: &[(&str, &[&str])] = &[
             "temporal",
             "service",
             "monitor",
+            "outbox",
+            "outbox_store",
         ],
     ),
     ("typed subjects", &["typed"]),

@@ -1,0 +1,1367 @@
+//! The durable outbox: publishes that survive a partition and a process
+//! crash, and reach JetStream exactly once.
+//!
+//! [`Outbox::publish_durable`] returns once the message is on local disk
+//! (fsync'd, committed in groups with every other message waiting at that
+//! moment). A forwarder task sends the stored messages to JetStream in the
+//! order they were stored, up to [`OutboxConfig::max_in_flight`] at a time,
+//! each with a `Nats-Msg-Id` that never changes, and deletes a message only
+//! after the stream acknowledged it. It waits out disconnects, an open
+//! circuit, server restarts and elections by itself, and resumes after a
+//! restart of the process from what the file holds.
+//!
+//! # Semantics
+//!
+//! * **Never loss.** A message whose `publish_durable` returned `Ok` stays
+//!   in the file until the stream acknowledged it (or JetStream refused it
+//!   for good, which moves it to the dead-letter area, not away).
+//! * **Exactly once** into the stream, as long as every resend of a message
+//!   happens within the stream's duplicate window (2 minutes by default):
+//!   the stream drops a second copy of a message id it has seen within its
+//!   window. A resend after a partition or outage longer than the window
+//!   may store a second copy (at-least-once). The outbox checks the
+//!   duplicate window of every stream it delivers to and warns (log,
+//!   [`OutboxStats::short_duplicate_windows`]) when it is shorter than
+//!   [`OutboxConfig::duplicate_window`].
+//! * **Order.** Messages are sent in the order they were stored, and after
+//!   a failure the outbox goes back to the oldest unacknowledged one. Order
+//!   in the stream breaks only when a disruption loses an earlier send while
+//!   a later one lands; the outbox sees that in the acks (a fresh store
+//!   after a duplicate in the same resend) and counts it in
+//!   [`OutboxStats::reordered`].
+//! * **Dead letters.** Messages JetStream refuses for good (no stream
+//!   captures the subject, too large, refused by the stream, never
+//!   acknowledged while later messages were, as a publish permission denial
+//!   looks) and records the store cannot read are moved aside, counted and
+//!   logged; they never block the queue. [`Outbox::dead_letters`] lists
+//!   them and [`Outbox::requeue_dead_letters`] puts them back.
+//!
+//! # Storage
+//!
+//! One [redb](https://docs.rs/redb) file: an ACID, copy-on-write store with
+//! checksummed commits, so a crash mid-write leaves the last complete
+//! commit. A file damaged beyond that gives [`Error::OutboxCorrupted`].
+//! One outbox may have a file open at a time.
+//!
+//! ```no_run
+//! # async fn demo(client: natskit::Client) -> natskit::Result<()> {
+//! use natskit::{Outbox, OutboxConfig};
+//! let outbox = Outbox::open(&client, OutboxConfig::new("/var/lib/app/outbox.redb")).await?;
+//! let receipt = outbox.publish_durable("orders.created", "{\"id\":42}").await?;
+//! println!("stored as #{} ({})", receipt.sequence, receipt.message_id);
+//! outbox.flush_outbox(std::time::Duration::from_secs(30)).await?; // all acknowledged
+//! # Ok(()) }
+//! ```
+
+use std::collections::{HashSet, VecDeque};
+use std::future::Future;
+use std::path::{Path, PathBuf};
+use std::pin::Pin;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use async_nats::HeaderMap;
+use async_nats::jetstream::context::{PublishError, PublishErrorKind};
+use async_nats::jetstream::message::PublishMessage;
+use async_nats::jetstream::publish::PublishAck;
+use bytes::Bytes;
+use futures_util::FutureExt;
+use tokio::sync::{oneshot, watch};
+use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
+
+use crate::backoff::Backoff;
+use crate::client::Client;
+use crate::error::{Error, Result};
+use crate::jetstream::{PublishFault, classify_publish};
+use crate::metrics::OutboxMetrics;
+use crate::outbox_store::{self as store, Cmd, NewMessage, Opened, Record, Signals, Writer};
+use crate::status::OutboxStats;
+use crate::subject::IntoSubject;
+
+/// Settings of a durable outbox.
+///
+/// ```
+/// use std::time::Duration;
+/// let config = natskit::OutboxConfig::new("outbox.redb")
+///     .max_messages(100_000)
+///     .max_bytes(64 << 20)
+///     .max_in_flight(256)
+///     .ack_timeout(Duration::from_secs(5));
+/// # let _ = config;
+/// ```
+#[derive(Debug, Clone)]
+#[must_use]
+pub struct OutboxConfig {
+    path: PathBuf,
+    max_messages: u64,
+    max_bytes: u64,
+    max_in_flight: usize,
+    ack_timeout: Duration,
+    duplicate_window: Duration,
+}
+
+impl OutboxConfig {
+    /// An outbox in the file at `path` (created when missing), with the
+    /// defaults: 1,000,000 messages or 256 MiB, 256 in flight, 5 s ack
+    /// timeout, a 2 minute duplicate window counted on.
+    pub fn new(path: impl Into<PathBuf>) -> Self {
+        Self {
+            path: path.into(),
+            max_messages: 1_000_000,
+            max_bytes: 256 << 20,
+            max_in_flight: 256,
+            ack_timeout: Duration::from_secs(5),
+            duplicate_window: Duration::from_secs(120),
+        }
+    }
+
+    /// Most messages pending at once; beyond it `publish_durable` gives
+    /// [`Error::OutboxFull`].
+    pub fn max_messages(mut self, max: u64) -> Self {
+        self.max_messages = max;
+        self
+    }
+
+    /// Most bytes pending at once (as stored: subject, headers, id,
+    /// payload); beyond it `publish_durable` gives [`Error::OutboxFull`].
+    pub fn max_bytes(mut self, max: u64) -> Self {
+        self.max_bytes = max;
+        self
+    }
+
+    /// Most messages sent and not yet acknowledged.
+    pub fn max_in_flight(mut self, max: usize) -> Self {
+        self.max_in_flight = max;
+        self
+    }
+
+    /// How long a send waits for its ack before the outbox goes back and
+    /// sends again from the oldest unacknowledged message.
+    pub fn ack_timeout(mut self, timeout: Duration) -> Self {
+        self.ack_timeout = timeout;
+        self
+    }
+
+    /// The duplicate window exactly-once counts on; a stream with a shorter
+    /// one is reported (see the module docs).
+    pub fn duplicate_window(mut self, window: Duration) -> Self {
+        self.duplicate_window = window;
+        self
+    }
+
+    /// The file.
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    fn validate(&self) -> Result<()> {
+        if self.max_messages == 0 || self.max_bytes == 0 {
+            return Err(Error::InvalidConfig(
+                "outbox limits must be at least 1".into(),
+            ));
+        }
+        if self.max_in_flight == 0 {
+            return Err(Error::InvalidConfig(
+                "outbox max_in_flight must be at least 1".into(),
+            ));
+        }
+        if self.ack_timeout.is_zero() {
+            return Err(Error::InvalidConfig(
+                "outbox ack_timeout must be above zero".into(),
+            ));
+        }
+        Ok(())
+    }
+}
+
+/// Proof that a message is stored durably: its place in the outbox and the
+/// `Nats-Msg-Id` it carries to the stream.
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct Receipt {
+    /// Local sequence (order of storing; never reused by this file).
+    pub sequence: u64,
+    /// The message id the stream de-duplicates on.
+    pub message_id: String,
+}
+
+/// A message moved aside, from [`Outbox::dead_letters`].
+#[derive(Debug, Clone)]
+#[non_exhaustive]
+pub struct DeadLetter {
+    /// Its local sequence (the key to requeue or purge it by).
+    pub sequence: u64,
+    /// Why it was moved aside.
+    pub reason: String,
+    /// The message, or why the stored record cannot be read.
+    pub message: std::result::Result<DeadMessage, String>,
+}
+
+/// The content of a dead letter.
+#[derive(Debug, Clone)]
+#[non_exhaustive]
+pub struct DeadMessage {
+    /// Subject.
+    pub subject: String,
+    /// Message id.
+    pub message_id: String,
+    /// Headers (without the message id).
+    pub headers: HeaderMap,
+    /// Payload.
+    pub payload: Bytes,
+    /// When it was stored.
+    pub enqueued_at: SystemTime,
+}
+
+#[derive(Debug, Default)]
+struct Counters {
+    enqueued: AtomicU64,
+    forwarded: AtomicU64,
+    duplicates: AtomicU64,
+    failed: AtomicU64,
+    resent: AtomicU64,
+    reordered: AtomicU64,
+}
+
+#[derive(Debug, Default, Clone, Copy)]
+struct Depth {
+    messages: i64,
+    bytes: i64,
+}
+
+#[derive(Debug)]
+struct Shared {
+    config: OutboxConfig,
+    /// Taken at close, so the file is released once the store thread and
+    /// any read under way are done with it.
+    db: std::sync::RwLock<Option<Arc<redb::Database>>>,
+    closed: std::sync::atomic::AtomicBool,
+    commands: std::sync::mpsc::Sender<Cmd>,
+    signals: Arc<Signals>,
+    depth: Mutex<Depth>,
+    counters: Counters,
+    dead_letters: Arc<AtomicU64>,
+    /// Enqueue time (ms) of the oldest message the forwarder holds; 0: none.
+    head_ms: AtomicU64,
+    /// Lowest sequence not yet settled (acknowledged or moved aside).
+    low_water: watch::Sender<u64>,
+    short_windows: Mutex<Vec<(String, Duration)>>,
+    metrics: OutboxMetrics,
+}
+
+impl Shared {
+    fn db(&self) -> Result<Arc<redb::Database>> {
+        self.db
+            .read()
+            .ok()
+            .and_then(|db| db.clone())
+            .ok_or(Error::Closed)
+    }
+
+    fn depth(&self) -> Depth {
+        self.depth.lock().map(|d| *d).unwrap_or_default()
+    }
+
+    fn reserve(&self, messages: u64, bytes: u64) -> Result<()> {
+        let mut depth = self.depth.lock().map_err(|_| Error::Closed)?;
+        let (m, b) = (as_i64(messages), as_i64(bytes));
+        if depth.messages + m > as_i64(self.config.max_messages)
+            || depth.bytes + b > as_i64(self.config.max_bytes)
+        {
+            return Err(Error::OutboxFull {
+                messages: depth.messages.max(0).unsigned_abs(),
+                bytes: depth.bytes.max(0).unsigned_abs(),
+                max_messages: self.config.max_messages,
+                max_bytes: self.config.max_bytes,
+            });
+        }
+        depth.messages += m;
+        depth.bytes += b;
+        Ok(())
+    }
+
+    fn adjust(&self, messages: i64, bytes: i64) {
+        if let Ok(mut depth) = self.depth.lock() {
+            depth.messages += messages;
+            depth.bytes += bytes;
+            self.metrics
+                .pending_messages
+                .set(depth.messages.max(0) as f64);
+            self.metrics.pending_bytes.set(depth.bytes.max(0) as f64);
+        }
+    }
+
+    fn stats(&self) -> OutboxStats {
+        let depth = self.depth();
+        let head = self.head_ms.load(Ordering::Relaxed);
+        let oldest_age = (depth.messages > 0 && head > 0)
+            .then(|| Duration::from_millis(store::now_ms().saturating_sub(head)));
+        let c = &self.counters;
+        OutboxStats {
+            pending_messages: depth.messages.max(0).unsigned_abs(),
+            pending_bytes: depth.bytes.max(0).unsigned_abs(),
+            oldest_age,
+            enqueued: c.enqueued.load(Ordering::Relaxed),
+            forwarded: c.forwarded.load(Ordering::Relaxed),
+            duplicates: c.duplicates.load(Ordering::Relaxed),
+            failed: c.failed.load(Ordering::Relaxed),
+            resent: c.resent.load(Ordering::Relaxed),
+            reordered: c.reordered.load(Ordering::Relaxed),
+            dead_letters: self.dead_letters.load(Ordering::Relaxed),
+            short_duplicate_windows: self
+                .short_windows
+                .lock()
+                .map(|w| w.clone())
+                .unwrap_or_default(),
+        }
+    }
+}
+
+fn as_i64(v: u64) -> i64 {
+    i64::try_from(v).unwrap_or(i64::MAX)
+}
+
+/// What the last `Outbox` handle's drop stops.
+#[derive(Debug)]
+struct Handle {
+    shared: Arc<Shared>,
+    client: Client,
+    cancel: CancellationToken,
+    forwarder: Mutex<Option<tokio::task::JoinHandle<()>>>,
+    writer: Mutex<Option<std::thread::JoinHandle<()>>>,
+}
+
+impl Drop for Handle {
+    fn drop(&mut self) {
+        // The forwarder sees this, stores what it settled and stops the
+        // store thread, which closes the file.
+        self.cancel.cancel();
+        self.client.detach_outbox_stats();
+    }
+}
+
+/// A durable outbox attached to a [`Client`]: see the [module
+/// docs](crate::outbox) for what it promises. Cheap to clone; forwarding
+/// stops when the last clone is dropped or [`close`](Self::close)d (what was
+/// not acknowledged stays in the file for the next open).
+#[derive(Debug, Clone)]
+pub struct Outbox {
+    inner: Arc<Handle>,
+}
+
+impl Client {
+    /// Opens a durable outbox on this client: shorthand for
+    /// [`Outbox::open`].
+    ///
+    /// # Errors
+    /// See [`Outbox::open`].
+    pub async fn outbox(&self, config: OutboxConfig) -> Result<Outbox> {
+        Outbox::open(self, config).await
+    }
+}
+
+impl Outbox {
+    /// Opens (or creates) the outbox file and starts forwarding what it
+    /// holds. Works while the client is disconnected: messages wait.
+    ///
+    /// # Errors
+    /// [`Error::InvalidConfig`]; [`Error::OutboxCorrupted`] when the file
+    /// is damaged beyond repair; [`Error::Outbox`] when it cannot be opened
+    /// (I/O, or open in another outbox) or this client has an outbox
+    /// already; [`Error::Closed`].
+    pub async fn open(client: &Client, config: OutboxConfig) -> Result<Outbox> {
+        client.ensure_open()?;
+        config.validate()?;
+        let signals = Arc::new(Signals::default());
+        let dead = Arc::new(AtomicU64::new(0));
+        let (opened_tx, opened_rx) = oneshot::channel::<Result<Opened>>();
+        let (commands, receiver) = std::sync::mpsc::channel();
+        let path = config.path.clone();
+        let writer = {
+            let (signals, dead) = (signals.clone(), dead.clone());
+            std::thread::Builder::new()
+                .name("natskit-outbox".into())
+                .spawn(move || match store::open(&path) {
+                    Ok((opened, next_seq)) => {
+                        let writer = Writer {
+                            db: opened.db.clone(),
+                            path,
+                            outbox_id: opened.outbox_id.clone(),
+                            next_seq,
+                            signals,
+                            dead_letters: dead,
+                        };
+                        writer
+                            .dead_letters
+                            .store(opened.dead_letters, Ordering::Relaxed);
+                        writer
+                            .signals
+                            .last_committed
+                            .store(next_seq - 1, Ordering::Release);
+                        if opened_tx.send(Ok(opened)).is_ok() {
+                            writer.run(receiver);
+                        }
+                    }
+                    Err(err) => {
+                        let _ = opened_tx.send(Err(err));
+                    }
+                })
+                .map_err(|e| Error::Outbox {
+                    op: "start the store thread",
+                    source: Box::new(e),
+                })?
+        };
+        let opened = opened_rx.await.map_err(|_| Error::Outbox {
+            op: "open",
+            source: "the store thread ended while opening".into(),
+        })??;
+        let metrics = client.metrics().outbox();
+        metrics.dead_letters.set(opened.dead_letters as f64);
+        let shared = Arc::new(Shared {
+            config,
+            db: std::sync::RwLock::new(Some(opened.db)),
+            closed: std::sync::atomic::AtomicBool::new(false),
+            commands,
+            signals,
+            depth: Mutex::new(Depth {
+                messages: as_i64(opened.pending_messages),
+                bytes: as_i64(opened.pending_bytes),
+            }),
+            counters: Counters::default(),
+            dead_letters: dead,
+            head_ms: AtomicU64::new(0),
+            low_water: watch::Sender::new(opened.first_pending),
+            short_windows: Mutex::new(Vec::new()),
+            metrics,
+        });
+        shared.adjust(0, 0);
+        let weak = Arc::downgrade(&shared);
+        let attached = client.attach_outbox_stats(Arc::new(move || {
+            weak.upgrade().map(|s| s.stats()).unwrap_or_default()
+        }));
+        if !attached {
+            let _ = shared.commands.send(Cmd::Shutdown);
+            return Err(Error::Outbox {
+                op: "open",
+                source: "this client has an outbox already".into(),
+            });
+        }
+        tracing::info!(
+            path = %shared.config.path.display(),
+            outbox = %opened.outbox_id,
+            pending = opened.pending_messages,
+            dead_letters = opened.dead_letters,
+            "outbox opened"
+        );
+        let cancel = client.shutdown().child_token();
+        let forwarder = tokio::spawn(forward(
+            client.clone(),
+            shared.clone(),
+            cancel.clone(),
+            opened.first_pending,
+        ));
+        Ok(Outbox {
+            inner: Arc::new(Handle {
+                shared,
+                client: client.clone(),
+                cancel,
+                forwarder: Mutex::new(Some(forwarder)),
+                writer: Mutex::new(Some(writer)),
+            }),
+        })
+    }
+
+    /// Stores a message durably and returns once it is on disk; the
+    /// forwarder delivers it to the stream that captures `subject`.
+    ///
+    /// ```no_run
+    /// # async fn demo(outbox: natskit::Outbox) -> natskit::Result<()> {
+    /// match outbox.publish_durable("sensor.t1", "21.5").await {
+    ///     Ok(receipt) => println!("stored #{}", receipt.sequence),
+    ///     Err(e) if e.is_outbox_full() => { /* back off: the link is down for long */ }
+    ///     Err(e) => return Err(e),
+    /// }
+    /// # Ok(()) }
+    /// ```
+    ///
+    /// # Errors
+    /// [`Error::InvalidSubject`], [`Error::PayloadTooLarge`] (known once the
+    /// client has connected), [`Error::OutboxFull`], [`Error::Outbox`] (the
+    /// disk refused), [`Error::Closed`].
+    pub async fn publish_durable(
+        &self,
+        subject: impl IntoSubject,
+        payload: impl Into<Bytes>,
+    ) -> Result<Receipt> {
+        let message = self.prepare(subject.into_subject().as_str(), None, payload.into())?;
+        let mut receipts = self.enqueue(vec![message]).await?;
+        receipts.pop().ok_or(Error::Closed)
+    }
+
+    /// [`publish_durable`](Self::publish_durable) with headers. A
+    /// `Nats-Msg-Id` among them becomes the message id (your own key for
+    /// de-duplication); otherwise the outbox makes one.
+    ///
+    /// # Errors
+    /// As [`publish_durable`](Self::publish_durable), plus
+    /// [`Error::InvalidHeader`].
+    pub async fn publish_durable_with_headers(
+        &self,
+        subject: impl IntoSubject,
+        headers: HeaderMap,
+        payload: impl Into<Bytes>,
+    ) -> Result<Receipt> {
+        let message = self.prepare(
+            subject.into_subject().as_str(),
+            Some(headers),
+            payload.into(),
+        )?;
+        let mut receipts = self.enqueue(vec![message]).await?;
+        receipts.pop().ok_or(Error::Closed)
+    }
+
+    /// Stores a batch in one commit: all of it, or (on error) none of it.
+    ///
+    /// # Errors
+    /// As [`publish_durable`](Self::publish_durable); the first invalid
+    /// message rejects the batch.
+    pub async fn publish_durable_batch<S, P>(
+        &self,
+        batch: impl IntoIterator<Item = (S, P)>,
+    ) -> Result<Vec<Receipt>>
+    where
+        S: IntoSubject,
+        P: Into<Bytes>,
+    {
+        let messages = batch
+            .into_iter()
+            .map(|(s, p)| self.prepare(s.into_subject().as_str(), None, p.into()))
+            .collect::<Result<Vec<_>>>()?;
+        if messages.is_empty() {
+            return Ok(Vec::new());
+        }
+        self.enqueue(messages).await
+    }
+
+    fn prepare(
+        &self,
+        subject: &str,
+        headers: Option<HeaderMap>,
+        payload: Bytes,
+    ) -> Result<NewMessage> {
+        let client = &self.inner.client;
+        client.ensure_open()?;
+        crate::subject::validate_publish(subject)?;
+        if let Some(headers) = &headers {
+            crate::header::validate(headers)?;
+        }
+        let headers = crate::trace::outgoing(headers, client.config().trace_mode);
+        let id_name = async_nats::header::NATS_MESSAGE_ID;
+        let mut msg_id = None;
+        let mut fields = Vec::new();
+        if let Some(headers) = &headers {
+            for (name, values) in headers.iter() {
+                let name: &str = name.as_ref();
+                for value in values {
+                    if name.eq_ignore_ascii_case(id_name.as_ref()) {
+                        if value.as_str().is_empty() {
+                            return Err(Error::InvalidHeader {
+                                name: name.to_owned(),
+                                reason: "empty message id",
+                            });
+                        }
+                        msg_id = Some(value.as_str().to_owned());
+                    } else {
+                        fields.push((name.to_owned(), value.as_str().to_owned()));
+                    }
+                }
+            }
+        }
+        if let Ok(conn) = client.nats() {
+            // Room for the `Nats-Msg-Id` the forwarder adds.
+            let id_len = msg_id.as_ref().map_or(48, String::len) + 16;
+            crate::handler::check_payload(conn, payload.len() + id_len, headers.as_ref())?;
+        }
+        let size = Record {
+            enqueued_ms: 0,
+            subject: subject.to_owned(),
+            msg_id: msg_id.clone().unwrap_or_default(),
+            headers: fields.clone(),
+            payload: payload.clone(),
+        }
+        .encoded_len();
+        Ok(NewMessage {
+            subject: subject.to_owned(),
+            msg_id,
+            headers: fields,
+            payload,
+            size,
+        })
+    }
+
+    async fn enqueue(&self, messages: Vec<NewMessage>) -> Result<Vec<Receipt>> {
+        let shared = &self.inner.shared;
+        if shared.closed.load(Ordering::Acquire) {
+            return Err(Error::Closed);
+        }
+        let count = messages.len() as u64;
+        let estimate: u64 = messages.iter().map(|m| m.size).sum();
+        shared.reserve(count, estimate)?;
+        let (reply, answer) = oneshot::channel();
+        let release = || shared.adjust(-as_i64(count), -as_i64(estimate));
+        if shared
+            .commands
+            .send(Cmd::Enqueue { messages, reply })
+            .is_err()
+        {
+            release();
+            return Err(Error::Closed);
+        }
+        match answer.await {
+            Ok(Ok(stored)) => {
+                let real: u64 = stored.iter().map(|s| s.size).sum();
+                shared.adjust(0, as_i64(real) - as_i64(estimate));
+                shared.counters.enqueued.fetch_add(count, Ordering::Relaxed);
+                shared.metrics.enqueued.increment(count);
+                Ok(stored
+                    .into_iter()
+                    .map(|s| Receipt {
+                        sequence: s.sequence,
+                        message_id: s.msg_id,
+                    })
+                    .collect())
+            }
+            Ok(Err(err)) => {
+                release();
+                Err(err)
+            }
+            Err(_) => {
+                release();
+                Err(Error::Closed)
+            }
+        }
+    }
+
+    /// Waits until every message stored before this call has been
+    /// acknowledged by its stream (or moved to the dead letters).
+    ///
+    /// # Errors
+    /// [`Error::OutboxFlushTimeout`] with the count still pending;
+    /// [`Error::Closed`] when forwarding stopped.
+    pub async fn flush_outbox(&self, timeout: Duration) -> Result<()> {
+        let shared = &self.inner.shared;
+        let target = shared.signals.last_committed.load(Ordering::Acquire);
+        let mut low = shared.low_water.subscribe();
+        let wait = low.wait_for(|low| *low > target);
+        match tokio::time::timeout(timeout, wait).await {
+            Ok(Ok(_)) => Ok(()),
+            Ok(Err(_)) => Err(Error::Closed),
+            Err(_) => Err(Error::OutboxFlushTimeout {
+                timeout,
+                pending: shared.depth().messages.max(0).unsigned_abs(),
+            }),
+        }
+    }
+
+    /// Depth, age of the oldest message, counters (also in
+    /// [`Client::status_info`]).
+    pub fn stats(&self) -> OutboxStats {
+        self.inner.shared.stats()
+    }
+
+    /// Up to `max` dead letters, oldest first.
+    ///
+    /// # Errors
+    /// [`Error::Outbox`] when the store cannot be read.
+    pub async fn dead_letters(&self, max: usize) -> Result<Vec<DeadLetter>> {
+        let shared = self.inner.shared.clone();
+        // Read what the forwarder moved aside so far.
+        let (done, committed) = oneshot::channel();
+        shared
+            .commands
+            .send(Cmd::Barrier(done))
+            .map_err(|_| Error::Closed)?;
+        committed.await.map_err(|_| Error::Closed)?;
+        let db = shared.db()?;
+        let rows =
+            tokio::task::spawn_blocking(move || store::list_dead(&db, &shared.config.path, max))
+                .await
+                .map_err(|e| Error::Outbox {
+                    op: "read dead letters",
+                    source: Box::new(e),
+                })??;
+        Ok(rows
+            .into_iter()
+            .map(|(sequence, reason, record)| DeadLetter {
+                sequence,
+                reason,
+                message: record
+                    .map(|r| DeadMessage {
+                        headers: header_map(&r.headers),
+                        enqueued_at: UNIX_EPOCH + Duration::from_millis(r.enqueued_ms),
+                        subject: r.subject,
+                        message_id: r.msg_id,
+                        payload: r.payload,
+                    })
+                    .map_err(|e| e.to_string()),
+            })
+            .collect())
+    }
+
+    /// Puts one dead letter (`Some(sequence)`) or all of them back at the
+    /// end of the queue, with their message ids; returns how many moved.
+    /// Unreadable records stay where they are.
+    ///
+    /// # Errors
+    /// [`Error::Outbox`], [`Error::Closed`].
+    pub async fn requeue_dead_letters(&self, sequence: Option<u64>) -> Result<u64> {
+        let shared = &self.inner.shared;
+        let (reply, answer) = oneshot::channel();
+        shared
+            .commands
+            .send(Cmd::Requeue { sequence, reply })
+            .map_err(|_| Error::Closed)?;
+        let (moved, bytes) = answer.await.map_err(|_| Error::Closed)??;
+        shared.adjust(as_i64(moved), as_i64(bytes));
+        shared.counters.enqueued.fetch_add(moved, Ordering::Relaxed);
+        self.dead_letters_changed();
+        Ok(moved)
+    }
+
+    /// Deletes one dead letter (`Some(sequence)`) or all of them; returns
+    /// how many were deleted.
+    ///
+    /// # Errors
+    /// [`Error::Outbox`], [`Error::Closed`].
+    pub async fn purge_dead_letters(&self, sequence: Option<u64>) -> Result<u64> {
+        let (reply, answer) = oneshot::channel();
+        self.inner
+            .shared
+            .commands
+            .send(Cmd::PurgeDead { sequence, reply })
+            .map_err(|_| Error::Closed)?;
+        let purged = answer.await.map_err(|_| Error::Closed)??;
+        self.dead_letters_changed();
+        Ok(purged)
+    }
+
+    fn dead_letters_changed(&self) {
+        let shared = &self.inner.shared;
+        shared
+            .metrics
+            .dead_letters
+            .set(shared.dead_letters.load(Ordering::Relaxed) as f64);
+    }
+
+    /// Stops forwarding, stores what was settled and closes the file. What
+    /// was not acknowledged stays for the next [`open`](Self::open). Other
+    /// clones of this outbox fail with [`Error::Closed`] afterwards.
+    ///
+    /// # Errors
+    /// [`Error::Outbox`] when the store thread ended abnormally.
+    pub async fn close(&self) -> Result<()> {
+        self.inner.shared.closed.store(true, Ordering::Release);
+        self.inner.cancel.cancel();
+        let forwarder = self.inner.forwarder.lock().ok().and_then(|mut f| f.take());
+        if let Some(forwarder) = forwarder {
+            let _ = forwarder.await;
+        }
+        // The forwarder asked the store thread to stop; make sure of it
+        // even if the forwarder died.
+        let _ = self.inner.shared.commands.send(Cmd::Shutdown);
+        if let Ok(mut db) = self.inner.shared.db.write() {
+            *db = None;
+        }
+        let writer = self.inner.writer.lock().ok().and_then(|mut w| w.take());
+        if let Some(writer) = writer {
+            tokio::task::spawn_blocking(move || writer.join())
+                .await
+                .map_err(|e| Error::Outbox {
+                    op: "close",
+                    source: Box::new(e),
+                })?
+                .map_err(|_| Error::Outbox {
+                    op: "close",
+                    source: "the store thread panicked".into(),
+                })?;
+        }
+        self.inner.client.detach_outbox_stats();
+        Ok(())
+    }
+}
+
+fn header_map(fields: &[(String, String)]) -> HeaderMap {
+    let mut headers = HeaderMap::new();
+    for (name, value) in fields {
+        headers.append(name.as_str(), value.as_str());
+    }
+    headers
+}
+
+/// A message the forwarder holds.
+struct Pending {
+    seq: u64,
+    size: u64,
+    enqueued_ms: u64,
+    subject: async_nats::Subject,
+    headers: HeaderMap,
+    payload: Bytes,
+    /// Sends so far.
+    attempts: u32,
+    /// Failed sends while a later message was acknowledged.
+    stalls: u32,
+    /// A later message was acknowledged before this one.
+    overtaken: bool,
+}
+
+type AckFuture =
+    Pin<Box<dyn Future<Output = std::result::Result<PublishAck, PublishError>> + Send>>;
+
+struct InFlight {
+    msg: Pending,
+    deadline: Instant,
+    ack: AckFuture,
+}
+
+/// Loads below this many queued messages.
+const LOAD_BATCH: usize = 2048;
+/// Removals stored per commit at most (they also go whenever the window
+/// empties).
+const REMOVE_BATCH: usize = 512;
+/// Failed sends of a message while later ones were acknowledged before it
+/// is moved aside (the signature of a publish permission denial).
+const MAX_STALLS: u32 = 3;
+
+type Loaded = Result<Vec<(u64, u64, std::result::Result<Record, store::DecodeError>)>>;
+
+/// The forwarder's state (the client and its breaker permit live in
+/// `forward`, which borrows them).
+struct Fw {
+    shared: Arc<Shared>,
+    queue: VecDeque<Pending>,
+    inflight: VecDeque<InFlight>,
+    /// Next sequence to load from the store.
+    cursor: u64,
+    loading: Option<tokio::task::JoinHandle<Loaded>>,
+    removed: Vec<u64>,
+    /// Consecutive go-backs (the back-off step).
+    go_backs: u32,
+    pause_until: Option<Instant>,
+    /// A resent message was stored fresh since the last go-back.
+    fresh_in_resend: bool,
+    streams_checked: HashSet<String>,
+}
+
+enum Outcome {
+    Acked(PublishAck),
+    /// Try again from this message.
+    Transient(String),
+    /// Refused for good.
+    Refused(String),
+}
+
+async fn forward(client: Client, shared: Arc<Shared>, cancel: CancellationToken, first: u64) {
+    let mut fw = Fw {
+        shared: shared.clone(),
+        queue: VecDeque::new(),
+        inflight: VecDeque::new(),
+        cursor: first,
+        loading: None,
+        removed: Vec::new(),
+        go_backs: 0,
+        pause_until: None,
+        fresh_in_resend: false,
+        streams_checked: HashSet::new(),
+    };
+    let config = shared.config.clone();
+    let backoff = Backoff::new(Duration::from_millis(100), Duration::from_secs(5));
+    let mut epoch = client.connection_epoch();
+    epoch.borrow_and_update();
+    let mut status = client.status_watch();
+    let mut js: Option<async_nats::jetstream::Context> = None;
+    let mut permit: Option<crate::breaker::Permit<'_>> = None;
+    loop {
+        fw.maybe_load();
+        let mut link_down = false;
+        if fw.pause_until.is_some_and(|t| Instant::now() >= t) {
+            fw.pause_until = None;
+        }
+        if fw.pause_until.is_none()
+            && !fw.queue.is_empty()
+            && fw.inflight.len() < config.max_in_flight
+        {
+            match client.live_conn() {
+                Err(Error::Closed) => break,
+                Err(_) => link_down = true,
+                Ok(conn) => {
+                    let js = js.get_or_insert_with(|| {
+                        async_nats::jetstream::ContextBuilder::new()
+                            .timeout(config.ack_timeout)
+                            .ack_timeout(config.ack_timeout)
+                            .max_ack_inflight(config.max_in_flight.saturating_mul(8))
+                            .backpressure_on_inflight(false)
+                            .build(conn.clone())
+                    });
+                    if fw.inflight.is_empty() && permit.is_none() {
+                        match client.guard() {
+                            Ok(p) => permit = Some(p),
+                            Err(Error::CircuitOpen { retry_after }) => {
+                                fw.pause_until = Some(Instant::now() + retry_after);
+                            }
+                            Err(_) => link_down = true,
+                        }
+                    }
+                    if fw.pause_until.is_none() && !link_down {
+                        fw.fill(js, config.max_in_flight, config.ack_timeout, &cancel)
+                            .await;
+                    }
+                }
+            }
+        }
+        fw.publish_progress();
+        if fw.removed.len() >= REMOVE_BATCH || (fw.inflight.is_empty() && !fw.removed.is_empty()) {
+            fw.flush_removals();
+        }
+        let pause = fw.pause_until;
+        let Fw {
+            inflight, loading, ..
+        } = &mut fw;
+        let (has_inflight, is_loading) = (!inflight.is_empty(), loading.is_some());
+        let front = inflight.front_mut();
+        tokio::select! {
+            biased;
+            () = cancel.cancelled() => break,
+            changed = epoch.changed() => {
+                if changed.is_err() {
+                    break;
+                }
+                // Acks of the old connection are lost: send again now.
+                if !fw.inflight.is_empty() {
+                    tracing::debug!(in_flight = fw.inflight.len(), "outbox: reconnected; resending");
+                    fw.go_back(false, &backoff);
+                    if let Some(p) = permit.take() {
+                        drop(p);
+                    }
+                }
+            }
+            result = async {
+                match front {
+                    Some(f) => tokio::time::timeout_at(f.deadline, &mut f.ack).await,
+                    None => std::future::pending().await,
+                }
+            }, if has_inflight => {
+                let outcome = match result {
+                    Ok(Ok(ack)) => Outcome::Acked(ack),
+                    Ok(Err(err)) => {
+                        let subject = fw.inflight.front().map(|f| f.msg.subject.clone());
+                        classify(js.as_ref(), subject, err).await
+                    }
+                    Err(_) => Outcome::Transient("no acknowledgement in time".into()),
+                };
+                fw.settle_front(outcome, &mut permit, &backoff, js.as_ref(), &client);
+            }
+            loaded = async {
+                match loading.as_mut() {
+                    Some(task) => task.await,
+                    None => std::future::pending().await,
+                }
+            }, if is_loading => {
+                fw.loading = None;
+                fw.take_loaded(loaded);
+            }
+            () = shared.signals.wake.notified() => {}
+            () = async {
+                match pause {
+                    Some(t) => tokio::time::sleep_until(t).await,
+                    None => std::future::pending().await,
+                }
+            }, if pause.is_some() => {}
+            _ = status.changed(), if link_down => {}
+            () = tokio::time::sleep(Duration::from_millis(500)), if link_down => {}
+        }
+    }
+    drop(permit);
+    if let Some(load) = fw.loading.take() {
+        // It holds the file open; let it finish.
+        let _ = load.await;
+    }
+    fw.flush_removals();
+    let _ = shared.commands.send(Cmd::Shutdown);
+}
+
+/// Reads a failed ack: what passes, what is final.
+async fn classify(
+    js: Option<&async_nats::jetstream::Context>,
+    subject: Option<async_nats::Subject>,
+    err: PublishError,
+) -> Outcome {
+    match classify_publish(&err) {
+        PublishFault::Timeout | PublishFault::Unavailable => Outcome::Transient(err.to_string()),
+        PublishFault::TooLarge => Outcome::Refused(format!("too large: {err}")),
+        PublishFault::Conflict | PublishFault::WrongMessageId => {
+            Outcome::Refused(format!("a precondition in its headers failed: {err}"))
+        }
+        PublishFault::NoResponders => {
+            // No stream, or one without a leader: ask which.
+            use async_nats::jetstream::context::GetStreamByNameErrorKind;
+            let Some((js, subject)) = js.zip(subject) else {
+                return Outcome::Transient(err.to_string());
+            };
+            match js.stream_by_subject(subject.as_str()).await {
+                Err(e) if matches!(e.kind(), GetStreamByNameErrorKind::NotFound) => {
+                    Outcome::Refused("no stream captures the subject".into())
+                }
+                _ => Outcome::Transient(err.to_string()),
+            }
+        }
+        PublishFault::Other => {
+            let api = std::error::Error::source(&err)
+                .and_then(|s| s.downcast_ref::<async_nats::jetstream::Error>());
+            match api {
+                // An answer from the stream that is not "no leader".
+                Some(api) if err.kind() == PublishErrorKind::Other => {
+                    let code = api.error_code();
+                    if code.0 == 10_008
+                        || code == async_nats::jetstream::ErrorCode::CLUSTER_NOT_AVAILABLE
+                        || code == async_nats::jetstream::ErrorCode::CLUSTER_NO_PEERS
+                    {
+                        Outcome::Transient(err.to_string())
+                    } else {
+                        Outcome::Refused(format!("refused by JetStream: {api}"))
+                    }
+                }
+                _ => Outcome::Transient(err.to_string()),
+            }
+        }
+    }
+}
+
+impl Fw {
+    /// Starts loading the next stored messages when the queue runs low.
+    fn maybe_load(&mut self) {
+        if self.loading.is_some()
+            || self.queue.len() >= LOAD_BATCH
+            || self.shared.signals.last_committed.load(Ordering::Acquire) < self.cursor
+        {
+            return;
+        }
+        let Ok(db) = self.shared.db() else { return };
+        let path = self.shared.config.path.clone();
+        let from = self.cursor;
+        self.loading = Some(tokio::task::spawn_blocking(move || {
+            store::load(&db, &path, from, LOAD_BATCH)
+        }));
+    }
+
+    fn take_loaded(&mut self, loaded: std::result::Result<Loaded, tokio::task::JoinError>) {
+        let rows = match loaded {
+            Ok(Ok(rows)) => rows,
+            Ok(Err(err)) => {
+                tracing::error!(%err, "outbox: reading the store failed; retrying");
+                self.pause_until = Some(Instant::now() + Duration::from_secs(1));
+                return;
+            }
+            Err(err) => {
+                tracing::error!(%err, "outbox: the load task failed; retrying");
+                return;
+            }
+        };
+        for (seq, size, record) in rows {
+            self.cursor = seq + 1;
+            match record {
+                Ok(r) => {
+                    let mut headers = header_map(&r.headers);
+                    headers.insert(async_nats::header::NATS_MESSAGE_ID, r.msg_id.as_str());
+                    self.queue.push_back(Pending {
+                        seq,
+                        size,
+                        enqueued_ms: r.enqueued_ms,
+                        subject: async_nats::Subject::from(r.subject),
+                        headers,
+                        payload: r.payload,
+                        attempts: 0,
+                        stalls: 0,
+                        overtaken: false,
+                    });
+                }
+                Err(e) => {
+                    // Settled as a dead letter without ever being sent.
+                    let reason = format!("unreadable record: {e}");
+                    tracing::error!(seq, %reason, "outbox: moving a record aside");
+                    self.dead_letter(seq, size, reason);
+                }
+            }
+        }
+    }
+
+    /// Sends queued messages until the window is full.
+    async fn fill(
+        &mut self,
+        js: &async_nats::jetstream::Context,
+        max: usize,
+        ack_timeout: Duration,
+        cancel: &CancellationToken,
+    ) {
+        while self.inflight.len() < max && !cancel.is_cancelled() {
+            let Some(mut msg) = self.queue.pop_front() else {
+                return;
+            };
+            let publish = PublishMessage::build()
+                .payload(msg.payload.clone())
+                .headers(msg.headers.clone());
+            match js.send_publish(msg.subject.clone(), publish).await {
+                Ok(ack) => {
+                    msg.attempts += 1;
+                    self.inflight.push_back(InFlight {
+                        msg,
+                        deadline: Instant::now() + ack_timeout,
+                        ack: Box::pin(ack.into_future()),
+                    });
+                }
+                Err(err) if err.kind() == PublishErrorKind::MaxPayloadExceeded => {
+                    let (seq, size) = (msg.seq, msg.size);
+                    self.dead_letter(seq, size, format!("too large: {err}"));
+                }
+                Err(err) if err.kind() == PublishErrorKind::MaxAckPending => {
+                    // Abandoned sends still hold async-nats' ack slots.
+                    self.queue.push_front(msg);
+                    self.pause_until = Some(Instant::now() + Duration::from_millis(20));
+                    return;
+                }
+                Err(err) => {
+                    tracing::debug!(%err, "outbox: send failed");
+                    self.queue.push_front(msg);
+                    self.shared.counters.failed.fetch_add(1, Ordering::Relaxed);
+                    self.shared.metrics.failed.increment(1);
+                    self.pause_until = Some(Instant::now() + Duration::from_millis(100));
+                    return;
+                }
+            }
+        }
+    }
+
+    /// Handles the outcome of the oldest message in flight.
+    fn settle_front(
+        &mut self,
+        outcome: Outcome,
+        permit: &mut Option<crate::breaker::Permit<'_>>,
+        backoff: &Backoff,
+        js: Option<&async_nats::jetstream::Context>,
+        client: &Client,
+    ) {
+        match outcome {
+            Outcome::Acked(ack) => {
+                if let Some(p) = permit.take() {
+                    p.success();
+                }
+                let Some(f) = self.inflight.pop_front() else {
+                    return;
+                };
+                self.acked(f.msg, &ack);
+                self.go_backs = 0;
+                if !self.streams_checked.contains(&ack.stream) {
+                    self.streams_checked.insert(ack.stream.clone());
+                    if let Some(js) = js {
+                        check_duplicate_window(
+                            js.clone(),
+                            ack.stream,
+                            self.shared.clone(),
+                            client.shutdown().clone(),
+                        );
+                    }
+                }
+            }
+            Outcome::Refused(reason) => {
+                if let Some(p) = permit.take() {
+                    p.success();
+                }
+                let Some(f) = self.inflight.pop_front() else {
+                    return;
+                };
+                tracing::warn!(seq = f.msg.seq, subject = %f.msg.subject, %reason, "outbox: message refused; moved to the dead letters");
+                self.dead_letter(f.msg.seq, f.msg.size, reason);
+            }
+            Outcome::Transient(reason) => {
+                if let Some(p) = permit.take() {
+                    p.failure();
+                }
+                self.shared.counters.failed.fetch_add(1, Ordering::Relaxed);
+                self.shared.metrics.failed.increment(1);
+                // Later messages already acknowledged are settled; if the
+                // stream acknowledges them but never this one, this one is
+                // refused in a way that has no answer (permission denied).
+                let mut later_acked = false;
+                let mut kept = VecDeque::with_capacity(self.inflight.len());
+                let mut rest = std::mem::take(&mut self.inflight);
+                let front = rest.pop_front();
+                for mut f in rest {
+                    match (&mut f.ack).now_or_never() {
+                        Some(Ok(ack)) => {
+                            later_acked = true;
+                            self.acked(f.msg, &ack);
+                        }
+                        _ => kept.push_back(f),
+                    }
+                }
+                self.inflight = kept;
+                if let Some(mut f) = front {
+                    if later_acked {
+                        f.msg.overtaken = true;
+                        f.msg.stalls += 1;
+                    }
+                    if f.msg.stalls >= MAX_STALLS {
+                        let reason = format!(
+                            "no acknowledgement in {} sends while later messages were acknowledged \
+                             (is publishing to this subject denied?): {reason}",
+                            f.msg.attempts
+                        );
+                        tracing::warn!(seq = f.msg.seq, subject = %f.msg.subject, %reason, "outbox: moved to the dead letters");
+                        self.dead_letter(f.msg.seq, f.msg.size, reason);
+                    } else {
+                        tracing::debug!(seq = f.msg.seq, %reason, "outbox: send failed; going back");
+                        self.inflight.push_front(f);
+                    }
+                }
+                self.go_back(true, backoff);
+            }
+        }
+    }
+
+    /// Every message in flight goes back to the front of the queue, in
+    /// order; with `pause`, sending resumes after a back-off.
+    fn go_back(&mut self, pause: bool, backoff: &Backoff) {
+        let n = self.inflight.len() as u64;
+        for f in std::mem::take(&mut self.inflight).into_iter().rev() {
+            self.queue.push_front(f.msg);
+        }
+        self.shared.counters.resent.fetch_add(n, Ordering::Relaxed);
+        self.shared.metrics.resent.increment(n);
+        self.fresh_in_resend = false;
+        if pause {
+            let delay = backoff.delay_random(self.go_backs);
+            self.go_backs = self.go_backs.saturating_add(1);
+            self.pause_until = Some(Instant::now() + delay);
+        }
+    }
+
+    fn acked(&mut self, msg: Pending, ack: &PublishAck) {
+        let counters = &self.shared.counters;
+        let resent = msg.attempts > 1;
+        if ack.duplicate {
+            counters.duplicates.fetch_add(1, Ordering::Relaxed);
+            if resent && self.fresh_in_resend {
+                // An earlier message of this resend was stored only now,
+                // after this one: the stream holds them out of order.
+                self.reordered(&msg);
+            }
+        } else if msg.overtaken {
+            self.reordered(&msg);
+        } else if resent {
+            self.fresh_in_resend = true;
+        }
+        counters.forwarded.fetch_add(1, Ordering::Relaxed);
+        self.shared.metrics.forwarded.increment(1);
+        self.removed.push(msg.seq);
+        self.shared.adjust(-1, -as_i64(msg.size));
+    }
+
+    fn reordered(&self, msg: &Pending) {
+        tracing::warn!(seq = msg.seq, subject = %msg.subject, "outbox: a message reached the stream out of order");
+        self.shared
+            .counters
+            .reordered
+            .fetch_add(1, Ordering::Relaxed);
+        self.shared.metrics.reordered.increment(1);
+    }
+
+    fn dead_letter(&mut self, seq: u64, size: u64, reason: String) {
+        let _ = self.shared.commands.send(Cmd::DeadLetter {
+            sequence: seq,
+            reason,
+        });
+        // Counted here, at once; the store thread counts only what leaves.
+        self.shared.dead_letters.fetch_add(1, Ordering::Relaxed);
+        self.shared.metrics.dead_lettered.increment(1);
+        self.shared
+            .metrics
+            .dead_letters
+            .set(self.shared.dead_letters.load(Ordering::Relaxed) as f64);
+        self.shared.adjust(-1, -as_i64(size));
+    }
+
+    fn flush_removals(&mut self) {
+        if !self.removed.is_empty() {
+            let _ = self
+                .shared
+                .commands
+                .send(Cmd::Remove(std::mem::take(&mut self.removed)));
+        }
+    }
+
+    /// Publishes the low-water mark (for `flush_outbox`), the oldest
+    /// message's age and the gauges.
+    fn publish_progress(&self) {
+        let head = self
+            .inflight
+            .front()
+            .map(|f| (f.msg.seq, f.msg.enqueued_ms))
+            .or_else(|| self.queue.front().map(|m| (m.seq, m.enqueued_ms)));
+        let low = match head {
+            Some((seq, _)) => seq,
+            None if self.loading.is_none() => self.cursor,
+            // A load is under way: nothing at or above the cursor is known
+            // to be settled.
+            None => self.cursor,
+        };
+        self.shared.low_water.send_if_modified(|current| {
+            if *current != low {
+                *current = low;
+                true
+            } else {
+                false
+            }
+        });
+        let head_ms = head.map_or(0, |(_, ms)| ms);
+        self.shared.head_ms.store(head_ms, Ordering::Relaxed);
+        let age = if head_ms == 0 {
+            0.0
+        } else {
+            store::now_ms().saturating_sub(head_ms) as f64 / 1000.0
+        };
+        self.shared.metrics.oldest_age.set(age);
+    }
+}
+
+/// Warns (once per stream) when a stream's duplicate window is shorter
+/// than the window exactly-once counts on.
+fn check_duplicate_window(
+    js: async_nats::jetstream::Context,
+    stream: String,
+    shared: Arc<Shared>,
+    shutdown: CancellationToken,
+) {
+    tokio::spawn(async move {
+        let info = tokio::select! {
+            () = shutdown.cancelled() => return,
+            info = async {
+                let s = js.get_stream(&stream).await.ok()?;
+                Some(s.cached_info().config.duplicate_window)
+            } => info,
+        };
+        let Some(window) = info else { return };
+        if window < shared.config.duplicate_window {
+            tracing::warn!(
+                %stream,
+                ?window,
+                counted_on = ?shared.config.duplicate_window,
+                "outbox: the stream's duplicate window is shorter than the outbox counts on; \
+                 a resend after that long may store a message twice"
+            );
+            if let Ok(mut w) = shared.short_windows.lock() {
+                w.push((stream, window));
+            }
+        }
+    });
+}

@@ -1,0 +1,781 @@
+//! The outbox's storage: the record format (pure, unit-tested) and the
+//! thread that owns the redb database and commits in groups.
+//!
+//! One thread owns every write. It takes whatever requests are waiting,
+//! applies them in one write transaction and commits once, so N concurrent
+//! `publish_durable` calls cost one fsync, not N. Reads (the forwarder
+//! loading the next messages, listing dead letters) run on any thread
+//! against a read transaction, which never blocks the writer.
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use bytes::Bytes;
+use redb::{Database, Durability, ReadableTable, ReadableTableMetadata, TableDefinition};
+use tokio::sync::{Notify, oneshot};
+
+use crate::error::{Error, Result};
+
+/// Pending messages: local sequence -> encoded record.
+const MESSAGES: TableDefinition<u64, &[u8]> = TableDefinition::new("messages");
+/// Messages moved aside: local sequence -> reason, then the raw record.
+const DEAD: TableDefinition<u64, &[u8]> = TableDefinition::new("dead_letters");
+/// The outbox id and the next sequence (never reused, so message ids stay
+/// unique across restarts even when the queue was empty).
+const META: TableDefinition<&str, &[u8]> = TableDefinition::new("meta");
+
+const RECORD_VERSION: u8 = 1;
+/// Most requests folded into one write transaction.
+const MAX_GROUP: usize = 8192;
+
+/// One message as stored.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) struct Record {
+    /// Milliseconds since the Unix epoch at enqueue.
+    pub(crate) enqueued_ms: u64,
+    pub(crate) subject: String,
+    /// The `Nats-Msg-Id` it carries on every send.
+    pub(crate) msg_id: String,
+    /// Header fields in order (the message id is not among them).
+    pub(crate) headers: Vec<(String, String)>,
+    pub(crate) payload: Bytes,
+}
+
+/// Why stored bytes are not a record.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) struct DecodeError(pub(crate) &'static str);
+
+impl std::fmt::Display for DecodeError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.0)
+    }
+}
+
+fn put_str16(out: &mut Vec<u8>, s: &str) {
+    // Subjects, ids and header names are far below 64 KiB (the server
+    // limits a protocol line to 4 KiB); longer input was rejected before.
+    let len = u16::try_from(s.len()).unwrap_or(u16::MAX);
+    out.extend_from_slice(&len.to_le_bytes());
+    out.extend_from_slice(&s.as_bytes()[..usize::from(len)]);
+}
+
+fn put_bytes32(out: &mut Vec<u8>, b: &[u8]) {
+    let len = u32::try_from(b.len()).unwrap_or(u32::MAX);
+    out.extend_from_slice(&len.to_le_bytes());
+    out.extend_from_slice(&b[..len as usize]);
+}
+
+impl Record {
+    /// The length of [`encode`](Self::encode)'s output.
+    pub(crate) fn encoded_len(&self) -> u64 {
+        let headers: usize = self
+            .headers
+            .iter()
+            .map(|(n, v)| n.len() + v.len() + 6)
+            .sum();
+        (1 + 8
+            + 2
+            + self.subject.len()
+            + 2
+            + self.msg_id.len()
+            + 2
+            + headers
+            + 4
+            + self.payload.len()) as u64
+    }
+
+    /// The stored form: version, time, subject, id, headers, payload; every
+    /// variable field length-prefixed.
+    pub(crate) fn encode(&self) -> Vec<u8> {
+        let mut out = Vec::with_capacity(usize::try_from(self.encoded_len()).unwrap_or(0));
+        out.push(RECORD_VERSION);
+        out.extend_from_slice(&self.enqueued_ms.to_le_bytes());
+        put_str16(&mut out, &self.subject);
+        put_str16(&mut out, &self.msg_id);
+        let count = u16::try_from(self.headers.len()).unwrap_or(u16::MAX);
+        out.extend_from_slice(&count.to_le_bytes());
+        for (name, value) in self.headers.iter().take(usize::from(count)) {
+            put_str16(&mut out, name);
+            put_bytes32(&mut out, value.as_bytes());
+        }
+        put_bytes32(&mut out, &self.payload);
+        out
+    }
+
+    /// Reads a stored record; any truncation, unknown version or invalid
+    /// UTF-8 is an error, never a panic.
+    pub(crate) fn decode(bytes: &[u8]) -> std::result::Result<Self, DecodeError> {
+        let mut r = Reader(bytes);
+        if r.take(1)?[0] != RECORD_VERSION {
+            return Err(DecodeError("unknown record version"));
+        }
+        let enqueued_ms = r.u64()?;
+        let subject = r.str16()?;
+        let msg_id = r.str16()?;
+        let count = r.u16()?;
+        let mut headers = Vec::with_capacity(usize::from(count).min(64));
+        for _ in 0..count {
+            let name = r.str16()?;
+            let len = r.u32()?;
+            let value = std::str::from_utf8(r.take(len as usize)?)
+                .map_err(|_| DecodeError("header value is not UTF-8"))?
+                .to_owned();
+            headers.push((name, value));
+        }
+        let len = r.u32()?;
+        let payload = Bytes::copy_from_slice(r.take(len as usize)?);
+        if !r.0.is_empty() {
+            return Err(DecodeError("trailing bytes after the payload"));
+        }
+        Ok(Record {
+            enqueued_ms,
+            subject,
+            msg_id,
+            headers,
+            payload,
+        })
+    }
+}
+
+struct Reader<'a>(&'a [u8]);
+
+impl<'a> Reader<'a> {
+    fn take(&mut self, n: usize) -> std::result::Result<&'a [u8], DecodeError> {
+        if self.0.len() < n {
+            return Err(DecodeError("record is truncated"));
+        }
+        let (head, rest) = self.0.split_at(n);
+        self.0 = rest;
+        Ok(head)
+    }
+    fn u16(&mut self) -> std::result::Result<u16, DecodeError> {
+        let b = self.take(2)?;
+        Ok(u16::from_le_bytes([b[0], b[1]]))
+    }
+    fn u32(&mut self) -> std::result::Result<u32, DecodeError> {
+        let b = self.take(4)?;
+        Ok(u32::from_le_bytes([b[0], b[1], b[2], b[3]]))
+    }
+    fn u64(&mut self) -> std::result::Result<u64, DecodeError> {
+        let b = self.take(8)?;
+        let mut a = [0u8; 8];
+        a.copy_from_slice(b);
+        Ok(u64::from_le_bytes(a))
+    }
+    fn str16(&mut self) -> std::result::Result<String, DecodeError> {
+        let len = self.u16()?;
+        std::str::from_utf8(self.take(usize::from(len))?)
+            .map(str::to_owned)
+            .map_err(|_| DecodeError("text field is not UTF-8"))
+    }
+}
+
+/// A dead letter as stored: the reason, then the raw record (kept raw so an
+/// unreadable record is kept too).
+pub(crate) fn encode_dead(reason: &str, raw: &[u8]) -> Vec<u8> {
+    let mut out = Vec::with_capacity(2 + reason.len() + raw.len());
+    put_str16(&mut out, reason);
+    out.extend_from_slice(raw);
+    out
+}
+
+/// The reason and raw record of a stored dead letter.
+pub(crate) fn decode_dead(bytes: &[u8]) -> std::result::Result<(String, &[u8]), DecodeError> {
+    let mut r = Reader(bytes);
+    let reason = r.str16()?;
+    Ok((reason, r.0))
+}
+
+/// Milliseconds since the Unix epoch now.
+pub(crate) fn now_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
+        .unwrap_or(0)
+}
+
+/// A message handed to the store; its id is made from the sequence the
+/// store gives it unless the caller set one.
+#[derive(Debug)]
+pub(crate) struct NewMessage {
+    pub(crate) subject: String,
+    pub(crate) msg_id: Option<String>,
+    pub(crate) headers: Vec<(String, String)>,
+    pub(crate) payload: Bytes,
+    /// Its size as counted against the limits (reserved by the caller).
+    pub(crate) size: u64,
+}
+
+/// What a committed enqueue gives back.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) struct Stored {
+    pub(crate) sequence: u64,
+    pub(crate) msg_id: String,
+    /// Its stored size in bytes.
+    pub(crate) size: u64,
+}
+
+/// A request to the store thread.
+pub(crate) enum Cmd {
+    Enqueue {
+        messages: Vec<NewMessage>,
+        reply: oneshot::Sender<Result<Vec<Stored>>>,
+    },
+    /// Acknowledged: delete (batched, not fsync'd on its own: a crash
+    /// before the next durable commit resends them, which the stream's
+    /// duplicate window absorbs).
+    Remove(Vec<u64>),
+    /// Refused for good: move aside.
+    DeadLetter {
+        sequence: u64,
+        reason: String,
+    },
+    /// Put dead letters back in the queue (all of them when `None`).
+    Requeue {
+        sequence: Option<u64>,
+        /// Messages and bytes moved back.
+        reply: oneshot::Sender<Result<(u64, u64)>>,
+    },
+    /// Delete dead letters (all of them when `None`).
+    PurgeDead {
+        sequence: Option<u64>,
+        reply: oneshot::Sender<Result<u64>>,
+    },
+    /// Answers once every request sent before it is committed.
+    Barrier(oneshot::Sender<()>),
+    Shutdown,
+}
+
+/// What the store thread and the async side share.
+#[derive(Debug, Default)]
+pub(crate) struct Signals {
+    /// Highest sequence committed to the queue (0: none yet).
+    pub(crate) last_committed: AtomicU64,
+    /// Wakes the forwarder after a commit added messages.
+    pub(crate) wake: Notify,
+}
+
+/// What opening found.
+#[derive(Debug)]
+pub(crate) struct Opened {
+    pub(crate) db: Arc<Database>,
+    pub(crate) outbox_id: String,
+    /// Lowest pending sequence (where forwarding resumes).
+    pub(crate) first_pending: u64,
+    pub(crate) pending_messages: u64,
+    pub(crate) pending_bytes: u64,
+    pub(crate) dead_letters: u64,
+}
+
+pub(crate) fn storage_error(path: &Path, op: &'static str, err: impl Into<redb::Error>) -> Error {
+    match err.into() {
+        redb::Error::Corrupted(reason) => Error::OutboxCorrupted {
+            path: path.display().to_string(),
+            reason,
+        },
+        // Not a redb file at all (its header does not read).
+        redb::Error::Io(e) if e.kind() == std::io::ErrorKind::InvalidData => {
+            Error::OutboxCorrupted {
+                path: path.display().to_string(),
+                reason: e.to_string(),
+            }
+        }
+        redb::Error::DatabaseAlreadyOpen => Error::Outbox {
+            op,
+            source: format!("{} is already open in another outbox", path.display()).into(),
+        },
+        other => Error::Outbox {
+            op,
+            source: Box::new(other),
+        },
+    }
+}
+
+fn meta_u64(bytes: &[u8]) -> Option<u64> {
+    let a: [u8; 8] = bytes.try_into().ok()?;
+    Some(u64::from_le_bytes(a))
+}
+
+/// Opens (or creates) the store at `path`: tables, outbox id, where the
+/// queue stands. redb repairs a file left by a crash on open (falling back
+/// to the last complete commit); damage beyond that is
+/// [`Error::OutboxCorrupted`].
+pub(crate) fn open(path: &Path) -> Result<(Opened, u64)> {
+    let db = std::panic::catch_unwind(|| Database::create(path))
+        .map_err(|_| Error::OutboxCorrupted {
+            path: path.display().to_string(),
+            reason: "the store panicked while opening the file".into(),
+        })?
+        .map_err(|e| storage_error(path, "open", e))?;
+    let found = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| survey(&db)))
+        .map_err(|_| Error::OutboxCorrupted {
+            path: path.display().to_string(),
+            reason: "the store panicked while reading the file".into(),
+        })?
+        .map_err(|e| storage_error(path, "open", e))?;
+    let Survey {
+        outbox_id,
+        next_seq,
+        first_pending,
+        pending_messages,
+        pending_bytes,
+        dead_letters,
+    } = found;
+    Ok((
+        Opened {
+            db: Arc::new(db),
+            outbox_id,
+            first_pending,
+            pending_messages,
+            pending_bytes,
+            dead_letters,
+        },
+        next_seq,
+    ))
+}
+
+struct Survey {
+    outbox_id: String,
+    next_seq: u64,
+    first_pending: u64,
+    pending_messages: u64,
+    pending_bytes: u64,
+    dead_letters: u64,
+}
+
+/// Creates the tables and reads where the queue stands.
+fn survey(db: &Database) -> std::result::Result<Survey, redb::Error> {
+    let txn = db.begin_write()?;
+    let (outbox_id, next_seq) = {
+        let mut meta = txn.open_table(META)?;
+        let id = match meta.get("id")? {
+            Some(v) => std::str::from_utf8(v.value()).ok().map(str::to_owned),
+            None => None,
+        };
+        let id = match id {
+            Some(id) if !id.is_empty() => id,
+            _ => {
+                let id = nuid::next().to_string();
+                meta.insert("id", id.as_bytes())?;
+                id
+            }
+        };
+        let next = meta
+            .get("next_seq")?
+            .and_then(|v| meta_u64(v.value()))
+            .unwrap_or(1);
+        (id, next)
+    };
+    let (first, pending_messages, pending_bytes, last_msg) = {
+        let messages = txn.open_table(MESSAGES)?;
+        let mut bytes = 0u64;
+        let mut first = None;
+        let mut last = 0;
+        for item in messages.iter()? {
+            let (k, v) = item?;
+            first.get_or_insert(k.value());
+            last = k.value();
+            bytes += v.value().len() as u64;
+        }
+        (first, messages.len()?, bytes, last)
+    };
+    let (dead_letters, last_dead) = {
+        let dead = txn.open_table(DEAD)?;
+        let last = dead.last()?.map_or(0, |(k, _)| k.value());
+        (dead.len()?, last)
+    };
+    txn.commit()?;
+    let next_seq = next_seq.max(last_msg + 1).max(last_dead + 1);
+    Ok(Survey {
+        outbox_id,
+        next_seq,
+        first_pending: first.unwrap_or(next_seq),
+        pending_messages,
+        pending_bytes,
+        dead_letters,
+    })
+}
+
+/// Reads up to `max` pending records from `from` on: `(sequence, size,
+/// record or why it is unreadable)`.
+pub(crate) fn load(
+    db: &Database,
+    path: &Path,
+    from: u64,
+    max: usize,
+) -> Result<Vec<(u64, u64, std::result::Result<Record, DecodeError>)>> {
+    let read = || -> std::result::Result<_, redb::Error> {
+        let txn = db.begin_read()?;
+        let table = txn.open_table(MESSAGES)?;
+        let mut out = Vec::with_capacity(max.min(4096));
+        for item in table.range(from..)?.take(max) {
+            let (k, v) = item?;
+            let raw = v.value();
+            out.push((k.value(), raw.len() as u64, Record::decode(raw)));
+        }
+        Ok(out)
+    };
+    read().map_err(|e| storage_error(path, "read", e))
+}
+
+/// A dead letter as read back: `(sequence, reason, record or why it is
+/// unreadable)`.
+pub(crate) type DeadRow = (u64, String, std::result::Result<Record, DecodeError>);
+
+/// Lists up to `max` dead letters.
+pub(crate) fn list_dead(db: &Database, path: &Path, max: usize) -> Result<Vec<DeadRow>> {
+    let read = || -> std::result::Result<_, redb::Error> {
+        let txn = db.begin_read()?;
+        let table = txn.open_table(DEAD)?;
+        let mut out = Vec::new();
+        for item in table.iter()?.take(max) {
+            let (k, v) = item?;
+            match decode_dead(v.value()) {
+                Ok((reason, raw)) => out.push((k.value(), reason, Record::decode(raw))),
+                Err(e) => out.push((k.value(), String::new(), Err(e))),
+            }
+        }
+        Ok(out)
+    };
+    read().map_err(|e| storage_error(path, "read dead letters", e))
+}
+
+/// The store thread: owns the database's writes.
+pub(crate) struct Writer {
+    pub(crate) db: Arc<Database>,
+    pub(crate) path: PathBuf,
+    pub(crate) outbox_id: String,
+    pub(crate) next_seq: u64,
+    pub(crate) signals: Arc<Signals>,
+    /// Dead letters in the store, kept current for the stats.
+    pub(crate) dead_letters: Arc<AtomicU64>,
+}
+
+/// What one group's commit must answer, after it committed.
+enum Reply {
+    Enqueue(oneshot::Sender<Result<Vec<Stored>>>, Vec<Stored>),
+    Count(oneshot::Sender<Result<u64>>, u64),
+    Moved(oneshot::Sender<Result<(u64, u64)>>, (u64, u64)),
+    Barrier(oneshot::Sender<()>),
+}
+
+impl Writer {
+    /// Runs until `Shutdown` or until every sender is gone.
+    pub(crate) fn run(mut self, commands: std::sync::mpsc::Receiver<Cmd>) {
+        let mut group = Vec::new();
+        loop {
+            let Ok(first) = commands.recv() else { return };
+            group.push(first);
+            while group.len() < MAX_GROUP {
+                match commands.try_recv() {
+                    Ok(cmd) => group.push(cmd),
+                    Err(_) => break,
+                }
+            }
+            let shutdown = group.iter().any(|c| matches!(c, Cmd::Shutdown));
+            self.commit_group(std::mem::take(&mut group));
+            if shutdown {
+                return;
+            }
+        }
+    }
+
+    fn commit_group(&mut self, group: Vec<Cmd>) {
+        let before = self.next_seq;
+        let mut replies = Vec::with_capacity(group.len());
+        // Dead letters added (the forwarder counts those itself) and taken
+        // out by requeue and purge.
+        let mut dead_delta: i64 = 0;
+        match self.apply(group, &mut replies, &mut dead_delta) {
+            Ok(added) => {
+                if dead_delta < 0 {
+                    self.dead_letters
+                        .fetch_sub(dead_delta.unsigned_abs(), Ordering::Relaxed);
+                }
+                for reply in replies {
+                    match reply {
+                        Reply::Enqueue(tx, stored) => {
+                            let _ = tx.send(Ok(stored));
+                        }
+                        Reply::Count(tx, n) => {
+                            let _ = tx.send(Ok(n));
+                        }
+                        Reply::Moved(tx, n) => {
+                            let _ = tx.send(Ok(n));
+                        }
+                        Reply::Barrier(tx) => {
+                            let _ = tx.send(());
+                        }
+                    }
+                }
+                if added {
+                    self.signals
+                        .last_committed
+                        .store(self.next_seq - 1, Ordering::Release);
+                    self.signals.wake.notify_one();
+                }
+            }
+            Err((message, replies)) => {
+                // Nothing of the group is stored: sequences are reused.
+                self.next_seq = before;
+                tracing::error!(path = %self.path.display(), error = %message, "outbox commit failed");
+                for reply in replies {
+                    let err = || Error::Outbox {
+                        op: "commit",
+                        source: message.clone().into(),
+                    };
+                    match reply {
+                        Reply::Enqueue(tx, _) => {
+                            let _ = tx.send(Err(err()));
+                        }
+                        Reply::Count(tx, _) => {
+                            let _ = tx.send(Err(err()));
+                        }
+                        Reply::Moved(tx, _) => {
+                            let _ = tx.send(Err(err()));
+                        }
+                        Reply::Barrier(tx) => {
+                            let _ = tx.send(());
+                        }
+                    }
+                }
+            }
+        }
+    }
+
+    /// Applies a group in one transaction; `Ok(true)` when it added to the
+    /// queue. On failure, the replies to fail.
+    #[allow(clippy::type_complexity)]
+    fn apply(
+        &mut self,
+        group: Vec<Cmd>,
+        replies: &mut Vec<Reply>,
+        dead_delta: &mut i64,
+    ) -> std::result::Result<bool, (String, Vec<Reply>)> {
+        let mut txn = match self.db.begin_write() {
+            Ok(txn) => txn,
+            Err(e) => return Err((e.to_string(), collect_replies(group))),
+        };
+        let durable = group.iter().any(|c| {
+            matches!(
+                c,
+                Cmd::Enqueue { .. }
+                    | Cmd::DeadLetter { .. }
+                    | Cmd::Requeue { .. }
+                    | Cmd::PurgeDead { .. }
+                    | Cmd::Shutdown
+            )
+        });
+        txn.set_durability(if durable {
+            Durability::Immediate
+        } else {
+            Durability::Eventual
+        });
+        let mut added = false;
+        let mut pending: Vec<Cmd> = group.into_iter().rev().collect();
+        let outcome: std::result::Result<(), redb::Error> = (|| {
+            let mut messages = txn.open_table(MESSAGES)?;
+            let mut dead = txn.open_table(DEAD)?;
+            while let Some(cmd) = pending.pop() {
+                match cmd {
+                    Cmd::Enqueue {
+                        messages: batch,
+                        reply,
+                    } => {
+                        let now = now_ms();
+                        let mut stored = Vec::with_capacity(batch.len());
+                        for m in batch {
+                            let sequence = self.next_seq;
+                            self.next_seq += 1;
+                            let msg_id = m
+                                .msg_id
+                                .unwrap_or_else(|| format!("{}-{sequence}", self.outbox_id));
+                            let record = Record {
+                                enqueued_ms: now,
+                                subject: m.subject,
+                                msg_id: msg_id.clone(),
+                                headers: m.headers,
+                                payload: m.payload,
+                            };
+                            let encoded = record.encode();
+                            messages.insert(sequence, encoded.as_slice())?;
+                            stored.push(Stored {
+                                sequence,
+                                msg_id,
+                                size: encoded.len() as u64,
+                            });
+                        }
+                        added = true;
+                        replies.push(Reply::Enqueue(reply, stored));
+                    }
+                    Cmd::Remove(seqs) => {
+                        for seq in seqs {
+                            messages.remove(seq)?;
+                        }
+                    }
+                    Cmd::DeadLetter { sequence, reason } => {
+                        let raw = messages.remove(sequence)?.map(|v| v.value().to_vec());
+                        if let Some(raw) = raw {
+                            dead.insert(sequence, encode_dead(&reason, &raw).as_slice())?;
+                        }
+                    }
+                    Cmd::Requeue { sequence, reply } => {
+                        let keys: Vec<u64> = match sequence {
+                            Some(s) => vec![s],
+                            None => dead
+                                .iter()?
+                                .map(|item| item.map(|(k, _)| k.value()))
+                                .collect::<std::result::Result<_, _>>()?,
+                        };
+                        let (mut moved, mut bytes) = (0, 0);
+                        for key in keys {
+                            let raw = dead.remove(key)?.map(|v| v.value().to_vec());
+                            let Some(raw) = raw else { continue };
+                            *dead_delta -= 1;
+                            let record = decode_dead(&raw)
+                                .ok()
+                                .and_then(|(_, rec)| Record::decode(rec).ok());
+                            match record {
+                                Some(mut record) => {
+                                    record.enqueued_ms = now_ms();
+                                    let sequence = self.next_seq;
+                                    self.next_seq += 1;
+                                    let encoded = record.encode();
+                                    messages.insert(sequence, encoded.as_slice())?;
+                                    moved += 1;
+                                    bytes += encoded.len() as u64;
+                                    added = true;
+                                }
+                                None => {
+                                    // Unreadable: it stays a dead letter.
+                                    dead.insert(key, raw.as_slice())?;
+                                    *dead_delta += 1;
+                                }
+                            }
+                        }
+                        replies.push(Reply::Moved(reply, (moved, bytes)));
+                    }
+                    Cmd::PurgeDead { sequence, reply } => {
+                        let n = match sequence {
+                            Some(s) => u64::from(dead.remove(s)?.is_some()),
+                            None => {
+                                let n = dead.len()?;
+                                dead.retain(|_, _| false)?;
+                                n
+                            }
+                        };
+                        *dead_delta -= i64::try_from(n).unwrap_or(i64::MAX);
+                        replies.push(Reply::Count(reply, n));
+                    }
+                    Cmd::Barrier(tx) => replies.push(Reply::Barrier(tx)),
+                    Cmd::Shutdown => {}
+                }
+            }
+            Ok(())
+        })();
+        if let Err(e) = outcome {
+            let mut failed = std::mem::take(replies);
+            failed.extend(collect_replies(pending));
+            return Err((e.to_string(), failed));
+        }
+        let next = self.next_seq.to_le_bytes();
+        let meta = || -> std::result::Result<(), redb::Error> {
+            let mut meta = txn.open_table(META)?;
+            meta.insert("next_seq", next.as_slice())?;
+            Ok(())
+        };
+        if let Err(e) = meta() {
+            return Err((e.to_string(), std::mem::take(replies)));
+        }
+        if let Err(e) = txn.commit() {
+            return Err((e.to_string(), std::mem::take(replies)));
+        }
+        Ok(added)
+    }
+}
+
+fn collect_replies(group: Vec<Cmd>) -> Vec<Reply> {
+    group
+        .into_iter()
+        .filter_map(|cmd| match cmd {
+            Cmd::Enqueue { reply, .. } => Some(Reply::Enqueue(reply, Vec::new())),
+            Cmd::Requeue { reply, .. } => Some(Reply::Moved(reply, (0, 0))),
+            Cmd::PurgeDead { reply, .. } => Some(Reply::Count(reply, 0)),
+            Cmd::Barrier(tx) => Some(Reply::Barrier(tx)),
+            _ => None,
+        })
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn record() -> Record {
+        Record {
+            enqueued_ms: 1_700_000_000_123,
+            subject: "orders.created".into(),
+            msg_id: "abc-42".into(),
+            headers: vec![
+                ("traceparent".into(), "00-0af7-b7ad-01".into()),
+                ("X-Empty".into(), String::new()),
+            ],
+            payload: Bytes::from_static(b"{\"id\":42}"),
+        }
+    }
+
+    #[test]
+    fn a_record_round_trips() {
+        let r = record();
+        assert_eq!(r.encode().len() as u64, r.encoded_len());
+        assert_eq!(Record::decode(&r.encode()), Ok(r));
+        let empty = Record {
+            headers: vec![],
+            payload: Bytes::new(),
+            ..record()
+        };
+        assert_eq!(Record::decode(&empty.encode()), Ok(empty));
+    }
+
+    #[test]
+    fn every_truncation_and_a_wrong_version_are_errors() {
+        let bytes = record().encode();
+        for len in 0..bytes.len() {
+            assert!(Record::decode(&bytes[..len]).is_err(), "prefix of {len}");
+        }
+        let mut longer = bytes.clone();
+        longer.push(0);
+        assert!(Record::decode(&longer).is_err());
+        let mut version = bytes;
+        version[0] = 9;
+        assert_eq!(
+            Record::decode(&version),
+            Err(DecodeError("unknown record version"))
+        );
+    }
+
+    #[test]
+    fn random_bytes_never_panic() {
+        let mut rng = fastrand::Rng::with_seed(7);
+        for _ in 0..20_000 {
+            let len = rng.usize(0..64);
+            let mut bytes: Vec<u8> = (0..len).map(|_| rng.u8(..)).collect();
+            if rng.bool() && !bytes.is_empty() {
+                bytes[0] = RECORD_VERSION;
+            }
+            let _ = Record::decode(&bytes);
+            let _ = decode_dead(&bytes);
+        }
+    }
+
+    #[test]
+    fn a_dead_letter_keeps_reason_and_raw_record() {
+        let raw = record().encode();
+        let stored = encode_dead("no stream captures the subject", &raw);
+        let (reason, back) = decode_dead(&stored).expect("decodes");
+        assert_eq!(reason, "no stream captures the subject");
+        assert_eq!(Record::decode(back), Ok(record()));
+    }
+}
