@@ -431,7 +431,7 @@ impl Outbox {
             }),
             counters: Counters::default(),
             dead_letters: dead,
-            head_ms: AtomicU64::new(0),
+            head_ms: AtomicU64::new(opened.oldest_ms),
             low_water: watch::Sender::new(opened.first_pending),
             short_windows: Mutex::new(Vec::new()),
             metrics,

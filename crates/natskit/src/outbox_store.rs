@@ -267,6 +267,8 @@ pub(crate) struct Opened {
     pub(crate) pending_messages: u64,
     pub(crate) pending_bytes: u64,
     pub(crate) dead_letters: u64,
+    /// Enqueue time (ms) of the oldest pending message; 0 when none.
+    pub(crate) oldest_ms: u64,
 }
 
 pub(crate) fn storage_error(path: &Path, op: &'static str, err: impl Into<redb::Error>) -> Error {
@@ -322,6 +324,7 @@ pub(crate) fn open(path: &Path) -> Result<(Opened, u64)> {
         pending_messages,
         pending_bytes,
         dead_letters,
+        oldest_ms,
     } = found;
     Ok((
         Opened {
@@ -331,6 +334,7 @@ pub(crate) fn open(path: &Path) -> Result<(Opened, u64)> {
             pending_messages,
             pending_bytes,
             dead_letters,
+            oldest_ms,
         },
         next_seq,
     ))
@@ -343,6 +347,7 @@ struct Survey {
     pending_messages: u64,
     pending_bytes: u64,
     dead_letters: u64,
+    oldest_ms: u64,
 }
 
 /// Creates the tables and reads where the queue stands.
@@ -368,18 +373,22 @@ fn survey(db: &Database) -> std::result::Result<Survey, redb::Error> {
             .unwrap_or(1);
         (id, next)
     };
-    let (first, pending_messages, pending_bytes, last_msg) = {
+    let (first, pending_messages, pending_bytes, last_msg, oldest_ms) = {
         let messages = txn.open_table(MESSAGES)?;
         let mut bytes = 0u64;
         let mut first = None;
         let mut last = 0;
+        let mut oldest_ms = 0;
         for item in messages.iter()? {
             let (k, v) = item?;
-            first.get_or_insert(k.value());
+            if first.is_none() {
+                first = Some(k.value());
+                oldest_ms = Record::decode(v.value()).map_or(0, |r| r.enqueued_ms);
+            }
             last = k.value();
             bytes += v.value().len() as u64;
         }
-        (first, messages.len()?, bytes, last)
+        (first, messages.len()?, bytes, last, oldest_ms)
     };
     let (dead_letters, last_dead) = {
         let dead = txn.open_table(DEAD)?;
@@ -395,6 +404,7 @@ fn survey(db: &Database) -> std::result::Result<Survey, redb::Error> {
         pending_messages,
         pending_bytes,
         dead_letters,
+        oldest_ms,
     })
 }
 

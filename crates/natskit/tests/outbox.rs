@@ -55,9 +55,25 @@ async fn stream_contents(
 /// Asserts that every receipt's message is in `contents` exactly once, that
 /// nothing else is, and that per subject the stream order is the receipt
 /// order.
+/// What a receipt told: local sequence and message id.
+#[derive(Debug, Clone)]
+struct Sent {
+    sequence: u64,
+    message_id: String,
+}
+
+impl From<Receipt> for Sent {
+    fn from(r: Receipt) -> Self {
+        Sent {
+            sequence: r.sequence,
+            message_id: r.message_id,
+        }
+    }
+}
+
 fn assert_exactly_once_in_order(
     contents: &[(String, String, Vec<u8>)],
-    receipts: &[(String, Receipt)],
+    receipts: &[(String, Sent)],
 ) {
     let mut seen: HashMap<&str, usize> = HashMap::new();
     for (_, id, _) in contents {
@@ -114,7 +130,7 @@ async fn durable_publishes_reach_the_stream_once_in_order() -> TestResult {
         let r = outbox
             .publish_durable(subject.clone(), format!("m{i}"))
             .await?;
-        receipts.push((subject, r));
+        receipts.push((subject, r.into()));
     }
     // A batch in one commit, and concurrent callers sharing commits.
     let batch: Vec<(String, String)> = (0..200)
@@ -126,7 +142,7 @@ async fn durable_publishes_reach_the_stream_once_in_order() -> TestResult {
         .into_iter()
         .zip(batch)
     {
-        receipts.push((s, r));
+        receipts.push((s, r.into()));
     }
     let mut headers = natskit::HeaderMap::new();
     headers.insert("Nats-Msg-Id", "my-own-id");
@@ -135,7 +151,7 @@ async fn durable_publishes_reach_the_stream_once_in_order() -> TestResult {
         .publish_durable_with_headers("events.h", headers, "with headers")
         .await?;
     assert_eq!(own.message_id, "my-own-id");
-    receipts.push(("events.h".into(), own));
+    receipts.push(("events.h".into(), own.into()));
 
     outbox.flush_outbox(Duration::from_secs(30)).await?;
     let stats = outbox.stats();
@@ -172,7 +188,10 @@ async fn a_full_outbox_refuses_and_what_it_accepted_arrives_after_reopen() -> Te
     for i in 0..100 {
         receipts.push((
             "jobs.a".to_owned(),
-            outbox.publish_durable("jobs.a", format!("{i}")).await?,
+            outbox
+                .publish_durable("jobs.a", format!("{i}"))
+                .await?
+                .into(),
         ));
     }
     let err = outbox
@@ -231,7 +250,7 @@ async fn a_full_outbox_refuses_and_what_it_accepted_arrives_after_reopen() -> Te
         "sequences are never reused: {}",
         next.sequence
     );
-    receipts.push(("jobs.a".into(), next));
+    receipts.push(("jobs.a".into(), next.into()));
     outbox.flush_outbox(Duration::from_secs(30)).await?;
     let contents = stream_contents(&jetstream::new(client.nats()?.clone()), "JOBS").await?;
     assert_exactly_once_in_order(&contents, &receipts);
@@ -249,12 +268,12 @@ async fn refused_messages_become_dead_letters_and_can_be_requeued() -> TestResul
     let mut receipts = Vec::new();
     receipts.push((
         "ok.1".to_owned(),
-        outbox.publish_durable("ok.1", "a").await?,
+        outbox.publish_durable("ok.1", "a").await?.into(),
     ));
     let orphan = outbox.publish_durable("nowhere.1", "no stream").await?;
     receipts.push((
         "ok.1".to_owned(),
-        outbox.publish_durable("ok.1", "b").await?,
+        outbox.publish_durable("ok.1", "b").await?.into(),
     ));
     outbox.flush_outbox(Duration::from_secs(30)).await?;
     let stats = outbox.stats();
@@ -341,5 +360,325 @@ async fn a_damaged_file_is_a_typed_error_and_a_second_open_is_refused() -> TestR
             outbox.close().await?;
         }
     }
+    Ok(())
+}
+
+/// Publishes `per_task` messages durably from each of `tasks` tasks (subject
+/// `<prefix>.<task>`, so per-subject order is each task's order); returns
+/// the receipts.
+fn spawn_publishers(
+    outbox: &Outbox,
+    prefix: &str,
+    tasks: usize,
+    per_task: usize,
+) -> Vec<tokio::task::JoinHandle<Result<Vec<(String, Sent)>, Error>>> {
+    (0..tasks)
+        .map(|t| {
+            let outbox = outbox.clone();
+            let subject = format!("{prefix}.{t}");
+            tokio::spawn(async move {
+                let mut receipts = Vec::with_capacity(per_task);
+                for i in 0..per_task {
+                    let r = outbox
+                        .publish_durable(subject.clone(), format!("{t}-{i}"))
+                        .await?;
+                    receipts.push((subject.clone(), r.into()));
+                }
+                Ok(receipts)
+            })
+        })
+        .collect()
+}
+
+async fn join_receipts(
+    tasks: Vec<tokio::task::JoinHandle<Result<Vec<(String, Sent)>, Error>>>,
+) -> Result<Vec<(String, Sent)>, Box<dyn std::error::Error + Send + Sync>> {
+    let mut all = Vec::new();
+    for task in tasks {
+        all.extend(task.await??);
+    }
+    Ok(all)
+}
+
+/// The partition: the link is blackholed for 20 s while 50,000
+/// messages are stored durably; after it heals every one is in the stream
+/// exactly once, in order per subject.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_20s_partition_during_50k_durable_publishes_loses_and_duplicates_nothing() -> TestResult {
+    const TASKS: usize = 50;
+    const EACH: usize = 1000;
+    let server = NatsServer::start_jetstream()?;
+    let proxy = Proxy::start(server.client_port()).await?;
+    let client = connect(&proxy.url()).await?;
+    client
+        .create_stream(stream_config("PART", &["part.>"]))
+        .await?;
+    let dir = tempfile::tempdir()?;
+    let outbox = Outbox::open(
+        &client,
+        OutboxConfig::new(dir.path().join("o.redb")).ack_timeout(Duration::from_secs(2)),
+    )
+    .await?;
+    // Some traffic on a healthy link first.
+    outbox.publish_durable("part.warmup", "w").await?;
+    outbox.flush_outbox(Duration::from_secs(10)).await?;
+
+    proxy.blackhole();
+    let cut = Instant::now();
+    let publishers = spawn_publishers(&outbox, "part", TASKS, EACH);
+    let receipts = join_receipts(publishers).await?;
+    let stored_in = cut.elapsed();
+    let during = outbox.stats();
+    println!("50k stored in {stored_in:?} during the partition; {during:?}");
+    assert!(
+        during.pending_messages > 0,
+        "nothing can be acknowledged through a blackhole"
+    );
+    tokio::time::sleep(Duration::from_secs(20).saturating_sub(cut.elapsed())).await;
+    proxy.heal();
+    let healed = Instant::now();
+    outbox.flush_outbox(Duration::from_secs(180)).await?;
+    let drained_in = healed.elapsed();
+    let stats = outbox.stats();
+    println!("drained in {drained_in:?} after the heal; {stats:?}");
+    assert_eq!(stats.pending_messages, 0);
+    assert_eq!(stats.dead_letters, 0);
+
+    let contents = stream_contents(&jetstream::new(client.nats()?.clone()), "PART").await?;
+    let contents: Vec<_> = contents
+        .into_iter()
+        .filter(|(s, _, _)| s != "part.warmup")
+        .collect();
+    assert_exactly_once_in_order(&contents, &receipts);
+    assert_eq!(contents.len(), TASKS * EACH);
+    outbox.close().await?;
+    Ok(())
+}
+
+/// A child process (this same test binary) publishes durably and reports
+/// each receipt; it is SIGKILLed mid-stream. Reopened on the same file, the
+/// outbox delivers every message whose `publish_durable` returned `Ok`
+/// exactly once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_killed_process_loses_nothing_it_was_told_was_stored() -> TestResult {
+    const CHILD: &str = "NATSKIT_OUTBOX_CRASH_CHILD";
+    if let Ok(spec) = std::env::var(CHILD) {
+        // The child: publish until killed, one line per receipt.
+        let (url, path) = spec.split_once('|').ok_or("spec")?;
+        let client = connect(url).await?;
+        let outbox = Outbox::open(&client, OutboxConfig::new(path)).await?;
+        let mut tasks = Vec::new();
+        for t in 0..8 {
+            let outbox = outbox.clone();
+            tasks.push(tokio::spawn(async move {
+                use std::io::Write;
+                for i in 0.. {
+                    let subject = format!("crash.{t}");
+                    let r = outbox
+                        .publish_durable(subject.clone(), format!("{i}"))
+                        .await?;
+                    let mut out = std::io::stdout().lock();
+                    writeln!(out, "receipt {subject} {} {}", r.sequence, r.message_id)?;
+                    out.flush()?;
+                }
+                Ok::<_, Box<dyn std::error::Error + Send + Sync>>(())
+            }));
+        }
+        for t in tasks {
+            t.await??;
+        }
+        return Ok(());
+    }
+    let server = NatsServer::builder().sync_always().start()?;
+    let client = connect(&server.url()).await?;
+    client
+        .create_stream(stream_config("CRASH", &["crash.>"]))
+        .await?;
+    let dir = tempfile::tempdir()?;
+    let path = dir.path().join("o.redb");
+    let mut child = tokio::process::Command::new(std::env::current_exe()?)
+        .args([
+            "a_killed_process_loses_nothing_it_was_told_was_stored",
+            "--exact",
+            "--nocapture",
+            "--test-threads=1",
+        ])
+        .env(CHILD, format!("{}|{}", server.url(), path.display()))
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::null())
+        .kill_on_drop(true)
+        .spawn()?;
+    let stdout = child.stdout.take().ok_or("stdout")?;
+    let mut lines = tokio::io::AsyncBufReadExt::lines(tokio::io::BufReader::new(stdout));
+    let mut receipts: Vec<(String, Sent)> = Vec::new();
+    let read = |line: &str| -> Option<(String, u64, String)> {
+        let mut parts = line.strip_prefix("receipt ")?.split(' ');
+        Some((
+            parts.next()?.to_owned(),
+            parts.next()?.parse().ok()?,
+            parts.next()?.to_owned(),
+        ))
+    };
+    while receipts.len() < 3000 {
+        let line = tokio::time::timeout(Duration::from_secs(60), lines.next_line())
+            .await??
+            .ok_or("the child ended early")?;
+        if let Some((subject, sequence, id)) = read(&line) {
+            receipts.push((
+                subject,
+                Sent {
+                    sequence,
+                    message_id: id,
+                },
+            ));
+        }
+    }
+    child.start_kill()?; // SIGKILL
+    while let Ok(Some(line)) = lines.next_line().await {
+        if let Some((subject, sequence, id)) = read(&line) {
+            receipts.push((
+                subject,
+                Sent {
+                    sequence,
+                    message_id: id,
+                },
+            ));
+        }
+    }
+    child.wait().await?;
+    println!("child killed after {} receipts", receipts.len());
+
+    let outbox = Outbox::open(&client, OutboxConfig::new(&path)).await?;
+    let reopened = outbox.stats();
+    println!("reopened: {reopened:?}");
+    assert!(
+        reopened.pending_messages == 0 || reopened.oldest_age.is_some(),
+        "the age of what waits is known at open"
+    );
+    outbox.flush_outbox(Duration::from_secs(60)).await?;
+    let contents = stream_contents(&jetstream::new(client.nats()?.clone()), "CRASH").await?;
+    // Messages stored but killed before their receipt was printed may be
+    // there too; every receipt must be there once, nothing twice.
+    let ids: std::collections::HashSet<&str> = receipts
+        .iter()
+        .map(|(_, r)| r.message_id.as_str())
+        .collect();
+    let reported: Vec<_> = contents
+        .iter()
+        .filter(|(_, id, _)| ids.contains(id.as_str()))
+        .cloned()
+        .collect();
+    let mut seen = std::collections::HashSet::new();
+    for (_, id, _) in &contents {
+        assert!(seen.insert(id.clone()), "{id} stored twice");
+    }
+    assert_exactly_once_in_order(&reported, &receipts);
+    outbox.close().await?;
+    Ok(())
+}
+
+/// The server is SIGKILLed and restarted while the outbox forwards.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_server_kill_and_restart_during_forwarding_loses_and_duplicates_nothing() -> TestResult {
+    let mut server = NatsServer::builder().sync_always().start()?;
+    let client = connect(&server.url()).await?;
+    client
+        .create_stream(stream_config("RESTART", &["restart.>"]))
+        .await?;
+    let dir = tempfile::tempdir()?;
+    let outbox = Outbox::open(
+        &client,
+        OutboxConfig::new(dir.path().join("o.redb")).ack_timeout(Duration::from_secs(2)),
+    )
+    .await?;
+    let publishers = spawn_publishers(&outbox, "restart", 8, 1500);
+    eventually(Duration::from_secs(30), "forwarding under way", || async {
+        (outbox.stats().forwarded > 1000).then_some(())
+    })
+    .await;
+    server.kill_async().await?;
+    let killed = Instant::now();
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    server.restart_async().await?;
+    let receipts = join_receipts(publishers).await?;
+    outbox.flush_outbox(Duration::from_secs(60)).await?;
+    println!(
+        "restart: everything acknowledged {:?} after the kill; {:?}",
+        killed.elapsed(),
+        outbox.stats()
+    );
+    let contents = stream_contents(&jetstream::new(client.nats()?.clone()), "RESTART").await?;
+    assert_exactly_once_in_order(&contents, &receipts);
+    outbox.close().await?;
+    Ok(())
+}
+
+/// The stream leader of an R3 stream is killed while the outbox forwards.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_r3_leader_kill_during_forwarding_loses_and_duplicates_nothing() -> TestResult {
+    let mut cluster = Cluster::builder(3)
+        .configure(|_, builder| builder.sync_always())
+        .start()?;
+    let client = Client::builder(cluster.urls())
+        .reconnect_wait(Duration::from_millis(100))
+        .connect()
+        .await?;
+    let mut config = stream_config("LEAD", &["lead.>"]);
+    config.num_replicas = 3;
+    eventually(Duration::from_secs(30), "an R3 stream", || async {
+        client.create_stream(config.clone()).await.ok()
+    })
+    .await;
+    cluster
+        .wait_for_stream_current_async("LEAD", Duration::from_secs(30))
+        .await?;
+    let dir = tempfile::tempdir()?;
+    let outbox = Outbox::open(
+        &client,
+        OutboxConfig::new(dir.path().join("o.redb")).ack_timeout(Duration::from_secs(2)),
+    )
+    .await?;
+    let publishers = spawn_publishers(&outbox, "lead", 8, 1000);
+    eventually(Duration::from_secs(30), "forwarding under way", || async {
+        (outbox.stats().forwarded > 500).then_some(())
+    })
+    .await;
+    let leader = cluster
+        .wait_for_stream_current_async("LEAD", Duration::from_secs(30))
+        .await?;
+    cluster.node_mut(leader).kill_async().await?;
+    let killed = Instant::now();
+    let receipts = join_receipts(publishers).await?;
+    outbox.flush_outbox(Duration::from_secs(90)).await?;
+    println!(
+        "leader kill: everything acknowledged {:?} after the kill; {:?}",
+        killed.elapsed(),
+        outbox.stats()
+    );
+    cluster.node_mut(leader).restart_async().await?;
+    let contents = stream_contents(&jetstream::new(client.nats()?.clone()), "LEAD").await?;
+    assert_exactly_once_in_order(&contents, &receipts);
+    outbox.close().await?;
+    Ok(())
+}
+
+#[tokio::test]
+async fn a_short_duplicate_window_is_reported() -> TestResult {
+    let server = NatsServer::start_jetstream()?;
+    let client = connect(&server.url()).await?;
+    let mut config = stream_config("SHORT", &["short.>"]);
+    config.duplicate_window = Duration::from_secs(10);
+    client.create_stream(config).await?;
+    let dir = tempfile::tempdir()?;
+    let outbox = Outbox::open(&client, OutboxConfig::new(dir.path().join("o.redb"))).await?;
+    outbox.publish_durable("short.a", "x").await?;
+    outbox.flush_outbox(Duration::from_secs(10)).await?;
+    let windows = eventually(Duration::from_secs(10), "the window check", || async {
+        let w = outbox.stats().short_duplicate_windows;
+        (!w.is_empty()).then_some(w)
+    })
+    .await;
+    assert_eq!(windows, vec![("SHORT".to_owned(), Duration::from_secs(10))]);
+    outbox.close().await?;
     Ok(())
 }
