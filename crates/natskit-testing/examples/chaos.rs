@@ -21,8 +21,8 @@ use async_nats::jetstream::kv;
 use async_nats::jetstream::stream::{self, StorageType};
 use futures_util::StreamExt;
 use natskit::{
-    Client, Error, KvOptions, RetryConfig, Settled, StreamConsumerConfig, StreamPublishOptions,
-    WatchEvent, consume_with_heartbeat,
+    Client, Error, KvOptions, Outbox, OutboxConfig, RetryConfig, Settled, StreamConsumerConfig,
+    StreamPublishOptions, WatchEvent, consume_with_heartbeat,
 };
 use natskit_testing::{Cluster, NatsServer, Proxy};
 
@@ -47,7 +47,7 @@ fn main() -> ExitCode {
 }
 
 async fn run() -> ExitCode {
-    let scenarios: [(&str, Scenario); 6] = [
+    let scenarios: [(&str, Scenario); 7] = [
         ("single-server-kills", || Box::pin(single_server_kills())),
         ("r3-stream-leader-kills", || {
             Box::pin(r3_stream_leader_kills())
@@ -63,6 +63,9 @@ async fn run() -> ExitCode {
         }),
         ("kv-watch-across-restart", || {
             Box::pin(kv_watch_across_restart())
+        }),
+        ("outbox-partition-and-kill", || {
+            Box::pin(outbox_partition_and_kill())
         }),
     ];
     let only = std::env::var("SCENARIO").unwrap_or_default();
@@ -942,4 +945,117 @@ async fn kv_watch_across_restart() -> Outcome {
     Ok(format!(
         "all {KEYS} keys seen by the watch across a kill and restart; caught up {caught_up:.1?} after the restart"
     ))
+}
+
+/// `publishers` tasks store `each` messages durably (subject per task);
+/// returns the message ids of every `Ok`.
+async fn durable_publish(
+    outbox: &Outbox,
+    prefix: &str,
+    publishers: usize,
+    each: usize,
+) -> Result<Vec<String>, String> {
+    let mut tasks = Vec::new();
+    for t in 0..publishers {
+        let outbox = outbox.clone();
+        let subject = format!("{prefix}.{t}");
+        tasks.push(tokio::spawn(async move {
+            let mut ids = Vec::with_capacity(each);
+            for i in 0..each {
+                let receipt = outbox
+                    .publish_durable(subject.clone(), format!("{i}"))
+                    .await
+                    .map_err(fail)?;
+                ids.push(receipt.message_id);
+            }
+            Ok::<_, String>(ids)
+        }));
+    }
+    let mut ids = Vec::new();
+    for task in tasks {
+        ids.extend(task.await.map_err(fail)??);
+    }
+    Ok(ids)
+}
+
+/// The durable outbox across a 10 s partition (a blackholing proxy) while
+/// 32,000 messages are stored, then a SIGKILL and restart of the server
+/// (`sync_interval: always`) while another 16,000 are forwarded. Every
+/// stored message must be in the stream exactly once.
+async fn outbox_partition_and_kill() -> Outcome {
+    let mut server = NatsServer::builder().sync_always().start().map_err(fail)?;
+    let proxy = Proxy::start(server.client_port()).await.map_err(fail)?;
+    let client = Client::builder(proxy.url())
+        .reconnect_wait(Duration::from_millis(100))
+        .connect()
+        .await
+        .map_err(fail)?;
+    client
+        .create_stream(file_stream("OUTBOX", "outbox.>", 1))
+        .await
+        .map_err(fail)?;
+    let dir = tempfile::tempdir().map_err(fail)?;
+    let outbox = Outbox::open(
+        &client,
+        OutboxConfig::new(dir.path().join("outbox.redb")).ack_timeout(Duration::from_secs(2)),
+    )
+    .await
+    .map_err(fail)?;
+
+    proxy.blackhole();
+    let cut = Instant::now();
+    let mut ids = durable_publish(&outbox, "outbox.p", 16, 2000).await?;
+    let stored_in = cut.elapsed();
+    let pending_at_heal = outbox.stats().pending_messages;
+    tokio::time::sleep(Duration::from_secs(10).saturating_sub(cut.elapsed())).await;
+    proxy.heal();
+    let healed = Instant::now();
+    outbox
+        .flush_outbox(Duration::from_secs(60))
+        .await
+        .map_err(fail)?;
+    let drained_in = healed.elapsed();
+
+    let second = {
+        let outbox = outbox.clone();
+        tokio::spawn(async move { durable_publish(&outbox, "outbox.k", 8, 2000).await })
+    };
+    let forwarded = outbox.stats().forwarded;
+    wait_for(Duration::from_secs(30), "forwarding under way", || async {
+        (outbox.stats().forwarded > forwarded + 2000).then_some(())
+    })
+    .await?;
+    server.kill_async().await.map_err(fail)?;
+    let killed = Instant::now();
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    server.restart_async().await.map_err(fail)?;
+    ids.extend(second.await.map_err(fail)??);
+    outbox
+        .flush_outbox(Duration::from_secs(60))
+        .await
+        .map_err(fail)?;
+    let recovered_in = killed.elapsed();
+    let stats = outbox.stats();
+    let (stored, found) = stored_ids(&server.url(), "OUTBOX").await?;
+    let lost = ids.iter().filter(|id| !found.contains(*id)).count();
+    let duplicates = stored - found.len() as u64;
+    let line = format!(
+        "{} stored durably ({:.0} msg/s during the partition, {pending_at_heal} pending at the heal), \
+         drained {drained_in:?} after the heal, all acknowledged {recovered_in:?} after the server kill; \
+         {stored} in the stream, lost {lost}, duplicates {duplicates}, resent {}, reordered {}",
+        ids.len(),
+        32_000.0 / stored_in.as_secs_f64(),
+        stats.resent,
+        stats.reordered,
+    );
+    check(
+        lost == 0 && duplicates == 0 && stored == ids.len() as u64,
+        || line.clone(),
+    )?;
+    check(drained_in < Duration::from_secs(60), || {
+        format!("slow drain: {line}")
+    })?;
+    outbox.close().await.map_err(fail)?;
+    client.close().await.map_err(fail)?;
+    Ok(line)
 }

@@ -500,6 +500,14 @@ impl Writer {
         let mut dead_delta: i64 = 0;
         match self.apply(group, &mut replies, &mut dead_delta) {
             Ok(added) => {
+                // Before any reply: a caller that got its receipt and then
+                // flushes must count its message in.
+                if added {
+                    self.signals
+                        .last_committed
+                        .store(self.next_seq - 1, Ordering::Release);
+                    self.signals.wake.notify_one();
+                }
                 if dead_delta < 0 {
                     self.dead_letters
                         .fetch_sub(dead_delta.unsigned_abs(), Ordering::Relaxed);
@@ -519,12 +527,6 @@ impl Writer {
                             let _ = tx.send(());
                         }
                     }
-                }
-                if added {
-                    self.signals
-                        .last_committed
-                        .store(self.next_seq - 1, Ordering::Release);
-                    self.signals.wake.notify_one();
                 }
             }
             Err((message, replies)) => {
