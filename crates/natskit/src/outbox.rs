@@ -806,7 +806,10 @@ struct Pending {
     size: u64,
     enqueued_ms: u64,
     subject: async_nats::Subject,
-    headers: HeaderMap,
+    msg_id: String,
+    fields: Vec<(String, String)>,
+    /// The headers of the next send (taken by a send, rebuilt for a resend).
+    headers: Option<HeaderMap>,
     payload: Bytes,
     /// Sends so far.
     attempts: u32,
@@ -826,10 +829,10 @@ struct InFlight {
 }
 
 /// Loads below this many queued messages.
-const LOAD_BATCH: usize = 2048;
+const LOAD_BATCH: usize = 4096;
 /// Removals stored per commit at most (they also go whenever the window
 /// empties).
-const REMOVE_BATCH: usize = 512;
+const REMOVE_BATCH: usize = 4096;
 /// Failed sends of a message while later ones were acknowledged before it
 /// is moved aside (the signature of a publish permission denial).
 const MAX_STALLS: u32 = 3;
@@ -852,6 +855,8 @@ struct Fw {
     /// A resent message was stored fresh since the last go-back.
     fresh_in_resend: bool,
     streams_checked: HashSet<String>,
+    /// Acknowledged since the last `publish_progress`: messages, bytes.
+    settled: (u64, u64),
 }
 
 enum Outcome {
@@ -874,6 +879,7 @@ async fn forward(client: Client, shared: Arc<Shared>, cancel: CancellationToken,
         pause_until: None,
         fresh_in_resend: false,
         streams_checked: HashSet::new(),
+        settled: (0, 0),
     };
     let config = shared.config.clone();
     let backoff = Backoff::new(Duration::from_millis(100), Duration::from_secs(5));
@@ -882,6 +888,10 @@ async fn forward(client: Client, shared: Arc<Shared>, cancel: CancellationToken,
     let mut status = client.status_watch();
     let mut js: Option<async_nats::jetstream::Context> = None;
     let mut permit: Option<crate::breaker::Permit<'_>> = None;
+    let tick =
+        (config.ack_timeout / 10).clamp(Duration::from_millis(10), Duration::from_millis(250));
+    let mut deadlines = tokio::time::interval(tick);
+    deadlines.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         fw.maybe_load();
         let mut link_down = false;
@@ -925,6 +935,9 @@ async fn forward(client: Client, shared: Arc<Shared>, cancel: CancellationToken,
             fw.flush_removals();
         }
         let pause = fw.pause_until;
+        // Only while a load could start does a commit matter (one that
+        // happened since `maybe_load` is kept by `Notify` as a permit).
+        let want_wake = fw.loading.is_none() && fw.queue.len() < LOAD_BATCH;
         let Fw {
             inflight, loading, ..
         } = &mut fw;
@@ -948,19 +961,32 @@ async fn forward(client: Client, shared: Arc<Shared>, cancel: CancellationToken,
             }
             result = async {
                 match front {
-                    Some(f) => tokio::time::timeout_at(f.deadline, &mut f.ack).await,
+                    Some(f) => Some((&mut f.ack).await),
                     None => std::future::pending().await,
                 }
             }, if has_inflight => {
-                let outcome = match result {
-                    Ok(Ok(ack)) => Outcome::Acked(ack),
-                    Ok(Err(err)) => {
-                        let subject = fw.inflight.front().map(|f| f.msg.subject.clone());
-                        classify(js.as_ref(), subject, err).await
+                // This ack, then every later one that is already here: one
+                // pass of the loop settles a run of acks.
+                let mut next = Some(result);
+                while let Some(result) = next.take() {
+                    let outcome = match result {
+                        Some(Ok(ack)) => Outcome::Acked(ack),
+                        Some(Err(err)) => {
+                            let subject = fw.inflight.front().map(|f| f.msg.subject.clone());
+                            classify(js.as_ref(), subject, err).await
+                        }
+                        None => Outcome::Transient("no acknowledgement in time".into()),
+                    };
+                    let settled = !matches!(outcome, Outcome::Transient(_));
+                    fw.settle_front(outcome, &mut permit, &backoff, js.as_ref(), &client);
+                    if settled && let Some(f) = fw.inflight.front_mut() {
+                        next = match (&mut f.ack).now_or_never() {
+                            Some(result) => Some(Some(result)),
+                            None if Instant::now() >= f.deadline => Some(None),
+                            None => None,
+                        };
                     }
-                    Err(_) => Outcome::Transient("no acknowledgement in time".into()),
-                };
-                fw.settle_front(outcome, &mut permit, &backoff, js.as_ref(), &client);
+                }
             }
             loaded = async {
                 match loading.as_mut() {
@@ -971,7 +997,15 @@ async fn forward(client: Client, shared: Arc<Shared>, cancel: CancellationToken,
                 fw.loading = None;
                 fw.take_loaded(loaded);
             }
-            () = shared.signals.wake.notified() => {}
+            () = shared.signals.wake.notified(), if want_wake => {}
+            // Ack deadlines are checked on a tick (one timer, not one per
+            // message).
+            _ = deadlines.tick(), if has_inflight => {
+                if fw.inflight.front().is_some_and(|f| Instant::now() >= f.deadline) {
+                    let outcome = Outcome::Transient("no acknowledgement in time".into());
+                    fw.settle_front(outcome, &mut permit, &backoff, js.as_ref(), &client);
+                }
+            }
             () = async {
                 match pause {
                     Some(t) => tokio::time::sleep_until(t).await,
@@ -979,7 +1013,8 @@ async fn forward(client: Client, shared: Arc<Shared>, cancel: CancellationToken,
                 }
             }, if pause.is_some() => {}
             _ = status.changed(), if link_down => {}
-            () = tokio::time::sleep(Duration::from_millis(500)), if link_down => {}
+            // The status can change before the connection is usable: poll too.
+            () = tokio::time::sleep(Duration::from_millis(50)), if link_down => {}
         }
     }
     drop(permit);
@@ -987,6 +1022,7 @@ async fn forward(client: Client, shared: Arc<Shared>, cancel: CancellationToken,
         // It holds the file open; let it finish.
         let _ = load.await;
     }
+    fw.publish_progress();
     fw.flush_removals();
     let _ = shared.commands.send(Cmd::Shutdown);
 }
@@ -1072,14 +1108,14 @@ impl Fw {
             self.cursor = seq + 1;
             match record {
                 Ok(r) => {
-                    let mut headers = header_map(&r.headers);
-                    headers.insert(async_nats::header::NATS_MESSAGE_ID, r.msg_id.as_str());
                     self.queue.push_back(Pending {
                         seq,
                         size,
                         enqueued_ms: r.enqueued_ms,
                         subject: async_nats::Subject::from(r.subject),
-                        headers,
+                        headers: None,
+                        msg_id: r.msg_id,
+                        fields: r.headers,
                         payload: r.payload,
                         attempts: 0,
                         stalls: 0,
@@ -1108,9 +1144,14 @@ impl Fw {
             let Some(mut msg) = self.queue.pop_front() else {
                 return;
             };
+            let headers = msg.headers.take().unwrap_or_else(|| {
+                let mut headers = header_map(&msg.fields);
+                headers.insert(async_nats::header::NATS_MESSAGE_ID, msg.msg_id.as_str());
+                headers
+            });
             let publish = PublishMessage::build()
                 .payload(msg.payload.clone())
-                .headers(msg.headers.clone());
+                .headers(headers);
             match js.send_publish(msg.subject.clone(), publish).await {
                 Ok(ack) => {
                     msg.attempts += 1;
@@ -1261,10 +1302,9 @@ impl Fw {
         } else if resent {
             self.fresh_in_resend = true;
         }
-        counters.forwarded.fetch_add(1, Ordering::Relaxed);
-        self.shared.metrics.forwarded.increment(1);
+        self.settled.0 += 1;
+        self.settled.1 += msg.size;
         self.removed.push(msg.seq);
-        self.shared.adjust(-1, -as_i64(msg.size));
     }
 
     fn reordered(&self, msg: &Pending) {
@@ -1302,7 +1342,18 @@ impl Fw {
 
     /// Publishes the low-water mark (for `flush_outbox`), the oldest
     /// message's age and the gauges.
-    fn publish_progress(&self) {
+    fn publish_progress(&mut self) {
+        // Depth first: whoever sees the new low-water mark sees the depth
+        // that goes with it.
+        let (acked, bytes) = std::mem::take(&mut self.settled);
+        if acked > 0 {
+            self.shared
+                .counters
+                .forwarded
+                .fetch_add(acked, Ordering::Relaxed);
+            self.shared.metrics.forwarded.increment(acked);
+            self.shared.adjust(-as_i64(acked), -as_i64(bytes));
+        }
         let head = self
             .inflight
             .front()
@@ -1323,7 +1374,13 @@ impl Fw {
                 false
             }
         });
-        let head_ms = head.map_or(0, |(_, ms)| ms);
+        let head_ms = match head {
+            Some((_, ms)) => ms,
+            // Nothing held and nothing left to load: empty.
+            None if self.shared.signals.last_committed.load(Ordering::Acquire) < self.cursor => 0,
+            // Not loaded yet: keep what is known (set at open).
+            None => self.shared.head_ms.load(Ordering::Relaxed),
+        };
         self.shared.head_ms.store(head_ms, Ordering::Relaxed);
         let age = if head_ms == 0 {
             0.0
