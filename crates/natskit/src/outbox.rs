@@ -837,7 +837,7 @@ const REMOVE_BATCH: usize = 4096;
 /// is moved aside (the signature of a publish permission denial).
 const MAX_STALLS: u32 = 3;
 
-type Loaded = Result<Vec<(u64, u64, std::result::Result<Record, store::DecodeError>)>>;
+type Loaded = Result<Vec<store::LoadedRow>>;
 
 /// The forwarder's state (the client and its breaker permit live in
 /// `forward`, which borrows them).

@@ -7,6 +7,10 @@
 //! loading the next messages, listing dead letters) run on any thread
 //! against a read transaction, which never blocks the writer.
 
+// redb's error is 160 bytes; it is returned once per transaction (not per
+// message) and mapped to natskit's at once.
+#![allow(clippy::result_large_err)]
+
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -408,14 +412,12 @@ fn survey(db: &Database) -> std::result::Result<Survey, redb::Error> {
     })
 }
 
-/// Reads up to `max` pending records from `from` on: `(sequence, size,
-/// record or why it is unreadable)`.
-pub(crate) fn load(
-    db: &Database,
-    path: &Path,
-    from: u64,
-    max: usize,
-) -> Result<Vec<(u64, u64, std::result::Result<Record, DecodeError>)>> {
+/// A pending record as read back: `(sequence, stored size, record or why it
+/// is unreadable)`.
+pub(crate) type LoadedRow = (u64, u64, std::result::Result<Record, DecodeError>);
+
+/// Reads up to `max` pending records from `from` on.
+pub(crate) fn load(db: &Database, path: &Path, from: u64, max: usize) -> Result<Vec<LoadedRow>> {
     let read = || -> std::result::Result<_, redb::Error> {
         let txn = db.begin_read()?;
         let table = txn.open_table(MESSAGES)?;

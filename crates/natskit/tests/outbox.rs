@@ -389,6 +389,9 @@ async fn a_damaged_file_is_a_typed_error_and_a_second_open_is_refused() -> TestR
     Ok(())
 }
 
+/// A publishing task: its receipts, by subject.
+type Publisher = tokio::task::JoinHandle<Result<Vec<(String, Sent)>, Error>>;
+
 /// Publishes `per_task` messages durably from each of `tasks` tasks (subject
 /// `<prefix>.<task>`, so per-subject order is each task's order); returns
 /// the receipts.
@@ -397,7 +400,7 @@ fn spawn_publishers(
     prefix: &str,
     tasks: usize,
     per_task: usize,
-) -> Vec<tokio::task::JoinHandle<Result<Vec<(String, Sent)>, Error>>> {
+) -> Vec<Publisher> {
     (0..tasks)
         .map(|t| {
             let outbox = outbox.clone();
@@ -417,7 +420,7 @@ fn spawn_publishers(
 }
 
 async fn join_receipts(
-    tasks: Vec<tokio::task::JoinHandle<Result<Vec<(String, Sent)>, Error>>>,
+    tasks: Vec<Publisher>,
 ) -> Result<Vec<(String, Sent)>, Box<dyn std::error::Error + Send + Sync>> {
     let mut all = Vec::new();
     for task in tasks {
