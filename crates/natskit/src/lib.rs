@@ -88,6 +88,20 @@
 //! # let _ = (ack, consumer); Ok(()) }
 //! ```
 //!
+//! # Durable outbox
+//!
+//! [`Outbox`]: publishes stored on local disk first (fsync'd, group
+//! commit), then forwarded to JetStream in order, exactly once within the
+//! stream's duplicate window, across partitions, crashes and elections; see
+//! [`outbox`] for the semantics.
+//!
+//! ```no_run
+//! # async fn demo(client: natskit::Client) -> natskit::Result<()> {
+//! let outbox = client.outbox(natskit::OutboxConfig::new("outbox.redb")).await?;
+//! let receipt = outbox.publish_durable("orders.created", "{}").await?;
+//! # let _ = receipt; Ok(()) }
+//! ```
+//!
 //! # Key-value and time travel
 //!
 //! [`KvStore`]: compare-and-swap with retry (sync or async updates), JSON

@@ -24,11 +24,14 @@
 //!   [`OutboxStats::short_duplicate_windows`]) when it is shorter than
 //!   [`OutboxConfig::duplicate_window`].
 //! * **Order.** Messages are sent in the order they were stored, and after
-//!   a failure the outbox goes back to the oldest unacknowledged one. Order
-//!   in the stream breaks only when a disruption loses an earlier send while
-//!   a later one lands; the outbox sees that in the acks (a fresh store
-//!   after a duplicate in the same resend) and counts it in
-//!   [`OutboxStats::reordered`].
+//!   a failure the outbox goes back to the oldest unacknowledged one and
+//!   resends from there. Order in the stream breaks only when a connection
+//!   is lost mid-pipeline: what was written to the dying connection is lost
+//!   with it, while later messages still queued inside async-nats go out on
+//!   the next connection, ahead of the resends. The outbox sees that in the
+//!   acks (a later message acknowledged first, or a resend stored fresh
+//!   before a duplicate) and counts it in [`OutboxStats::reordered`]. A
+//!   partition that heals without a reconnect keeps the order.
 //! * **Dead letters.** Messages JetStream refuses for good (no stream
 //!   captures the subject, too large, refused by the stream, never
 //!   acknowledged while later messages were, as a publish permission denial
@@ -41,7 +44,9 @@
 //! One [redb](https://docs.rs/redb) file: an ACID, copy-on-write store with
 //! checksummed commits, so a crash mid-write leaves the last complete
 //! commit. A file damaged beyond that gives [`Error::OutboxCorrupted`].
-//! One outbox may have a file open at a time.
+//! One outbox may have a file open at a time, and a client one outbox;
+//! [`close`](Outbox::close) one before opening its file again in the same
+//! process.
 //!
 //! ```no_run
 //! # async fn demo(client: natskit::Client) -> natskit::Result<()> {
@@ -649,9 +654,13 @@ impl Outbox {
     ///
     /// # Errors
     /// [`Error::OutboxFlushTimeout`] with the count still pending;
-    /// [`Error::Closed`] when forwarding stopped.
+    /// [`Error::Closed`] when the outbox or its client is closed.
     pub async fn flush_outbox(&self, timeout: Duration) -> Result<()> {
+        self.inner.client.ensure_open()?;
         let shared = &self.inner.shared;
+        if shared.closed.load(Ordering::Acquire) {
+            return Err(Error::Closed);
+        }
         let target = shared.signals.last_committed.load(Ordering::Acquire);
         let mut low = shared.low_water.subscribe();
         let wait = low.wait_for(|low| *low > target);
@@ -950,7 +959,8 @@ async fn forward(client: Client, shared: Arc<Shared>, cancel: CancellationToken,
                 if changed.is_err() {
                     break;
                 }
-                // Acks of the old connection are lost: send again now.
+                // Acks of the old connection are lost: send again now, not
+                // after the back-off of the failures that led here.
                 if !fw.inflight.is_empty() {
                     tracing::debug!(in_flight = fw.inflight.len(), "outbox: reconnected; resending");
                     fw.go_back(false, &backoff);
@@ -958,6 +968,8 @@ async fn forward(client: Client, shared: Arc<Shared>, cancel: CancellationToken,
                         drop(p);
                     }
                 }
+                fw.pause_until = None;
+                fw.go_backs = 0;
             }
             result = async {
                 match front {

@@ -90,8 +90,8 @@ pub struct OutboxStats {
     pub failed: u64,
     /// Messages sent again after a failure or a reconnection.
     pub resent: u64,
-    /// Messages the stream stored after a later message (an earlier send
-    /// was lost while a later one landed); see the outbox's ordering notes.
+    /// Messages the outbox saw stored out of its order (a connection lost
+    /// mid-pipeline); see the ordering notes of `natskit::outbox`.
     pub reordered: u64,
     /// Messages moved aside for good (refused by JetStream, or unreadable
     /// in the store) and still in the dead-letter area.
