@@ -891,7 +891,9 @@ async fn forward(client: Client, shared: Arc<Shared>, cancel: CancellationToken,
         settled: (0, 0),
     };
     let config = shared.config.clone();
-    let backoff = Backoff::new(Duration::from_millis(100), Duration::from_secs(5));
+    // Capped at 2 s: after a partition heals without a reconnect, nothing
+    // tells the forwarder; the pause is what it waits before trying again.
+    let backoff = Backoff::new(Duration::from_millis(100), Duration::from_secs(2));
     let mut epoch = client.connection_epoch();
     epoch.borrow_and_update();
     let mut status = client.status_watch();

@@ -280,3 +280,30 @@ async fn consumers_and_polled_stream_gauges() -> TestResult {
     assert!(d.monitor_stream("METRICS", Duration::ZERO).is_err());
     Ok(())
 }
+
+#[tokio::test]
+async fn the_outbox_reports_depth_and_counts() -> TestResult {
+    let env = TestEnv::builder().jetstream().start().await?;
+    env.create_stream("OUTM", &["outm.>"]).await?;
+    let client = client(&env, "metrics-outbox").await?;
+    let dir = tempfile::tempdir()?;
+    let outbox = client
+        .outbox(natskit::OutboxConfig::new(dir.path().join("o.redb")))
+        .await?;
+    let labels = [("client", "metrics-outbox")];
+    for i in 0..20 {
+        outbox.publish_durable("outm.a", format!("{i}")).await?;
+    }
+    outbox.publish_durable("nowhere.a", "no stream").await?;
+    outbox.flush_outbox(WAIT).await?;
+    assert_eq!(counter("natskit_outbox_enqueued_total", &labels), 21);
+    assert_eq!(counter("natskit_outbox_forwarded_total", &labels), 20);
+    assert_eq!(counter("natskit_outbox_dead_lettered_total", &labels), 1);
+    assert_eq!(gauge("natskit_outbox_pending_messages", &labels), Some(0.0));
+    assert_eq!(gauge("natskit_outbox_pending_bytes", &labels), Some(0.0));
+    assert_eq!(gauge("natskit_outbox_dead_letters", &labels), Some(1.0));
+    outbox.purge_dead_letters(None).await?;
+    assert_eq!(gauge("natskit_outbox_dead_letters", &labels), Some(0.0));
+    outbox.close().await?;
+    Ok(())
+}

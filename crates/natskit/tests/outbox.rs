@@ -27,6 +27,25 @@ async fn stream_contents(
     js: &jetstream::Context,
     name: &str,
 ) -> Result<Vec<(String, String, Vec<u8>)>, Box<dyn std::error::Error + Send + Sync>> {
+    // Right after a kill or a restart the stream may still be electing or
+    // catching up: retry for a while.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        match read_stream(js, name).await {
+            Ok(contents) => return Ok(contents),
+            Err(err) if Instant::now() < deadline => {
+                println!("reading {name}: {err}; retrying");
+                tokio::time::sleep(Duration::from_millis(500)).await;
+            }
+            Err(err) => return Err(err),
+        }
+    }
+}
+
+async fn read_stream(
+    js: &jetstream::Context,
+    name: &str,
+) -> Result<Vec<(String, String, Vec<u8>)>, Box<dyn std::error::Error + Send + Sync>> {
     let stream = js.get_stream(name).await?;
     let count = stream.get_info().await?.state.messages as usize;
     let consumer = stream
