@@ -105,6 +105,7 @@ pub struct OutboxConfig {
     max_in_flight: usize,
     ack_timeout: Duration,
     duplicate_window: Duration,
+    set_aside_corrupted: bool,
 }
 
 impl OutboxConfig {
@@ -119,6 +120,7 @@ impl OutboxConfig {
             max_in_flight: 256,
             ack_timeout: Duration::from_secs(5),
             duplicate_window: Duration::from_secs(120),
+            set_aside_corrupted: false,
         }
     }
 
@@ -153,6 +155,18 @@ impl OutboxConfig {
     /// one is reported (see the module docs).
     pub fn duplicate_window(mut self, window: Duration) -> Self {
         self.duplicate_window = window;
+        self
+    }
+
+    /// When the file is damaged beyond what the store repairs: rename it to
+    /// `<file>.corrupt-<unix ms>` (kept for inspection and manual salvage)
+    /// and start an empty outbox, instead of failing with
+    /// [`Error::OutboxCorrupted`]. The messages in the damaged file are not
+    /// forwarded; [`Outbox::set_aside`] names the file and an error is
+    /// logged. Off by default: a service that must not lose a message
+    /// should stop and page someone.
+    pub fn set_aside_corrupted(mut self, enabled: bool) -> Self {
+        self.set_aside_corrupted = enabled;
         self
     }
 
@@ -332,6 +346,7 @@ fn as_i64(v: u64) -> i64 {
 #[derive(Debug)]
 struct Handle {
     shared: Arc<Shared>,
+    set_aside: Option<PathBuf>,
     client: Client,
     cancel: CancellationToken,
     forwarder: Mutex<Option<tokio::task::JoinHandle<()>>>,
@@ -384,11 +399,12 @@ impl Outbox {
         let (opened_tx, opened_rx) = oneshot::channel::<Result<Opened>>();
         let (commands, receiver) = std::sync::mpsc::channel();
         let path = config.path.clone();
+        let set_aside = config.set_aside_corrupted;
         let writer = {
             let (signals, dead) = (signals.clone(), dead.clone());
             std::thread::Builder::new()
                 .name("natskit-outbox".into())
-                .spawn(move || match store::open(&path) {
+                .spawn(move || match store::open(&path, set_aside) {
                     Ok((opened, next_seq)) => {
                         let writer = Writer {
                             db: opened.db.clone(),
@@ -470,6 +486,7 @@ impl Outbox {
         Ok(Outbox {
             inner: Arc::new(Handle {
                 shared,
+                set_aside: opened.set_aside,
                 client: client.clone(),
                 cancel,
                 forwarder: Mutex::new(Some(forwarder)),
@@ -672,6 +689,12 @@ impl Outbox {
                 pending: shared.depth().messages.max(0).unsigned_abs(),
             }),
         }
+    }
+
+    /// Where a damaged file was moved at open (see
+    /// [`OutboxConfig::set_aside_corrupted`]); `None` when it was not.
+    pub fn set_aside(&self) -> Option<&Path> {
+        self.inner.set_aside.as_deref()
     }
 
     /// Depth, age of the oldest message, counters (also in

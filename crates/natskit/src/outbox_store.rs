@@ -273,6 +273,8 @@ pub(crate) struct Opened {
     pub(crate) dead_letters: u64,
     /// Enqueue time (ms) of the oldest pending message; 0 when none.
     pub(crate) oldest_ms: u64,
+    /// Where a damaged file was moved, when it was.
+    pub(crate) set_aside: Option<PathBuf>,
 }
 
 pub(crate) fn storage_error(path: &Path, op: &'static str, err: impl Into<redb::Error>) -> Error {
@@ -308,7 +310,31 @@ fn meta_u64(bytes: &[u8]) -> Option<u64> {
 /// queue stands. redb repairs a file left by a crash on open (falling back
 /// to the last complete commit); damage beyond that is
 /// [`Error::OutboxCorrupted`].
-pub(crate) fn open(path: &Path) -> Result<(Opened, u64)> {
+pub(crate) fn open(path: &Path, set_aside_corrupted: bool) -> Result<(Opened, u64)> {
+    match open_file(path) {
+        Err(Error::OutboxCorrupted { reason, .. }) if set_aside_corrupted => {
+            let mut aside = path.as_os_str().to_owned();
+            aside.push(format!(".corrupt-{}", now_ms()));
+            let aside = PathBuf::from(aside);
+            std::fs::rename(path, &aside).map_err(|e| Error::Outbox {
+                op: "set a damaged file aside",
+                source: Box::new(e),
+            })?;
+            tracing::error!(
+                path = %path.display(),
+                moved_to = %aside.display(),
+                %reason,
+                "outbox file damaged beyond repair: set aside, starting empty"
+            );
+            let (mut opened, next) = open_file(path)?;
+            opened.set_aside = Some(aside);
+            Ok((opened, next))
+        }
+        other => other,
+    }
+}
+
+fn open_file(path: &Path) -> Result<(Opened, u64)> {
     let db = std::panic::catch_unwind(|| Database::create(path))
         .map_err(|_| Error::OutboxCorrupted {
             path: path.display().to_string(),
@@ -339,6 +365,7 @@ pub(crate) fn open(path: &Path) -> Result<(Opened, u64)> {
             pending_bytes,
             dead_letters,
             oldest_ms,
+            set_aside: None,
         },
         next_seq,
     ))

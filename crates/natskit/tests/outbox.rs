@@ -384,6 +384,18 @@ async fn a_damaged_file_is_a_typed_error_and_a_second_open_is_refused() -> TestR
         .unwrap_err();
     println!("garbage: {err}");
     assert!(err.is_corrupted(), "a clear error: {err}");
+    // Opt in to keep running: the damaged file is kept aside, the outbox
+    // starts empty.
+    let outbox = Outbox::open(&client, OutboxConfig::new(&path).set_aside_corrupted(true)).await?;
+    let aside = outbox
+        .set_aside()
+        .ok_or("the file was set aside")?
+        .to_owned();
+    assert_eq!(std::fs::read(&aside)?, vec![0x5a; len], "kept as it was");
+    assert_eq!(outbox.stats().pending_messages, 0);
+    outbox.publish_durable("x.y", "after").await?;
+    assert_eq!(outbox.stats().pending_messages, 1);
+    outbox.close().await?;
     // A truncated file.
     let path = dir.path().join("t.redb");
     let outbox = Outbox::open(&client, OutboxConfig::new(&path)).await?;
