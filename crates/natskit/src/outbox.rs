@@ -81,7 +81,7 @@ use crate::client::Client;
 use crate::error::{Error, Result};
 use crate::jetstream::{PublishFault, classify_publish};
 use crate::metrics::OutboxMetrics;
-use crate::outbox_store::{self as store, Cmd, NewMessage, Opened, Record, Signals, Writer};
+use crate::outbox_store::{self as store, Cmd, NewMessage, Opened, Signals, Writer};
 use crate::status::OutboxStats;
 use crate::subject::IntoSubject;
 
@@ -253,6 +253,7 @@ struct Depth {
 #[derive(Debug)]
 struct Shared {
     config: OutboxConfig,
+    outbox_id: String,
     /// Taken at close, so the file is released once the store thread and
     /// any read under way are done with it.
     db: std::sync::RwLock<Option<Arc<redb::Database>>>,
@@ -442,6 +443,7 @@ impl Outbox {
         metrics.dead_letters.set(opened.dead_letters as f64);
         let shared = Arc::new(Shared {
             config,
+            outbox_id: opened.outbox_id.clone(),
             db: std::sync::RwLock::new(Some(opened.db)),
             closed: std::sync::atomic::AtomicBool::new(false),
             commands,
@@ -606,14 +608,11 @@ impl Outbox {
             let id_len = msg_id.as_ref().map_or(48, String::len) + 16;
             crate::handler::check_payload(conn, payload.len() + id_len, headers.as_ref())?;
         }
-        let size = Record {
-            enqueued_ms: 0,
-            subject: subject.to_owned(),
-            msg_id: msg_id.clone().unwrap_or_default(),
-            headers: fields.clone(),
-            payload: payload.clone(),
-        }
-        .encoded_len();
+        let id_len = match &msg_id {
+            Some(id) => id.len(),
+            None => store::default_msg_id(&self.inner.shared.outbox_id, 0).len(),
+        };
+        let size = store::record_len(subject.len(), id_len, &fields, payload.len());
         Ok(NewMessage {
             subject: subject.to_owned(),
             msg_id,
@@ -629,10 +628,10 @@ impl Outbox {
             return Err(Error::Closed);
         }
         let count = messages.len() as u64;
-        let estimate: u64 = messages.iter().map(|m| m.size).sum();
-        shared.reserve(count, estimate)?;
+        let bytes: u64 = messages.iter().map(|m| m.size).sum();
+        shared.reserve(count, bytes)?;
         let (reply, answer) = oneshot::channel();
-        let release = || shared.adjust(-as_i64(count), -as_i64(estimate));
+        let release = || shared.adjust(-as_i64(count), -as_i64(bytes));
         if shared
             .commands
             .send(Cmd::Enqueue { messages, reply })
@@ -643,8 +642,6 @@ impl Outbox {
         }
         match answer.await {
             Ok(Ok(stored)) => {
-                let real: u64 = stored.iter().map(|s| s.size).sum();
-                shared.adjust(0, as_i64(real) - as_i64(estimate));
                 shared.counters.enqueued.fetch_add(count, Ordering::Relaxed);
                 shared.metrics.enqueued.increment(count);
                 Ok(stored

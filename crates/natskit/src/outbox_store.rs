@@ -74,20 +74,12 @@ fn put_bytes32(out: &mut Vec<u8>, b: &[u8]) {
 impl Record {
     /// The length of [`encode`](Self::encode)'s output.
     pub(crate) fn encoded_len(&self) -> u64 {
-        let headers: usize = self
-            .headers
-            .iter()
-            .map(|(n, v)| n.len() + v.len() + 6)
-            .sum();
-        (1 + 8
-            + 2
-            + self.subject.len()
-            + 2
-            + self.msg_id.len()
-            + 2
-            + headers
-            + 4
-            + self.payload.len()) as u64
+        record_len(
+            self.subject.len(),
+            self.msg_id.len(),
+            &self.headers,
+            self.payload.len(),
+        )
     }
 
     /// The stored form: version, time, subject, id, headers, payload; every
@@ -141,6 +133,17 @@ impl Record {
             payload,
         })
     }
+}
+
+/// The stored size of a record with these parts.
+pub(crate) fn record_len(
+    subject: usize,
+    msg_id: usize,
+    headers: &[(String, String)],
+    payload: usize,
+) -> u64 {
+    let headers: usize = headers.iter().map(|(n, v)| n.len() + v.len() + 6).sum();
+    (1 + 8 + 2 + subject + 2 + msg_id + 2 + headers + 4 + payload) as u64
 }
 
 struct Reader<'a>(&'a [u8]);
@@ -208,7 +211,8 @@ pub(crate) struct NewMessage {
     pub(crate) msg_id: Option<String>,
     pub(crate) headers: Vec<(String, String)>,
     pub(crate) payload: Bytes,
-    /// Its size as counted against the limits (reserved by the caller).
+    /// Its stored size, reserved against the limits by the caller (exact:
+    /// a default message id has a fixed length).
     pub(crate) size: u64,
 }
 
@@ -217,8 +221,13 @@ pub(crate) struct NewMessage {
 pub(crate) struct Stored {
     pub(crate) sequence: u64,
     pub(crate) msg_id: String,
-    /// Its stored size in bytes.
-    pub(crate) size: u64,
+}
+
+/// The message id of stored message `sequence` when the caller set none:
+/// the outbox's id and the sequence in 16 hex digits, so its length is
+/// known before the sequence is (the limits count exact sizes).
+pub(crate) fn default_msg_id(outbox_id: &str, sequence: u64) -> String {
+    format!("{outbox_id}-{sequence:016x}")
 }
 
 /// A request to the store thread.
@@ -632,7 +641,7 @@ impl Writer {
                             self.next_seq += 1;
                             let msg_id = m
                                 .msg_id
-                                .unwrap_or_else(|| format!("{}-{sequence}", self.outbox_id));
+                                .unwrap_or_else(|| default_msg_id(&self.outbox_id, sequence));
                             let record = Record {
                                 enqueued_ms: now,
                                 subject: m.subject,
@@ -641,12 +650,11 @@ impl Writer {
                                 payload: m.payload,
                             };
                             let encoded = record.encode();
+                            // The caller reserved exactly this (see
+                            // `default_msg_id`).
+                            debug_assert_eq!(encoded.len() as u64, m.size);
                             messages.insert(sequence, encoded.as_slice())?;
-                            stored.push(Stored {
-                                sequence,
-                                msg_id,
-                                size: encoded.len() as u64,
-                            });
+                            stored.push(Stored { sequence, msg_id });
                         }
                         added = true;
                         replies.push(Reply::Enqueue(reply, stored));
@@ -809,6 +817,29 @@ mod tests {
             let _ = Record::decode(&bytes);
             let _ = decode_dead(&bytes);
         }
+    }
+
+    #[test]
+    fn default_ids_have_one_length_so_sizes_are_known_before_the_sequence() {
+        let id = "OUTBOXIDOUTBOXIDOUTBOX";
+        assert_eq!(
+            default_msg_id(id, 1).len(),
+            default_msg_id(id, u64::MAX).len()
+        );
+        assert_ne!(default_msg_id(id, 1), default_msg_id(id, 2));
+        let r = Record {
+            msg_id: default_msg_id(id, 77),
+            ..record()
+        };
+        assert_eq!(
+            r.encoded_len(),
+            record_len(
+                r.subject.len(),
+                default_msg_id(id, 0).len(),
+                &r.headers,
+                r.payload.len()
+            )
+        );
     }
 
     #[test]
