@@ -982,9 +982,20 @@ impl Client {
         }
     }
 
-    /// Detaches the outbox figures attached with `attach_outbox_stats`.
-    pub(crate) fn detach_outbox_stats(&self) {
-        if let Ok(mut slot) = self.inner.outbox_stats.lock() {
+    /// Whether an outbox is attached.
+    pub(crate) fn has_outbox(&self) -> bool {
+        self.inner
+            .outbox_stats
+            .lock()
+            .map_or(true, |slot| slot.is_some())
+    }
+
+    /// Detaches `source` if it is the one attached (an outbox closed long
+    /// ago must not detach its successor).
+    pub(crate) fn detach_outbox_stats(&self, source: &OutboxStatsSource) {
+        if let Ok(mut slot) = self.inner.outbox_stats.lock()
+            && slot.as_ref().is_some_and(|s| Arc::ptr_eq(s, source))
+        {
             *slot = None;
         }
     }

@@ -344,9 +344,10 @@ fn as_i64(v: u64) -> i64 {
 }
 
 /// What the last `Outbox` handle's drop stops.
-#[derive(Debug)]
 struct Handle {
     shared: Arc<Shared>,
+    /// What this outbox attached to the client's `status_info`.
+    stats_source: crate::client::OutboxStatsSource,
     set_aside: Option<PathBuf>,
     client: Client,
     cancel: CancellationToken,
@@ -354,12 +355,23 @@ struct Handle {
     writer: Mutex<Option<std::thread::JoinHandle<()>>>,
 }
 
+impl std::fmt::Debug for Handle {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Outbox")
+            .field("path", &self.shared.config.path)
+            .field("outbox_id", &self.shared.outbox_id)
+            .field("set_aside", &self.set_aside)
+            .field("stats", &self.shared.stats())
+            .finish_non_exhaustive()
+    }
+}
+
 impl Drop for Handle {
     fn drop(&mut self) {
         // The forwarder sees this, stores what it settled and stops the
         // store thread, which closes the file.
         self.cancel.cancel();
-        self.client.detach_outbox_stats();
+        self.client.detach_outbox_stats(&self.stats_source);
     }
 }
 
@@ -395,6 +407,13 @@ impl Outbox {
     pub async fn open(client: &Client, config: OutboxConfig) -> Result<Outbox> {
         client.ensure_open()?;
         config.validate()?;
+        let has_one = || Error::Outbox {
+            op: "open",
+            source: "this client has an outbox already".into(),
+        };
+        if client.has_outbox() {
+            return Err(has_one());
+        }
         let signals = Arc::new(Signals::default());
         let dead = Arc::new(AtomicU64::new(0));
         let (opened_tx, opened_rx) = oneshot::channel::<Result<Opened>>();
@@ -461,15 +480,12 @@ impl Outbox {
         });
         shared.adjust(0, 0);
         let weak = Arc::downgrade(&shared);
-        let attached = client.attach_outbox_stats(Arc::new(move || {
-            weak.upgrade().map(|s| s.stats()).unwrap_or_default()
-        }));
-        if !attached {
+        let stats_source: crate::client::OutboxStatsSource =
+            Arc::new(move || weak.upgrade().map(|s| s.stats()).unwrap_or_default());
+        if !client.attach_outbox_stats(stats_source.clone()) {
+            // Another outbox was attached while this file opened.
             let _ = shared.commands.send(Cmd::Shutdown);
-            return Err(Error::Outbox {
-                op: "open",
-                source: "this client has an outbox already".into(),
-            });
+            return Err(has_one());
         }
         tracing::info!(
             path = %shared.config.path.display(),
@@ -488,6 +504,7 @@ impl Outbox {
         Ok(Outbox {
             inner: Arc::new(Handle {
                 shared,
+                stats_source,
                 set_aside: opened.set_aside,
                 client: client.clone(),
                 cancel,
@@ -816,7 +833,9 @@ impl Outbox {
                     source: "the store thread panicked".into(),
                 })?;
         }
-        self.inner.client.detach_outbox_stats();
+        self.inner
+            .client
+            .detach_outbox_stats(&self.inner.stats_source);
         Ok(())
     }
 }

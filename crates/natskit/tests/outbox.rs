@@ -374,7 +374,18 @@ async fn a_damaged_file_is_a_typed_error_and_a_second_open_is_refused() -> TestR
         matches!(err, Error::Outbox { .. }),
         "one outbox per client: {err}"
     );
+    assert!(
+        !dir.path().join("b.redb").exists(),
+        "a refused open creates no file"
+    );
     outbox.close().await?;
+    // A closed outbox's last handle, dropped after a successor was opened
+    // on the client, leaves the successor's figures attached.
+    let successor = Outbox::open(&client, OutboxConfig::new(dir.path().join("c.redb"))).await?;
+    drop(outbox);
+    assert!(client.status_info().outbox.is_some());
+    successor.close().await?;
+    assert!(client.status_info().outbox.is_none());
 
     // Garbage over the whole file.
     let len = std::fs::metadata(&path)?.len() as usize;
