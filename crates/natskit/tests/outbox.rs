@@ -812,3 +812,45 @@ async fn a_publish_permission_denial_is_moved_aside() -> TestResult {
     outbox.close().await?;
     Ok(())
 }
+
+/// A message stored while offline that turns out larger than the server's
+/// `max_payload` is moved aside once connected; the rest goes through.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_message_too_large_for_the_server_is_moved_aside() -> TestResult {
+    let server = NatsServer::builder()
+        .jetstream()
+        .extra_config("max_payload: 4096")
+        .start()?;
+    let admin = connect(&server.url()).await?;
+    admin
+        .create_stream(stream_config("BIG", &["big.>"]))
+        .await?;
+    let dir = tempfile::tempdir()?;
+    let offline = Client::builder(server.url()).build()?;
+    let outbox = Outbox::open(&offline, OutboxConfig::new(dir.path().join("o.redb"))).await?;
+    let before = outbox.publish_durable("big.a", "small").await?;
+    let big = outbox.publish_durable("big.a", vec![b'x'; 8192]).await?;
+    let after = outbox.publish_durable("big.a", "small too").await?;
+    offline.connect().await?;
+    outbox.flush_outbox(Duration::from_secs(30)).await?;
+    let dead = outbox.dead_letters(10).await?;
+    assert_eq!(dead.len(), 1, "{dead:?}");
+    assert_eq!(dead[0].sequence, big.sequence);
+    assert!(dead[0].reason.contains("too large"), "{}", dead[0].reason);
+    // Connected now: the same payload is refused before it is stored.
+    let err = outbox
+        .publish_durable("big.a", vec![b'x'; 8192])
+        .await
+        .unwrap_err();
+    assert!(matches!(err, Error::PayloadTooLarge { .. }), "{err}");
+    let contents = stream_contents(&jetstream::new(admin.nats()?.clone()), "BIG").await?;
+    assert_exactly_once_in_order(
+        &contents,
+        &[
+            ("big.a".into(), before.into()),
+            ("big.a".into(), after.into()),
+        ],
+    );
+    outbox.close().await?;
+    Ok(())
+}
