@@ -935,6 +935,11 @@ async fn forward(client: Client, shared: Arc<Shared>, cancel: CancellationToken,
     let backoff = Backoff::new(Duration::from_millis(100), Duration::from_secs(2));
     let mut epoch = client.connection_epoch();
     epoch.borrow_and_update();
+    // Both stay registered across passes of the loop (re-creating them per
+    // pass took a lock or two per run of acks).
+    let cancelled = cancel.cancelled();
+    tokio::pin!(cancelled);
+    let mut epoch_changed = Box::pin(next_epoch(epoch));
     let mut status = client.status_watch();
     let mut js: Option<async_nats::jetstream::Context> = None;
     let mut permit: Option<crate::breaker::Permit<'_>> = None;
@@ -995,11 +1000,12 @@ async fn forward(client: Client, shared: Arc<Shared>, cancel: CancellationToken,
         let front = inflight.front_mut();
         tokio::select! {
             biased;
-            () = cancel.cancelled() => break,
-            changed = epoch.changed() => {
-                if changed.is_err() {
+            () = &mut cancelled => break,
+            (receiver, changed) = &mut epoch_changed => {
+                if !changed {
                     break;
                 }
+                epoch_changed = Box::pin(next_epoch(receiver));
                 // Acks of the old connection are lost: send again now, not
                 // after the back-off of the failures that led here.
                 if !fw.inflight.is_empty() {
@@ -1078,6 +1084,13 @@ async fn forward(client: Client, shared: Arc<Shared>, cancel: CancellationToken,
     fw.publish_progress();
     fw.flush_removals();
     let _ = shared.commands.send(Cmd::Shutdown);
+}
+
+/// Waits for the next connection epoch; gives the receiver back, and
+/// whether it changed (false: the client is gone).
+async fn next_epoch(mut epoch: watch::Receiver<u64>) -> (watch::Receiver<u64>, bool) {
+    let changed = epoch.changed().await.is_ok();
+    (epoch, changed)
 }
 
 /// Reads a failed ack: what passes, what is final.
