@@ -750,7 +750,23 @@ async fn a_short_duplicate_window_is_reported() -> TestResult {
     })
     .await;
     assert_eq!(windows, vec![("SHORT".to_owned(), Duration::from_secs(10))]);
-    outbox.close().await?;
+    // Closing the client stops forwarding; the outbox then refuses.
+    client.close().await?;
+    assert!(
+        outbox
+            .publish_durable("short.a", "y")
+            .await
+            .unwrap_err()
+            .is_closed()
+    );
+    assert!(
+        outbox
+            .flush_outbox(Duration::from_secs(1))
+            .await
+            .unwrap_err()
+            .is_closed()
+    );
+    tokio::time::timeout(Duration::from_secs(10), outbox.close()).await??;
     Ok(())
 }
 
