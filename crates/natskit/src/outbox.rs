@@ -878,9 +878,14 @@ struct InFlight {
 
 /// Loads below this many queued messages.
 const LOAD_BATCH: usize = 4096;
-/// Removals stored per commit at most (they also go whenever the window
-/// empties).
-const REMOVE_BATCH: usize = 4096;
+/// Acknowledged messages are deleted from the store when the window
+/// empties, or once this many are waiting, or once the oldest has waited
+/// `REMOVE_AFTER`: deleting is bookkeeping (a crash before it only resends
+/// what the duplicate window absorbs), so it runs in few large commits and
+/// not beside every ack. The age bound keeps every resend after a crash
+/// well inside the duplicate window at any rate.
+const REMOVE_BATCH: usize = 65_536;
+const REMOVE_AFTER: Duration = Duration::from_secs(1);
 /// Failed sends of a message while later ones were acknowledged before it
 /// is moved aside (the signature of a publish permission denial).
 const MAX_STALLS: u32 = 3;
@@ -897,6 +902,8 @@ struct Fw {
     cursor: u64,
     loading: Option<tokio::task::JoinHandle<Loaded>>,
     removed: Vec<u64>,
+    /// When the oldest entry of `removed` was acknowledged.
+    removed_since: Option<Instant>,
     /// Consecutive go-backs (the back-off step).
     go_backs: u32,
     pause_until: Option<Instant>,
@@ -923,6 +930,7 @@ async fn forward(client: Client, shared: Arc<Shared>, cancel: CancellationToken,
         cursor: first,
         loading: None,
         removed: Vec::new(),
+        removed_since: None,
         go_backs: 0,
         pause_until: None,
         fresh_in_resend: false,
@@ -986,7 +994,13 @@ async fn forward(client: Client, shared: Arc<Shared>, cancel: CancellationToken,
             }
         }
         fw.publish_progress();
-        if fw.removed.len() >= REMOVE_BATCH || (fw.inflight.is_empty() && !fw.removed.is_empty()) {
+        if !fw.removed.is_empty()
+            && (fw.removed.len() >= REMOVE_BATCH
+                || fw.inflight.is_empty()
+                || fw
+                    .removed_since
+                    .is_some_and(|t| t.elapsed() >= REMOVE_AFTER))
+        {
             fw.flush_removals();
         }
         let pause = fw.pause_until;
@@ -1370,6 +1384,7 @@ impl Fw {
         }
         self.settled.0 += 1;
         self.settled.1 += msg.size;
+        self.removed_since.get_or_insert_with(Instant::now);
         self.removed.push(msg.seq);
     }
 
@@ -1398,6 +1413,7 @@ impl Fw {
     }
 
     fn flush_removals(&mut self) {
+        self.removed_since = None;
         if !self.removed.is_empty() {
             let _ = self
                 .shared
