@@ -236,9 +236,8 @@ pub(crate) enum Cmd {
         messages: Vec<NewMessage>,
         reply: oneshot::Sender<Result<Vec<Stored>>>,
     },
-    /// Acknowledged: delete (batched, not fsync'd on its own: a crash
-    /// before the next durable commit resends them, which the stream's
-    /// duplicate window absorbs).
+    /// Acknowledged: delete (batched by the forwarder; a crash before the
+    /// commit resends them, which the stream's duplicate window absorbs).
     Remove(Vec<u64>),
     /// Refused for good: move aside.
     DeadLetter {
@@ -608,21 +607,11 @@ impl Writer {
             Ok(txn) => txn,
             Err(e) => return Err((e.to_string(), collect_replies(group))),
         };
-        let durable = group.iter().any(|c| {
-            matches!(
-                c,
-                Cmd::Enqueue { .. }
-                    | Cmd::DeadLetter { .. }
-                    | Cmd::Requeue { .. }
-                    | Cmd::PurgeDead { .. }
-                    | Cmd::Shutdown
-            )
-        });
-        txn.set_durability(if durable {
-            Durability::Immediate
-        } else {
-            Durability::Eventual
-        });
+        // Every commit is fsync'd, deletes too: they come in few large
+        // groups (the forwarder batches them by the second), and a delete
+        // lost to an OS crash would resend messages acknowledged long ago,
+        // maybe outside the stream's duplicate window.
+        txn.set_durability(Durability::Immediate);
         let mut added = false;
         let mut pending: Vec<Cmd> = group.into_iter().rev().collect();
         let outcome: std::result::Result<(), redb::Error> = (|| {
