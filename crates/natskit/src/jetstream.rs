@@ -631,7 +631,7 @@ impl Client {
     /// stream captures `subject`. [`Error::StreamNotFound`] only when it
     /// answers that none does; a stream without a leader (an election) is
     /// [`Error::JetStreamUnavailable`].
-    async fn confirm_stream_missing(
+    pub(crate) async fn confirm_stream_missing(
         &self,
         js: &async_nats::jetstream::Context,
         subject: &str,

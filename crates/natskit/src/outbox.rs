@@ -124,51 +124,40 @@ impl OutboxConfig {
         }
     }
 
-    /// Most messages pending at once; beyond it `publish_durable` gives
-    /// [`Error::OutboxFull`].
-    pub fn max_messages(mut self, max: u64) -> Self {
-        self.max_messages = max;
-        self
-    }
-
-    /// Most bytes pending at once (as stored: subject, headers, id,
-    /// payload); beyond it `publish_durable` gives [`Error::OutboxFull`].
-    pub fn max_bytes(mut self, max: u64) -> Self {
-        self.max_bytes = max;
-        self
-    }
-
-    /// Most messages sent and not yet acknowledged.
-    pub fn max_in_flight(mut self, max: usize) -> Self {
-        self.max_in_flight = max;
-        self
-    }
-
-    /// How long a send waits for its ack before the outbox goes back and
-    /// sends again from the oldest unacknowledged message.
-    pub fn ack_timeout(mut self, timeout: Duration) -> Self {
-        self.ack_timeout = timeout;
-        self
-    }
-
-    /// The duplicate window exactly-once counts on; a stream with a shorter
-    /// one is reported (see the module docs).
-    pub fn duplicate_window(mut self, window: Duration) -> Self {
-        self.duplicate_window = window;
-        self
-    }
-
-    /// When the file is damaged beyond what the store repairs: rename it to
-    /// `<file>.corrupt-<unix ms>` (kept for inspection and manual salvage)
-    /// and start an empty outbox, instead of failing with
-    /// [`Error::OutboxCorrupted`]. The messages in the damaged file are not
-    /// forwarded; [`Outbox::set_aside`] names the file and an error is
-    /// logged. Off by default: a service that must not lose a message
-    /// should stop and page someone.
-    pub fn set_aside_corrupted(mut self, enabled: bool) -> Self {
-        self.set_aside_corrupted = enabled;
-        self
-    }
+    setter!(
+        /// Most messages pending at once; beyond it `publish_durable` gives
+        /// [`Error::OutboxFull`].
+        max_messages: u64 => max_messages
+    );
+    setter!(
+        /// Most bytes pending at once (as stored: subject, headers, id,
+        /// payload); beyond it `publish_durable` gives [`Error::OutboxFull`].
+        max_bytes: u64 => max_bytes
+    );
+    setter!(
+        /// Most messages sent and not yet acknowledged.
+        max_in_flight: usize => max_in_flight
+    );
+    setter!(
+        /// How long a send waits for its ack before the outbox goes back and
+        /// sends again from the oldest unacknowledged message.
+        ack_timeout: Duration => ack_timeout
+    );
+    setter!(
+        /// The duplicate window exactly-once counts on; a stream with a
+        /// shorter one is reported (see the module docs).
+        duplicate_window: Duration => duplicate_window
+    );
+    setter!(
+        /// When the file is damaged beyond what the store repairs: rename it
+        /// to `<file>.corrupt-<unix ms>` (kept for inspection and manual
+        /// salvage) and start an empty outbox, instead of failing with
+        /// [`Error::OutboxCorrupted`]. The messages in the damaged file are
+        /// not forwarded; [`Outbox::set_aside`] names the file and an error
+        /// is logged. Off by default: a service that must not lose a message
+        /// should stop and page someone.
+        set_aside_corrupted: bool => set_aside_corrupted
+    );
 
     /// The file.
     pub fn path(&self) -> &Path {
@@ -254,6 +243,8 @@ struct Depth {
 struct Shared {
     config: OutboxConfig,
     outbox_id: String,
+    /// Length of a default message id (fixed per outbox).
+    default_id_len: usize,
     /// Taken at close, so the file is released once the store thread and
     /// any read under way are done with it.
     db: std::sync::RwLock<Option<Arc<redb::Database>>>,
@@ -463,6 +454,7 @@ impl Outbox {
         let shared = Arc::new(Shared {
             config,
             outbox_id: opened.outbox_id.clone(),
+            default_id_len: store::default_msg_id(&opened.outbox_id, 0).len(),
             db: std::sync::RwLock::new(Some(opened.db)),
             closed: std::sync::atomic::AtomicBool::new(false),
             commands,
@@ -620,15 +612,19 @@ impl Outbox {
                 }
             }
         }
+        let id_len = msg_id
+            .as_ref()
+            .map_or(self.inner.shared.default_id_len, String::len);
         if let Ok(conn) = client.nats() {
-            // Room for the `Nats-Msg-Id` the forwarder adds.
-            let id_len = msg_id.as_ref().map_or(48, String::len) + 16;
-            crate::handler::check_payload(conn, payload.len() + id_len, headers.as_ref())?;
+            // A caller's id is in `headers` already; a default one is added
+            // by the forwarder as `Nats-Msg-Id: <id>\r\n`.
+            let added = if msg_id.is_some() {
+                0
+            } else {
+                AsRef::<str>::as_ref(&id_name).len() + 4 + id_len
+            };
+            crate::handler::check_payload(conn, payload.len() + added, headers.as_ref())?;
         }
-        let id_len = match &msg_id {
-            Some(id) => id.len(),
-            None => store::default_msg_id(&self.inner.shared.outbox_id, 0).len(),
-        };
         let size = store::record_len(subject.len(), id_len, &fields, payload.len());
         Ok(NewMessage {
             subject: subject.to_owned(),
@@ -1025,9 +1021,7 @@ async fn forward(client: Client, shared: Arc<Shared>, cancel: CancellationToken,
                 if !fw.inflight.is_empty() {
                     tracing::debug!(in_flight = fw.inflight.len(), "outbox: reconnected; resending");
                     fw.go_back(false, &backoff);
-                    if let Some(p) = permit.take() {
-                        drop(p);
-                    }
+                    permit = None;
                 }
                 fw.pause_until = None;
                 fw.go_backs = 0;
@@ -1046,7 +1040,7 @@ async fn forward(client: Client, shared: Arc<Shared>, cancel: CancellationToken,
                         Some(Ok(ack)) => Outcome::Acked(ack),
                         Some(Err(err)) => {
                             let subject = fw.inflight.front().map(|f| f.msg.subject.clone());
-                            classify(js.as_ref(), subject, err).await
+                            classify(&client, js.as_ref(), subject, err).await
                         }
                         None => Outcome::Transient("no acknowledgement in time".into()),
                     };
@@ -1109,6 +1103,7 @@ async fn next_epoch(mut epoch: watch::Receiver<u64>) -> (watch::Receiver<u64>, b
 
 /// Reads a failed ack: what passes, what is final.
 async fn classify(
+    client: &Client,
     js: Option<&async_nats::jetstream::Context>,
     subject: Option<async_nats::Subject>,
     err: PublishError,
@@ -1119,36 +1114,25 @@ async fn classify(
         PublishFault::Conflict | PublishFault::WrongMessageId => {
             Outcome::Refused(format!("a precondition in its headers failed: {err}"))
         }
-        PublishFault::NoResponders => {
-            // No stream, or one without a leader: ask which.
-            use async_nats::jetstream::context::GetStreamByNameErrorKind;
-            let Some((js, subject)) = js.zip(subject) else {
-                return Outcome::Transient(err.to_string());
-            };
-            match js.stream_by_subject(subject.as_str()).await {
-                Err(e) if matches!(e.kind(), GetStreamByNameErrorKind::NotFound) => {
+        // No stream, or one without a leader: ask which.
+        PublishFault::NoResponders => match js.zip(subject) {
+            Some((js, subject)) => match client.confirm_stream_missing(js, &subject).await {
+                Error::StreamNotFound { .. } => {
                     Outcome::Refused("no stream captures the subject".into())
                 }
                 _ => Outcome::Transient(err.to_string()),
-            }
-        }
+            },
+            None => Outcome::Transient(err.to_string()),
+        },
+        // `classify_publish` reads "no leader" codes as `Unavailable`: any
+        // other answer from the stream is final; no answer at all is not.
         PublishFault::Other => {
-            let api = std::error::Error::source(&err)
-                .and_then(|s| s.downcast_ref::<async_nats::jetstream::Error>());
-            match api {
-                // An answer from the stream that is not "no leader".
-                Some(api) if err.kind() == PublishErrorKind::Other => {
-                    let code = api.error_code();
-                    if code.0 == 10_008
-                        || code == async_nats::jetstream::ErrorCode::CLUSTER_NOT_AVAILABLE
-                        || code == async_nats::jetstream::ErrorCode::CLUSTER_NO_PEERS
-                    {
-                        Outcome::Transient(err.to_string())
-                    } else {
-                        Outcome::Refused(format!("refused by JetStream: {api}"))
-                    }
-                }
-                _ => Outcome::Transient(err.to_string()),
+            let answered = std::error::Error::source(&err)
+                .is_some_and(|s| s.is::<async_nats::jetstream::Error>());
+            if answered {
+                Outcome::Refused(format!("refused by JetStream: {err}"))
+            } else {
+                Outcome::Transient(err.to_string())
             }
         }
     }
@@ -1441,13 +1425,9 @@ impl Fw {
             .front()
             .map(|f| (f.msg.seq, f.msg.enqueued_ms))
             .or_else(|| self.queue.front().map(|m| (m.seq, m.enqueued_ms)));
-        let low = match head {
-            Some((seq, _)) => seq,
-            None if self.loading.is_none() => self.cursor,
-            // A load is under way: nothing at or above the cursor is known
-            // to be settled.
-            None => self.cursor,
-        };
+        // Nothing held: everything below the cursor is settled (a load under
+        // way starts at the cursor).
+        let low = head.map_or(self.cursor, |(seq, _)| seq);
         self.shared.low_water.send_if_modified(|current| {
             if *current != low {
                 *current = low;
