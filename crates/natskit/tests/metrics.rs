@@ -307,3 +307,37 @@ async fn the_outbox_reports_depth_and_counts() -> TestResult {
     outbox.close().await?;
     Ok(())
 }
+
+/// The forwarder goes through the client's breaker: while the circuit is
+/// open it is refused (counted like any call) and forwards nothing; it
+/// drains by itself once the circuit lets calls through again.
+#[tokio::test]
+async fn the_outbox_waits_out_an_open_circuit() -> TestResult {
+    let env = TestEnv::builder().jetstream().start().await?;
+    env.create_stream("OUTB", &["outb.>"]).await?;
+    registry();
+    let client = Client::builder(env.url())
+        .name("metrics-outbox-breaker")
+        .initial_backoff(Duration::from_millis(300))
+        .disable_health_checks()
+        .connect()
+        .await?;
+    let dir = tempfile::tempdir()?;
+    let outbox = client
+        .outbox(natskit::OutboxConfig::new(dir.path().join("o.redb")))
+        .await?;
+    let labels = [("client", "metrics-outbox-breaker")];
+    client.breaker().trip();
+    outbox.publish_durable("outb.a", "x").await?;
+    eventually(
+        WAIT,
+        "the forwarder refused by the open circuit",
+        || async { (counter("natskit_breaker_rejections_total", &labels) > 0).then_some(()) },
+    )
+    .await;
+    assert_eq!(outbox.stats().forwarded, 0, "nothing forwarded while open");
+    outbox.flush_outbox(WAIT).await?;
+    assert_eq!(outbox.stats().forwarded, 1);
+    outbox.close().await?;
+    Ok(())
+}
