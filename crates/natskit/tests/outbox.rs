@@ -866,3 +866,76 @@ async fn a_message_too_large_for_the_server_is_moved_aside() -> TestResult {
     outbox.close().await?;
     Ok(())
 }
+
+/// A stream that refuses a message for good (full, `discard: new`): the
+/// refusal is an answer, so the message is moved aside at once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_message_the_stream_refuses_is_moved_aside() -> TestResult {
+    let server = NatsServer::start_jetstream()?;
+    let client = connect(&server.url()).await?;
+    let mut config = stream_config("FULL", &["full.>"]);
+    config.max_messages = 1;
+    config.discard = stream::DiscardPolicy::New;
+    client.create_stream(config).await?;
+    let (_dir, outbox) = temp_outbox(&client, |c| c).await?;
+    let first = outbox.publish_durable("full.a", "fits").await?;
+    let second = outbox.publish_durable("full.a", "refused").await?;
+    outbox.flush_outbox(Duration::from_secs(30)).await?;
+    let dead = outbox.dead_letters(10).await?;
+    assert_eq!(dead.len(), 1, "{dead:?}");
+    assert_eq!(dead[0].sequence, second.sequence);
+    assert!(
+        dead[0].reason.contains("refused by JetStream"),
+        "{}",
+        dead[0].reason
+    );
+    let contents = stream_contents(&jetstream::new(client.nats()?.clone()), "FULL").await?;
+    assert_exactly_once_in_order(&contents, &[("full.a".into(), first.into())]);
+    outbox.close().await?;
+    Ok(())
+}
+
+/// A stored record that no longer decodes (written over in the file) is
+/// moved to the dead letters, raw, instead of stopping the queue; the
+/// records around it are delivered.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_unreadable_record_is_moved_aside_not_dropped() -> TestResult {
+    let server = NatsServer::start_jetstream()?;
+    let dir = tempfile::tempdir()?;
+    let path = dir.path().join("o.redb");
+    let offline = Client::builder(server.url()).build()?;
+    let outbox = Outbox::open(&offline, OutboxConfig::new(&path)).await?;
+    let mut receipts = Vec::new();
+    for i in 0..3 {
+        receipts.push(outbox.publish_durable("rec.a", format!("{i}")).await?);
+    }
+    outbox.close().await?;
+    // Damage the middle record in place, through the store itself.
+    {
+        const MESSAGES: redb::TableDefinition<u64, &[u8]> = redb::TableDefinition::new("messages");
+        let db = redb::Database::create(&path)?;
+        let txn = db.begin_write()?;
+        txn.open_table(MESSAGES)?
+            .insert(receipts[1].sequence, b"\x09 not a record".as_slice())?;
+        txn.commit()?;
+    }
+    let client = connect(&server.url()).await?;
+    client
+        .create_stream(stream_config("REC", &["rec.>"]))
+        .await?;
+    let outbox = Outbox::open(&client, OutboxConfig::new(&path)).await?;
+    outbox.flush_outbox(Duration::from_secs(30)).await?;
+    let dead = outbox.dead_letters(10).await?;
+    assert_eq!(dead.len(), 1, "{dead:?}");
+    assert_eq!(dead[0].sequence, receipts[1].sequence);
+    assert!(dead[0].reason.contains("unreadable"), "{}", dead[0].reason);
+    assert!(dead[0].message.is_err(), "kept raw, reported unreadable");
+    let contents = stream_contents(&jetstream::new(client.nats()?.clone()), "REC").await?;
+    let delivered: Vec<(String, Sent)> = [&receipts[0], &receipts[2]]
+        .into_iter()
+        .map(|r| ("rec.a".to_owned(), Sent::from(r.clone())))
+        .collect();
+    assert_exactly_once_in_order(&contents, &delivered);
+    outbox.close().await?;
+    Ok(())
+}
