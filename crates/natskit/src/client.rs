@@ -1070,6 +1070,7 @@ impl Client {
     /// [`Error::ConnectionTimeout`] after `timeout`; [`Error::Closed`] if the
     /// client is closed meanwhile.
     pub async fn wait_for_connection(&self, timeout: Duration) -> Result<()> {
+        self.ensure_open()?;
         let mut status = self.status_watch();
         let wait = status.wait_for(|s| matches!(s, Status::Connected | Status::Closed));
         match tokio::time::timeout(timeout, wait).await {
@@ -1138,12 +1139,15 @@ impl Client {
             }
         }
         self.inner.lifecycle.store(CLOSED, Ordering::Release);
+        // `Closed` is queued before the shutdown token fires, and the status
+        // task treats the token as `Closed` too: every watcher and callback
+        // sees `Closed` exactly once, last, whichever it takes first.
+        let _ = self.inner.signals.send(Signal::Closed);
         self.inner.shutdown.cancel();
         if let Ok(mut secrets) = self.inner.secrets.lock() {
             // Dropping Zeroizing values overwrites them.
             *secrets = None;
         }
-        let _ = self.inner.signals.send(Signal::Closed);
         tracing::info!("NATS client closed");
         result
     }
@@ -1459,7 +1463,12 @@ async fn supervise(
         };
         let probe_breaker = core.should_probe_breaker();
         let input = tokio::select! {
-            () = shutdown.cancelled() => break,
+            () = shutdown.cancelled() => {
+                probe = None;
+                probing = None;
+                health = None;
+                StatusInput::Closed
+            }
             signal = signals.recv() => {
                 let Some(signal) = signal else { break };
                 match signal {

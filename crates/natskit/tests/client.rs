@@ -466,6 +466,53 @@ async fn close_drains_and_is_idempotent() -> TestResult {
     Ok(())
 }
 
+/// Every status watcher and callback sees `Closed` exactly once, last; the
+/// race between the shutdown token and the `Closed` signal lost it in most
+/// connect-then-close cycles, so the test loops.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_watcher_and_callback_sees_closed_once_and_last() -> TestResult {
+    let server = NatsServer::start()?;
+    for cycle in 0..30 {
+        let seen = Arc::new(Mutex::new(Vec::new()));
+        let record = seen.clone();
+        let client = Client::builder(server.url())
+            .on_status_change(move |status| {
+                if let Ok(mut seen) = record.lock() {
+                    seen.push(status);
+                }
+            })
+            .connect()
+            .await?;
+        let mut watch = client.status_watch();
+        let waiter = tokio::spawn(async move {
+            watch
+                .wait_for(|s| *s == Status::Closed)
+                .await
+                .map(|s| *s)
+                .map_err(|e| e.to_string())
+        });
+        client.close().await?;
+        let watched = tokio::time::timeout(WAIT, waiter).await??;
+        assert_eq!(watched, Ok(Status::Closed), "cycle {cycle}: the watcher");
+        let seen = eventually(WAIT, "the Closed callback", || async {
+            let seen = seen.lock().ok()?.clone();
+            seen.contains(&Status::Closed).then_some(seen)
+        })
+        .await;
+        let closed = seen.iter().filter(|s| **s == Status::Closed).count();
+        assert_eq!(closed, 1, "cycle {cycle}: Closed once: {seen:?}");
+        assert_eq!(seen.last(), Some(&Status::Closed), "cycle {cycle}: {seen:?}");
+        assert!(
+            client
+                .wait_for_connection(Duration::from_secs(1))
+                .await
+                .is_err_and(|e| e.is_closed()),
+            "cycle {cycle}: wait_for_connection after close"
+        );
+    }
+    Ok(())
+}
+
 #[tokio::test]
 async fn handler_panics_and_overruns_do_not_stop_the_subscription() -> TestResult {
     let server = NatsServer::start()?;
