@@ -163,60 +163,57 @@ macro_rules! setter {
     };
 }
 
-mod backoff;
-pub mod breaker;
+// The layers, bottom up; a folder uses only its own files and the layers
+// below it, and the feature folders never use each other (checked by
+// tests/architecture.rs).
+mod core;
+
 mod client;
-mod consumer;
-mod error;
-mod handler;
-pub mod header;
+
 mod jetstream;
 mod kv;
-pub mod metrics;
-mod monitor;
+mod messaging;
+#[cfg(feature = "outbox")]
 pub mod outbox;
-mod outbox_store;
-mod pubsub;
-mod registry;
-mod request;
-mod service;
-mod status;
-pub mod subject;
-mod temporal;
-pub mod trace;
+
 mod typed;
 
+pub use crate::client::{breaker, metrics, trace};
+pub use crate::core::{header, subject};
+
+pub use crate::client::breaker::{BreakerState, CircuitBreaker};
+pub use crate::client::handler::HandlerOutcome;
+pub use crate::client::registry::SubscriptionStats;
+pub use crate::client::{Client, ClientBuilder, Status, StatusInfo};
+pub use crate::core::backoff::Backoff;
+pub use crate::core::error::{BoxError, Error, Result};
+pub use crate::core::status::OutboxStats;
+pub use crate::jetstream::consumer::{
+    AckPolicy, ConsumerHandle, ConsumerStats, ConsumerStream, DeliverPolicy, Permanent, Settled,
+    StreamConsumerConfig, consume_with_heartbeat,
+};
+pub use crate::jetstream::monitor::StreamMonitor;
+pub use crate::jetstream::{
+    PublishAck, PublishReport, StreamAutoCreateConfig, StreamPublishOptions, StreamPublisher,
+};
+#[cfg(feature = "temporal")]
+pub use crate::kv::temporal::{CacheStats, DEFAULT_CACHE_TTL, TemporalResolver};
+pub use crate::kv::{KvEntry, KvOperation, KvOptions, KvStore, KvWatch, WatchEvent};
+pub use crate::messaging::pubsub::{MessageStream, SubscribeOptions, Subscription};
+pub use crate::messaging::request::{
+    DEFAULT_REQUEST_TIMEOUT, RetryConfig, SERVICE_ERROR_CODE_HEADER, SERVICE_ERROR_HEADER,
+    ServiceError,
+};
+pub use crate::messaging::service::{Service, ServiceConfig};
+#[cfg(feature = "outbox")]
+pub use crate::outbox::{DeadLetter, DeadMessage, Outbox, OutboxConfig, Receipt};
+#[cfg(feature = "msgpack")]
+pub use crate::typed::MsgPackCodec;
+pub use crate::typed::{Codec, ErrorHook, JsonCodec, MAX_DECODE_DEPTH, Subject};
 /// The async-nats version natskit is built on, so that users need no
 /// matching dependency of their own (`natskit::async_nats::jetstream::...`).
 pub use async_nats;
 pub use async_nats::{HeaderMap, Message};
-pub use backoff::Backoff;
-pub use breaker::{BreakerState, CircuitBreaker};
-pub use client::{Client, ClientBuilder, Status, StatusInfo};
-pub use consumer::{
-    AckPolicy, ConsumerHandle, ConsumerStats, ConsumerStream, DeliverPolicy, Permanent, Settled,
-    StreamConsumerConfig, consume_with_heartbeat,
-};
-pub use error::{BoxError, Error, Result};
-pub use handler::HandlerOutcome;
-pub use jetstream::{
-    PublishAck, PublishReport, StreamAutoCreateConfig, StreamPublishOptions, StreamPublisher,
-};
-pub use kv::{KvEntry, KvOperation, KvOptions, KvStore, KvWatch, WatchEvent};
-pub use monitor::StreamMonitor;
-pub use outbox::{DeadLetter, DeadMessage, Outbox, OutboxConfig, Receipt};
-pub use pubsub::{MessageStream, SubscribeOptions, Subscription};
-pub use registry::SubscriptionStats;
-pub use request::{
-    DEFAULT_REQUEST_TIMEOUT, RetryConfig, SERVICE_ERROR_CODE_HEADER, SERVICE_ERROR_HEADER,
-    ServiceError,
-};
-pub use service::{Service, ServiceConfig};
-pub use status::OutboxStats;
-pub use temporal::{CacheStats, DEFAULT_CACHE_TTL, TemporalResolver};
-#[cfg(feature = "msgpack")]
-pub use typed::MsgPackCodec;
-pub use typed::{Codec, ErrorHook, JsonCodec, MAX_DECODE_DEPTH, Subject};
 
 /// The README's examples, compiled as doctests.
 #[cfg(doctest)]

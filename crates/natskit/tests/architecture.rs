@@ -1,156 +1,180 @@
-//! The library's modules depend on each other in one direction: a pure core
-//! (no I/O), the connection, features, typed subjects on top. This test
-//! reads every `crate::<module>` reference in `src/` and fails on an import
-//! cycle or an edge that points up a layer.
+//! The library's folders are its layers, and dependencies point one way:
+//!
+//! - `core/`: pure decisions and checks (no I/O, no clock reads, no tasks);
+//! - `client/`: the connection, its breaker shell, status task and the
+//!   pieces every feature shares;
+//! - feature folders (`messaging/`, `jetstream/`, `kv/`, `outbox/`): each
+//!   uses its own files, the client layer and the core, never another
+//!   feature;
+//! - `typed/`: typed subjects on top of the features.
+//!
+//! This test reads every `crate::<folder>` reference in `src/` (comments and
+//! doc comments excluded) and fails on a file outside the layer folders, an
+//! edge that points up or sideways, or I/O in the core.
 
-use std::collections::{BTreeMap, BTreeSet};
-use std::path::Path;
+use std::collections::BTreeSet;
+use std::path::{Path, PathBuf};
 
-/// Each module's layer; a module may use its own layer and those below.
+/// The layer folders, bottom up; folders in one layer never use each other.
 const LAYERS: &[(&str, &[&str])] = &[
-    (
-        "core",
-        &[
-            "error", "backoff", "breaker", "header", "subject", "trace", "status", "metrics",
-        ],
-    ),
-    ("connection", &["registry", "handler", "client"]),
-    (
-        "features",
-        &[
-            "pubsub",
-            "request",
-            "jetstream",
-            "consumer",
-            "kv",
-            "temporal",
-            "service",
-            "monitor",
-            "outbox",
-            "outbox_store",
-        ],
-    ),
+    ("core", &["core"]),
+    ("client", &["client"]),
+    ("features", &["messaging", "jetstream", "kv", "outbox"]),
     ("typed subjects", &["typed"]),
 ];
 
-fn layer_of(module: &str) -> Option<usize> {
+/// What the core may not contain outside its unit tests: I/O, tasks and
+/// clock reads belong to the shells above it.
+const NOT_IN_CORE: &[&str] = &[
+    "tokio::",
+    "async_nats::Client",
+    "std::fs",
+    "std::net",
+    "Instant::now",
+    "SystemTime::now",
+    "async fn",
+    "crate::client",
+];
+
+fn layer_of(folder: &str) -> Option<usize> {
     LAYERS
         .iter()
-        .position(|(_, modules)| modules.contains(&module))
+        .position(|(_, folders)| folders.contains(&folder))
 }
 
-/// `crate::x` references of one file, comments and doc comments excluded.
-fn references(source: &str) -> BTreeSet<String> {
-    let mut found = BTreeSet::new();
+/// A file's code without comments and without its `#[cfg(test)]` module
+/// (the last item of a file, by convention here).
+fn code_of(source: &str) -> String {
+    let mut out = String::new();
     for line in source.lines() {
-        let code = line.split("//").next().unwrap_or("");
-        let mut rest = code;
-        while let Some(at) = rest.find("crate::") {
-            rest = &rest[at + "crate::".len()..];
-            let name: String = rest
-                .chars()
-                .take_while(|c| c.is_ascii_lowercase() || *c == '_')
-                .collect();
-            if !name.is_empty() {
-                found.insert(name);
-            }
+        if line.trim_start().starts_with("#[cfg(test)]") {
+            break;
+        }
+        out.push_str(line.split("//").next().unwrap_or(""));
+        out.push('\n');
+    }
+    out
+}
+
+/// The folders named by `crate::x` references in `code`.
+fn references(code: &str) -> BTreeSet<String> {
+    let mut found = BTreeSet::new();
+    let mut rest = code;
+    while let Some(at) = rest.find("crate::") {
+        rest = &rest[at + "crate::".len()..];
+        let name: String = rest
+            .chars()
+            .take_while(|c| c.is_ascii_lowercase() || *c == '_')
+            .collect();
+        if !name.is_empty() {
+            found.insert(name);
         }
     }
     found
 }
 
-fn graph() -> BTreeMap<String, BTreeSet<String>> {
+fn rust_files(dir: &Path, out: &mut Vec<PathBuf>) {
+    for entry in std::fs::read_dir(dir).expect("a readable src/ folder") {
+        let path = entry.expect("an entry").path();
+        if path.is_dir() {
+            rust_files(&path, out);
+        } else if path.extension().is_some_and(|e| e == "rs") {
+            out.push(path);
+        }
+    }
+}
+
+/// Every source file below `src/` but `lib.rs`, with its top folder.
+fn files() -> Vec<(String, PathBuf)> {
     let src = Path::new(env!("CARGO_MANIFEST_DIR")).join("src");
-    let mut graph = BTreeMap::new();
-    for entry in std::fs::read_dir(&src).expect("src/") {
-        let path = entry.expect("entry").path();
-        assert!(
-            path.extension().is_some_and(|e| e == "rs"),
-            "modules are flat files in src/: {}",
-            path.display()
-        );
-        let module = path
-            .file_stem()
-            .and_then(|s| s.to_str())
-            .expect("a file name")
+    let mut paths = Vec::new();
+    rust_files(&src, &mut paths);
+    let mut files = Vec::new();
+    for path in paths {
+        let relative = path.strip_prefix(&src).expect("below src/");
+        let mut parts = relative.components();
+        let first = parts
+            .next()
+            .and_then(|c| c.as_os_str().to_str())
+            .expect("a name")
             .to_owned();
-        if module == "lib" {
+        if parts.next().is_none() {
+            assert_eq!(
+                first,
+                "lib.rs",
+                "every module lives in a layer folder: {}",
+                relative.display()
+            );
             continue;
         }
-        let source = std::fs::read_to_string(&path).expect("readable");
-        let mut deps = references(&source);
-        deps.remove(&module);
-        graph.insert(module, deps);
+        files.push((first, path));
     }
-    graph
+    assert!(files.len() > 20, "the reader found the sources");
+    files
 }
 
 #[test]
-fn every_module_has_a_layer_and_edges_point_down() {
-    let graph = graph();
-    let mut upward = Vec::new();
-    for (module, deps) in &graph {
-        let Some(own) = layer_of(module) else {
-            panic!("module {module} has no layer in tests/architecture.rs");
+fn every_folder_is_a_layer_and_edges_point_down() {
+    let mut wrong = Vec::new();
+    for (folder, path) in files() {
+        let Some(own) = layer_of(&folder) else {
+            panic!("folder {folder}/ has no layer in tests/architecture.rs");
         };
-        for dep in deps {
-            let Some(theirs) = layer_of(dep) else {
-                panic!("{module} uses crate::{dep}, which has no layer");
+        let code = code_of(&std::fs::read_to_string(&path).expect("readable"));
+        for dep in references(&code) {
+            if dep == folder {
+                continue;
+            }
+            let Some(theirs) = layer_of(&dep) else {
+                panic!(
+                    "{} uses crate::{dep}, which is no layer folder",
+                    path.display()
+                );
             };
-            if theirs > own {
-                upward.push(format!(
-                    "{module} ({}) -> {dep} ({})",
-                    LAYERS[own].0, LAYERS[theirs].0
+            if theirs >= own {
+                wrong.push(format!(
+                    "{} ({}) -> {dep} ({})",
+                    path.display(),
+                    LAYERS[own].0,
+                    LAYERS[theirs].0
                 ));
             }
         }
     }
-    assert!(upward.is_empty(), "edges pointing up: {upward:#?}");
-}
-
-#[test]
-fn there_is_no_import_cycle() {
-    let graph = graph();
-    // Kahn's algorithm: whatever cannot be ordered sits on a cycle.
-    let mut indegree: BTreeMap<&str, usize> = graph.keys().map(|m| (m.as_str(), 0)).collect();
-    for deps in graph.values() {
-        for dep in deps {
-            if let Some(n) = indegree.get_mut(dep.as_str()) {
-                *n += 1;
-            }
-        }
-    }
-    let mut ready: Vec<&str> = indegree
-        .iter()
-        .filter(|(_, n)| **n == 0)
-        .map(|(m, _)| *m)
-        .collect();
-    let mut ordered = 0;
-    while let Some(module) = ready.pop() {
-        ordered += 1;
-        for dep in &graph[module] {
-            if let Some(n) = indegree.get_mut(dep.as_str()) {
-                *n -= 1;
-                if *n == 0 {
-                    ready.push(dep.as_str());
-                }
-            }
-        }
-    }
-    let cyclic: Vec<&str> = indegree
-        .iter()
-        .filter(|(_, n)| **n > 0)
-        .map(|(m, _)| *m)
-        .collect();
-    assert_eq!(ordered, graph.len(), "modules on a cycle: {cyclic:?}");
-}
-
-#[test]
-fn the_reader_finds_references() {
-    let refs =
-        references("use crate::client::Client; // crate::kv\nlet x = crate::error::Error::Closed;");
-    assert_eq!(
-        refs.into_iter().collect::<Vec<_>>(),
-        vec!["client".to_owned(), "error".to_owned()]
+    assert!(
+        wrong.is_empty(),
+        "edges pointing up or sideways: {wrong:#?}"
     );
+}
+
+#[test]
+fn the_core_does_no_io_and_reads_no_clock() {
+    let mut found = Vec::new();
+    for (folder, path) in files() {
+        if folder != "core" {
+            continue;
+        }
+        let code = code_of(&std::fs::read_to_string(&path).expect("readable"));
+        for banned in NOT_IN_CORE {
+            if code.contains(banned) {
+                found.push(format!("{}: {banned}", path.display()));
+            }
+        }
+    }
+    assert!(found.is_empty(), "I/O or clock reads in core/: {found:#?}");
+}
+
+#[test]
+fn the_reader_finds_references_and_skips_comments_and_tests() {
+    let code = code_of(
+        "use crate::client::Client; // crate::kv\nlet x = crate::core::error::Error::Closed;\n\
+         #[cfg(test)]\nmod tests { use crate::outbox::X; }",
+    );
+    assert_eq!(
+        references(&code).into_iter().collect::<Vec<_>>(),
+        vec!["client".to_owned(), "core".to_owned()]
+    );
+    assert_eq!(layer_of("kv"), layer_of("outbox"));
+    assert!(layer_of("core") < layer_of("client"));
+    assert_eq!(layer_of("src"), None);
 }

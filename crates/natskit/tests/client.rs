@@ -501,7 +501,11 @@ async fn every_watcher_and_callback_sees_closed_once_and_last() -> TestResult {
         .await;
         let closed = seen.iter().filter(|s| **s == Status::Closed).count();
         assert_eq!(closed, 1, "cycle {cycle}: Closed once: {seen:?}");
-        assert_eq!(seen.last(), Some(&Status::Closed), "cycle {cycle}: {seen:?}");
+        assert_eq!(
+            seen.last(),
+            Some(&Status::Closed),
+            "cycle {cycle}: {seen:?}"
+        );
         assert!(
             client
                 .wait_for_connection(Duration::from_secs(1))

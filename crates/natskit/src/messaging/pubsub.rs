@@ -8,17 +8,17 @@ use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use std::time::Duration;
 
-use crate::subject::IntoSubject;
+use crate::core::subject::IntoSubject;
 use async_nats::{HeaderMap, Message};
 use bytes::Bytes;
 use futures_util::{FutureExt, StreamExt};
 use tokio::sync::Semaphore;
 
+use crate::client::handler::{HandlerOutcome, Invocation, invoke_in};
+use crate::client::registry::{Control, StatsCell, SubControl, SubscriptionStats, subscriber_sid};
 use crate::client::{Client, sync_with_server};
-use crate::error::{Error, Result};
-use crate::handler::{HandlerOutcome, Invocation, invoke_in};
-use crate::registry::{Control, StatsCell, SubControl, SubscriptionStats, subscriber_sid};
-use crate::subject;
+use crate::core::error::{Error, Result};
+use crate::core::subject;
 
 /// Options of a handler subscription.
 ///
@@ -648,7 +648,7 @@ where
     Fut: Future + 'a,
     Fut::Output: HandlerOutcome,
 {
-    let context = crate::trace::HandlerContext::from_headers(message.headers.as_ref());
+    let context = crate::client::trace::HandlerContext::from_headers(message.headers.as_ref());
     invoke_in(context, deadline, handler(message)).map(move |invocation| {
         match invocation {
             Invocation::Done(outcome) => {

@@ -13,12 +13,12 @@ use serde::Serialize;
 use serde::de::DeserializeOwned;
 
 use crate::client::Client;
-use crate::consumer::{ConsumerHandle, StreamConsumerConfig};
-use crate::error::ServiceError;
-use crate::error::{BoxError, Error, Result};
-use crate::handler::HandlerOutcome;
+use crate::client::handler::HandlerOutcome;
+use crate::core::error::ServiceError;
+use crate::core::error::{BoxError, Error, Result};
+use crate::jetstream::consumer::{ConsumerHandle, StreamConsumerConfig};
 use crate::jetstream::{PublishAck, StreamPublishOptions};
-use crate::pubsub::{SubscribeOptions, Subscription};
+use crate::messaging::pubsub::{SubscribeOptions, Subscription};
 
 /// Encodes and decodes payloads of type `T`.
 pub trait Codec<T>: Send + Sync + 'static {
@@ -121,7 +121,7 @@ impl Template {
             }
         }
         let wildcard = wildcard.join(".");
-        crate::subject::validate_subscribe(&wildcard)?;
+        crate::core::subject::validate_subscribe(&wildcard)?;
         Ok(Self {
             pattern: pattern.to_owned(),
             parts,
@@ -161,7 +161,7 @@ impl Template {
             }
         }
         let subject = out.join(".");
-        crate::subject::validate_publish(&subject)?;
+        crate::core::subject::validate_publish(&subject)?;
         Ok(subject)
     }
 }

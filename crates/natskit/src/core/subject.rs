@@ -12,7 +12,7 @@
 //! connection, with the messages in flight): a subject with a reply inbox
 //! (`HPUB`), or with a queue group (`SUB`), plus the rest of the line.
 
-use crate::error::Error;
+use crate::core::error::Error;
 
 /// What natskit accepts as a subject: string literals (used without a
 /// copy), `String`, `&String`, [`async_nats::Subject`] and `&Subject`.

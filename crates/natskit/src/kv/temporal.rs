@@ -13,8 +13,17 @@ use std::time::{Duration, SystemTime};
 
 use futures_util::StreamExt;
 
-use crate::error::{Error, Result};
-use crate::kv::{HistoryCache, Invalidate, KvEntry, KvStore};
+use crate::core::error::{Error, Result};
+use crate::kv::{Invalidate, KvEntry, KvStore};
+
+/// Shared by the resolver and the stores it listens to.
+pub(crate) type HistoryCache = moka::sync::Cache<String, Arc<Vec<KvEntry>>>;
+
+impl Invalidate for HistoryCache {
+    fn invalidate(&self, key: &str) {
+        moka::sync::Cache::invalidate(self, key);
+    }
+}
 
 /// Cache TTL of [`TemporalResolver::new`].
 pub const DEFAULT_CACHE_TTL: Duration = Duration::from_secs(5);

@@ -58,6 +58,8 @@
 //! # Ok(()) }
 //! ```
 
+mod store;
+
 use std::collections::{HashSet, VecDeque};
 use std::future::Future;
 use std::path::{Path, PathBuf};
@@ -76,14 +78,14 @@ use tokio::sync::{oneshot, watch};
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
-use crate::backoff::Backoff;
 use crate::client::Client;
-use crate::error::{Error, Result};
-use crate::jetstream::{PublishFault, classify_publish};
-use crate::metrics::OutboxMetrics;
-use crate::outbox_store::{self as store, Cmd, NewMessage, Opened, Signals, Writer};
-use crate::status::OutboxStats;
-use crate::subject::IntoSubject;
+use crate::client::jetstream_errors::{PublishFault, classify_publish};
+use crate::client::metrics::OutboxMetrics;
+use crate::core::backoff::Backoff;
+use crate::core::error::{Error, Result};
+use crate::core::status::OutboxStats;
+use crate::core::subject::IntoSubject;
+use crate::outbox::store::{Cmd, NewMessage, Opened, Signals, Writer};
 
 /// Settings of a durable outbox.
 ///
@@ -586,11 +588,11 @@ impl Outbox {
     ) -> Result<NewMessage> {
         let client = &self.inner.client;
         client.ensure_open()?;
-        crate::subject::validate_publish(subject)?;
+        crate::core::subject::validate_publish(subject)?;
         if let Some(headers) = &headers {
-            crate::header::validate(headers)?;
+            crate::core::header::validate(headers)?;
         }
-        let headers = crate::trace::outgoing(headers, client.config().trace_mode);
+        let headers = crate::client::trace::outgoing(headers, client.config().trace_mode);
         let id_name = async_nats::header::NATS_MESSAGE_ID;
         let mut msg_id = None;
         let mut fields = Vec::new();
@@ -623,7 +625,7 @@ impl Outbox {
             } else {
                 AsRef::<str>::as_ref(&id_name).len() + 4 + id_len
             };
-            crate::handler::check_payload(conn, payload.len() + added, headers.as_ref())?;
+            crate::client::handler::check_payload(conn, payload.len() + added, headers.as_ref())?;
         }
         let size = store::record_len(subject.len(), id_len, &fields, payload.len());
         Ok(NewMessage {
@@ -946,7 +948,7 @@ async fn forward(client: Client, shared: Arc<Shared>, cancel: CancellationToken,
     let mut epoch_changed = Box::pin(next_epoch(epoch));
     let mut status = client.status_watch();
     let mut js: Option<async_nats::jetstream::Context> = None;
-    let mut permit: Option<crate::breaker::Permit<'_>> = None;
+    let mut permit: Option<crate::client::breaker::Permit<'_>> = None;
     let tick =
         (config.ack_timeout / 10).clamp(Duration::from_millis(10), Duration::from_millis(250));
     let mut deadlines = tokio::time::interval(tick);
@@ -1251,7 +1253,7 @@ impl Fw {
     fn settle_front(
         &mut self,
         outcome: Outcome,
-        permit: &mut Option<crate::breaker::Permit<'_>>,
+        permit: &mut Option<crate::client::breaker::Permit<'_>>,
         backoff: &Backoff,
         js: Option<&async_nats::jetstream::Context>,
         client: &Client,

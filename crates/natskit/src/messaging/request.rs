@@ -5,18 +5,18 @@ use std::future::Future;
 use std::sync::Arc;
 use std::time::Duration;
 
-use crate::subject::IntoSubject;
+use crate::core::subject::IntoSubject;
 use async_nats::{HeaderMap, Message};
 use bytes::Bytes;
 
 use crate::client::Client;
-use crate::error::{BoxError, Error, Result};
-use crate::pubsub::{SubscribeOptions, Subscription};
+use crate::core::error::{BoxError, Error, Result};
+use crate::messaging::pubsub::{SubscribeOptions, Subscription};
 
-pub use crate::backoff::RetryConfig;
 pub use crate::client::DEFAULT_REQUEST_TIMEOUT;
-pub use crate::error::ServiceError;
-pub use crate::header::{SERVICE_ERROR_CODE_HEADER, SERVICE_ERROR_HEADER};
+pub use crate::core::backoff::RetryConfig;
+pub use crate::core::error::ServiceError;
+pub use crate::core::header::{SERVICE_ERROR_CODE_HEADER, SERVICE_ERROR_HEADER};
 
 /// A zero timeout is a caller mistake (it used to mean "the default").
 fn check_timeout(timeout: Duration) -> Result<()> {
@@ -286,7 +286,7 @@ impl Client {
                         let mut headers = HeaderMap::new();
                         headers.insert(
                             SERVICE_ERROR_HEADER,
-                            crate::header::sanitize_value(&err.message).as_ref(),
+                            crate::core::header::sanitize_value(&err.message).as_ref(),
                         );
                         headers.insert(SERVICE_ERROR_CODE_HEADER, err.code.to_string().as_str());
                         client

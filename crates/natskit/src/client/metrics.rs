@@ -28,8 +28,8 @@
 
 use metrics::{Counter, Gauge, Histogram, counter, gauge, histogram};
 
-use crate::breaker::BreakerState;
-use crate::status::Status;
+use crate::client::breaker::BreakerState;
+use crate::core::status::Status;
 
 /// Handles of one client's metrics.
 #[derive(Clone)]
@@ -129,6 +129,7 @@ impl ClientMetrics {
     }
 }
 
+#[cfg(feature = "outbox")]
 impl ClientMetrics {
     pub(crate) fn outbox(&self) -> OutboxMetrics {
         let labels = [("client", self.client.clone())];
@@ -148,6 +149,7 @@ impl ClientMetrics {
 }
 
 /// Handles of one outbox's metrics.
+#[cfg(feature = "outbox")]
 #[derive(Clone)]
 pub(crate) struct OutboxMetrics {
     pub(crate) pending_messages: Gauge,
@@ -162,6 +164,7 @@ pub(crate) struct OutboxMetrics {
     pub(crate) dead_lettered: Counter,
 }
 
+#[cfg(feature = "outbox")]
 impl std::fmt::Debug for OutboxMetrics {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.write_str("OutboxMetrics")

@@ -9,8 +9,8 @@ use std::time::Duration;
 use async_nats::HeaderMap;
 use futures_util::FutureExt;
 
-use crate::error::{BoxError, Error, Result};
-use crate::trace;
+use crate::client::trace;
+use crate::core::error::{BoxError, Error, Result};
 
 /// What a message handler may return: `()` or `Result<(), E>`. Errors are
 /// counted in [`SubscriptionStats::errors`](crate::SubscriptionStats::errors) and logged.

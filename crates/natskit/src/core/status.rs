@@ -4,7 +4,7 @@
 use std::fmt;
 use std::time::{Duration, SystemTime};
 
-use crate::breaker::BreakerState;
+use crate::core::breaker::BreakerState;
 
 /// Connection status of a [`Client`](crate::Client).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]

@@ -20,7 +20,7 @@ use bytes::Bytes;
 use redb::{Database, Durability, ReadableTable, ReadableTableMetadata, TableDefinition};
 use tokio::sync::{Notify, oneshot};
 
-use crate::error::{Error, Result};
+use crate::core::error::{Error, Result};
 
 /// Pending messages: local sequence -> encoded record.
 const MESSAGES: TableDefinition<u64, &[u8]> = TableDefinition::new("messages");

@@ -18,12 +18,12 @@ use async_nats::jetstream::{self, AckKind};
 use futures_util::StreamExt;
 use tokio::sync::watch;
 
-use crate::backoff::Backoff;
+use crate::client::handler::{HandlerOutcome, Invocation, invoke};
 use crate::client::{Client, WeakClient};
-use crate::error::{BoxError, Error, Result};
-use crate::handler::{HandlerOutcome, Invocation, invoke};
+use crate::core::backoff::Backoff;
+use crate::core::error::{BoxError, Error, Result};
+use crate::core::subject;
 use crate::jetstream::StreamAutoCreateConfig;
-use crate::subject;
 
 /// Whether a consumer API error says the consumer does not exist.
 fn is_consumer_not_found(kind: &async_nats::jetstream::stream::ConsumerErrorKind) -> bool {
@@ -439,7 +439,7 @@ impl ConsumerHandle {
     }
 }
 
-impl crate::registry::Stoppable for ConsumerHandle {
+impl crate::client::registry::Stoppable for ConsumerHandle {
     fn is_stopped(&self) -> bool {
         ConsumerHandle::is_stopped(self)
     }
@@ -749,7 +749,7 @@ async fn open_consumer(
 const ACK_FLOOR_INTERVAL: Duration = Duration::from_secs(1);
 
 struct Supervisor<F> {
-    metrics: crate::metrics::ConsumerMetrics,
+    metrics: crate::client::metrics::ConsumerMetrics,
     /// Weak: a running consumer must not keep a dropped client alive.
     client: WeakClient,
     shutdown: tokio_util::sync::CancellationToken,

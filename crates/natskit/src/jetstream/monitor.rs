@@ -6,7 +6,7 @@ use std::time::Duration;
 use metrics::gauge;
 
 use crate::client::Client;
-use crate::error::Result;
+use crate::core::error::Result;
 
 /// A running poll of stream and consumer gauges; stops when dropped or
 /// [`stop`](Self::stop)ped.
@@ -37,7 +37,7 @@ impl Client {
     /// [`Error::InvalidArgument`](crate::Error::InvalidArgument) for a zero
     /// interval, [`Error::InvalidName`](crate::Error::InvalidName).
     pub fn monitor_stream(&self, stream: &str, interval: Duration) -> Result<StreamMonitor> {
-        crate::subject::validate_name("stream", stream)?;
+        crate::core::subject::validate_name("stream", stream)?;
         if interval.is_zero() {
             return Err(crate::Error::InvalidArgument(
                 "monitor interval must be above zero".into(),

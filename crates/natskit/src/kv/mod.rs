@@ -1,6 +1,9 @@
 //! Key-value buckets and [`KvStore`]: typed errors, compare-and-swap with
 //! retry, JSON helpers, server-side key filtering and resilient watches.
 
+#[cfg(feature = "temporal")]
+pub(crate) mod temporal;
+
 use std::pin::Pin;
 use std::sync::{Arc, Mutex, Weak};
 use std::task::{Context, Poll};
@@ -13,11 +16,13 @@ use futures_util::{Stream, StreamExt};
 use serde::Serialize;
 use serde::de::DeserializeOwned;
 
-use crate::backoff::Backoff;
 use crate::client::Client;
-use crate::error::{BoxError, Error, Result};
-use crate::jetstream::{Lookup, PublishFault, classify_publish, failed, timed_out, unavailable};
-use crate::subject;
+use crate::client::jetstream_errors::{
+    Lookup, PublishFault, classify_publish, failed, timed_out, unavailable,
+};
+use crate::core::backoff::Backoff;
+use crate::core::error::{BoxError, Error, Result};
+use crate::core::subject;
 
 /// What a KV entry records.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -232,7 +237,7 @@ impl Client {
             // async-nats wraps the stream lookup's error: classify by its kind.
             let lookup = std::error::Error::source(&err)
                 .and_then(|s| s.downcast_ref::<async_nats::jetstream::context::GetStreamError>())
-                .map(|e| crate::jetstream::classify_get_stream(&e.kind()));
+                .map(|e| crate::client::jetstream_errors::classify_get_stream(&e.kind()));
             match lookup {
                 Some(Lookup::NotFound) => Error::BucketNotFound {
                     bucket: name.to_owned(),
@@ -341,6 +346,7 @@ impl KvStore {
         &self.options
     }
 
+    #[cfg_attr(not(feature = "temporal"), allow(dead_code))]
     pub(crate) fn subscribe_invalidations(&self, listener: Weak<dyn Invalidate>) {
         if let Ok(mut listeners) = self.listeners.lock() {
             listeners.retain(|l| l.strong_count() > 0);
@@ -1390,14 +1396,5 @@ impl Stream for KvWatch {
                 Poll::Ready(None) => this.reopen(),
             }
         }
-    }
-}
-
-/// Shared by the resolver and the stores it listens to.
-pub(crate) type HistoryCache = moka::sync::Cache<String, Arc<Vec<KvEntry>>>;
-
-impl Invalidate for HistoryCache {
-    fn invalidate(&self, key: &str) {
-        moka::sync::Cache::invalidate(self, key);
     }
 }

@@ -15,10 +15,10 @@ use futures_util::StreamExt;
 use tokio::sync::watch;
 
 use crate::client::Client;
-use crate::error::ServiceError;
-use crate::error::{Error, Result};
-use crate::handler::{Invocation, invoke};
-use crate::subject;
+use crate::client::handler::{Invocation, invoke};
+use crate::core::error::ServiceError;
+use crate::core::error::{Error, Result};
+use crate::core::subject;
 
 /// Settings of a [`Service`].
 ///
@@ -272,7 +272,7 @@ impl Service {
 /// line breaks (async-nats would panic on them in a header).
 fn micro_error(err: &ServiceError) -> micro::error::Error {
     micro::error::Error {
-        status: crate::header::sanitize_value(&err.message).into_owned(),
+        status: crate::core::header::sanitize_value(&err.message).into_owned(),
         code: usize::from(err.code),
     }
 }

@@ -10,8 +10,8 @@ use std::borrow::Cow;
 
 use async_nats::HeaderMap;
 
-use crate::error::Error;
-use crate::subject::shorten;
+use crate::core::error::Error;
+use crate::core::subject::shorten;
 
 /// Header naming a service error in a reply (NATS micro convention).
 pub const SERVICE_ERROR_HEADER: &str = "Nats-Service-Error";
