@@ -24,10 +24,14 @@ fuzz:
 bench:
 	@bin=$$($(INSTALL)) && NATS_SERVER_BIN=$$bin $(CARGO) bench -p natskit --bench compare
 
+# Format, clippy with and without the optional features, the crate without
+# its default features (outbox, temporal), and warning-free docs.
 lint:
 	$(CARGO) fmt --all -- --check
 	$(CARGO) clippy --workspace --all-targets -- -D warnings
 	$(CARGO) clippy --workspace --all-targets --all-features -- -D warnings
+	$(CARGO) clippy -p natskit --lib --no-default-features -- -D warnings
+	RUSTDOCFLAGS="-D warnings" $(CARGO) doc --workspace --no-deps --all-features
 
 fmt:
 	$(CARGO) fmt --all

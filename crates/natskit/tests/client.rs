@@ -5,6 +5,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use bytes::Bytes;
+use futures_util::StreamExt;
 use natskit::{
     BreakerState, Client, Error, HeaderMap, Message, RetryConfig, ServiceError, Status,
     SubscribeOptions,
@@ -367,6 +368,8 @@ async fn buffering_while_disconnected_is_opt_in() -> TestResult {
         .buffer_when_disconnected(true)
         .connect()
         .await?;
+    let mut received = buffering.subscribe_stream("down.x").await?;
+    buffering.nats()?.flush().await?;
     server.kill()?;
     wait_status(&strict, Status::Reconnecting).await;
     wait_status(&buffering, Status::Reconnecting).await;
@@ -381,6 +384,13 @@ async fn buffering_while_disconnected_is_opt_in() -> TestResult {
     server.restart()?;
     wait_status(&buffering, Status::Connected).await;
     buffering.publish("down.x", "after").await?;
+    // The subscription is sent again before the buffered publish goes out.
+    for expected in ["queued", "after"] {
+        let msg = tokio::time::timeout(WAIT, received.next())
+            .await?
+            .expect("a message");
+        assert_eq!(&msg.payload[..], expected.as_bytes());
+    }
     Ok(())
 }
 
@@ -621,14 +631,17 @@ async fn slow_consumer_drops_are_counted() -> TestResult {
     })
     .await;
     gate.add_permits(1000);
-    // Both counts are bumped by one task per event; compare once it is idle.
-    eventually(
-        WAIT,
-        "the per-subscription and client drop counts to agree",
-        || async { (sub.stats().dropped == client.status_info().dropped_messages).then_some(()) },
-    )
+    // Every message is either handled or dropped, and both counts of the
+    // drops agree once the subscription is idle.
+    let stats = eventually(WAIT, "every message handled or dropped", || async {
+        let stats = sub.stats();
+        (stats.handled + stats.dropped == 500).then_some(stats)
+    })
     .await;
-    assert_eq!(sub.stats().dropped, client.status_info().dropped_messages);
+    eventually(WAIT, "the client-wide drop count to agree", || async {
+        (client.status_info().dropped_messages == stats.dropped).then_some(())
+    })
+    .await;
     Ok(())
 }
 
@@ -766,7 +779,16 @@ async fn serve_replies_and_reports_errors_in_headers() -> TestResult {
     assert!(reply.payload.starts_with(b"error: "));
     assert_eq!(service.stats().handled, 3);
 
+    // An empty reply subject sends nothing: the first message a catch-all
+    // subscriber sees is the marker published after it.
+    let mut everything = client.subscribe_stream(">").await?;
+    client.nats()?.flush().await?;
     client.reply("", "nobody asked").await?;
+    client.publish("reply.marker", "after").await?;
+    let first = tokio::time::timeout(WAIT, everything.next())
+        .await?
+        .expect("a message");
+    assert_eq!(first.subject.as_str(), "reply.marker", "{first:?}");
     Ok(())
 }
 

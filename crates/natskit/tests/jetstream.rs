@@ -600,7 +600,13 @@ async fn consumers_do_not_pile_up_across_restarts() -> TestResult {
         || async { handle.is_healthy().then_some(()) },
     )
     .await;
-    assert!(handle.is_healthy() || !handle.is_stopped());
+    assert!(!handle.is_stopped(), "a healthy consumer keeps running");
+    handle.stop().await;
+    assert!(
+        handle.is_stopped() && !handle.is_healthy(),
+        "stopped: {:?}",
+        handle.stats()
+    );
     Ok(())
 }
 

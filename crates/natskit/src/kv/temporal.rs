@@ -268,8 +268,27 @@ mod tests {
         ];
         let found = collect_found(results, |_| true).unwrap();
         assert_eq!(found.len(), 1);
+        assert_eq!(found.get("a"), Some(&1));
         let failing: Vec<(String, Result<i32>)> = vec![("c".into(), Err(Error::NotConnected))];
         assert!(collect_found(failing, |_| true).is_err());
-        let _ = entry(1, 1, KvOperation::Delete);
+    }
+
+    #[test]
+    fn found_drops_what_the_filter_rejects() {
+        // A key whose history in a range is empty is left out, as the
+        // range query does.
+        let results = vec![
+            ("gone".to_owned(), Ok(Vec::new())),
+            (
+                "kept".to_owned(),
+                Ok(vec![
+                    entry(1, 1, KvOperation::Put),
+                    entry(2, 2, KvOperation::Delete),
+                ]),
+            ),
+        ];
+        let found = collect_found(results, |entries: &Vec<KvEntry>| !entries.is_empty()).unwrap();
+        assert_eq!(found.keys().collect::<Vec<_>>(), vec!["kept"]);
+        assert_eq!(found["kept"][1].operation, KvOperation::Delete);
     }
 }
