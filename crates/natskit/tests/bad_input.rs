@@ -1,4 +1,4 @@
-//! Bad input and hostile peers (issue 10), against real servers: every
+//! Bad input and hostile peers, against real servers: every
 //! mistake is a typed error before any I/O, never counted against the
 //! breaker, never reaching the server, and nothing stored is lost.
 

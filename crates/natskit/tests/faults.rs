@@ -1,4 +1,4 @@
-//! Regression tests for the resilience promises under faults (issue 9):
+//! Regression tests for the resilience promises under faults:
 //! consumers across outside deletes, the breaker under mixed traffic
 //! against frozen and killed servers, KV compare-and-swap on a cluster,
 //! publishes across a restart, callbacks that panic, and clients dropped

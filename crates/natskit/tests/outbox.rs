@@ -497,7 +497,7 @@ async fn join_receipts(
     Ok(all)
 }
 
-/// The partition: the link is blackholed for 20 s while 50,000
+/// A long partition: the link is blackholed for 20 s while 50,000
 /// messages are stored durably; after it heals every one is in the stream
 /// exactly once, in order per subject.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

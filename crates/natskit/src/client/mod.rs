@@ -34,9 +34,8 @@ pub use crate::core::status::{Status, StatusInfo};
 
 /// Smallest buffer async-nats gets per subscription: 4x its default, so
 /// that a burst never overflows it while natskit's reader catches up on a
-/// loaded machine (measured: with 65,536, a 200,000-message flood on 2
-/// busy cores lost up to 3% there, reported only by lossy events). Memory
-/// is taken only while messages wait in it.
+/// loaded machine (the measurement is in `BENCHMARKS.md`). Memory is taken
+/// only while messages wait in it.
 const STAGING_CAPACITY: usize = 262_144;
 
 const OPEN: u64 = 0;

@@ -189,7 +189,7 @@ impl Drop for Registry {
 ///
 /// Only the first bytes are formatted (`sid` is the first field): the
 /// writer refuses more, which ends the formatting, so the channel state
-/// after it is never printed (that cost more than the subscribe itself).
+/// after it is never printed.
 pub(crate) fn subscriber_sid(subscriber: &async_nats::Subscriber) -> Option<u64> {
     use std::fmt::Write as _;
     let mut prefix = Prefix::default();
@@ -242,8 +242,7 @@ pub(crate) enum Control {
 
 /// What a subscription's handle, its runner and the client share: the
 /// command for the runner and whether it has finished, in one small
-/// allocation. (Two `watch` channels did this before at about 800 bytes
-/// per subscription.)
+/// allocation.
 #[derive(Debug, Default)]
 pub(crate) struct SubControl {
     /// A [`Control`] as `u8`.

@@ -9,8 +9,8 @@
 //!
 //! Headers written ([`TraceMode::Full`], the default): `traceparent`,
 //! `X-Trace-ID`, `X-Span-ID`, `X-Parent-Span-ID`. [`TraceMode::W3c`] writes
-//! `traceparent` alone; [`TraceMode::Off`] writes nothing (headers cost
-//! throughput: about 3x fewer messages per second on this machine).
+//! `traceparent` alone; [`TraceMode::Off`] writes nothing (any header costs
+//! core publish throughput; `BENCHMARKS.md` has the figures).
 //!
 //! ```
 //! use natskit::trace::{self, TraceContext};
@@ -35,8 +35,8 @@ pub use crate::core::trace_context::{
 
 /// A trace in scope, with the headers it puts on outgoing messages,
 /// encoded once per scope and mode: every publish in the scope carries the
-/// same span, so building four header values per message bought nothing
-/// (it cost 1.9x the allocations of cloning a prebuilt map).
+/// same span, so building four header values per message would buy
+/// nothing.
 struct Scoped {
     trace: TraceContext,
     /// The headers for the mode first asked for (a client's mode is fixed;

@@ -1,5 +1,7 @@
 //! The status model of a client: what [`Client::status`](crate::Client::status)
-//! and [`Client::status_info`](crate::Client::status_info) report. Pure data.
+//! and [`Client::status_info`](crate::Client::status_info) report, and
+//! [`StatusCore`], the pure state machine that decides them from connection
+//! events, breaker changes, health checks and time (given as an argument).
 
 use std::fmt;
 use std::time::{Duration, SystemTime};

@@ -484,7 +484,9 @@ impl Client {
     /// The consumer is created (or, for a durable, opened) before this
     /// returns; then a supervisor keeps it delivering: when heartbeats stop
     /// or the consumer disappears, it is recreated with back-off under the
-    /// same name, resuming after the last handled stream sequence.
+    /// same name, resuming at its ack floor as last read from the server:
+    /// nothing unacknowledged is skipped, and messages acknowledged above
+    /// the floor may come again (at-least-once).
     ///
     /// ```no_run
     /// # async fn demo(client: natskit::Client) -> natskit::Result<()> {
@@ -598,9 +600,10 @@ impl Client {
         Ok(ConsumerStream { rx, handle })
     }
 
-    /// Stops the consumer `name` on `stream` that this client runs; it
-    /// stays on the server. Stopping an unknown or stopped consumer does
-    /// nothing.
+    /// Stops the consumer `name` on `stream` that this client runs, as
+    /// [`ConsumerHandle::stop`] does: a durable consumer stays on the server,
+    /// an ephemeral one is deleted. Stopping an unknown or stopped consumer
+    /// does nothing.
     pub async fn stop_consumer(&self, stream: &str, name: &str) {
         if let Some(handle) = self.consumers().remove(stream, name) {
             handle.stop().await;
