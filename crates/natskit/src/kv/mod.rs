@@ -3,11 +3,12 @@
 
 #[cfg(feature = "temporal")]
 pub(crate) mod temporal;
+mod write;
 
 use std::pin::Pin;
 use std::sync::{Arc, Mutex, Weak};
 use std::task::{Context, Poll};
-use std::time::{Duration, SystemTime};
+use std::time::{Duration, Instant, SystemTime};
 
 use async_nats::jetstream::consumer::{DeliverPolicy, ReplayPolicy, push};
 use async_nats::jetstream::kv::{self, CreateErrorKind, Operation, UpdateErrorKind};
@@ -23,6 +24,7 @@ use crate::client::jetstream_errors::{
 use crate::core::backoff::Backoff;
 use crate::core::error::{BoxError, Error, Result};
 use crate::core::subject;
+use write::{Next, Resolution, Sent, WriteCore};
 
 /// What a KV entry records.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -313,17 +315,6 @@ fn check_bucket_name(name: &str) -> Result<()> {
 /// and an expected revision, with room to spare.
 const KV_WRITE_HEADER_OVERHEAD: usize = 160;
 
-/// How long one send of a KV write waits for its ack before it is resent
-/// with the same message id.
-const KV_RESEND_ACK_WAIT: Duration = Duration::from_secs(1);
-
-/// Whether an unconfirmed KV write was applied.
-enum Resolution {
-    Applied(u64),
-    NotApplied,
-    Unknown,
-}
-
 /// The outcome of one CAS attempt.
 enum Attempt {
     Done(u64),
@@ -441,109 +432,79 @@ impl KvStore {
                 revision.to_string().as_str(),
             );
         }
-        let started = tokio::time::Instant::now();
-        let soft_deadline = started + self.options.timeout;
-        // `write_op` allows two timeouts; keep a margin for the last check.
-        let hard_deadline =
-            started + (self.options.timeout * 2).saturating_sub(self.options.timeout / 10);
         let backoff = Backoff::new(Duration::from_millis(25), Duration::from_millis(500));
+        let mut core = WriteCore::new(Instant::now(), self.options.timeout, backoff);
         let mut epoch = self.client.connection_epoch();
-        // Whether an earlier send may have been applied without our hearing
-        // the ack.
-        let mut uncertain = false;
-        let mut attempt = 0u32;
         loop {
             epoch.borrow_and_update();
             let message = PublishMessage::build()
                 .payload(value.clone())
                 .headers(headers.clone());
-            let deadline = if uncertain {
-                hard_deadline
-            } else {
-                soft_deadline
-            };
-            let ack_wait = deadline
-                .saturating_duration_since(tokio::time::Instant::now())
-                .min(KV_RESEND_ACK_WAIT);
+            let ack_wait = core.ack_wait(Instant::now());
             let sent = async {
                 let ack = js.send_publish(subject.clone(), message).await?;
                 ack.await
             };
-            let fault = tokio::select! {
+            // What the send came to, and the error it stands for should the
+            // write end on it.
+            let (outcome, fault) = tokio::select! {
                 outcome = tokio::time::timeout(ack_wait, sent) => match outcome {
                     Ok(Ok(ack)) => return Ok(ack.sequence),
-                    Ok(Err(err)) => match classify_publish(&err) {
-                        PublishFault::Conflict if uncertain => {
-                            // Our own earlier send may be the write that won.
-                            match self.resolve(&subject, &id, expected).await {
-                                Resolution::Applied(revision) => return Ok(revision),
-                                Resolution::NotApplied => {
-                                    return Err(Error::RevisionMismatch {
-                                        key: key.to_owned(),
-                                        expected: expected.unwrap_or(0),
-                                    });
-                                }
-                                Resolution::Unknown => unavailable(op, err),
+                    Ok(Err(err)) => {
+                        let kind = classify_publish(&err);
+                        let fault = match kind {
+                            PublishFault::Conflict => unavailable(op, err),
+                            PublishFault::Timeout | PublishFault::Unavailable => timed_out(op, err),
+                            PublishFault::NoResponders => unavailable(
+                                op,
+                                "no responders: the bucket's stream has no leader (an election or a restart)",
+                            ),
+                            PublishFault::TooLarge | PublishFault::WrongMessageId | PublishFault::Other => {
+                                failed(op, err)
                             }
-                        }
-                        PublishFault::Conflict => {
-                            return Err(Error::RevisionMismatch {
-                                key: key.to_owned(),
-                                expected: expected.unwrap_or(0),
-                            });
-                        }
-                        PublishFault::Timeout | PublishFault::Unavailable => {
-                            uncertain = true;
-                            timed_out(op, err)
-                        }
-                        // Nobody took this send: it was not applied.
-                        PublishFault::NoResponders => unavailable(
-                            op,
-                            "no responders: the bucket's stream has no leader (an election or a restart)",
-                        ),
-                        PublishFault::TooLarge => {
-                            return Err(Error::ValueTooLarge {
-                                size: value.len(),
-                                max: self.max_value_size(),
-                            });
-                        }
-                        PublishFault::WrongMessageId | PublishFault::Other => {
-                            return Err(failed(op, err));
-                        }
-                    },
-                    Err(_) => {
-                        uncertain = true;
-                        timed_out(op, format!("no ack within {ack_wait:?}"))
+                        };
+                        (Sent::Fault(kind), fault)
                     }
+                    Err(_) => (Sent::NoAck, timed_out(op, format!("no ack within {ack_wait:?}"))),
                 },
                 // Reconnected while the ack was awaited: it will not come.
                 _ = epoch.changed() => {
-                    uncertain = true;
-                    unavailable(op, "reconnected while awaiting the ack")
+                    (Sent::Reconnected, unavailable(op, "reconnected while awaiting the ack"))
                 }
             };
-            let delay = backoff.delay_random(attempt);
-            let deadline = if uncertain {
-                hard_deadline
-            } else {
-                soft_deadline
-            };
-            if tokio::time::Instant::now() + delay >= deadline {
-                if !uncertain {
-                    return Err(fault);
+            let mut next = core.sent(outcome, Instant::now(), fastrand::f64());
+            let delay = loop {
+                match next {
+                    Next::Applied(revision) => return Ok(revision),
+                    Next::Conflict => {
+                        return Err(Error::RevisionMismatch {
+                            key: key.to_owned(),
+                            expected: expected.unwrap_or(0),
+                        });
+                    }
+                    Next::TooLarge => {
+                        return Err(Error::ValueTooLarge {
+                            size: value.len(),
+                            max: self.max_value_size(),
+                        });
+                    }
+                    Next::Failed | Next::GiveUp => return Err(fault),
+                    // `Ok` exactly when the write was applied; an outcome
+                    // still unknown is a timeout.
+                    Next::TimedOut => {
+                        return Err(match fault {
+                            fault @ Error::JetStreamTimeout { .. } => fault,
+                            other => timed_out(op, other.to_string()),
+                        });
+                    }
+                    Next::Resolve => {
+                        let found = self.resolve(&subject, &id, expected).await;
+                        next = core.resolved(found, Instant::now(), fastrand::f64());
+                    }
+                    Next::Resend { delay } => break delay,
                 }
-                // Last chance to learn the outcome: `Ok` exactly when the
-                // write was applied; an outcome still unknown is a timeout.
-                return match self.resolve(&subject, &id, expected).await {
-                    Resolution::Applied(revision) => Ok(revision),
-                    Resolution::NotApplied | Resolution::Unknown => Err(match fault {
-                        fault @ Error::JetStreamTimeout { .. } => fault,
-                        other => timed_out(op, other.to_string()),
-                    }),
-                };
-            }
-            tracing::debug!(bucket = %self.bucket.name, key, attempt, err = %fault, "kv write not confirmed; resending");
-            attempt += 1;
+            };
+            tracing::debug!(bucket = %self.bucket.name, key, attempt = core.attempts(), err = %fault, "kv write not confirmed; resending");
             self.client.metrics().retry("kv_write");
             tokio::select! {
                 () = tokio::time::sleep(delay) => {}
