@@ -1,0 +1,505 @@
+//! The forwarder: the async shell around [`Window`]. It loads stored
+//! messages, sends them, awaits their acknowledgements, watches the
+//! connection and the breaker, and carries out the window's effects on the
+//! outbox's counters, metrics and store. Every decision is the window's.
+
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+use std::time::{Duration, Instant};
+
+use async_nats::HeaderMap;
+use async_nats::jetstream::context::{PublishError, PublishErrorKind};
+use async_nats::jetstream::message::PublishMessage;
+use async_nats::jetstream::publish::PublishAck;
+use bytes::Bytes;
+use futures_util::FutureExt;
+use tokio::sync::watch;
+use tokio_util::sync::CancellationToken;
+
+use super::store::{self, Cmd};
+use super::window::{Ack, Effect, LOAD_BATCH, Settle, Window};
+use super::{Shared, as_i64};
+use crate::client::Client;
+use crate::client::breaker::Permit;
+use crate::client::jetstream_errors::{PublishFault, classify_publish};
+use crate::core::backoff::Backoff;
+use crate::core::error::{Error, Result};
+
+/// What the forwarder sends for one stored message.
+pub(super) struct Body {
+    subject: async_nats::Subject,
+    msg_id: String,
+    fields: Vec<(String, String)>,
+    payload: Bytes,
+}
+
+impl Body {
+    /// The stored headers plus the message id.
+    fn headers(&self) -> HeaderMap {
+        let mut headers = super::header_map(&self.fields);
+        headers.insert(async_nats::header::NATS_MESSAGE_ID, self.msg_id.as_str());
+        headers
+    }
+}
+
+type AckFuture =
+    Pin<Box<dyn Future<Output = std::result::Result<PublishAck, PublishError>> + Send>>;
+
+type Loaded = Result<Vec<store::LoadedRow>>;
+
+/// What the forwarder holds besides the window: the outbox's shared state,
+/// the breaker's admission of the current run of sends, and the load under
+/// way.
+struct Shell<'c> {
+    window: Window<Body, AckFuture>,
+    shared: Arc<Shared>,
+    client: &'c Client,
+    js: Option<async_nats::jetstream::Context>,
+    permit: Option<Permit<'c>>,
+    loading: Option<tokio::task::JoinHandle<Loaded>>,
+}
+
+pub(super) async fn forward(
+    client: Client,
+    shared: Arc<Shared>,
+    cancel: CancellationToken,
+    first: u64,
+) {
+    let config = shared.config.clone();
+    // Capped at 2 s: after a partition heals without a reconnect, nothing
+    // tells the forwarder; the pause is what it waits before trying again.
+    let backoff = Backoff::new(Duration::from_millis(100), Duration::from_secs(2));
+    let mut shell = Shell {
+        window: Window::new(first, backoff),
+        shared: shared.clone(),
+        client: &client,
+        js: None,
+        permit: None,
+        loading: None,
+    };
+    let mut epoch = client.connection_epoch();
+    epoch.borrow_and_update();
+    // Both stay registered across passes of the loop (re-creating them per
+    // pass took a lock or two per run of acks).
+    let cancelled = cancel.cancelled();
+    tokio::pin!(cancelled);
+    let mut epoch_changed = Box::pin(next_epoch(epoch));
+    let mut status = client.status_watch();
+    let tick =
+        (config.ack_timeout / 10).clamp(Duration::from_millis(10), Duration::from_millis(250));
+    let mut deadlines = tokio::time::interval(tick);
+    deadlines.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        shell.maybe_load();
+        let mut link_down = false;
+        if shell.window.can_send(Instant::now(), config.max_in_flight) {
+            match client.live_conn() {
+                Err(Error::Closed) => break,
+                Err(_) => link_down = true,
+                Ok(conn) => {
+                    if shell.window.idle() && shell.permit.is_none() {
+                        match client.guard() {
+                            Ok(p) => shell.permit = Some(p),
+                            Err(Error::CircuitOpen { retry_after }) => {
+                                shell.window.pause_until(Instant::now() + retry_after);
+                            }
+                            Err(_) => link_down = true,
+                        }
+                    }
+                    if shell.window.pause(Instant::now()).is_none() && !link_down {
+                        shell.fill(conn, &cancel).await;
+                    }
+                }
+            }
+        }
+        shell.publish_progress();
+        if shell.window.removals_due(Instant::now()) {
+            shell.flush_removals();
+        }
+        let pause = shell.window.pause(Instant::now());
+        // Only while a load could start does a commit matter (one that
+        // happened since `maybe_load` is kept by `Notify` as a permit).
+        let want_wake = shell.loading.is_none() && shell.window.queued() < LOAD_BATCH;
+        let has_inflight = !shell.window.idle();
+        let is_loading = shell.loading.is_some();
+        let Shell {
+            window, loading, ..
+        } = &mut shell;
+        let front = window.front_ack();
+        tokio::select! {
+            biased;
+            () = &mut cancelled => break,
+            (receiver, changed) = &mut epoch_changed => {
+                if !changed {
+                    break;
+                }
+                epoch_changed = Box::pin(next_epoch(receiver));
+                // Acks of the old connection are lost: send again now, not
+                // after the back-off of the failures that led here.
+                shell.window.reconnected();
+                shell.apply_effects();
+            }
+            result = async {
+                match front {
+                    Some(ack) => Some(ack.await),
+                    None => std::future::pending().await,
+                }
+            }, if has_inflight => {
+                // This ack, then every later one that is already here: one
+                // pass of the loop settles a run of acks.
+                let mut next = Some(result);
+                while let Some(result) = next.take() {
+                    let settle = match result {
+                        Some(Ok(ack)) => Settle::Acked(read_ack(ack)),
+                        Some(Err(err)) => {
+                            let subject = shell.window.front().map(|body| body.subject.clone());
+                            classify(&client, shell.js.as_ref(), subject, err).await
+                        }
+                        None => Settle::Transient("no acknowledgement in time".into()),
+                    };
+                    let settled = !matches!(settle, Settle::Transient(_));
+                    shell.settle_front(settle);
+                    if settled {
+                        let overdue = shell.window.front_overdue(Instant::now());
+                        next = match shell.window.front_ack().map(|ack| ack.now_or_never()) {
+                            Some(Some(result)) => Some(Some(result)),
+                            Some(None) if overdue => Some(None),
+                            _ => None,
+                        };
+                    }
+                }
+            }
+            loaded = async {
+                match loading.as_mut() {
+                    Some(task) => task.await,
+                    None => std::future::pending().await,
+                }
+            }, if is_loading => {
+                shell.loading = None;
+                shell.take_loaded(loaded);
+            }
+            () = shared.signals.wake.notified(), if want_wake => {}
+            // Ack deadlines are checked on a tick (one timer, not one per
+            // message).
+            _ = deadlines.tick(), if has_inflight => {
+                if shell.window.front_overdue(Instant::now()) {
+                    shell.settle_front(Settle::Transient("no acknowledgement in time".into()));
+                }
+            }
+            () = async {
+                match pause {
+                    Some(t) => tokio::time::sleep_until(tokio::time::Instant::from_std(t)).await,
+                    None => std::future::pending().await,
+                }
+            }, if pause.is_some() => {}
+            _ = status.changed(), if link_down => {}
+            // The status can change before the connection is usable: poll too.
+            () = tokio::time::sleep(Duration::from_millis(50)), if link_down => {}
+        }
+    }
+    shell.permit = None;
+    if let Some(load) = shell.loading.take() {
+        // It holds the file open; let it finish.
+        let _ = load.await;
+    }
+    shell.publish_progress();
+    shell.flush_removals();
+    let _ = shared.commands.send(Cmd::Shutdown);
+}
+
+/// What an acknowledgement tells the window.
+fn read_ack(ack: PublishAck) -> Ack {
+    Ack {
+        stream: ack.stream,
+        duplicate: ack.duplicate,
+    }
+}
+
+/// Waits for the next connection epoch; gives the receiver back, and
+/// whether it changed (false: the client is gone).
+async fn next_epoch(mut epoch: watch::Receiver<u64>) -> (watch::Receiver<u64>, bool) {
+    let changed = epoch.changed().await.is_ok();
+    (epoch, changed)
+}
+
+/// Reads a failed ack of a message on `subject`: what passes, what is final.
+async fn classify(
+    client: &Client,
+    js: Option<&async_nats::jetstream::Context>,
+    subject: Option<async_nats::Subject>,
+    err: PublishError,
+) -> Settle {
+    match classify_publish(&err) {
+        PublishFault::Timeout | PublishFault::Unavailable => Settle::Transient(err.to_string()),
+        PublishFault::TooLarge => Settle::Refused(format!("too large: {err}")),
+        PublishFault::Conflict | PublishFault::WrongMessageId => {
+            Settle::Refused(format!("a precondition in its headers failed: {err}"))
+        }
+        // No stream, or one without a leader: ask which.
+        PublishFault::NoResponders => match js.zip(subject) {
+            Some((js, subject)) => match client.confirm_stream_missing(js, &subject).await {
+                Error::StreamNotFound { .. } => {
+                    Settle::Refused("no stream captures the subject".into())
+                }
+                _ => Settle::Transient(err.to_string()),
+            },
+            None => Settle::Transient(err.to_string()),
+        },
+        // `classify_publish` reads "no leader" codes as `Unavailable`: any
+        // other answer from the stream is final; no answer at all is not.
+        PublishFault::Other => {
+            let answered = std::error::Error::source(&err)
+                .is_some_and(|s| s.is::<async_nats::jetstream::Error>());
+            if answered {
+                Settle::Refused(format!("refused by JetStream: {err}"))
+            } else {
+                Settle::Transient(err.to_string())
+            }
+        }
+    }
+}
+
+impl Shell<'_> {
+    /// Starts loading the next stored messages when the queue runs low.
+    fn maybe_load(&mut self) {
+        let committed = self.shared.signals.last_committed.load(Ordering::Acquire);
+        if self.loading.is_some() || !self.window.wants_load(committed) {
+            return;
+        }
+        let Ok(db) = self.shared.db() else { return };
+        let path = self.shared.config.path.clone();
+        let from = self.window.cursor();
+        self.loading = Some(tokio::task::spawn_blocking(move || {
+            store::load(&db, &path, from, LOAD_BATCH)
+        }));
+    }
+
+    fn take_loaded(&mut self, loaded: std::result::Result<Loaded, tokio::task::JoinError>) {
+        let rows = match loaded {
+            Ok(Ok(rows)) => rows,
+            Ok(Err(err)) => {
+                tracing::error!(%err, "outbox: reading the store failed; retrying");
+                self.window.load_failed(Instant::now());
+                return;
+            }
+            Err(err) => {
+                tracing::error!(%err, "outbox: the load task failed; retrying");
+                return;
+            }
+        };
+        for (seq, size, record) in rows {
+            let row = record
+                .map(|r| {
+                    let body = Body {
+                        subject: async_nats::Subject::from(r.subject),
+                        msg_id: r.msg_id,
+                        fields: r.headers,
+                        payload: r.payload,
+                    };
+                    (r.enqueued_ms, body)
+                })
+                .map_err(|e| e.to_string());
+            self.window.loaded(seq, size, row);
+        }
+        self.apply_effects();
+    }
+
+    /// Sends queued messages until the window is full.
+    async fn fill(&mut self, conn: &async_nats::Client, cancel: &CancellationToken) {
+        let config = &self.shared.config;
+        let (max, ack_timeout) = (config.max_in_flight, config.ack_timeout);
+        let js = self.js.get_or_insert_with(|| {
+            async_nats::jetstream::ContextBuilder::new()
+                .timeout(ack_timeout)
+                .ack_timeout(ack_timeout)
+                .max_ack_inflight(max.saturating_mul(8))
+                .backpressure_on_inflight(false)
+                .build(conn.clone())
+        });
+        while !cancel.is_cancelled() {
+            let Some(msg) = self.window.next_to_send(max) else {
+                break;
+            };
+            let publish = PublishMessage::build()
+                .payload(msg.body.payload.clone())
+                .headers(msg.body.headers());
+            match js.send_publish(msg.body.subject.clone(), publish).await {
+                Ok(ack) => {
+                    let deadline = Instant::now() + ack_timeout;
+                    self.window.sent(msg, Box::pin(ack.into_future()), deadline);
+                }
+                Err(err) if err.kind() == PublishErrorKind::MaxPayloadExceeded => {
+                    self.window.send_refused(msg, format!("too large: {err}"));
+                }
+                Err(err) if err.kind() == PublishErrorKind::MaxAckPending => {
+                    // Abandoned sends still hold async-nats' ack slots.
+                    self.window.send_busy(msg, Instant::now());
+                    break;
+                }
+                Err(err) => {
+                    tracing::debug!(%err, "outbox: send failed");
+                    self.window.send_failed(msg, Instant::now());
+                    break;
+                }
+            }
+        }
+        self.apply_effects();
+    }
+
+    /// Settles the oldest send in flight; later acks already here are
+    /// read without waiting.
+    fn settle_front(&mut self, settle: Settle) {
+        self.window
+            .settle_front(settle, Instant::now(), fastrand::f64(), |ack| {
+                match ack.now_or_never() {
+                    Some(Ok(ack)) => Some(read_ack(ack)),
+                    _ => None,
+                }
+            });
+        self.apply_effects();
+    }
+
+    /// Carries out the window's effects, in order.
+    fn apply_effects(&mut self) {
+        let shared = &self.shared;
+        let counters = &shared.counters;
+        let metrics = &shared.metrics;
+        for effect in self.window.drain_effects() {
+            match effect {
+                Effect::BreakerSuccess => {
+                    if let Some(p) = self.permit.take() {
+                        p.success();
+                    }
+                }
+                Effect::BreakerFailure => {
+                    if let Some(p) = self.permit.take() {
+                        p.failure();
+                    }
+                }
+                Effect::BreakerRelease => self.permit = None,
+                Effect::CountFailed => {
+                    counters.failed.fetch_add(1, Ordering::Relaxed);
+                    metrics.failed.increment(1);
+                }
+                Effect::CountResent(n) => {
+                    counters.resent.fetch_add(n, Ordering::Relaxed);
+                    metrics.resent.increment(n);
+                }
+                Effect::CountDuplicate => {
+                    counters.duplicates.fetch_add(1, Ordering::Relaxed);
+                }
+                Effect::Reordered { .. } => {
+                    counters.reordered.fetch_add(1, Ordering::Relaxed);
+                    metrics.reordered.increment(1);
+                }
+                Effect::DeadLetter { seq, size, reason } => {
+                    let _ = shared.commands.send(Cmd::DeadLetter {
+                        sequence: seq,
+                        reason,
+                    });
+                    // Counted here, at once; the store thread counts only
+                    // what leaves.
+                    let dead = shared.dead_letters.fetch_add(1, Ordering::Relaxed) + 1;
+                    metrics.dead_lettered.increment(1);
+                    metrics.dead_letters.set(dead as f64);
+                    shared.adjust(-1, -as_i64(size));
+                }
+                Effect::CheckStream(stream) => {
+                    if let Some(js) = &self.js {
+                        check_duplicate_window(
+                            js.clone(),
+                            stream,
+                            shared.clone(),
+                            self.client.shutdown().clone(),
+                        );
+                    }
+                }
+            }
+        }
+    }
+
+    fn flush_removals(&mut self) {
+        let removed = self.window.take_removals();
+        if !removed.is_empty() {
+            let _ = self.shared.commands.send(Cmd::Remove(removed));
+        }
+    }
+
+    /// Publishes the low-water mark (for `flush_outbox`), the oldest
+    /// message's age and the gauges.
+    fn publish_progress(&mut self) {
+        let shared = &self.shared;
+        let progress = self.window.progress();
+        // Depth first: whoever sees the new low-water mark sees the depth
+        // that goes with it.
+        if progress.forwarded > 0 {
+            shared
+                .counters
+                .forwarded
+                .fetch_add(progress.forwarded, Ordering::Relaxed);
+            shared.metrics.forwarded.increment(progress.forwarded);
+            shared.adjust(-as_i64(progress.forwarded), -as_i64(progress.bytes));
+        }
+        let low = progress.low_water;
+        shared.low_water.send_if_modified(|current| {
+            if *current != low {
+                *current = low;
+                true
+            } else {
+                false
+            }
+        });
+        let head_ms = match progress.head {
+            Some((_, ms)) => ms,
+            // Nothing held and nothing left to load: empty.
+            None if shared.signals.last_committed.load(Ordering::Acquire)
+                < self.window.cursor() =>
+            {
+                0
+            }
+            // Not loaded yet: keep what is known (set at open).
+            None => shared.head_ms.load(Ordering::Relaxed),
+        };
+        shared.head_ms.store(head_ms, Ordering::Relaxed);
+        let age = if head_ms == 0 {
+            0.0
+        } else {
+            store::now_ms().saturating_sub(head_ms) as f64 / 1000.0
+        };
+        shared.metrics.oldest_age.set(age);
+    }
+}
+
+/// Warns (once per stream) when a stream's duplicate window is shorter
+/// than the window exactly-once counts on.
+fn check_duplicate_window(
+    js: async_nats::jetstream::Context,
+    stream: String,
+    shared: Arc<Shared>,
+    shutdown: CancellationToken,
+) {
+    tokio::spawn(async move {
+        let info = tokio::select! {
+            () = shutdown.cancelled() => return,
+            info = async {
+                let s = js.get_stream(&stream).await.ok()?;
+                Some(s.cached_info().config.duplicate_window)
+            } => info,
+        };
+        let Some(window) = info else { return };
+        if window < shared.config.duplicate_window {
+            tracing::warn!(
+                %stream,
+                ?window,
+                counted_on = ?shared.config.duplicate_window,
+                "outbox: the stream's duplicate window is shorter than the outbox counts on; \
+                 a resend after that long may store a message twice"
+            );
+            if let Ok(mut w) = shared.short_windows.lock() {
+                w.push((stream, window));
+            }
+        }
+    });
+}
