@@ -7,6 +7,7 @@ pub(crate) mod handler;
 pub(crate) mod jetstream_errors;
 pub mod metrics;
 pub(crate) mod registry;
+pub(crate) mod retry;
 mod status_task;
 pub mod trace;
 mod url;

@@ -30,7 +30,7 @@ pub struct Backoff {
 
 impl Backoff {
     /// Doubling from `initial` up to `max`, with 50% jitter.
-    pub fn new(initial: Duration, max: Duration) -> Self {
+    pub const fn new(initial: Duration, max: Duration) -> Self {
         Self {
             initial,
             max,
@@ -40,7 +40,7 @@ impl Backoff {
     }
 
     /// The same schedule without jitter.
-    pub fn without_jitter(mut self) -> Self {
+    pub const fn without_jitter(mut self) -> Self {
         self.jitter = 0.0;
         self
     }

@@ -19,8 +19,8 @@ use futures_util::StreamExt;
 use tokio::sync::watch;
 
 use crate::client::handler::{HandlerOutcome, Invocation, invoke};
+use crate::client::retry::{self, Retry};
 use crate::client::{Client, WeakClient};
-use crate::core::backoff::Backoff;
 use crate::core::error::{BoxError, Error, Result};
 use crate::core::subject;
 use crate::jetstream::StreamAutoCreateConfig;
@@ -801,9 +801,8 @@ where
     /// Delivers until stopped (`true`) or the client is gone (`false`).
     async fn deliver(&self, first: PullConsumer, stop: &mut watch::Receiver<bool>) -> bool {
         let counters = &self.shared.counters;
-        let backoff = Backoff::new(Duration::from_millis(100), Duration::from_secs(5));
+        let mut waits = Retry::new(retry::RECREATE);
         let mut consumer = Some(first);
-        let mut failures: u32 = 0;
         loop {
             if *stop.borrow() {
                 return true;
@@ -848,8 +847,7 @@ where
                 Ok(m) => m,
                 Err(err) => {
                     counters.healthy.store(false, Ordering::Relaxed);
-                    let delay = backoff.delay_random(failures);
-                    failures = failures.saturating_add(1);
+                    let delay = waits.next_delay();
                     tracing::warn!(stream = %self.config.stream, consumer = %self.name, %err, ?delay, "consumer unavailable; retrying");
                     tokio::select! {
                         _ = stop.changed() => return true,
@@ -859,7 +857,7 @@ where
                 }
             };
             counters.healthy.store(true, Ordering::Relaxed);
-            failures = 0;
+            waits.reset();
             let mut floor_ticker = tokio::time::interval(ACK_FLOOR_INTERVAL);
             floor_ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
             let mut delivered_since_read = false;

@@ -26,7 +26,7 @@ use crate::client::Client;
 use crate::client::jetstream_errors::{
     failed, map_create_stream, map_get_stream, map_publish, timed_out, unavailable,
 };
-use crate::core::backoff::Backoff;
+use crate::client::retry::{self, Retry};
 use crate::core::backoff::RetryConfig;
 use crate::core::error::{Error, Result};
 use crate::core::subject;
@@ -157,7 +157,7 @@ const RESEND_ACK_WAIT: Duration = Duration::from_secs(1);
 fn default_publish_retry() -> RetryConfig {
     RetryConfig {
         max_retries: 10,
-        backoff: Backoff::new(Duration::from_millis(100), Duration::from_secs(1)),
+        backoff: retry::STREAM_PUBLISH,
     }
 }
 
@@ -425,7 +425,7 @@ impl Client {
         };
         let retry = options.retry.unwrap_or_else(default_publish_retry);
         let mut epoch = self.connection_epoch();
-        let mut attempt = 0;
+        let mut waits = Retry::new(retry.backoff);
         let result = loop {
             let message = match &headers {
                 Some(h) => PublishMessage::build()
@@ -457,18 +457,12 @@ impl Client {
                     | Error::JetStreamUnavailable { .. }
                     | Error::JetStreamTimeout { .. })
             );
-            if !retriable || attempt >= retry.max_retries || self.ensure_open().is_err() {
+            if !retriable || waits.attempt() >= retry.max_retries || self.ensure_open().is_err() {
                 break outcome;
             }
-            let delay = retry.backoff.delay_random(attempt);
-            tracing::debug!(%subject, attempt, ?delay, "JetStream unavailable; retrying publish");
-            attempt += 1;
+            tracing::debug!(%subject, attempt = waits.attempt(), "JetStream unavailable; retrying publish");
             self.metrics().retry("stream_publish");
-            tokio::select! {
-                () = tokio::time::sleep(delay) => {}
-                // Reconnected: no reason to wait any longer.
-                _ = epoch.changed() => {}
-            }
+            waits.wait_or_reconnect(&mut epoch).await;
         };
         let result = match result {
             Err(Error::StreamNotFound { .. }) => {

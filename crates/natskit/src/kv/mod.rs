@@ -21,6 +21,7 @@ use crate::client::Client;
 use crate::client::jetstream_errors::{
     Lookup, PublishFault, classify_publish, failed, timed_out, unavailable,
 };
+use crate::client::retry::{self, Retry};
 use crate::core::backoff::Backoff;
 use crate::core::error::{BoxError, Error, Result};
 use crate::core::subject;
@@ -432,8 +433,7 @@ impl KvStore {
                 revision.to_string().as_str(),
             );
         }
-        let backoff = Backoff::new(Duration::from_millis(25), Duration::from_millis(500));
-        let mut core = WriteCore::new(Instant::now(), self.options.timeout, backoff);
+        let mut core = WriteCore::new(Instant::now(), self.options.timeout, retry::ELECTION);
         let mut epoch = self.client.connection_epoch();
         loop {
             epoch.borrow_and_update();
@@ -605,8 +605,7 @@ impl KvStore {
         self.op("kv get", async {
             // Reads are idempotent: retry what an election or a restart
             // causes (no responders, no answer) until the timeout.
-            let backoff = Backoff::new(Duration::from_millis(25), Duration::from_millis(500));
-            let mut attempt = 0;
+            let mut waits = Retry::new(retry::ELECTION);
             loop {
                 let err = match self.bucket.entry(key).await {
                     Ok(entry) => return Ok(entry),
@@ -619,9 +618,8 @@ impl KvStore {
                     Err(e) if e.kind() == kv::EntryErrorKind::TimedOut => timed_out("kv get", e),
                     Err(e) => unavailable("kv get", e),
                 };
-                tracing::debug!(bucket = %self.bucket.name, key, attempt, %err, "kv read failed; retrying");
-                tokio::time::sleep(backoff.delay_random(attempt)).await;
-                attempt += 1;
+                tracing::debug!(bucket = %self.bucket.name, key, attempt = waits.attempt(), %err, "kv read failed; retrying");
+                waits.wait().await;
             }
         })
         .await
@@ -1018,11 +1016,11 @@ impl KvStore {
         Fut: Future<Output = Result<Vec<u8>>>,
     {
         self.check_key(key)?;
-        let backoff = self.options.backoff();
+        let mut waits = Retry::new(self.options.backoff());
         let attempts = self.options.max_retries.saturating_add(1);
         for attempt in 0..attempts {
             if attempt > 0 {
-                tokio::time::sleep(backoff.delay_random(attempt - 1)).await;
+                waits.wait().await;
             }
             let current = self.entry_raw(key).await?;
             let (value, revision) = match current {
@@ -1254,7 +1252,8 @@ pub struct KvWatch {
     initial_done_pending: bool,
     initial_done_sent: bool,
     last_revision: u64,
-    failures: u32,
+    /// The re-creation waits (reset once events flow again).
+    waits: Retry,
     sleep: Option<Pin<Box<tokio::time::Sleep>>>,
 }
 
@@ -1278,7 +1277,7 @@ impl KvWatch {
             initial_done_pending: empty,
             initial_done_sent: false,
             last_revision: 0,
-            failures: 0,
+            waits: Retry::new(retry::RECREATE),
             sleep: None,
         }
     }
@@ -1288,9 +1287,7 @@ impl KvWatch {
         let bucket = self.store.bucket.clone();
         let pattern = self.pattern.clone();
         let from = self.last_revision + 1;
-        let delay = Backoff::new(Duration::from_millis(100), Duration::from_secs(5))
-            .delay_random(self.failures);
-        self.failures = self.failures.saturating_add(1);
+        let delay = self.waits.next_delay();
         tracing::warn!(bucket = %bucket.name, %pattern, from, ?delay, "kv watch lost; re-creating");
         self.sleep = Some(Box::pin(tokio::time::sleep(delay)));
         self.reopening = Some(Box::pin(async move {
@@ -1340,7 +1337,7 @@ impl Stream for KvWatch {
             match watcher.poll_next_unpin(cx) {
                 Poll::Pending => return Poll::Pending,
                 Poll::Ready(Some(Ok(entry))) => {
-                    this.failures = 0;
+                    this.waits.reset();
                     if entry.revision <= this.last_revision {
                         continue; // replayed after a re-create
                     }

@@ -10,6 +10,7 @@ use async_nats::{HeaderMap, Message};
 use bytes::Bytes;
 
 use crate::client::Client;
+use crate::client::retry::Retry;
 use crate::core::error::{BoxError, Error, Result};
 use crate::messaging::pubsub::{SubscribeOptions, Subscription};
 
@@ -147,20 +148,18 @@ impl Client {
         })?;
         let (permit, headers) = (out.permit, out.headers);
         let started = std::time::Instant::now();
-        let mut attempt = 0;
+        let mut waits = Retry::new(retry.backoff);
         let result = loop {
             match self
                 .request_once(&subject, headers.as_ref(), &payload, timeout)
                 .await
             {
                 Err(err @ (Error::NoResponders { .. } | Error::Timeout { .. }))
-                    if attempt < retry.max_retries =>
+                    if waits.attempt() < retry.max_retries =>
                 {
-                    let delay = retry.backoff.delay_random(attempt);
-                    tracing::debug!(%subject, %err, attempt, ?delay, "request failed; retrying");
-                    attempt += 1;
+                    tracing::debug!(%subject, %err, attempt = waits.attempt(), "request failed; retrying");
                     self.metrics().retry("request");
-                    tokio::time::sleep(delay).await;
+                    waits.wait().await;
                 }
                 other => break other.map(|m| m.payload),
             }

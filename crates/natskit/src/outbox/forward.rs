@@ -24,7 +24,7 @@ use super::{Shared, as_i64};
 use crate::client::Client;
 use crate::client::breaker::Permit;
 use crate::client::jetstream_errors::{PublishFault, classify_publish};
-use crate::core::backoff::Backoff;
+use crate::client::retry;
 use crate::core::error::{Error, Result};
 
 /// What the forwarder sends for one stored message.
@@ -68,11 +68,8 @@ pub(super) async fn forward(
     first: u64,
 ) {
     let config = shared.config.clone();
-    // Capped at 2 s: after a partition heals without a reconnect, nothing
-    // tells the forwarder; the pause is what it waits before trying again.
-    let backoff = Backoff::new(Duration::from_millis(100), Duration::from_secs(2));
     let mut shell = Shell {
-        window: Window::new(first, backoff),
+        window: Window::new(first, retry::OUTBOX_RESEND),
         shared: shared.clone(),
         client: &client,
         js: None,
