@@ -182,7 +182,7 @@ pub use crate::client::{breaker, metrics, trace};
 pub use crate::core::{header, subject};
 
 pub use crate::client::breaker::{BreakerState, CircuitBreaker};
-pub use crate::client::handler::HandlerOutcome;
+pub use crate::client::handler::{Handler, HandlerFuture, HandlerOutcome};
 pub use crate::client::registry::SubscriptionStats;
 pub use crate::client::{Client, ClientBuilder, Status, StatusInfo};
 pub use crate::core::backoff::Backoff;

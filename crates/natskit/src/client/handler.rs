@@ -31,6 +31,32 @@ impl<E: Into<BoxError>> HandlerOutcome for std::result::Result<(), E> {
     }
 }
 
+/// The future of a message handler: `Send + 'static`, with an output that
+/// is a [`HandlerOutcome`]. Implemented for every such future; named so
+/// that handler bounds read as one line.
+pub trait HandlerFuture: Future<Output: HandlerOutcome> + Send + 'static {}
+
+impl<T: Future<Output: HandlerOutcome> + Send + 'static> HandlerFuture for T {}
+
+/// A message handler: an async function or closure of one message `M`
+/// whose future is a [`HandlerFuture`], shareable across the tasks that run
+/// it. Implemented for every such `Fn`; there is nothing to implement.
+///
+/// ```
+/// use natskit::{Handler, HandlerFuture, Message};
+///
+/// fn takes_handler<H: Handler<Message, Fut>, Fut: HandlerFuture>(_handler: H) {}
+///
+/// takes_handler(|msg: Message| async move {
+///     println!("{}", msg.subject);
+/// });
+/// // Handlers may fail; the error is counted and logged.
+/// takes_handler(|_msg: Message| async move { Ok::<(), std::io::Error>(()) });
+/// ```
+pub trait Handler<M, Fut: HandlerFuture>: Fn(M) -> Fut + Send + Sync + 'static {}
+
+impl<M, Fut: HandlerFuture, F> Handler<M, Fut> for F where F: Fn(M) -> Fut + Send + Sync + 'static {}
+
 /// Checks payload plus encoded headers against the server's `max_payload`.
 #[inline]
 pub(crate) fn check_payload(

@@ -18,7 +18,7 @@ use async_nats::jetstream::{self, AckKind};
 use futures_util::StreamExt;
 use tokio::sync::watch;
 
-use crate::client::handler::{HandlerOutcome, Invocation, invoke};
+use crate::client::handler::{Handler, HandlerFuture, HandlerOutcome, Invocation, invoke};
 use crate::client::retry::{self, Retry};
 use crate::client::{Client, WeakClient};
 use crate::core::error::{BoxError, Error, Result};
@@ -463,9 +463,8 @@ impl Client {
         handler: F,
     ) -> Result<ConsumerHandle>
     where
-        F: Fn(jetstream::Message) -> Fut + Send + Sync + 'static,
-        Fut: Future + Send + 'static,
-        Fut::Output: HandlerOutcome,
+        F: Handler<jetstream::Message, Fut>,
+        Fut: HandlerFuture,
     {
         let mut config = StreamConsumerConfig::new(stream);
         if let Some(filter) = filter {
@@ -515,9 +514,8 @@ impl Client {
         handler: F,
     ) -> Result<ConsumerHandle>
     where
-        F: Fn(jetstream::Message) -> Fut + Send + Sync + 'static,
-        Fut: Future + Send + 'static,
-        Fut::Output: HandlerOutcome,
+        F: Handler<jetstream::Message, Fut>,
+        Fut: HandlerFuture,
     {
         self.ensure_open()?;
         config.validate()?;
@@ -764,9 +762,9 @@ struct Supervisor<F> {
 
 impl<F, Fut> Supervisor<F>
 where
+    // An impl needs `Fut` bound through `Fn`'s output.
     F: Fn(jetstream::Message) -> Fut + Send + Sync + 'static,
-    Fut: Future + Send + 'static,
-    Fut::Output: HandlerOutcome,
+    Fut: HandlerFuture,
 {
     async fn run(self, first: PullConsumer, mut stop: watch::Receiver<bool>) {
         let stopped = self.deliver(first, &mut stop).await;

@@ -14,7 +14,7 @@ use bytes::Bytes;
 use futures_util::{FutureExt, StreamExt};
 use tokio::sync::Semaphore;
 
-use crate::client::handler::{HandlerOutcome, Invocation, invoke_in};
+use crate::client::handler::{Handler, HandlerFuture, HandlerOutcome, Invocation, invoke_in};
 use crate::client::registry::{Control, StatsCell, SubControl, SubscriptionStats, subscriber_sid};
 use crate::client::{Client, sync_with_server};
 use crate::core::error::{Error, Result};
@@ -213,9 +213,8 @@ impl Client {
         handler: F,
     ) -> Result<Subscription>
     where
-        F: Fn(Message) -> Fut + Send + Sync + 'static,
-        Fut: Future + Send + 'static,
-        Fut::Output: HandlerOutcome,
+        F: Handler<Message, Fut>,
+        Fut: HandlerFuture,
     {
         self.subscribe_with(subject, SubscribeOptions::new(), handler)
             .await
@@ -232,9 +231,8 @@ impl Client {
         handler: F,
     ) -> Result<Subscription>
     where
-        F: Fn(Message) -> Fut + Send + Sync + 'static,
-        Fut: Future + Send + 'static,
-        Fut::Output: HandlerOutcome,
+        F: Handler<Message, Fut>,
+        Fut: HandlerFuture,
     {
         self.subscribe_with(subject, SubscribeOptions::new().queue(queue), handler)
             .await
@@ -251,9 +249,8 @@ impl Client {
         handler: F,
     ) -> Result<Subscription>
     where
-        F: Fn(Message) -> Fut + Send + Sync + 'static,
-        Fut: Future + Send + 'static,
-        Fut::Output: HandlerOutcome,
+        F: Handler<Message, Fut>,
+        Fut: HandlerFuture,
     {
         let subject = subject.into_subject();
         let subscriber = self
@@ -453,9 +450,9 @@ enum Exit {
 
 impl<F, Fut> Runner<F>
 where
+    // An impl needs `Fut` bound through `Fn`'s output.
     F: Fn(Message) -> Fut + Send + Sync + 'static,
-    Fut: Future + Send + 'static,
-    Fut::Output: HandlerOutcome,
+    Fut: HandlerFuture,
 {
     /// Reads the subscription without pause into natskit's own bounded
     /// queue while handlers run, so async-nats' buffer (whose overflow is

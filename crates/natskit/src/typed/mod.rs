@@ -13,7 +13,7 @@ use serde::Serialize;
 use serde::de::DeserializeOwned;
 
 use crate::client::Client;
-use crate::client::handler::HandlerOutcome;
+use crate::client::handler::{Handler, HandlerFuture, HandlerOutcome};
 use crate::core::error::ServiceError;
 use crate::core::error::{BoxError, Error, Result};
 use crate::jetstream::consumer::{ConsumerHandle, StreamConsumerConfig};
@@ -379,9 +379,8 @@ where
     /// The errors of [`Client::subscribe`].
     pub async fn subscribe<F, Fut>(&self, client: &Client, handler: F) -> Result<Subscription>
     where
-        F: Fn(T) -> Fut + Send + Sync + 'static,
-        Fut: Future + Send + 'static,
-        Fut::Output: HandlerOutcome,
+        F: Handler<T, Fut>,
+        Fut: HandlerFuture,
     {
         let handler = Arc::new(handler);
         self.subscribe_with_msg(client, move |_msg, value| {
@@ -403,8 +402,7 @@ where
     ) -> Result<Subscription>
     where
         F: Fn(Message, T) -> Fut + Send + Sync + 'static,
-        Fut: Future + Send + 'static,
-        Fut::Output: HandlerOutcome,
+        Fut: HandlerFuture,
     {
         let handler = Arc::new(handler);
         let this = self.clone();
@@ -505,8 +503,7 @@ where
     ) -> Result<ConsumerHandle>
     where
         F: Fn(jetstream::Message, T) -> Fut + Send + Sync + 'static,
-        Fut: Future + Send + 'static,
-        Fut::Output: HandlerOutcome,
+        Fut: HandlerFuture,
     {
         let handler = Arc::new(handler);
         let this = self.clone();
