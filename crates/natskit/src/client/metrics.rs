@@ -26,17 +26,52 @@
 //! [`Client::monitor_stream`](crate::Client::monitor_stream) and set from the server's numbers (never
 //! accumulated).
 
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+
 use metrics::{Counter, Gauge, Histogram, counter, gauge, histogram};
 
 use crate::client::breaker::BreakerState;
 use crate::core::status::Status;
+
+/// A count natskit reports twice, bumped in one call: an atomic that
+/// `stats()` and `status_info()` read back, and a counter of the metrics
+/// facade.
+#[derive(Debug)]
+pub(crate) struct Tally {
+    count: AtomicU64,
+    metric: Counter,
+}
+
+impl Tally {
+    /// Zero, reported to `metric`.
+    pub(crate) fn new(metric: Counter) -> Self {
+        Self {
+            count: AtomicU64::new(0),
+            metric,
+        }
+    }
+
+    /// Adds `n`; returns the new count.
+    #[inline]
+    pub(crate) fn add(&self, n: u64) -> u64 {
+        self.metric.increment(n);
+        self.count.fetch_add(n, Ordering::Relaxed) + n
+    }
+
+    /// The count so far.
+    pub(crate) fn get(&self) -> u64 {
+        self.count.load(Ordering::Relaxed)
+    }
+}
 
 /// Handles of one client's metrics.
 #[derive(Clone)]
 pub(crate) struct ClientMetrics {
     pub(crate) client: String,
     pub(crate) status: Gauge,
-    pub(crate) reconnects: Counter,
+    /// Shared by the clones (the status task bumps it).
+    pub(crate) reconnects: Arc<Tally>,
     pub(crate) breaker_state: Gauge,
     pub(crate) breaker_rejections: Counter,
     pub(crate) publishes: Counter,
@@ -76,7 +111,7 @@ impl ClientMetrics {
         let labels = [("client", client.clone())];
         Self {
             status: gauge!("natskit_connection_status", &labels),
-            reconnects: counter!("natskit_reconnects_total", &labels),
+            reconnects: Arc::new(Tally::new(counter!("natskit_reconnects_total", &labels))),
             breaker_state: gauge!("natskit_breaker_state", &labels),
             breaker_rejections: counter!("natskit_breaker_rejections_total", &labels),
             publishes: counter!("natskit_publishes_total", &labels),
@@ -122,9 +157,9 @@ impl ClientMetrics {
             ("consumer", consumer.to_owned()),
         ];
         ConsumerMetrics {
-            deliveries: counter!("natskit_consumer_deliveries_total", &labels),
-            redeliveries: counter!("natskit_consumer_redeliveries_total", &labels),
-            recreations: counter!("natskit_consumer_recreations_total", &labels),
+            deliveries: Tally::new(counter!("natskit_consumer_deliveries_total", &labels)),
+            redeliveries: Tally::new(counter!("natskit_consumer_redeliveries_total", &labels)),
+            recreations: Tally::new(counter!("natskit_consumer_recreations_total", &labels)),
         }
     }
 }
@@ -138,29 +173,28 @@ impl ClientMetrics {
             pending_bytes: gauge!("natskit_outbox_pending_bytes", &labels),
             oldest_age: gauge!("natskit_outbox_oldest_age_seconds", &labels),
             dead_letters: gauge!("natskit_outbox_dead_letters", &labels),
-            enqueued: counter!("natskit_outbox_enqueued_total", &labels),
-            forwarded: counter!("natskit_outbox_forwarded_total", &labels),
-            failed: counter!("natskit_outbox_failed_total", &labels),
-            resent: counter!("natskit_outbox_resent_total", &labels),
-            reordered: counter!("natskit_outbox_reordered_total", &labels),
+            enqueued: Tally::new(counter!("natskit_outbox_enqueued_total", &labels)),
+            forwarded: Tally::new(counter!("natskit_outbox_forwarded_total", &labels)),
+            failed: Tally::new(counter!("natskit_outbox_failed_total", &labels)),
+            resent: Tally::new(counter!("natskit_outbox_resent_total", &labels)),
+            reordered: Tally::new(counter!("natskit_outbox_reordered_total", &labels)),
             dead_lettered: counter!("natskit_outbox_dead_lettered_total", &labels),
         }
     }
 }
 
-/// Handles of one outbox's metrics.
+/// Handles of one outbox's metrics, and the counts it reports.
 #[cfg(feature = "outbox")]
-#[derive(Clone)]
 pub(crate) struct OutboxMetrics {
     pub(crate) pending_messages: Gauge,
     pub(crate) pending_bytes: Gauge,
     pub(crate) oldest_age: Gauge,
     pub(crate) dead_letters: Gauge,
-    pub(crate) enqueued: Counter,
-    pub(crate) forwarded: Counter,
-    pub(crate) failed: Counter,
-    pub(crate) resent: Counter,
-    pub(crate) reordered: Counter,
+    pub(crate) enqueued: Tally,
+    pub(crate) forwarded: Tally,
+    pub(crate) failed: Tally,
+    pub(crate) resent: Tally,
+    pub(crate) reordered: Tally,
     pub(crate) dead_lettered: Counter,
 }
 
@@ -171,12 +205,11 @@ impl std::fmt::Debug for OutboxMetrics {
     }
 }
 
-/// Handles of one consumer's metrics.
-#[derive(Clone)]
+/// One consumer's counts, reported as metrics too.
 pub(crate) struct ConsumerMetrics {
-    pub(crate) deliveries: Counter,
-    pub(crate) redeliveries: Counter,
-    pub(crate) recreations: Counter,
+    pub(crate) deliveries: Tally,
+    pub(crate) redeliveries: Tally,
+    pub(crate) recreations: Tally,
 }
 
 impl std::fmt::Debug for ConsumerMetrics {

@@ -45,7 +45,6 @@ const CLOSED: u64 = 2;
 
 #[derive(Debug, Default)]
 pub(crate) struct Counters {
-    pub(crate) reconnects: AtomicU64,
     /// Shared with every subscription's counters.
     pub(crate) dropped: Arc<AtomicU64>,
     /// Last RTT in nanoseconds; 0 = never measured.
@@ -534,7 +533,7 @@ impl Client {
             last_failure: breaker
                 .last_failure
                 .and_then(|at| SystemTime::now().checked_sub(at.elapsed())),
-            reconnects: counters.reconnects.load(Ordering::Relaxed),
+            reconnects: self.inner.metrics.reconnects.get(),
             rtt: (rtt > 0).then(|| Duration::from_nanos(rtt)),
             healthy: counters.healthy.load(Ordering::Relaxed),
             dropped_messages: counters.dropped.load(Ordering::Relaxed),

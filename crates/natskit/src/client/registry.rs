@@ -10,6 +10,8 @@ use std::time::Instant;
 use futures_util::future::BoxFuture;
 use tokio::sync::Notify;
 
+use crate::client::metrics::Tally;
+
 /// Counters of one subscription, from [`Subscription::stats`](crate::Subscription::stats).
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 #[non_exhaustive]
@@ -35,14 +37,12 @@ pub struct SubscriptionStats {
 
 #[derive(Debug)]
 pub(crate) struct StatsCell {
-    pub(crate) received_metric: metrics::Counter,
-    pub(crate) dropped_metric: metrics::Counter,
-    pub(crate) received: AtomicU64,
+    pub(crate) received: Tally,
     pub(crate) handled: AtomicU64,
     pub(crate) errors: AtomicU64,
     pub(crate) panics: AtomicU64,
     pub(crate) timeouts: AtomicU64,
-    pub(crate) dropped: AtomicU64,
+    pub(crate) dropped: Tally,
     /// Nanoseconds since `created` of the last drop warning.
     pub(crate) last_warned: AtomicU64,
     pub(crate) created: Instant,
@@ -56,14 +56,12 @@ impl StatsCell {
         client_dropped: Arc<AtomicU64>,
     ) -> Self {
         Self {
-            received_metric,
-            dropped_metric,
-            received: AtomicU64::new(0),
+            received: Tally::new(received_metric),
             handled: AtomicU64::new(0),
             errors: AtomicU64::new(0),
             panics: AtomicU64::new(0),
             timeouts: AtomicU64::new(0),
-            dropped: AtomicU64::new(0),
+            dropped: Tally::new(dropped_metric),
             last_warned: AtomicU64::new(0),
             created: Instant::now(),
             client_dropped,
@@ -78,9 +76,8 @@ impl StatsCell {
 
     /// Counts `n` dropped messages; see [`record_drop`](Self::record_drop).
     pub(crate) fn record_drops(&self, n: u64, subject: &str) {
-        let dropped = self.dropped.fetch_add(n, Ordering::Relaxed) + n;
+        let dropped = self.dropped.add(n);
         self.client_dropped.fetch_add(n, Ordering::Relaxed);
-        self.dropped_metric.increment(n);
         let now = u64::try_from(self.created.elapsed().as_nanos())
             .unwrap_or(u64::MAX)
             .max(1);
@@ -98,12 +95,12 @@ impl StatsCell {
     pub(crate) fn snapshot(&self) -> SubscriptionStats {
         let get = |c: &AtomicU64| c.load(Ordering::Relaxed);
         SubscriptionStats {
-            received: get(&self.received),
+            received: self.received.get(),
             handled: get(&self.handled),
             errors: get(&self.errors),
             panics: get(&self.panics),
             timeouts: get(&self.timeouts),
-            dropped: get(&self.dropped),
+            dropped: self.dropped.get(),
         }
     }
 }

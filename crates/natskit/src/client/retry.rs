@@ -22,6 +22,7 @@ pub(crate) const RECREATE: Backoff =
 /// The outbox forwarder's go-backs after a failed send: 100 ms doubling to
 /// 2 s (after a partition heals without a reconnect nothing tells the
 /// forwarder; the pause is what it waits before trying again).
+#[cfg(feature = "outbox")]
 pub(crate) const OUTBOX_RESEND: Backoff =
     Backoff::new(Duration::from_millis(100), Duration::from_secs(2));
 

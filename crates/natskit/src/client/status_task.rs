@@ -395,10 +395,7 @@ impl StatusTask {
                 }
             }
             StatusEffect::CountReconnect => {
-                if let Some(inner) = inner.upgrade() {
-                    inner.counters.reconnects.fetch_add(1, Ordering::Relaxed);
-                }
-                self.metrics.reconnects.increment(1);
+                self.metrics.reconnects.add(1);
             }
             StatusEffect::Disconnected(reason) => {
                 tracing::warn!(?reason, "disconnected from NATS");

@@ -19,6 +19,7 @@ use futures_util::StreamExt;
 use tokio::sync::watch;
 
 use crate::client::handler::{Handler, HandlerFuture, HandlerOutcome, Invocation, invoke};
+use crate::client::metrics::ConsumerMetrics;
 use crate::client::retry::{self, Retry};
 use crate::client::{Client, WeakClient};
 use crate::core::error::{BoxError, Error, Result};
@@ -360,13 +361,10 @@ pub struct ConsumerStats {
 
 #[derive(Debug, Default)]
 struct Counters {
-    delivered: AtomicU64,
-    redelivered: AtomicU64,
     handled: AtomicU64,
     errors: AtomicU64,
     panics: AtomicU64,
     timeouts: AtomicU64,
-    recreations: AtomicU64,
     last_seq: AtomicU64,
     /// The server's ack floor (stream sequence): every message at or below
     /// it is acked or terminated. Recreation resumes right after it.
@@ -379,6 +377,8 @@ struct ConsumerShared {
     stream: String,
     name: String,
     counters: Counters,
+    /// Deliveries, redeliveries and recreations, also reported as metrics.
+    metrics: ConsumerMetrics,
     stop: watch::Sender<bool>,
     done: watch::Receiver<bool>,
 }
@@ -416,13 +416,13 @@ impl ConsumerHandle {
         let c = &self.shared.counters;
         let get = |a: &AtomicU64| a.load(Ordering::Relaxed);
         ConsumerStats {
-            delivered: get(&c.delivered),
-            redelivered: get(&c.redelivered),
+            delivered: self.shared.metrics.deliveries.get(),
+            redelivered: self.shared.metrics.redeliveries.get(),
             handled: get(&c.handled),
             errors: get(&c.errors),
             panics: get(&c.panics),
             timeouts: get(&c.timeouts),
-            recreations: get(&c.recreations),
+            recreations: self.shared.metrics.recreations.get(),
             last_stream_sequence: get(&c.last_seq),
             ack_floor: get(&c.ack_floor),
         }
@@ -531,6 +531,7 @@ impl Client {
             stream: config.stream.clone(),
             name: name.clone(),
             counters: Counters::default(),
+            metrics: self.metrics().consumer(&config.stream, &name),
             stop,
             done,
         });
@@ -544,7 +545,6 @@ impl Client {
         self.consumers()
             .insert(&config.stream, &name, Arc::new(handle.clone()));
         let supervisor = Supervisor {
-            metrics: self.metrics().consumer(&config.stream, &name),
             client: self.downgrade(),
             shutdown: self.shutdown().clone(),
             config,
@@ -750,7 +750,6 @@ async fn open_consumer(
 const ACK_FLOOR_INTERVAL: Duration = Duration::from_secs(1);
 
 struct Supervisor<F> {
-    metrics: crate::client::metrics::ConsumerMetrics,
     /// Weak: a running consumer must not keep a dropped client alive.
     client: WeakClient,
     shutdown: tokio_util::sync::CancellationToken,
@@ -818,8 +817,7 @@ where
                         .await
                         .map(|(consumer, recreated)| {
                             if recreated {
-                                counters.recreations.fetch_add(1, Ordering::Relaxed);
-                                self.metrics.recreations.increment(1);
+                                self.shared.metrics.recreations.add(1);
                             }
                             consumer
                         })
@@ -925,11 +923,9 @@ where
             .map(|i| (i.stream_sequence, i.delivered))
             .unwrap_or((0, 1));
         let reply = message.reply.clone();
-        counters.delivered.fetch_add(1, Ordering::Relaxed);
-        self.metrics.deliveries.increment(1);
+        self.shared.metrics.deliveries.add(1);
         if delivered > 1 {
-            counters.redelivered.fetch_add(1, Ordering::Relaxed);
-            self.metrics.redeliveries.increment(1);
+            self.shared.metrics.redeliveries.add(1);
         }
         let headers = message.headers.clone();
         let timeout = self.config.message_timeout;

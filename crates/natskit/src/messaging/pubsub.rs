@@ -410,8 +410,7 @@ impl futures_util::Stream for MessageStream {
     ) -> std::task::Poll<Option<Message>> {
         let polled = self.subscriber.poll_next_unpin(cx);
         if let std::task::Poll::Ready(Some(_)) = &polled {
-            self.stats.received.fetch_add(1, Ordering::Relaxed);
-            self.stats.received_metric.increment(1);
+            self.stats.received.add(1);
             self.stats.handled.fetch_add(1, Ordering::Relaxed);
         }
         polled
@@ -586,8 +585,7 @@ where
     }
 
     fn count(&self, batch: Batch) {
-        self.stats.received.fetch_add(batch.read, Ordering::Relaxed);
-        self.stats.received_metric.increment(batch.read);
+        self.stats.received.add(batch.read);
         if batch.dropped > 0 {
             self.stats.record_drops(batch.dropped, &self.subject);
         }

@@ -377,19 +377,16 @@ impl Shell<'_> {
                 }
                 Effect::BreakerRelease => self.permit = None,
                 Effect::CountFailed => {
-                    counters.failed.fetch_add(1, Ordering::Relaxed);
-                    metrics.failed.increment(1);
+                    metrics.failed.add(1);
                 }
                 Effect::CountResent(n) => {
-                    counters.resent.fetch_add(n, Ordering::Relaxed);
-                    metrics.resent.increment(n);
+                    metrics.resent.add(n);
                 }
                 Effect::CountDuplicate => {
                     counters.duplicates.fetch_add(1, Ordering::Relaxed);
                 }
                 Effect::Reordered { .. } => {
-                    counters.reordered.fetch_add(1, Ordering::Relaxed);
-                    metrics.reordered.increment(1);
+                    metrics.reordered.add(1);
                 }
                 Effect::DeadLetter { seq, size, reason } => {
                     let _ = shared.commands.send(Cmd::DeadLetter {
@@ -432,11 +429,7 @@ impl Shell<'_> {
         // Depth first: whoever sees the new low-water mark sees the depth
         // that goes with it.
         if progress.forwarded > 0 {
-            shared
-                .counters
-                .forwarded
-                .fetch_add(progress.forwarded, Ordering::Relaxed);
-            shared.metrics.forwarded.increment(progress.forwarded);
+            shared.metrics.forwarded.add(progress.forwarded);
             shared.adjust(-as_i64(progress.forwarded), -as_i64(progress.bytes));
         }
         let low = progress.low_water;

@@ -219,12 +219,9 @@ pub struct DeadMessage {
 
 #[derive(Debug, Default)]
 struct Counters {
-    enqueued: AtomicU64,
-    forwarded: AtomicU64,
+    /// Resends answered as duplicates (no metric; the rest of the counts
+    /// are `Tally`s in `OutboxMetrics`).
     duplicates: AtomicU64,
-    failed: AtomicU64,
-    resent: AtomicU64,
-    reordered: AtomicU64,
 }
 
 #[derive(Debug, Default, Clone, Copy)]
@@ -303,17 +300,17 @@ impl Shared {
         let head = self.head_ms.load(Ordering::Relaxed);
         let oldest_age = (depth.messages > 0 && head > 0)
             .then(|| Duration::from_millis(store::now_ms().saturating_sub(head)));
-        let c = &self.counters;
+        let (c, m) = (&self.counters, &self.metrics);
         OutboxStats {
             pending_messages: depth.messages.max(0).unsigned_abs(),
             pending_bytes: depth.bytes.max(0).unsigned_abs(),
             oldest_age,
-            enqueued: c.enqueued.load(Ordering::Relaxed),
-            forwarded: c.forwarded.load(Ordering::Relaxed),
+            enqueued: m.enqueued.get(),
+            forwarded: m.forwarded.get(),
             duplicates: c.duplicates.load(Ordering::Relaxed),
-            failed: c.failed.load(Ordering::Relaxed),
-            resent: c.resent.load(Ordering::Relaxed),
-            reordered: c.reordered.load(Ordering::Relaxed),
+            failed: m.failed.get(),
+            resent: m.resent.get(),
+            reordered: m.reordered.get(),
             dead_letters: self.dead_letters.load(Ordering::Relaxed),
             short_duplicate_windows: self
                 .short_windows
@@ -649,8 +646,7 @@ impl Outbox {
         }
         match answer.await {
             Ok(Ok(stored)) => {
-                shared.counters.enqueued.fetch_add(count, Ordering::Relaxed);
-                shared.metrics.enqueued.increment(count);
+                shared.metrics.enqueued.add(count);
                 Ok(stored
                     .into_iter()
                     .map(|s| Receipt {
@@ -761,7 +757,7 @@ impl Outbox {
             .map_err(|_| Error::Closed)?;
         let (moved, bytes) = answer.await.map_err(|_| Error::Closed)??;
         shared.adjust(as_i64(moved), as_i64(bytes));
-        shared.counters.enqueued.fetch_add(moved, Ordering::Relaxed);
+        shared.metrics.enqueued.add(moved);
         self.dead_letters_changed();
         Ok(moved)
     }
