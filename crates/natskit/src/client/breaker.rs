@@ -21,6 +21,7 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
 use crate::core::error::Error;
+use crate::core::sync::lock;
 
 pub use crate::core::breaker::{
     Admission, BreakerConfig, BreakerCore, BreakerState, Clock, Transition,
@@ -234,10 +235,7 @@ impl CircuitBreaker {
     }
 
     fn lock(&self) -> MutexGuard<'_, BreakerCore> {
-        // The core never panics while locked; recover from poisoning anyway.
-        self.core
-            .lock()
-            .unwrap_or_else(|poisoned| poisoned.into_inner())
+        lock(&self.core)
     }
 
     fn mutate<R>(&self, f: impl FnOnce(&mut BreakerCore) -> R) -> R {

@@ -32,6 +32,7 @@ use crate::client::registry::Registry;
 use crate::core::backoff::Backoff;
 use crate::core::error::{Error, Result};
 pub use crate::core::status::{Status, StatusInfo};
+use crate::core::sync::lock;
 
 /// Smallest buffer async-nats gets per subscription: 4x its default, so
 /// that a burst never overflows it while natskit's reader catches up on a
@@ -143,7 +144,7 @@ impl fmt::Debug for Client {
         f.debug_struct("Client")
             .field("urls", &self.inner.config.urls)
             .field("status", &self.status())
-            .field("secrets", &self.inner.secrets.lock().ok().as_deref())
+            .field("secrets", &*lock(&self.inner.secrets))
             .finish_non_exhaustive()
     }
 }
@@ -268,13 +269,7 @@ impl Client {
 
     async fn connect_options(&self) -> Result<async_nats::ConnectOptions> {
         let config = &self.inner.config;
-        let secrets = self
-            .inner
-            .secrets
-            .lock()
-            .map_err(|_| Error::InvalidConfig("credentials lock poisoned".into()))?
-            .clone()
-            .ok_or(Error::Closed)?;
+        let secrets = lock(&self.inner.secrets).clone().ok_or(Error::Closed)?;
         let mut options = match &secrets.credentials_file {
             Some(path) => async_nats::ConnectOptions::with_credentials_file(path)
                 .await
@@ -538,12 +533,7 @@ impl Client {
             healthy: counters.healthy.load(Ordering::Relaxed),
             dropped_messages: counters.dropped.load(Ordering::Relaxed),
             callback_panics: counters.callback_panics.load(Ordering::Relaxed),
-            outbox: self
-                .inner
-                .outbox_stats
-                .lock()
-                .ok()
-                .and_then(|source| source.as_ref().map(|read| read())),
+            outbox: lock(&self.inner.outbox_stats).as_ref().map(|read| read()),
         }
     }
 
@@ -551,31 +541,26 @@ impl Client {
     /// Attaches an outbox's figures to [`status_info`](Self::status_info);
     /// `false` when another outbox is attached already.
     pub(crate) fn attach_outbox_stats(&self, source: OutboxStatsSource) -> bool {
-        match self.inner.outbox_stats.lock() {
-            Ok(mut slot) if slot.is_none() => {
-                *slot = Some(source);
-                true
-            }
-            _ => false,
+        let mut slot = lock(&self.inner.outbox_stats);
+        if slot.is_some() {
+            return false;
         }
+        *slot = Some(source);
+        true
     }
 
     #[cfg_attr(not(feature = "outbox"), allow(dead_code))]
     /// Whether an outbox is attached.
     pub(crate) fn has_outbox(&self) -> bool {
-        self.inner
-            .outbox_stats
-            .lock()
-            .map_or(true, |slot| slot.is_some())
+        lock(&self.inner.outbox_stats).is_some()
     }
 
     #[cfg_attr(not(feature = "outbox"), allow(dead_code))]
     /// Detaches `source` if it is the one attached (an outbox closed long
     /// ago must not detach its successor).
     pub(crate) fn detach_outbox_stats(&self, source: &OutboxStatsSource) {
-        if let Ok(mut slot) = self.inner.outbox_stats.lock()
-            && slot.as_ref().is_some_and(|s| Arc::ptr_eq(s, source))
-        {
+        let mut slot = lock(&self.inner.outbox_stats);
+        if slot.as_ref().is_some_and(|s| Arc::ptr_eq(s, source)) {
             *slot = None;
         }
     }
@@ -724,10 +709,8 @@ impl Client {
         // sees `Closed` exactly once, last, whichever it takes first.
         let _ = self.inner.signals.send(Signal::Closed);
         self.inner.shutdown.cancel();
-        if let Ok(mut secrets) = self.inner.secrets.lock() {
-            // Dropping Zeroizing values overwrites them.
-            *secrets = None;
-        }
+        // Dropping Zeroizing values overwrites them.
+        *lock(&self.inner.secrets) = None;
         tracing::info!("NATS client closed");
         result
     }

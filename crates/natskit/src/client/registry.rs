@@ -11,6 +11,7 @@ use futures_util::future::BoxFuture;
 use tokio::sync::Notify;
 
 use crate::client::metrics::Tally;
+use crate::core::sync::lock;
 
 /// Counters of one subscription, from [`Subscription::stats`](crate::Subscription::stats).
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
@@ -119,47 +120,42 @@ pub(crate) struct Registry {
 
 impl Registry {
     pub(crate) fn add_control(&self, control: &Arc<SubControl>) {
-        if let Ok(mut controls) = self.controls.lock() {
-            // Finished runners are pruned when the
-            // list has doubled since the last pass, so subscribing stays
-            // O(1) amortized (pruning on every call made 10,000
-            // subscriptions quadratic).
-            if controls.len() >= 2 * self.controls_kept.load(Ordering::Relaxed).max(32) {
-                controls.retain(|c| !c.is_finished());
-                self.controls_kept.store(controls.len(), Ordering::Relaxed);
-            }
-            controls.push(control.clone());
+        let mut controls = lock(&self.controls);
+        // Finished runners are pruned when the list has doubled since the
+        // last pass, so subscribing stays O(1) amortized (pruning on every
+        // call made 10,000 subscriptions quadratic).
+        if controls.len() >= 2 * self.controls_kept.load(Ordering::Relaxed).max(32) {
+            controls.retain(|c| !c.is_finished());
+            self.controls_kept.store(controls.len(), Ordering::Relaxed);
         }
+        controls.push(control.clone());
     }
 
     /// Tells every running subscription to handle what it has buffered and
     /// stop. The caller has synced with the server first.
     pub(crate) fn drain_all(&self) {
-        if let Ok(controls) = self.controls.lock() {
-            for control in controls.iter() {
-                control.drain();
-            }
+        for control in lock(&self.controls).iter() {
+            control.drain();
         }
     }
 
     pub(crate) fn register(&self, sid: u64, subject: &str, stats: &Arc<StatsCell>) {
-        if let Ok(mut subs) = self.subs.lock() {
-            // Amortized like `add_control`.
-            if subs.len() >= 2 * self.subs_kept.load(Ordering::Relaxed).max(32) {
-                subs.retain(|_, (_, s)| s.strong_count() > 0);
-                self.subs_kept.store(subs.len(), Ordering::Relaxed);
-            }
-            subs.insert(sid, (subject.to_owned(), Arc::downgrade(stats)));
+        let mut subs = lock(&self.subs);
+        // Amortized like `add_control`.
+        if subs.len() >= 2 * self.subs_kept.load(Ordering::Relaxed).max(32) {
+            subs.retain(|_, (_, s)| s.strong_count() > 0);
+            self.subs_kept.store(subs.len(), Ordering::Relaxed);
         }
+        subs.insert(sid, (subject.to_owned(), Arc::downgrade(stats)));
     }
 
     /// A drop reported by async-nats (a slow-consumer event) for
     /// subscription `sid`; whether the subscription was known.
     pub(crate) fn record_drop(&self, sid: u64) -> bool {
-        let Some((subject, stats)) = self.subs.lock().ok().and_then(|subs| {
-            subs.get(&sid)
-                .and_then(|(s, w)| Some((s.clone(), w.upgrade()?)))
-        }) else {
+        let found = lock(&self.subs)
+            .get(&sid)
+            .and_then(|(s, w)| Some((s.clone(), w.upgrade()?)));
+        let Some((subject, stats)) = found else {
             tracing::warn!(sid, "message dropped: subscription could not keep up");
             return false;
         };
@@ -329,38 +325,26 @@ pub(crate) struct Consumers {
 
 impl Consumers {
     pub(crate) fn insert(&self, stream: &str, name: &str, consumer: Arc<dyn Stoppable>) {
-        if let Ok(mut running) = self.running.lock() {
-            running.retain(|_, c| !c.is_stopped());
-            running.insert((stream.to_owned(), name.to_owned()), consumer);
-        }
+        let mut running = lock(&self.running);
+        running.retain(|_, c| !c.is_stopped());
+        running.insert((stream.to_owned(), name.to_owned()), consumer);
     }
 
     pub(crate) fn remove(&self, stream: &str, name: &str) -> Option<Arc<dyn Stoppable>> {
-        self.running
-            .lock()
-            .ok()?
-            .remove(&(stream.to_owned(), name.to_owned()))
+        lock(&self.running).remove(&(stream.to_owned(), name.to_owned()))
     }
 
     pub(crate) fn names_on(&self, stream: &str) -> Vec<String> {
-        self.running
-            .lock()
-            .map(|r| {
-                r.iter()
-                    .filter(|((s, _), c)| s == stream && !c.is_stopped())
-                    .map(|((_, name), _)| name.clone())
-                    .collect()
-            })
-            .unwrap_or_default()
+        lock(&self.running)
+            .iter()
+            .filter(|((s, _), c)| s == stream && !c.is_stopped())
+            .map(|((_, name), _)| name.clone())
+            .collect()
     }
 
     /// Stops every consumer and waits for each.
     pub(crate) async fn stop_all(&self) {
-        let all: Vec<_> = self
-            .running
-            .lock()
-            .map(|mut r| r.drain().map(|(_, c)| c).collect())
-            .unwrap_or_default();
+        let all: Vec<_> = lock(&self.running).drain().map(|(_, c)| c).collect();
         for consumer in all {
             consumer.stop().await;
         }

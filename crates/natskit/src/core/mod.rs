@@ -8,4 +8,5 @@ pub(crate) mod error;
 pub mod header;
 pub(crate) mod status;
 pub mod subject;
+pub(crate) mod sync;
 pub(crate) mod trace_context;

@@ -93,7 +93,10 @@ pub struct OutboxStats {
     /// Messages sent again after a failure or a reconnection.
     pub resent: u64,
     /// Messages the outbox saw stored out of its order (a connection lost
-    /// mid-pipeline); see the ordering notes of `natskit::outbox`.
+    /// mid-pipeline): non-zero exactly when the stream's order differs from
+    /// the store's, though it counts the overtaking messages it saw, not
+    /// every message stored after a later one. See the ordering notes of
+    /// `natskit::outbox`.
     pub reordered: u64,
     /// Messages moved aside for good (refused by JetStream, or unreadable
     /// in the store) and still in the dead-letter area.

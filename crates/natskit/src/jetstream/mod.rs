@@ -10,6 +10,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use crate::core::subject::IntoSubject;
+use crate::core::sync::lock;
 use async_nats::HeaderMap;
 use async_nats::jetstream::ErrorCode;
 use async_nats::jetstream::context::DeleteStreamErrorKind;
@@ -762,12 +763,7 @@ impl StreamPublisher {
         PublishReport {
             acked: self.shared.acked.load(Ordering::Relaxed),
             failed: self.shared.failed.load(Ordering::Relaxed),
-            errors: self
-                .shared
-                .errors
-                .lock()
-                .map(|mut e| std::mem::take(&mut *e))
-                .unwrap_or_default(),
+            errors: std::mem::take(&mut *lock(&self.shared.errors)),
         }
     }
 
@@ -821,9 +817,7 @@ fn record_ack(
             shared.failed.fetch_add(1, Ordering::Relaxed);
             let err = map_publish(subject, err);
             tracing::warn!(%subject, %err, "pipelined publish failed");
-            if let Ok(mut errors) = shared.errors.lock() {
-                errors.push((index, err));
-            }
+            lock(&shared.errors).push((index, err));
         }
     }
 }

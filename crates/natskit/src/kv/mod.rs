@@ -25,6 +25,7 @@ use crate::client::retry::{self, Retry};
 use crate::core::backoff::Backoff;
 use crate::core::error::{BoxError, Error, Result};
 use crate::core::subject;
+use crate::core::sync::lock;
 use write::{Next, Resolution, Sent, WriteCore};
 
 /// What a KV entry records.
@@ -340,17 +341,19 @@ impl KvStore {
 
     #[cfg_attr(not(feature = "temporal"), allow(dead_code))]
     pub(crate) fn subscribe_invalidations(&self, listener: Weak<dyn Invalidate>) {
-        if let Ok(mut listeners) = self.listeners.lock() {
-            listeners.retain(|l| l.strong_count() > 0);
-            listeners.push(listener);
-        }
+        let mut listeners = lock(&self.listeners);
+        listeners.retain(|l| l.strong_count() > 0);
+        listeners.push(listener);
     }
 
     fn written(&self, key: &str) {
-        if let Ok(listeners) = self.listeners.lock() {
-            for listener in listeners.iter().filter_map(Weak::upgrade) {
-                listener.invalidate(key);
-            }
+        // Collected first: a listener runs without the lock held.
+        let listeners: Vec<_> = lock(&self.listeners)
+            .iter()
+            .filter_map(Weak::upgrade)
+            .collect();
+        for listener in listeners {
+            listener.invalidate(key);
         }
     }
 

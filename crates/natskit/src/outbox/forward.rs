@@ -26,6 +26,7 @@ use crate::client::breaker::Permit;
 use crate::client::jetstream_errors::{PublishFault, classify_publish};
 use crate::client::retry;
 use crate::core::error::{Error, Result};
+use crate::core::sync::lock;
 
 /// What the forwarder sends for one stored message.
 pub(super) struct Body {
@@ -487,9 +488,7 @@ fn check_duplicate_window(
                 "outbox: the stream's duplicate window is shorter than the outbox counts on; \
                  a resend after that long may store a message twice"
             );
-            if let Ok(mut w) = shared.short_windows.lock() {
-                w.push((stream, window));
-            }
+            lock(&shared.short_windows).push((stream, window));
         }
     });
 }

@@ -77,6 +77,7 @@ use crate::client::metrics::OutboxMetrics;
 use crate::core::error::{Error, Result};
 use crate::core::status::OutboxStats;
 use crate::core::subject::IntoSubject;
+use crate::core::sync::{lock, read, write};
 use crate::outbox::store::{Cmd, NewMessage, Opened, Signals, Writer};
 
 /// Settings of a durable outbox.
@@ -255,19 +256,15 @@ struct Shared {
 
 impl Shared {
     fn db(&self) -> Result<Arc<redb::Database>> {
-        self.db
-            .read()
-            .ok()
-            .and_then(|db| db.clone())
-            .ok_or(Error::Closed)
+        read(&self.db).clone().ok_or(Error::Closed)
     }
 
     fn depth(&self) -> Depth {
-        self.depth.lock().map(|d| *d).unwrap_or_default()
+        *lock(&self.depth)
     }
 
     fn reserve(&self, messages: u64, bytes: u64) -> Result<()> {
-        let mut depth = self.depth.lock().map_err(|_| Error::Closed)?;
+        let mut depth = lock(&self.depth);
         let (m, b) = (as_i64(messages), as_i64(bytes));
         if depth.messages + m > as_i64(self.config.max_messages)
             || depth.bytes + b > as_i64(self.config.max_bytes)
@@ -285,14 +282,13 @@ impl Shared {
     }
 
     fn adjust(&self, messages: i64, bytes: i64) {
-        if let Ok(mut depth) = self.depth.lock() {
-            depth.messages += messages;
-            depth.bytes += bytes;
-            self.metrics
-                .pending_messages
-                .set(depth.messages.max(0) as f64);
-            self.metrics.pending_bytes.set(depth.bytes.max(0) as f64);
-        }
+        let mut depth = lock(&self.depth);
+        depth.messages += messages;
+        depth.bytes += bytes;
+        self.metrics
+            .pending_messages
+            .set(depth.messages.max(0) as f64);
+        self.metrics.pending_bytes.set(depth.bytes.max(0) as f64);
     }
 
     fn stats(&self) -> OutboxStats {
@@ -312,11 +308,7 @@ impl Shared {
             resent: m.resent.get(),
             reordered: m.reordered.get(),
             dead_letters: self.dead_letters.load(Ordering::Relaxed),
-            short_duplicate_windows: self
-                .short_windows
-                .lock()
-                .map(|w| w.clone())
-                .unwrap_or_default(),
+            short_duplicate_windows: lock(&self.short_windows).clone(),
         }
     }
 }
@@ -796,17 +788,15 @@ impl Outbox {
     pub async fn close(&self) -> Result<()> {
         self.inner.shared.closed.store(true, Ordering::Release);
         self.inner.cancel.cancel();
-        let forwarder = self.inner.forwarder.lock().ok().and_then(|mut f| f.take());
+        let forwarder = lock(&self.inner.forwarder).take();
         if let Some(forwarder) = forwarder {
             let _ = forwarder.await;
         }
         // The forwarder asked the store thread to stop; make sure of it
         // even if the forwarder died.
         let _ = self.inner.shared.commands.send(Cmd::Shutdown);
-        if let Ok(mut db) = self.inner.shared.db.write() {
-            *db = None;
-        }
-        let writer = self.inner.writer.lock().ok().and_then(|mut w| w.take());
+        *write(&self.inner.shared.db) = None;
+        let writer = lock(&self.inner.writer).take();
         if let Some(writer) = writer {
             tokio::task::spawn_blocking(move || writer.join())
                 .await
