@@ -776,7 +776,7 @@ async fn consumer_kill_delete_naks() -> Outcome {
         nak_phase.clone(),
     );
     let handle = client
-        .consume_stream_with(
+        .consume_with(
             StreamConsumerConfig::new("WORK")
                 .durable("worker")
                 .heartbeat(Duration::from_millis(500)),

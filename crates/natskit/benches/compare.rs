@@ -1070,7 +1070,7 @@ async fn jetstream_consume(
             let counter = seen.clone();
             let start = Instant::now();
             let consumer = kit
-                .consume_stream_with(
+                .consume_with(
                     natskit::StreamConsumerConfig::new("BENCH_CONSUME"),
                     move |msg: jetstream::Message| {
                         let counter = counter.clone();

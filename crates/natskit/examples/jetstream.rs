@@ -54,7 +54,7 @@ async fn main() -> Result<(), Box<dyn std::error::Error + Send + Sync>> {
     let handled = Arc::new(AtomicUsize::new(0));
     let counter = handled.clone();
     let consumer = client
-        .consume_stream_with(
+        .consume_with(
             StreamConsumerConfig::new("EXAMPLE_ORDERS")
                 .durable("example-billing")
                 .filter_subject("example.orders.created")

@@ -83,7 +83,7 @@ async fn main() -> Result<()> {
     let seen = Arc::new(Mutex::new(HashSet::new()));
     let handled = seen.clone();
     let consumer = client
-        .consume_stream_with(
+        .consume_with(
             StreamConsumerConfig::new("DEMO_ORDERS")
                 .durable("demo-billing")
                 .heartbeat(Duration::from_millis(500)),

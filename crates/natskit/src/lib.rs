@@ -73,14 +73,14 @@
 //! with a message id across reconnects and elections
 //! ([`Client::publish_to_stream`], [`StreamPublisher`]), and supervised
 //! consumers that are recreated when lost and resume at the ack floor
-//! ([`Client::consume_stream_with`], [`Client::consumer_stream`]).
+//! ([`Client::consume_with`], [`Client::consume_messages`]).
 //!
 //! ```no_run
 //! # async fn demo(client: natskit::Client) -> natskit::Result<()> {
 //! use natskit::StreamConsumerConfig;
 //! let ack = client.publish_to_stream("orders.created", "{}").await?;
 //! let consumer = client
-//!     .consume_stream_with(
+//!     .consume_with(
 //!         StreamConsumerConfig::new("ORDERS").durable("billing"),
 //!         |msg: async_nats::jetstream::Message| async move { msg.ack().await },
 //!     )
@@ -128,7 +128,7 @@
 //!
 //! # Typed subjects
 //!
-//! [`Subject`] binds a subject template to a payload type and a [`Codec`]
+//! [`TypedSubject`] binds a subject template to a payload type and a [`Codec`]
 //! (JSON; MessagePack with the `msgpack` feature); undecodable messages are
 //! counted, never fatal.
 //!
@@ -136,7 +136,7 @@
 //! # async fn demo(client: natskit::Client) -> natskit::Result<()> {
 //! #[derive(serde::Serialize, serde::Deserialize)]
 //! struct Reading { celsius: f64 }
-//! let readings = natskit::Subject::<Reading>::new("sensors.t1.reading")?;
+//! let readings = natskit::TypedSubject::<Reading>::new("sensors.t1.reading")?;
 //! readings.publish(&client, &Reading { celsius: 21.5 }).await?;
 //! # Ok(()) }
 //! ```
@@ -201,15 +201,15 @@ pub use crate::kv::temporal::{CacheStats, DEFAULT_CACHE_TTL, TemporalResolver};
 pub use crate::kv::{KvEntry, KvOperation, KvOptions, KvStore, KvWatch, WatchEvent};
 pub use crate::messaging::pubsub::{MessageStream, SubscribeOptions, Subscription};
 pub use crate::messaging::request::{
-    DEFAULT_REQUEST_TIMEOUT, RetryConfig, SERVICE_ERROR_CODE_HEADER, SERVICE_ERROR_HEADER,
-    ServiceError,
+    DEFAULT_REQUEST_TIMEOUT, RequestOptions, RetryConfig, SERVICE_ERROR_CODE_HEADER,
+    SERVICE_ERROR_HEADER, ServiceError,
 };
 pub use crate::messaging::service::{Service, ServiceConfig};
 #[cfg(feature = "outbox")]
 pub use crate::outbox::{DeadLetter, DeadMessage, Outbox, OutboxConfig, Receipt};
 #[cfg(feature = "msgpack")]
 pub use crate::typed::MsgPackCodec;
-pub use crate::typed::{Codec, ErrorHook, JsonCodec, MAX_DECODE_DEPTH, Subject};
+pub use crate::typed::{Codec, ErrorHook, JsonCodec, MAX_DECODE_DEPTH, TypedSubject};
 /// The async-nats version natskit is built on, so that users need no
 /// matching dependency of their own (`natskit::async_nats::jetstream::...`).
 pub use async_nats;

@@ -148,7 +148,7 @@ async fn bad_input_is_typed_uncounted_and_loses_nothing() -> TestResult {
         (
             "empty durable name",
             client
-                .consume_stream_with(
+                .consume_with(
                     StreamConsumerConfig::new("KEEP").durable(""),
                     |m: async_nats::jetstream::Message| async move { m.ack().await },
                 )

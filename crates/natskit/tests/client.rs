@@ -7,8 +7,8 @@ use std::time::Duration;
 use bytes::Bytes;
 use futures_util::StreamExt;
 use natskit::{
-    BreakerState, Client, Error, HeaderMap, Message, RetryConfig, ServiceError, Status,
-    SubscribeOptions,
+    BreakerState, Client, Error, HeaderMap, Message, RequestOptions, RetryConfig, ServiceError,
+    Status, SubscribeOptions,
 };
 use natskit_testing::{NatsServer, eventually};
 use tokio::net::{TcpListener, TcpStream};
@@ -755,7 +755,13 @@ async fn serve_replies_and_reports_errors_in_headers() -> TestResult {
     headers.insert("X-Caller", "test");
     // natskit's requests turn the service error headers into Error::Service.
     let err = client
-        .request_with_headers("math.double", headers, "twenty", Duration::from_secs(2))
+        .request_with(
+            "math.double",
+            "twenty",
+            RequestOptions::new()
+                .headers(headers)
+                .timeout(Duration::from_secs(2)),
+        )
         .await
         .expect_err("a service error");
     match &err {
@@ -779,16 +785,40 @@ async fn serve_replies_and_reports_errors_in_headers() -> TestResult {
     assert!(reply.payload.starts_with(b"error: "));
     assert_eq!(service.stats().handled, 3);
 
-    // An empty reply subject sends nothing: the first message a catch-all
-    // subscriber sees is the marker published after it.
+    // A reply to a message without a reply subject is a typed error, and
+    // sends nothing: the first message a catch-all subscriber sees is the
+    // marker published after it.
     let mut everything = client.subscribe_stream(">").await?;
     client.nats()?.flush().await?;
-    client.reply("", "nobody asked").await?;
-    client.publish("reply.marker", "after").await?;
-    let first = tokio::time::timeout(WAIT, everything.next())
+    client.publish("not.a.request", "x").await?;
+    let published = tokio::time::timeout(WAIT, everything.next())
         .await?
         .expect("a message");
-    assert_eq!(first.subject.as_str(), "reply.marker", "{first:?}");
+    let err = client
+        .reply(&published, "nobody asked")
+        .await
+        .expect_err("no reply subject");
+    assert!(
+        matches!(&err, Error::NoReplySubject { subject } if subject == "not.a.request")
+            && err.is_invalid_input(),
+        "{err}"
+    );
+    client.publish("reply.marker", "after").await?;
+    let next = tokio::time::timeout(WAIT, everything.next())
+        .await?
+        .expect("a message");
+    assert_eq!(next.subject.as_str(), "reply.marker", "{next:?}");
+
+    // A reply to a request reaches the requester, headers and all.
+    let mut requests = client.subscribe_stream("echo.once").await?;
+    client.nats()?.flush().await?;
+    let requester = client.clone();
+    let asked = tokio::spawn(async move { requester.request("echo.once", "q").await });
+    let request = tokio::time::timeout(WAIT, requests.next())
+        .await?
+        .expect("the request");
+    client.reply(&request, "answer").await?;
+    assert_eq!(&asked.await??[..], b"answer");
     Ok(())
 }
 
@@ -811,7 +841,13 @@ async fn request_retry_waits_for_a_late_responder() -> TestResult {
     let requester = client.clone();
     let request = tokio::spawn(async move {
         requester
-            .request_with_retry("late.svc", "ping", Duration::from_millis(500), retry)
+            .request_with(
+                "late.svc",
+                "ping",
+                RequestOptions::new()
+                    .timeout(Duration::from_millis(500))
+                    .retry(retry),
+            )
             .await
     });
     // Start the responder only once a first attempt has reached the server.
@@ -826,14 +862,20 @@ async fn request_retry_waits_for_a_late_responder() -> TestResult {
             |msg: Message| async move { Ok::<_, ServiceError>(msg.payload) },
         )
         .await?;
-    assert_eq!(&request.await??[..], b"ping");
+    assert_eq!(&request.await??.payload[..], b"ping");
 
     let retry = RetryConfig {
         max_retries: 2,
         backoff: natskit::Backoff::new(Duration::from_millis(10), Duration::from_millis(20)),
     };
     let err = client
-        .request_with_retry("never.svc", "ping", Duration::from_millis(200), retry)
+        .request_with(
+            "never.svc",
+            "ping",
+            RequestOptions::new()
+                .timeout(Duration::from_millis(200))
+                .retry(retry),
+        )
         .await
         .unwrap_err();
     assert!(

@@ -89,7 +89,7 @@ async fn nakd_messages_survive_an_outside_delete_of_the_consumer() -> TestResult
     let failed_once = Arc::new(Mutex::new(BTreeSet::new()));
     let seen = handled.clone();
     let handle = client
-        .consume_stream_with(
+        .consume_with(
             StreamConsumerConfig::new("NAKS")
                 .durable("worker")
                 .heartbeat(Duration::from_millis(300)),
@@ -437,13 +437,13 @@ async fn dropped_clients_release_their_connections() -> TestResult {
             })
             .await?;
         let _durable = client
-            .consume_stream_with(
+            .consume_with(
                 StreamConsumerConfig::new("DROPS").durable(format!("d{i}")),
                 |msg: async_nats::jetstream::Message| async move { msg.ack().await },
             )
             .await?;
         let _ephemeral = client
-            .consume_stream(
+            .consume(
                 "DROPS",
                 Some("drops.>"),
                 |msg: async_nats::jetstream::Message| async move { msg.ack().await },
@@ -471,7 +471,7 @@ async fn stopped_ephemeral_consumers_are_deleted() -> TestResult {
         .await?;
     for _ in 0..20 {
         let handle = client
-            .consume_stream(
+            .consume(
                 "EPH",
                 Some("eph.>"),
                 |msg: async_nats::jetstream::Message| async move { msg.ack().await },

@@ -13,7 +13,7 @@ use std::time::{Duration, Instant};
 
 use natskit::subject::{self, MAX_SUBJECT_LEN};
 use natskit::trace::TraceContext;
-use natskit::{Codec, HeaderMap, JsonCodec, Subject, header};
+use natskit::{Codec, HeaderMap, JsonCodec, TypedSubject, header};
 use proptest::prelude::*;
 use proptest::strategy::ValueTree;
 use proptest::test_runner::{Config, TestCaseError, TestRunner};
@@ -167,7 +167,7 @@ fn subject_templates_never_panic() {
         "templates",
         (hostile_text(), hostile_text(), hostile_text()),
         |(pattern, token, value)| {
-            if let Ok(typed) = Subject::<serde_json::Value>::new(&pattern) {
+            if let Ok(typed) = TypedSubject::<serde_json::Value>::new(&pattern) {
                 prop_assert!(subject::validate_subscribe(typed.wildcard()).is_ok());
                 if let Ok(filled) = typed.fill(&[(token.as_str(), value.as_str())]) {
                     prop_assert!(subject::validate_publish(&filled).is_ok(), "{filled:?}");

@@ -267,7 +267,7 @@ async fn deliver_policies_all_new_last() -> TestResult {
     ] {
         let count = Arc::new(AtomicUsize::new(0));
         let handle = client
-            .consume_stream_with(
+            .consume_with(
                 StreamConsumerConfig::new("POLICY").deliver_policy(policy),
                 counting(&count),
             )
@@ -297,7 +297,7 @@ async fn nak_redelivers_and_max_deliver_is_honoured() -> TestResult {
     let deliveries = Arc::new(AtomicUsize::new(0));
     let seen = deliveries.clone();
     let nak_then_ack = client
-        .consume_stream_with(
+        .consume_with(
             StreamConsumerConfig::new("REDO").filter_subject("redo.once"),
             move |msg: Message| {
                 let seen = seen.clone();
@@ -320,7 +320,7 @@ async fn nak_redelivers_and_max_deliver_is_honoured() -> TestResult {
     let attempts = Arc::new(AtomicUsize::new(0));
     let seen = attempts.clone();
     let capped = client
-        .consume_stream_with(
+        .consume_with(
             StreamConsumerConfig::new("REDO")
                 .filter_subject("redo.capped")
                 .max_deliver(3),
@@ -342,7 +342,7 @@ async fn nak_redelivers_and_max_deliver_is_honoured() -> TestResult {
     let waits = Arc::new(AtomicUsize::new(0));
     let seen = waits.clone();
     let _lazy = client
-        .consume_stream_with(
+        .consume_with(
             StreamConsumerConfig::new("REDO")
                 .filter_subject("redo.lazy")
                 .ack_wait(Duration::from_millis(300)),
@@ -374,7 +374,7 @@ async fn handler_panic_naks_and_the_consumer_keeps_running() -> TestResult {
     let ok = Arc::new(AtomicUsize::new(0));
     let seen = ok.clone();
     let handle = client
-        .consume_stream("PANIC", Some("panic.>"), move |msg: Message| {
+        .consume("PANIC", Some("panic.>"), move |msg: Message| {
             let seen = seen.clone();
             async move {
                 if msg.payload.as_ref() == b"boom"
@@ -409,10 +409,7 @@ async fn bad_consumer_input_is_typed() -> TestResult {
         StreamConsumerConfig::new("SHAPE").backoff(vec![Duration::from_secs(1)]),
     ];
     for config in cases {
-        let err = client
-            .consume_stream_with(config.clone(), noop)
-            .await
-            .unwrap_err();
+        let err = client.consume_with(config.clone(), noop).await.unwrap_err();
         assert!(err.is_invalid_input(), "{config:?}: {err}");
     }
     let mut stream = client.get_stream("SHAPE").await?;
@@ -422,7 +419,7 @@ async fn bad_consumer_input_is_typed() -> TestResult {
         "nothing was created"
     );
     let err = client
-        .consume_stream_with(StreamConsumerConfig::new("NOPE"), noop)
+        .consume_with(StreamConsumerConfig::new("NOPE"), noop)
         .await
         .unwrap_err();
     assert!(matches!(err, Error::StreamNotFound { .. }), "{err}");
@@ -435,7 +432,7 @@ async fn auto_create_derives_subjects() -> TestResult {
     let client = env.client();
     let count = Arc::new(AtomicUsize::new(0));
     let _h = client
-        .consume_stream_with(
+        .consume_with(
             StreamConsumerConfig::new("AUTO")
                 .filter_subject("auto.*")
                 .auto_create(StreamAutoCreateConfig {
@@ -465,7 +462,7 @@ async fn durable_consumer_resumes_after_a_client_restart() -> TestResult {
     }
     let count = Arc::new(AtomicUsize::new(0));
     let handle = first
-        .consume_stream_with(
+        .consume_with(
             StreamConsumerConfig::new("DUR").durable("worker"),
             counting(&count),
         )
@@ -483,7 +480,7 @@ async fn durable_consumer_resumes_after_a_client_restart() -> TestResult {
     let seqs = Arc::new(Mutex::new(Vec::new()));
     let record = seqs.clone();
     let handle = second
-        .consume_stream_with(
+        .consume_with(
             StreamConsumerConfig::new("DUR").durable("worker"),
             move |msg: Message| {
                 let record = record.clone();
@@ -519,7 +516,7 @@ async fn consumer_survives_server_kill_and_restart() -> TestResult {
     let record = seqs.clone();
     let handle = env
         .client()
-        .consume_stream_with(
+        .consume_with(
             StreamConsumerConfig::new("SURVIVE").heartbeat(Duration::from_millis(500)),
             move |msg: Message| {
                 let record = record.clone();
@@ -571,7 +568,7 @@ async fn consumers_do_not_pile_up_across_restarts() -> TestResult {
     let count = Arc::new(AtomicUsize::new(0));
     let handle = env
         .client()
-        .consume_stream_with(
+        .consume_with(
             StreamConsumerConfig::new("PILE").heartbeat(Duration::from_millis(300)),
             counting(&count),
         )
@@ -617,7 +614,7 @@ async fn consumer_deleted_on_the_server_is_recreated() -> TestResult {
     client.create_stream(config("GONE", &["gone.>"])).await?;
     let count = Arc::new(AtomicUsize::new(0));
     let handle = client
-        .consume_stream_with(
+        .consume_with(
             StreamConsumerConfig::new("GONE")
                 .durable("keeper")
                 .heartbeat(Duration::from_millis(300)),
@@ -662,7 +659,7 @@ async fn heartbeat_helper_keeps_long_work_alive_and_settles() -> TestResult {
     let deliveries = Arc::new(AtomicUsize::new(0));
     let (record, seen) = (outcomes.clone(), deliveries.clone());
     let handle = client
-        .consume_stream_with(
+        .consume_with(
             StreamConsumerConfig::new("LONG")
                 .ack_wait(Duration::from_millis(500))
                 .max_deliver(1),
@@ -715,7 +712,7 @@ async fn heartbeat_helper_keeps_long_work_alive_and_settles() -> TestResult {
     assert_eq!(handle.stats().redelivered, 0);
 
     let err = consume_with_heartbeat_zero(client).await;
-    assert!(matches!(err, Some(Error::InvalidArgument(_))));
+    assert!(matches!(err, Some(Error::ZeroDuration { .. })));
     Ok(())
 }
 
@@ -725,7 +722,7 @@ async fn consume_with_heartbeat_zero(client: &Client) -> Option<Error> {
     let captured: Arc<Mutex<Option<Error>>> = Arc::new(Mutex::new(None));
     let slot = captured.clone();
     let handle = client
-        .consume_stream_with(
+        .consume_with(
             StreamConsumerConfig::new("LONG").filter_subject("long.zero"),
             move |msg: Message| {
                 let slot = slot.clone();
@@ -857,7 +854,7 @@ async fn streams_of_messages_for_subscriptions_and_consumers() -> TestResult {
         client.publish_to_stream(format!("sc.{i}"), "x").await?;
     }
     let mut consumer = client
-        .consumer_stream(
+        .consume_messages(
             StreamConsumerConfig::new("STREAMED").heartbeat(Duration::from_millis(300)),
         )
         .await?;

@@ -226,7 +226,7 @@ async fn consumers_and_polled_stream_gauges() -> TestResult {
         d.publish_to_stream(format!("metrics.{i}"), "x").await?;
     }
     let consumer = d
-        .consume_stream_with(
+        .consume_with(
             StreamConsumerConfig::new("METRICS").durable("watcher"),
             |msg: async_nats::jetstream::Message| async move { msg.ack().await },
         )

@@ -144,7 +144,7 @@ async fn requests_and_stream_consumers_carry_the_trace() -> TestResult {
     let seen = Arc::new(Mutex::new(None::<TraceContext>));
     let record = seen.clone();
     let _consumer = client
-        .consume_stream(
+        .consume(
             "TRACED",
             None,
             move |msg: async_nats::jetstream::Message| {

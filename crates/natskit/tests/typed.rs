@@ -5,7 +5,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use async_nats::jetstream::stream;
-use natskit::{Error, ServiceError, StreamConsumerConfig, Subject, SubscribeOptions};
+use natskit::{Error, ServiceError, StreamConsumerConfig, SubscribeOptions, TypedSubject};
 use natskit_testing::{TestEnv, eventually};
 use serde::{Deserialize, Serialize};
 
@@ -23,12 +23,12 @@ struct Order {
 async fn typed_round_trip_with_a_template() -> TestResult {
     let env = TestEnv::builder().shared().start().await?;
     let client = env.client();
-    let created: Subject<Order> = Subject::new("orders.{region}.created")?;
+    let created: TypedSubject<Order> = TypedSubject::new("orders.{region}.created")?;
     assert_eq!(created.wildcard(), "orders.*.created");
     let received = Arc::new(Mutex::new(Vec::new()));
     let record = received.clone();
     let _sub = created
-        .subscribe_with_msg(client, move |msg: natskit::Message, order: Order| {
+        .subscribe_full(client, move |msg: natskit::Message, order: Order| {
             let record = record.clone();
             async move {
                 record
@@ -44,7 +44,7 @@ async fn typed_round_trip_with_a_template() -> TestResult {
         item: "book".into(),
     };
     created
-        .publish_with(client, &[("region", "eu")], &order)
+        .publish_filled(client, &[("region", "eu")], &order)
         .await?;
     eventually(WAIT, "the typed message", || async {
         (!received.lock().unwrap().is_empty()).then_some(())
@@ -64,7 +64,7 @@ async fn typed_round_trip_with_a_template() -> TestResult {
     );
     assert!(matches!(
         created
-            .publish_with(client, &[("region", "e.u")], &order)
+            .publish_filled(client, &[("region", "e.u")], &order)
             .await,
         Err(Error::InvalidArgument(_))
     ));
@@ -81,7 +81,7 @@ async fn undecodable_payloads_are_counted_and_reported() -> TestResult {
     // counted, so an assert inside could never fail the test.
     let kinds = Arc::new(std::sync::Mutex::new(Vec::new()));
     let kind = kinds.clone();
-    let subject: Subject<Order> = Subject::new("typed.bad")?.on_error(move |err| {
+    let subject: TypedSubject<Order> = TypedSubject::new("typed.bad")?.on_error(move |err| {
         if let Ok(mut kinds) = kind.lock() {
             kinds.push(matches!(err, Error::Codec { op: "decode", .. }));
         }
@@ -130,7 +130,7 @@ async fn typed_request_and_serve() -> TestResult {
     struct Quote {
         total: u64,
     }
-    let pricing: Subject<Order> = Subject::new("pricing.quote")?;
+    let pricing: TypedSubject<Order> = TypedSubject::new("pricing.quote")?;
     let _service = pricing
         .serve(client, SubscribeOptions::new(), |order: Order| async move {
             if order.item.is_empty() {
@@ -181,7 +181,7 @@ async fn typed_stream_publish_and_poison_messages_are_terminated() -> TestResult
             ..Default::default()
         })
         .await?;
-    let subject: Subject<Order> = Subject::new("typed.orders")?;
+    let subject: TypedSubject<Order> = TypedSubject::new("typed.orders")?;
     let ack = subject
         .publish_to_stream(
             client,
@@ -248,8 +248,8 @@ async fn typed_stream_publish_and_poison_messages_are_terminated() -> TestResult
 async fn msgpack_codec_round_trip() -> TestResult {
     let env = TestEnv::builder().shared().start().await?;
     let client = env.client();
-    let subject: Subject<Order, natskit::MsgPackCodec> =
-        Subject::with_codec("typed.msgpack", natskit::MsgPackCodec)?;
+    let subject: TypedSubject<Order, natskit::MsgPackCodec> =
+        TypedSubject::with_codec("typed.msgpack", natskit::MsgPackCodec)?;
     let got = Arc::new(Mutex::new(None));
     let record = got.clone();
     let _sub = subject

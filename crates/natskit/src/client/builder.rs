@@ -16,7 +16,7 @@ use super::url::{apply_url_credentials, split_userinfo};
 use super::{Client, Counters, Inner, OPEN};
 use crate::client::breaker::{BreakerConfig, CircuitBreaker, FailurePredicate, SystemClock};
 use crate::client::registry::Registry;
-use crate::core::error::{Error, Result};
+use crate::core::error::{Error, Result, check_nonzero};
 use crate::core::status::Status;
 
 pub(crate) type Callback0 = Arc<dyn Fn() + Send + Sync>;
@@ -374,15 +374,17 @@ impl ClientBuilder {
             url.parse::<async_nats::ServerAddr>()
                 .map_err(|e| Error::InvalidConfig(format!("bad server URL {url:?}: {e}")))?;
         }
-        if config.connect_timeout.is_zero()
-            || config.drain_timeout.is_zero()
-            || config.request_timeout.is_zero()
-            || config.handler_deadline.is_zero()
-            || config.health_interval.is_some_and(|d| d.is_zero())
-        {
-            return Err(Error::InvalidConfig(
-                "timeouts, deadlines and intervals must be above zero".into(),
-            ));
+        for (what, duration) in [
+            ("connect_timeout", config.connect_timeout),
+            ("drain_timeout", config.drain_timeout),
+            ("request_timeout", config.request_timeout),
+            ("handler_deadline", config.handler_deadline),
+            (
+                "health_interval",
+                config.health_interval.unwrap_or(Duration::MAX),
+            ),
+        ] {
+            check_nonzero(what, duration)?;
         }
         if config.subscription_capacity == 0 {
             return Err(Error::InvalidConfig(

@@ -57,7 +57,8 @@ pub(crate) fn map_get_stream(
 ) -> Error {
     match classify_get_stream(&err.kind()) {
         Lookup::NotFound => Error::StreamNotFound {
-            stream: name.to_owned(),
+            stream: Some(name.to_owned()),
+            subject: None,
         },
         Lookup::Unavailable => unavailable("get stream", err),
         Lookup::Failed => failed("get stream", err),
@@ -66,6 +67,7 @@ pub(crate) fn map_get_stream(
 
 pub(crate) fn map_create_stream(
     op: &'static str,
+    name: &str,
     err: async_nats::jetstream::context::CreateStreamError,
 ) -> Error {
     match err.kind() {
@@ -76,7 +78,8 @@ pub(crate) fn map_create_stream(
             unavailable(op, err)
         }
         CreateStreamErrorKind::NotFound => Error::StreamNotFound {
-            stream: String::new(),
+            stream: Some(name.to_owned()),
+            subject: None,
         },
         _ => failed(op, err),
     }
@@ -154,7 +157,8 @@ pub(crate) fn map_publish(
     match classify_publish(&err) {
         // Confirmed (or not) by the caller: see `confirm_stream_missing`.
         PublishFault::NoResponders => Error::StreamNotFound {
-            stream: String::new(),
+            stream: None,
+            subject: Some(subject.to_owned()),
         },
         PublishFault::Conflict | PublishFault::WrongMessageId => Error::PublishRejected {
             subject: subject.to_owned(),

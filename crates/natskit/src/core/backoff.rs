@@ -74,7 +74,7 @@ impl Backoff {
     }
 }
 
-/// Retry settings of [`Client::request_with_retry`](crate::Client::request_with_retry).
+/// Retry settings of a request ([`RequestOptions::retry`](crate::RequestOptions::retry)) or a stream publish.
 ///
 /// Defaults: 3 retries, 100 ms first back-off, doubling, capped at 2 s, with
 /// jitter. Only no-responders and timeouts are retried.

@@ -159,11 +159,27 @@ pub enum Error {
     /// stream's subjects...).
     #[error("invalid argument: {0}")]
     InvalidArgument(String),
-    /// The stream does not exist.
-    #[error("stream {stream:?} not found")]
+    /// A timeout, deadline, interval or TTL of zero: every duration natskit
+    /// takes, in a configuration or as an argument, must be above zero.
+    #[error("{what} must be above zero")]
+    ZeroDuration {
+        /// Which duration.
+        what: &'static str,
+    },
+    /// A reply to a message that has no reply subject (it was published,
+    /// not requested).
+    #[error("the message on {subject:?} has no reply subject")]
+    NoReplySubject {
+        /// The message's subject.
+        subject: String,
+    },
+    /// No stream has the name, or none captures the subject.
+    #[error("stream not found ({})", where_found(.stream, .subject))]
     StreamNotFound {
-        /// Stream name (empty when only the subject was known).
-        stream: String,
+        /// The stream's name, when a name was asked for.
+        stream: Option<String>,
+        /// The subject no stream captures, when a subject was published to.
+        subject: Option<String>,
     },
     /// A stream exists whose configuration differs in fields that cannot be
     /// updated in place.
@@ -363,6 +379,23 @@ pub enum Error {
     },
 }
 
+/// How a missing stream was looked for.
+fn where_found(stream: &Option<String>, subject: &Option<String>) -> String {
+    match (stream, subject) {
+        (Some(stream), _) => format!("no stream named {stream:?}"),
+        (None, Some(subject)) => format!("no stream captures {subject:?}"),
+        (None, None) => "no stream".to_owned(),
+    }
+}
+
+/// [`Error::ZeroDuration`] for a zero `duration`, named `what`.
+pub(crate) fn check_nonzero(what: &'static str, duration: Duration) -> Result<()> {
+    if duration.is_zero() {
+        return Err(Error::ZeroDuration { what });
+    }
+    Ok(())
+}
+
 impl Error {
     /// The circuit breaker rejected the call.
     pub fn is_circuit_open(&self) -> bool {
@@ -489,6 +522,8 @@ impl Error {
                 | Error::InvalidConfig(_)
                 | Error::InvalidName { .. }
                 | Error::InvalidArgument(_)
+                | Error::ZeroDuration { .. }
+                | Error::NoReplySubject { .. }
                 | Error::InvalidKey { .. }
                 | Error::ValueTooLarge { .. }
         )

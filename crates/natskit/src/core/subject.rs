@@ -1,5 +1,5 @@
 //! Subjects: pure checks over strings (no I/O). Typed subjects, which bind
-//! a pattern to a payload type and a codec, are [`crate::Subject`].
+//! a pattern to a payload type and a codec, are [`crate::TypedSubject`].
 //!
 //! A subject is a non-empty list of `.`-separated tokens with no empty
 //! tokens, no whitespace (ASCII or Unicode) and no control characters, at

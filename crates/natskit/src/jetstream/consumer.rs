@@ -22,7 +22,7 @@ use crate::client::handler::{Handler, HandlerFuture, HandlerOutcome, Invocation,
 use crate::client::metrics::ConsumerMetrics;
 use crate::client::retry::{self, Retry};
 use crate::client::{Client, WeakClient};
-use crate::core::error::{BoxError, Error, Result};
+use crate::core::error::{BoxError, Error, Result, check_nonzero};
 use crate::core::subject;
 use crate::jetstream::StreamAutoCreateConfig;
 
@@ -262,9 +262,7 @@ impl StreamConsumerConfig {
             ("heartbeat", self.heartbeat),
             ("inactive_threshold", self.inactive_threshold),
         ] {
-            if d.is_zero() {
-                return Err(Error::InvalidArgument(format!("{what} must be above zero")));
-            }
+            check_nonzero(what, d)?;
         }
         if self.backoff.iter().any(Duration::is_zero) {
             return Err(Error::InvalidArgument(
@@ -455,8 +453,8 @@ impl Client {
     /// each message and acknowledges it.
     ///
     /// # Errors
-    /// See [`consume_stream_with`](Self::consume_stream_with).
-    pub async fn consume_stream<F, Fut>(
+    /// See [`consume_with`](Self::consume_with).
+    pub async fn consume<F, Fut>(
         &self,
         stream: &str,
         filter: Option<&str>,
@@ -470,7 +468,7 @@ impl Client {
         if let Some(filter) = filter {
             config = config.filter_subject(filter);
         }
-        self.consume_stream_with(config, handler).await
+        self.consume_with(config, handler).await
     }
 
     /// Starts a supervised pull consumer.
@@ -491,7 +489,7 @@ impl Client {
     /// # async fn demo(client: natskit::Client) -> natskit::Result<()> {
     /// use natskit::StreamConsumerConfig;
     /// let consumer = client
-    ///     .consume_stream_with(
+    ///     .consume_with(
     ///         StreamConsumerConfig::new("ORDERS").durable("billing"),
     ///         |msg: async_nats::jetstream::Message| async move {
     ///             println!("{}", msg.subject);
@@ -508,7 +506,7 @@ impl Client {
     /// a back-off without enough deliveries, a filter outside the stream's
     /// subjects), [`Error::StreamNotFound`] without auto-create, and the
     /// errors of creating the consumer.
-    pub async fn consume_stream_with<F, Fut>(
+    pub async fn consume_with<F, Fut>(
         &self,
         config: StreamConsumerConfig,
         handler: F,
@@ -561,7 +559,7 @@ impl Client {
 
     /// A supervised consumer as a [`futures_util::Stream`] of messages
     /// ([`ConsumerStream`]): the same supervision as
-    /// [`consume_stream_with`](Self::consume_stream_with)
+    /// [`consume_with`](Self::consume_with)
     /// (recreated with back-off when lost, resuming at the ack floor). The
     /// caller acknowledges each message. A message not taken from the stream
     /// within the config's message timeout is nak'd and comes again.
@@ -572,7 +570,7 @@ impl Client {
     /// use futures_util::StreamExt;
     /// use natskit::StreamConsumerConfig;
     /// let mut orders = client
-    ///     .consumer_stream(StreamConsumerConfig::new("ORDERS").durable("billing"))
+    ///     .consume_messages(StreamConsumerConfig::new("ORDERS").durable("billing"))
     ///     .await?;
     /// while let Some(msg) = orders.next().await {
     ///     println!("{}", msg.subject);
@@ -582,11 +580,11 @@ impl Client {
     /// ```
     ///
     /// # Errors
-    /// See [`consume_stream_with`](Self::consume_stream_with).
-    pub async fn consumer_stream(&self, config: StreamConsumerConfig) -> Result<ConsumerStream> {
+    /// See [`consume_with`](Self::consume_with).
+    pub async fn consume_messages(&self, config: StreamConsumerConfig) -> Result<ConsumerStream> {
         let (tx, rx) = tokio::sync::mpsc::channel::<jetstream::Message>(1);
         let handle = self
-            .consume_stream_with(config, move |msg: jetstream::Message| {
+            .consume_with(config, move |msg: jetstream::Message| {
                 let tx = tx.clone();
                 async move {
                     tx.send(msg)
@@ -967,7 +965,7 @@ where
 }
 
 /// A supervised consumer as a [`futures_util::Stream`] of JetStream
-/// messages, from [`Client::consumer_stream`]. Dropping it stops the
+/// messages, from [`Client::consume_messages`]. Dropping it stops the
 /// consumer.
 #[derive(Debug)]
 pub struct ConsumerStream {
@@ -1064,11 +1062,7 @@ where
     W: Future<Output = std::result::Result<(), E>>,
     E: Into<BoxError>,
 {
-    if interval.is_zero() {
-        return Err(Error::InvalidArgument(
-            "heartbeat interval must be above zero".into(),
-        ));
-    }
+    check_nonzero("heartbeat interval", interval)?;
     let ack_error = |op: &'static str, e: async_nats::Error| Error::JetStream { op, source: e };
     let mut guard = NakOnDrop {
         message: Some(message.clone()),

@@ -260,10 +260,11 @@ impl Client {
         self.ensure_open()?;
         check_stream_config(&config)?;
         let (permit, js) = self.js_call()?;
+        let name = config.name.clone();
         let result = js
             .create_stream(config)
             .await
-            .map_err(|e| map_create_stream("create stream", e));
+            .map_err(|e| map_create_stream("create stream", &name, e));
         permit.record(result)
     }
 
@@ -347,7 +348,7 @@ impl Client {
         let result = js
             .update_stream(&config)
             .await
-            .map_err(|e| map_create_stream("update stream", e));
+            .map_err(|e| map_create_stream("update stream", &config.name, e));
         permit.record(result)?;
         existing
             .info()
@@ -487,7 +488,8 @@ impl Client {
         match js.stream_by_subject(subject).await {
             Err(err) if matches!(err.kind(), GetStreamByNameErrorKind::NotFound) => {
                 Error::StreamNotFound {
-                    stream: String::new(),
+                    stream: None,
+                    subject: Some(subject.to_owned()),
                 }
             }
             Ok(stream) => unavailable(

@@ -38,11 +38,7 @@ impl Client {
     /// interval, [`Error::InvalidName`](crate::Error::InvalidName).
     pub fn monitor_stream(&self, stream: &str, interval: Duration) -> Result<StreamMonitor> {
         crate::core::subject::validate_name("stream", stream)?;
-        if interval.is_zero() {
-            return Err(crate::Error::InvalidArgument(
-                "monitor interval must be above zero".into(),
-            ));
-        }
+        crate::core::error::check_nonzero("monitor interval", interval)?;
         let weak = self.downgrade();
         let shutdown = self.shutdown().clone();
         let name = stream.to_owned();

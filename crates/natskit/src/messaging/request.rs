@@ -11,7 +11,7 @@ use bytes::Bytes;
 
 use crate::client::Client;
 use crate::client::retry::Retry;
-use crate::core::error::{BoxError, Error, Result};
+use crate::core::error::{BoxError, Error, Result, check_nonzero};
 use crate::messaging::pubsub::{SubscribeOptions, Subscription};
 
 pub use crate::client::DEFAULT_REQUEST_TIMEOUT;
@@ -19,14 +19,61 @@ pub use crate::core::backoff::RetryConfig;
 pub use crate::core::error::ServiceError;
 pub use crate::core::header::{SERVICE_ERROR_CODE_HEADER, SERVICE_ERROR_HEADER};
 
-/// A zero timeout is a caller mistake (it used to mean "the default").
-fn check_timeout(timeout: Duration) -> Result<()> {
-    if timeout.is_zero() {
-        return Err(Error::InvalidArgument(
-            "a request timeout must be above zero (request() uses the client's default)".into(),
-        ));
+/// Options of one request ([`Client::request_with`]): its timeout, its
+/// headers and its retries, in any combination.
+///
+/// ```
+/// use std::time::Duration;
+/// let mut headers = natskit::HeaderMap::new();
+/// headers.insert("tenant", "acme");
+/// let options = natskit::RequestOptions::new()
+///     .timeout(Duration::from_millis(500))
+///     .headers(headers)
+///     .retry(natskit::RetryConfig::default());
+/// # let _ = options;
+/// ```
+#[derive(Debug, Clone, Default)]
+#[must_use]
+pub struct RequestOptions {
+    timeout: Option<Duration>,
+    headers: Option<HeaderMap>,
+    retry: Option<RetryConfig>,
+}
+
+impl RequestOptions {
+    /// The client's request timeout, no headers, no retries.
+    pub fn new() -> Self {
+        Self::default()
     }
-    Ok(())
+
+    /// How long each attempt waits for the reply (default: the client's
+    /// [`request_timeout`](crate::ClientBuilder::request_timeout)). Zero is
+    /// [`Error::ZeroDuration`].
+    pub fn timeout(mut self, timeout: Duration) -> Self {
+        self.timeout = Some(timeout);
+        self
+    }
+
+    /// Headers sent with the request (trace headers are added).
+    pub fn headers(mut self, headers: HeaderMap) -> Self {
+        self.headers = Some(headers);
+        self
+    }
+
+    /// Retries on no-responders and timeouts with jittered back-off (default:
+    /// none). The whole call is one outcome for the circuit breaker, however
+    /// many attempts it takes.
+    pub fn retry(mut self, retry: RetryConfig) -> Self {
+        self.retry = Some(retry);
+        self
+    }
+}
+
+/// The reply subject of `request`, or the error saying it has none.
+fn reply_subject(request: &Message) -> Result<async_nats::Subject> {
+    request.reply.clone().ok_or_else(|| Error::NoReplySubject {
+        subject: request.subject.to_string(),
+    })
 }
 
 /// The service error a reply carries in its `Nats-Service-Error` headers.
@@ -76,7 +123,7 @@ impl Client {
     /// ```
     ///
     /// # Errors
-    /// As [`request`](Self::request); [`Error::InvalidArgument`] for a zero
+    /// As [`request`](Self::request); [`Error::ZeroDuration`] for a zero
     /// timeout.
     pub async fn request_timeout(
         &self,
@@ -84,70 +131,54 @@ impl Client {
         payload: impl Into<Bytes>,
         timeout: Duration,
     ) -> Result<Bytes> {
-        self.request_with_headers(subject, HeaderMap::new(), payload, timeout)
+        self.request_with(subject, payload, RequestOptions::new().timeout(timeout))
             .await
             .map(|reply| reply.payload)
     }
 
-    /// Sends a request with headers and returns the whole reply message.
-    ///
-    /// # Errors
-    /// See [`request`](Self::request).
-    pub async fn request_with_headers(
-        &self,
-        subject: impl IntoSubject,
-        headers: HeaderMap,
-        payload: impl Into<Bytes>,
-        timeout: Duration,
-    ) -> Result<Message> {
-        let subject = subject.into_subject();
-        let payload = payload.into();
-        let out = self.prologue(&subject, Some(headers), payload.len(), |traced| {
-            check_timeout(timeout)?;
-            Ok(traced.filter(|h| !h.is_empty()))
-        })?;
-        let (permit, headers) = (out.permit, out.headers);
-        let started = std::time::Instant::now();
-        let result = self
-            .request_once(&subject, headers.as_ref(), &payload, timeout)
-            .await;
-        self.metrics()
-            .request_duration
-            .record(started.elapsed().as_secs_f64());
-        permit.record(result)
-    }
-
-    /// Sends a request, retrying on no-responders and timeouts with
-    /// jittered exponential back-off. The whole call is one outcome for the
-    /// circuit breaker, however many attempts it takes. Gives up with the
-    /// last attempt's error.
+    /// Sends a request with [`RequestOptions`] (timeout, headers, retries)
+    /// and returns the whole reply message. With retries, no-responders and
+    /// timeouts are retried with jittered back-off and the call gives up
+    /// with the last attempt's error.
     ///
     /// ```no_run
     /// # async fn demo(client: natskit::Client) -> natskit::Result<()> {
-    /// use natskit::RetryConfig;
+    /// use natskit::{RequestOptions, RetryConfig};
+    /// let mut headers = natskit::HeaderMap::new();
+    /// headers.insert("tenant", "acme");
     /// let reply = client
-    ///     .request_with_retry("svc.echo", "hi", std::time::Duration::from_secs(1), RetryConfig::default())
+    ///     .request_with(
+    ///         "svc.echo",
+    ///         "hi",
+    ///         RequestOptions::new().headers(headers).retry(RetryConfig::default()),
+    ///     )
     ///     .await?;
-    /// # let _ = reply; Ok(()) }
+    /// println!("{:?}: {:?}", reply.headers, reply.payload);
+    /// # Ok(()) }
     /// ```
     ///
     /// # Errors
-    /// See [`request`](Self::request).
-    pub async fn request_with_retry(
+    /// See [`request`](Self::request); [`Error::ZeroDuration`] for a zero
+    /// timeout.
+    pub async fn request_with(
         &self,
         subject: impl IntoSubject,
         payload: impl Into<Bytes>,
-        timeout: Duration,
-        retry: RetryConfig,
-    ) -> Result<Bytes> {
+        options: RequestOptions,
+    ) -> Result<Message> {
         let subject = subject.into_subject();
         let payload = payload.into();
-        let out = self.prologue(&subject, None, payload.len(), |traced| {
-            check_timeout(timeout)?;
+        let timeout = options.timeout.unwrap_or(self.config().request_timeout);
+        let out = self.prologue(&subject, options.headers, payload.len(), |traced| {
+            check_nonzero("request timeout", timeout)?;
             Ok(traced.filter(|h| !h.is_empty()))
         })?;
         let (permit, headers) = (out.permit, out.headers);
         let started = std::time::Instant::now();
+        let retry = options.retry.unwrap_or(RetryConfig {
+            max_retries: 0,
+            ..RetryConfig::default()
+        });
         let mut waits = Retry::new(retry.backoff);
         let result = loop {
             match self
@@ -161,7 +192,7 @@ impl Client {
                     self.metrics().retry("request");
                     waits.wait().await;
                 }
-                other => break other.map(|m| m.payload),
+                other => break other,
             }
         };
         self.metrics()
@@ -203,33 +234,37 @@ impl Client {
         }
     }
 
-    /// Replies to a request. An empty `reply_to` (the message was not a
-    /// request) does nothing.
+    /// Replies to `request` (a message received with a reply subject).
+    ///
+    /// ```no_run
+    /// # async fn demo(client: natskit::Client) -> natskit::Result<()> {
+    /// let mut requests = client.subscribe_stream("time.now").await?;
+    /// while let Some(request) = futures_util::StreamExt::next(&mut requests).await {
+    ///     client.reply(&request, "12:00").await?;
+    /// }
+    /// # Ok(()) }
+    /// ```
     ///
     /// # Errors
-    /// See [`publish`](Self::publish).
-    pub async fn reply(&self, reply_to: &str, payload: impl Into<Bytes>) -> Result<()> {
-        if reply_to.is_empty() {
-            return Ok(());
-        }
-        self.publish(reply_to.to_owned(), payload).await
+    /// [`Error::NoReplySubject`] when `request` has no reply subject (it was
+    /// published, not requested); otherwise see [`publish`](Self::publish).
+    pub async fn reply(&self, request: &Message, payload: impl Into<Bytes>) -> Result<()> {
+        let reply_to = reply_subject(request)?;
+        self.publish(reply_to, payload).await
     }
 
-    /// Replies with headers. An empty `reply_to` does nothing.
+    /// [`reply`](Self::reply) with headers.
     ///
     /// # Errors
-    /// See [`publish`](Self::publish).
+    /// See [`reply`](Self::reply).
     pub async fn reply_with_headers(
         &self,
-        reply_to: &str,
+        request: &Message,
         headers: HeaderMap,
         payload: impl Into<Bytes>,
     ) -> Result<()> {
-        if reply_to.is_empty() {
-            return Ok(());
-        }
-        self.publish_with_headers(reply_to.to_owned(), headers, payload)
-            .await
+        let reply_to = reply_subject(request)?;
+        self.publish_with_headers(reply_to, headers, payload).await
     }
 
     /// Serves requests on `subject`: the handler's `Ok` payload is the reply;
@@ -278,7 +313,7 @@ impl Client {
                     return outcome.map(drop).map_err(|e| BoxError::from(e.to_string()));
                 };
                 let sent = match outcome {
-                    Ok(body) => client.reply(&reply_to, body).await,
+                    Ok(body) => client.publish(reply_to, body).await,
                     Err(err) => {
                         // The message may hold line breaks: clean it, or the
                         // header block would break (async-nats panics).
@@ -289,8 +324,8 @@ impl Client {
                         );
                         headers.insert(SERVICE_ERROR_CODE_HEADER, err.code.to_string().as_str());
                         client
-                            .reply_with_headers(
-                                &reply_to,
+                            .publish_with_headers(
+                                reply_to,
                                 headers,
                                 format!("error: {}", err.message),
                             )

@@ -74,7 +74,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::client::Client;
 use crate::client::metrics::OutboxMetrics;
-use crate::core::error::{Error, Result};
+use crate::core::error::{Error, Result, check_nonzero};
 use crate::core::status::OutboxStats;
 use crate::core::subject::IntoSubject;
 use crate::core::sync::{lock, read, write};
@@ -170,11 +170,8 @@ impl OutboxConfig {
                 "outbox max_in_flight must be at least 1".into(),
             ));
         }
-        if self.ack_timeout.is_zero() {
-            return Err(Error::InvalidConfig(
-                "outbox ack_timeout must be above zero".into(),
-            ));
-        }
+        check_nonzero("outbox ack_timeout", self.ack_timeout)?;
+        check_nonzero("outbox duplicate_window", self.duplicate_window)?;
         Ok(())
     }
 }

@@ -172,26 +172,26 @@ pub type ErrorHook = Arc<dyn Fn(&Error) + Send + Sync>;
 /// A subject pattern bound to a payload type `T` and a codec.
 ///
 /// Patterns may contain named tokens (`orders.{region}.created`): filled
-/// with [`publish_with`](Self::publish_with) and turned into `*` wildcards
+/// with [`publish_filled`](Self::publish_filled) and turned into `*` wildcards
 /// for subscriptions. Decode and handler errors are never dropped silently:
 /// they are counted ([`errors`](Self::errors)), logged, and passed to the
 /// [`on_error`](Self::on_error) hook.
 ///
 /// ```no_run
-/// use natskit::Subject;
+/// use natskit::TypedSubject;
 ///
 /// #[derive(serde::Serialize, serde::Deserialize)]
 /// struct OrderCreated { id: u64 }
 ///
 /// # async fn demo(client: natskit::Client) -> natskit::Result<()> {
-/// let created: Subject<OrderCreated> = Subject::new("orders.{region}.created")?;
+/// let created: TypedSubject<OrderCreated> = TypedSubject::new("orders.{region}.created")?;
 /// let sub = created
 ///     .subscribe(&client, |order: OrderCreated| async move { println!("order {}", order.id) })
 ///     .await?; // subscribes to orders.*.created
-/// created.publish_with(&client, &[("region", "eu")], &OrderCreated { id: 7 }).await?;
+/// created.publish_filled(&client, &[("region", "eu")], &OrderCreated { id: 7 }).await?;
 /// # sub.drain().await; Ok(()) }
 /// ```
-pub struct Subject<T, C = JsonCodec> {
+pub struct TypedSubject<T, C = JsonCodec> {
     template: Arc<Template>,
     codec: Arc<C>,
     on_error: Option<ErrorHook>,
@@ -200,7 +200,7 @@ pub struct Subject<T, C = JsonCodec> {
     _payload: PhantomData<fn() -> T>,
 }
 
-impl<T, C> Clone for Subject<T, C> {
+impl<T, C> Clone for TypedSubject<T, C> {
     fn clone(&self) -> Self {
         Self {
             template: self.template.clone(),
@@ -213,9 +213,9 @@ impl<T, C> Clone for Subject<T, C> {
     }
 }
 
-impl<T, C> std::fmt::Debug for Subject<T, C> {
+impl<T, C> std::fmt::Debug for TypedSubject<T, C> {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Subject")
+        f.debug_struct("TypedSubject")
             .field("pattern", &self.template.pattern)
             .field("type", &std::any::type_name::<T>())
             .field("errors", &self.errors())
@@ -223,7 +223,7 @@ impl<T, C> std::fmt::Debug for Subject<T, C> {
     }
 }
 
-impl<T> Subject<T, JsonCodec> {
+impl<T> TypedSubject<T, JsonCodec> {
     /// A JSON subject for `pattern`.
     ///
     /// # Errors
@@ -233,7 +233,7 @@ impl<T> Subject<T, JsonCodec> {
     }
 }
 
-impl<T, C> Subject<T, C> {
+impl<T, C> TypedSubject<T, C> {
     /// A subject for `pattern` with `codec`.
     ///
     /// # Errors
@@ -296,7 +296,7 @@ impl<T, C> Subject<T, C> {
     fn concrete(&self) -> Result<String> {
         if self.template.has_tokens() {
             return Err(Error::InvalidArgument(format!(
-                "subject {:?} has template tokens: use publish_with",
+                "subject {:?} has template tokens: use publish_filled",
                 self.template.pattern
             )));
         }
@@ -316,7 +316,7 @@ where
     }
 }
 
-impl<T, C> Subject<T, C>
+impl<T, C> TypedSubject<T, C>
 where
     T: Send + 'static,
     C: Codec<T>,
@@ -348,7 +348,7 @@ where
     /// # Errors
     /// [`Error::InvalidArgument`] for a missing or invalid token value, and
     /// the errors of [`publish`](Self::publish).
-    pub async fn publish_with(
+    pub async fn publish_filled(
         &self,
         client: &Client,
         tokens: &[(&str, &str)],
@@ -383,7 +383,7 @@ where
         Fut: HandlerFuture,
     {
         let handler = Arc::new(handler);
-        self.subscribe_with_msg(client, move |_msg, value| {
+        self.subscribe_full(client, move |_msg, value| {
             let handler = handler.clone();
             async move { handler(value).await }
         })
@@ -395,11 +395,7 @@ where
     ///
     /// # Errors
     /// The errors of [`Client::subscribe`].
-    pub async fn subscribe_with_msg<F, Fut>(
-        &self,
-        client: &Client,
-        handler: F,
-    ) -> Result<Subscription>
+    pub async fn subscribe_full<F, Fut>(&self, client: &Client, handler: F) -> Result<Subscription>
     where
         F: Fn(Message, T) -> Fut + Send + Sync + 'static,
         Fut: HandlerFuture,
@@ -431,7 +427,7 @@ where
     ///
     /// # Errors
     /// [`Error::Codec`] (either direction), a service error reply as
-    /// [`Error::Service`], and the errors of [`Client::request_with_headers`].
+    /// [`Error::Service`], and the errors of [`Client::request_timeout`].
     pub async fn request<R>(&self, client: &Client, value: &T, timeout: Duration) -> Result<R>
     where
         C: Codec<R>,
@@ -439,14 +435,9 @@ where
         let subject = self.concrete()?;
         let payload = self.encode(&subject, value)?;
         let reply = client
-            .request_with_headers(
-                subject.clone(),
-                async_nats::HeaderMap::new(),
-                payload,
-                timeout,
-            )
+            .request_timeout(subject.clone(), payload, timeout)
             .await?;
-        <C as Codec<R>>::decode(&self.codec, &reply.payload)
+        <C as Codec<R>>::decode(&self.codec, &reply)
             .map_err(|e| codec_error::<C, R>(&subject, "decode", e))
     }
 
@@ -494,7 +485,7 @@ where
     /// being redelivered forever. The handler acknowledges decoded messages.
     ///
     /// # Errors
-    /// The errors of [`Client::consume_stream_with`].
+    /// The errors of [`Client::consume_with`].
     pub async fn consume<F, Fut>(
         &self,
         client: &Client,
@@ -508,7 +499,7 @@ where
         let handler = Arc::new(handler);
         let this = self.clone();
         client
-            .consume_stream_with(config, move |msg: jetstream::Message| {
+            .consume_with(config, move |msg: jetstream::Message| {
                 let (handler, this) = (handler.clone(), this.clone());
                 async move {
                     match this.decode(&msg.subject, &msg.payload) {
