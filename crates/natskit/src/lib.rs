@@ -187,7 +187,7 @@ pub use crate::client::registry::SubscriptionStats;
 pub use crate::client::{Client, ClientBuilder, Status, StatusInfo};
 pub use crate::core::backoff::Backoff;
 pub use crate::core::error::{BoxError, Error, Result};
-pub use crate::core::status::OutboxStats;
+pub use crate::core::status::{DisconnectReason, OutboxStats};
 pub use crate::jetstream::consumer::{
     AckPolicy, ConsumerHandle, ConsumerStats, ConsumerStream, DeliverPolicy, Permanent, Settled,
     StreamConsumerConfig, consume_with_heartbeat,

@@ -17,18 +17,18 @@ use super::{Client, Counters, Inner, OPEN};
 use crate::client::breaker::{BreakerConfig, CircuitBreaker, FailurePredicate, SystemClock};
 use crate::client::registry::Registry;
 use crate::core::error::{Error, Result, check_nonzero};
-use crate::core::status::Status;
+use crate::core::status::{DisconnectReason, Status};
 
 pub(crate) type Callback0 = Arc<dyn Fn() + Send + Sync>;
-pub(crate) type CallbackStr = Arc<dyn Fn(Option<&str>) + Send + Sync>;
+pub(crate) type CallbackReason = Arc<dyn Fn(&DisconnectReason) + Send + Sync>;
 pub(crate) type CallbackBool = Arc<dyn Fn(bool) + Send + Sync>;
 pub(crate) type CallbackStatus = Arc<dyn Fn(Status) + Send + Sync>;
 
 #[derive(Clone, Default)]
 pub(crate) struct Callbacks {
-    pub(crate) on_disconnect: Option<CallbackStr>,
+    pub(crate) on_disconnect: Option<CallbackReason>,
     pub(crate) on_reconnect: Option<Callback0>,
-    pub(crate) on_connection_lost: Option<CallbackStr>,
+    pub(crate) on_connection_lost: Option<CallbackReason>,
     pub(crate) on_health_change: Option<CallbackBool>,
     pub(crate) on_status_change: Option<CallbackStatus>,
 }
@@ -322,7 +322,7 @@ impl ClientBuilder {
     }
 
     /// Called when the connection drops, with the last error the client saw.
-    pub fn on_disconnect(mut self, f: impl Fn(Option<&str>) + Send + Sync + 'static) -> Self {
+    pub fn on_disconnect(mut self, f: impl Fn(&DisconnectReason) + Send + Sync + 'static) -> Self {
         self.config.callbacks.on_disconnect = Some(Arc::new(f));
         self
     }
@@ -335,7 +335,10 @@ impl ClientBuilder {
 
     /// Called once per outage when the connection has been down for
     /// [`connection_lost_after`](Self::connection_lost_after).
-    pub fn on_connection_lost(mut self, f: impl Fn(Option<&str>) + Send + Sync + 'static) -> Self {
+    pub fn on_connection_lost(
+        mut self,
+        f: impl Fn(&DisconnectReason) + Send + Sync + 'static,
+    ) -> Self {
         self.config.callbacks.on_connection_lost = Some(Arc::new(f));
         self
     }

@@ -400,7 +400,7 @@ impl StatusTask {
             StatusEffect::Disconnected(reason) => {
                 tracing::warn!(?reason, "disconnected from NATS");
                 if let Some(cb) = &callbacks.on_disconnect {
-                    fire(inner, "on_disconnect", || cb(reason.as_deref()));
+                    fire(inner, "on_disconnect", || cb(&reason));
                 }
             }
             StatusEffect::Reconnected => {
@@ -412,7 +412,7 @@ impl StatusTask {
             StatusEffect::ConnectionLost(reason) => {
                 tracing::error!(after = ?self.config.connection_lost_after, ?reason, "NATS connection lost");
                 if let Some(cb) = &callbacks.on_connection_lost {
-                    fire(inner, "on_connection_lost", || cb(reason.as_deref()));
+                    fire(inner, "on_connection_lost", || cb(&reason));
                 }
             }
             StatusEffect::HealthChanged(healthy) => {

@@ -106,6 +106,34 @@ pub struct OutboxStats {
     pub short_duplicate_windows: Vec<(String, Duration)>,
 }
 
+/// What the client last saw go wrong before a connection dropped: what
+/// [`on_disconnect`](crate::ClientBuilder::on_disconnect) and
+/// [`on_connection_lost`](crate::ClientBuilder::on_connection_lost) receive.
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum DisconnectReason {
+    /// The server sent an error (`-ERR`: authorization expired, a stale
+    /// connection...).
+    ServerError(String),
+    /// async-nats reported an error on the client's side.
+    ClientError(String),
+    /// A connection attempt failed.
+    ConnectFailed(String),
+    /// No error was seen: the link just closed.
+    LinkClosed,
+}
+
+impl fmt::Display for DisconnectReason {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            DisconnectReason::ServerError(e) => write!(f, "server error: {e}"),
+            DisconnectReason::ClientError(e) => write!(f, "client error: {e}"),
+            DisconnectReason::ConnectFailed(e) => write!(f, "connect failed: {e}"),
+            DisconnectReason::LinkClosed => f.write_str("the connection closed"),
+        }
+    }
+}
+
 /// What the status machine reacts to.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub(crate) enum StatusInput {
@@ -142,11 +170,11 @@ pub(crate) enum StatusEffect {
     /// Count a successful reconnection.
     CountReconnect,
     /// Fire `on_disconnect` with the last error seen.
-    Disconnected(Option<String>),
+    Disconnected(DisconnectReason),
     /// Fire `on_reconnect`.
     Reconnected,
     /// Fire `on_connection_lost` with the last error seen.
-    ConnectionLost(Option<String>),
+    ConnectionLost(DisconnectReason),
     /// Health changed: store it and fire `on_health_change`.
     HealthChanged(bool),
     /// Status changed: publish it and fire `on_status_change`.
@@ -172,7 +200,7 @@ pub(crate) struct StatusCore {
     closed: bool,
     ever_connected: bool,
     healthy: bool,
-    last_error: Option<String>,
+    last_error: Option<DisconnectReason>,
     lost_deadline: Option<std::time::Instant>,
     status: Status,
 }
@@ -251,7 +279,7 @@ impl StatusCore {
                     self.link = Link::Down;
                     self.lost_deadline = Some(now + self.lost_after);
                     self.set_healthy(false, &mut effects);
-                    effects.push(StatusEffect::Disconnected(self.last_error.clone()));
+                    effects.push(StatusEffect::Disconnected(self.reason()));
                 }
             }
             StatusInput::Connecting => {
@@ -260,7 +288,7 @@ impl StatusCore {
                 }
             }
             StatusInput::ConnectFailed(err) => {
-                self.last_error = Some(err);
+                self.last_error = Some(DisconnectReason::ConnectFailed(err));
                 if self.link == Link::Connecting {
                     self.link = Link::Idle;
                 }
@@ -269,9 +297,11 @@ impl StatusCore {
                 if gave_up {
                     self.link = Link::Idle;
                 }
-                self.last_error = Some(message);
+                self.last_error = Some(DisconnectReason::ClientError(message));
             }
-            StatusInput::ServerError(message) => self.last_error = Some(message),
+            StatusInput::ServerError(message) => {
+                self.last_error = Some(DisconnectReason::ServerError(message));
+            }
             StatusInput::Breaker(state) => self.breaker_open = state != BreakerState::Closed,
             StatusInput::HealthChecked(ok) => {
                 let healthy = ok && self.link == Link::Up && !self.closed;
@@ -280,7 +310,7 @@ impl StatusCore {
             StatusInput::LostTimerFired => {
                 if self.lost_deadline.is_some_and(|at| now >= at) {
                     self.lost_deadline = None;
-                    effects.push(StatusEffect::ConnectionLost(self.last_error.clone()));
+                    effects.push(StatusEffect::ConnectionLost(self.reason()));
                 }
             }
             StatusInput::Closed => {
@@ -295,6 +325,13 @@ impl StatusCore {
             effects.push(StatusEffect::StatusChanged(status));
         }
         effects
+    }
+
+    /// The last error seen, or a plain close.
+    fn reason(&self) -> DisconnectReason {
+        self.last_error
+            .clone()
+            .unwrap_or(DisconnectReason::LinkClosed)
     }
 
     fn set_healthy(&mut self, healthy: bool, effects: &mut Vec<StatusEffect>) {
@@ -362,7 +399,7 @@ mod tests {
             core.handle(I::Disconnected, t0),
             vec![
                 E::HealthChanged(false),
-                E::Disconnected(Some("stale connection".into())),
+                E::Disconnected(DisconnectReason::ServerError("stale connection".into())),
                 E::StatusChanged(Status::Reconnecting)
             ]
         );
@@ -396,7 +433,7 @@ mod tests {
         );
         assert_eq!(
             core.handle(I::LostTimerFired, t0 + Duration::from_secs(30)),
-            vec![E::ConnectionLost(None)]
+            vec![E::ConnectionLost(DisconnectReason::LinkClosed)]
         );
         assert_eq!(
             core.handle(I::LostTimerFired, t0 + Duration::from_secs(60)),
@@ -411,7 +448,7 @@ mod tests {
         core.handle(I::Connected, t0);
         // The Disconnected event was dropped; the health tick sees the link down.
         let effects = core.handle(I::LinkObserved { up: false }, t0);
-        assert!(effects.contains(&E::Disconnected(None)));
+        assert!(effects.contains(&E::Disconnected(DisconnectReason::LinkClosed)));
         // ...and the Connected event was dropped too.
         let effects = core.handle(I::LinkObserved { up: true }, t0);
         assert!(effects.contains(&E::Reconnected) && effects.contains(&E::CountReconnect));

@@ -89,10 +89,10 @@ pub struct StreamConsumerConfig {
     filter_subject: Option<String>,
     deliver_policy: DeliverPolicy,
     ack_policy: AckPolicy,
-    max_deliver: i64,
+    max_deliver: Option<u32>,
     ack_wait: Duration,
     backoff: Vec<Duration>,
-    max_ack_pending: i64,
+    max_ack_pending: Option<u32>,
     auto_create: Option<StreamAutoCreateConfig>,
     message_timeout: Duration,
     heartbeat: Duration,
@@ -110,10 +110,10 @@ impl StreamConsumerConfig {
             filter_subject: None,
             deliver_policy: DeliverPolicy::All,
             ack_policy: AckPolicy::Explicit,
-            max_deliver: 0,
+            max_deliver: None,
             ack_wait: Duration::from_secs(30),
             backoff: Vec::new(),
-            max_ack_pending: 0,
+            max_ack_pending: None,
             auto_create: None,
             message_timeout: Duration::from_secs(30),
             heartbeat: Duration::from_secs(5),
@@ -145,9 +145,12 @@ impl StreamConsumerConfig {
         /// How to acknowledge.
         ack_policy: AckPolicy => ack_policy);
 
-    setter!(
-        /// Maximum delivery attempts per message (0 = unlimited).
-        max_deliver: i64 => max_deliver);
+    /// At most `attempts` deliveries per message (default: unlimited). Zero
+    /// is an [`Error::InvalidArgument`] when the consumer starts.
+    pub fn max_deliver(mut self, attempts: u32) -> Self {
+        self.max_deliver = Some(attempts);
+        self
+    }
 
     setter!(
         /// How long the server waits for an ack before redelivering.
@@ -158,9 +161,13 @@ impl StreamConsumerConfig {
         /// repeats. Needs `max_deliver` above its length.
         backoff: Vec<Duration> => backoff);
 
-    setter!(
-        /// Maximum unacknowledged messages outstanding (0 = server default).
-        max_ack_pending: i64 => max_ack_pending);
+    /// At most `messages` delivered and not yet acknowledged (default: the
+    /// server's). Zero is an [`Error::InvalidArgument`] when the consumer
+    /// starts.
+    pub fn max_ack_pending(mut self, messages: u32) -> Self {
+        self.max_ack_pending = Some(messages);
+        self
+    }
 
     /// Creates the stream from `config` when it does not exist.
     pub fn auto_create(mut self, config: StreamAutoCreateConfig) -> Self {
@@ -183,68 +190,71 @@ impl StreamConsumerConfig {
         /// the server removes it (default 5 min).
         inactive_threshold: Duration => inactive_threshold);
 
-    /// The stream name.
+    /// The stream name (given to [`new`](Self::new)).
     pub fn stream(&self) -> &str {
         &self.stream
     }
 
-    /// The durable name; `None` for an ephemeral consumer.
-    pub fn durable_name(&self) -> Option<&str> {
+    /// See [`durable`](Self::durable); `None` for an ephemeral consumer.
+    pub fn get_durable(&self) -> Option<&str> {
         self.durable.as_deref()
     }
 
-    /// The filter subject; `None` for every subject of the stream.
-    pub fn filter(&self) -> Option<&str> {
+    /// See [`filter_subject`](Self::filter_subject); `None` for every
+    /// subject of the stream.
+    pub fn get_filter_subject(&self) -> Option<&str> {
         self.filter_subject.as_deref()
     }
 
-    /// Where a new consumer starts.
-    pub fn deliver(&self) -> DeliverPolicy {
+    /// See [`deliver_policy`](Self::deliver_policy).
+    pub fn get_deliver_policy(&self) -> DeliverPolicy {
         self.deliver_policy
     }
 
-    /// How messages are acknowledged.
-    pub fn ack(&self) -> AckPolicy {
+    /// See [`ack_policy`](Self::ack_policy).
+    pub fn get_ack_policy(&self) -> AckPolicy {
         self.ack_policy
     }
 
-    /// Maximum delivery attempts per message (0 = unlimited).
-    pub fn max_deliveries(&self) -> i64 {
+    /// See [`max_deliver`](Self::max_deliver); `None` for unlimited.
+    pub fn get_max_deliver(&self) -> Option<u32> {
         self.max_deliver
     }
 
-    /// How long the server waits for an ack before redelivering.
-    pub fn ack_wait_time(&self) -> Duration {
+    /// See [`ack_wait`](Self::ack_wait).
+    pub fn get_ack_wait(&self) -> Duration {
         self.ack_wait
     }
 
-    /// Redelivery delays per attempt.
-    pub fn backoff_delays(&self) -> &[Duration] {
+    /// See [`backoff`](Self::backoff).
+    pub fn get_backoff(&self) -> &[Duration] {
         &self.backoff
     }
 
-    /// Maximum unacknowledged messages outstanding (0 = server default).
-    pub fn max_pending_acks(&self) -> i64 {
+    /// See [`max_ack_pending`](Self::max_ack_pending); `None` for the
+    /// server's default.
+    pub fn get_max_ack_pending(&self) -> Option<u32> {
         self.max_ack_pending
     }
 
-    /// The stream settings used when the stream is missing, if auto-create is on.
-    pub fn auto_create_config(&self) -> Option<&StreamAutoCreateConfig> {
+    /// See [`auto_create`](Self::auto_create); `None` when the stream must
+    /// exist.
+    pub fn get_auto_create(&self) -> Option<&StreamAutoCreateConfig> {
         self.auto_create.as_ref()
     }
 
-    /// Deadline of one handler invocation.
-    pub fn handler_timeout(&self) -> Duration {
+    /// See [`message_timeout`](Self::message_timeout).
+    pub fn get_message_timeout(&self) -> Duration {
         self.message_timeout
     }
 
-    /// Idle heartbeat of the pull stream.
-    pub fn heartbeat_interval(&self) -> Duration {
+    /// See [`heartbeat`](Self::heartbeat).
+    pub fn get_heartbeat(&self) -> Duration {
         self.heartbeat
     }
 
-    /// How long an ephemeral consumer survives without this client.
-    pub fn inactivity_threshold(&self) -> Duration {
+    /// See [`inactive_threshold`](Self::inactive_threshold).
+    pub fn get_inactive_threshold(&self) -> Duration {
         self.inactive_threshold
     }
 
@@ -264,14 +274,19 @@ impl StreamConsumerConfig {
         ] {
             check_nonzero(what, d)?;
         }
-        if self.backoff.iter().any(Duration::is_zero) {
+        for delay in &self.backoff {
+            check_nonzero("a backoff delay", *delay)?;
+        }
+        if self.max_deliver == Some(0) || self.max_ack_pending == Some(0) {
             return Err(Error::InvalidArgument(
-                "backoff delays must be above zero".into(),
+                "max_deliver and max_ack_pending must be at least 1 (leave them unset for no limit)"
+                    .into(),
             ));
         }
         if !self.backoff.is_empty()
-            && (self.max_deliver <= 0
-                || usize::try_from(self.max_deliver).unwrap_or(0) <= self.backoff.len())
+            && self
+                .max_deliver
+                .is_none_or(|max| usize::try_from(max).unwrap_or(usize::MAX) <= self.backoff.len())
         {
             return Err(Error::InvalidArgument(
                 "backoff needs max_deliver greater than the number of delays".into(),
@@ -309,9 +324,10 @@ impl StreamConsumerConfig {
                 AckPolicy::All => consumer::AckPolicy::All,
             },
             ack_wait: self.ack_wait,
-            max_deliver: self.max_deliver,
+            // 0 asks the server for its default: unlimited deliveries.
+            max_deliver: self.max_deliver.map_or(0, i64::from),
             backoff: self.backoff.clone(),
-            max_ack_pending: self.max_ack_pending,
+            max_ack_pending: self.max_ack_pending.map_or(0, i64::from),
             inactive_threshold: if self.durable.is_some() {
                 Duration::ZERO
             } else {
