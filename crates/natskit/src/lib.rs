@@ -204,7 +204,7 @@ pub use crate::messaging::request::{
     DEFAULT_REQUEST_TIMEOUT, RequestOptions, RetryConfig, SERVICE_ERROR_CODE_HEADER,
     SERVICE_ERROR_HEADER, ServiceError,
 };
-pub use crate::messaging::service::{Service, ServiceConfig};
+pub use crate::messaging::service::{Endpoint, Service, ServiceConfig};
 #[cfg(feature = "outbox")]
 pub use crate::outbox::{DeadLetter, DeadMessage, Outbox, OutboxConfig, Receipt};
 #[cfg(feature = "msgpack")]

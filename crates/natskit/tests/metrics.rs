@@ -275,9 +275,23 @@ async fn consumers_and_polled_stream_gauges() -> TestResult {
         gauge("natskit_stream_messages", &stream_labels),
         Some(server_value)
     );
-    monitor.stop();
+    // Dropping a handle does not stop the poll; `stop` does.
+    let kept = monitor.clone();
+    drop(monitor);
+    assert!(
+        !kept.is_stopped(),
+        "a dropped handle keeps the monitor running"
+    );
+    kept.stop();
+    eventually(WAIT, "the monitor to stop", || async {
+        kept.is_stopped().then_some(())
+    })
+    .await;
     consumer.stop().await;
-    assert!(d.monitor_stream("METRICS", Duration::ZERO).is_err());
+    assert!(matches!(
+        d.monitor_stream("METRICS", Duration::ZERO),
+        Err(natskit::Error::ZeroDuration { .. })
+    ));
     Ok(())
 }
 

@@ -1,10 +1,12 @@
 //! NATS micro services against a real server: discovery through `$SRV.*`
 //! with counts, natskit's error handling, panic capture and deadline.
 
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
 use bytes::Bytes;
-use natskit::{Client, Error, Message, ServiceConfig, ServiceError};
+use natskit::{Client, Error, Message, ServiceConfig, ServiceError, SubscribeOptions};
 use natskit_testing::NatsServer;
 
 type TestResult = Result<(), Box<dyn std::error::Error + Send + Sync>>;
@@ -25,7 +27,7 @@ async fn a_service_is_discoverable_with_its_counts() -> TestResult {
             Ok::<_, ServiceError>(Bytes::from("42"))
         })
         .await?;
-    service
+    let check = service
         .endpoint("orders.check", |msg: Message| async move {
             match &msg.payload[..] {
                 b"bad" => Err(ServiceError::new(400, "no such\norder")),
@@ -83,11 +85,117 @@ async fn a_service_is_discoverable_with_its_counts() -> TestResult {
     assert_eq!(endpoint("orders.count")["num_errors"], 0);
     assert_eq!(endpoint("orders.check")["num_requests"], 4);
     assert_eq!(endpoint("orders.check")["num_errors"], 3);
+    // natskit's own counts of the endpoint, as a subscription keeps them.
+    let counted = check.stats();
+    assert_eq!(check.subject(), "orders.check");
+    assert_eq!(
+        (
+            counted.received,
+            counted.handled,
+            counted.errors,
+            counted.panics,
+            counted.timeouts
+        ),
+        (4, 4, 1, 1, 1),
+        "{counted:?}"
+    );
     let ping = raw.request("$SRV.PING.orders", "".into()).await?;
     assert!(!ping.payload.is_empty());
 
     service.stop().await;
     assert!(service.info().await.is_err());
+    client.close().await?;
+    Ok(())
+}
+
+/// Endpoints take the same handler options as subscriptions: with
+/// `concurrency(4)` four requests are handled at once (each handler waits
+/// until all four are inside; one at a time they would overrun their
+/// deadline), and the default is one at a time, in order.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn endpoints_take_the_subscription_handler_options() -> TestResult {
+    let server = NatsServer::start()?;
+    let client = Client::builder(server.url()).connect().await?;
+    let service = client
+        .add_service(ServiceConfig::new("pool", "1.0.0"))
+        .await?;
+    let inside = Arc::new(AtomicUsize::new(0));
+    let seen = inside.clone();
+    let endpoint = service
+        .endpoint_with(
+            "pool.work",
+            SubscribeOptions::new()
+                .concurrency(4)
+                .deadline(Duration::from_secs(10)),
+            move |_msg: Message| {
+                let inside = seen.clone();
+                async move {
+                    inside.fetch_add(1, Ordering::SeqCst);
+                    while inside.load(Ordering::SeqCst) < 4 {
+                        tokio::time::sleep(Duration::from_millis(5)).await;
+                    }
+                    Ok::<_, ServiceError>(Bytes::from("done"))
+                }
+            },
+        )
+        .await?;
+    let requests = (0..4).map(|_| {
+        let client = client.clone();
+        tokio::spawn(async move {
+            client
+                .request_timeout("pool.work", "", Duration::from_secs(15))
+                .await
+        })
+    });
+    for request in requests.collect::<Vec<_>>() {
+        assert_eq!(&request.await??[..], b"done");
+    }
+    let stats = endpoint.stats();
+    assert_eq!((stats.received, stats.handled, stats.errors), (4, 4, 0));
+
+    // The default: one at a time, in arrival order.
+    let order = Arc::new(std::sync::Mutex::new(Vec::new()));
+    let record = order.clone();
+    service
+        .endpoint("pool.serial", move |msg: Message| {
+            let record = record.clone();
+            async move {
+                if let Ok(mut order) = record.lock() {
+                    order.push(msg.payload.clone());
+                }
+                Ok::<_, ServiceError>(msg.payload)
+            }
+        })
+        .await?;
+    let raw = async_nats::connect(server.url()).await?;
+    let inbox = raw.new_inbox();
+    let mut replies = raw.subscribe(inbox.clone()).await?;
+    for i in 0..20 {
+        raw.publish_with_reply("pool.serial", inbox.clone(), format!("{i}").into())
+            .await?;
+    }
+    for _ in 0..20 {
+        tokio::time::timeout(
+            Duration::from_secs(15),
+            futures_util::StreamExt::next(&mut replies),
+        )
+        .await?
+        .ok_or("replies ended")?;
+    }
+    let expected: Vec<Bytes> = (0..20).map(|i| Bytes::from(format!("{i}"))).collect();
+    assert_eq!(*order.lock().map_err(|e| e.to_string())?, expected);
+
+    assert!(matches!(
+        service
+            .endpoint_with(
+                "pool.zero",
+                SubscribeOptions::new().deadline(Duration::ZERO),
+                |m: Message| async move { Ok::<_, ServiceError>(m.payload) }
+            )
+            .await,
+        Err(Error::ZeroDuration { .. })
+    ));
+    service.stop().await;
     client.close().await?;
     Ok(())
 }

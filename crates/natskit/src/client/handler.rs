@@ -100,6 +100,17 @@ pub(crate) enum Invocation<T> {
     TimedOut,
 }
 
+impl<T> Invocation<T> {
+    /// The same ending with the output mapped.
+    pub(crate) fn map<U>(self, f: impl FnOnce(T) -> U) -> Invocation<U> {
+        match self {
+            Invocation::Done(output) => Invocation::Done(f(output)),
+            Invocation::Panicked(what) => Invocation::Panicked(what),
+            Invocation::TimedOut => Invocation::TimedOut,
+        }
+    }
+}
+
 /// The one way natskit runs user code for a message (subscriptions,
 /// services, consumers): in the trace scope of the message's headers, under
 /// a deadline, with a panic caught and its message kept.

@@ -10,6 +10,7 @@ use std::time::Instant;
 use futures_util::future::BoxFuture;
 use tokio::sync::Notify;
 
+use crate::client::handler::Invocation;
 use crate::client::metrics::Tally;
 use crate::core::sync::lock;
 
@@ -91,6 +92,33 @@ impl StatsCell {
         {
             tracing::warn!(%subject, dropped, "slow consumer: messages dropped");
         }
+    }
+
+    /// Counts one finished handler invocation, and logs what went wrong:
+    /// the same accounting for subscriptions, `serve` and service
+    /// endpoints.
+    pub(crate) fn record<E: std::fmt::Display>(
+        &self,
+        subject: &str,
+        deadline: std::time::Duration,
+        invocation: Invocation<Result<(), E>>,
+    ) {
+        match invocation {
+            Invocation::Done(Ok(())) => {}
+            Invocation::Done(Err(err)) => {
+                self.errors.fetch_add(1, Ordering::Relaxed);
+                tracing::warn!(%subject, %err, "message handler failed");
+            }
+            Invocation::Panicked(what) => {
+                self.panics.fetch_add(1, Ordering::Relaxed);
+                tracing::error!(%subject, panic = %what, "message handler panicked");
+            }
+            Invocation::TimedOut => {
+                self.timeouts.fetch_add(1, Ordering::Relaxed);
+                tracing::warn!(%subject, ?deadline, "message handler exceeded its deadline");
+            }
+        }
+        self.handled.fetch_add(1, Ordering::Relaxed);
     }
 
     pub(crate) fn snapshot(&self) -> SubscriptionStats {

@@ -8,23 +8,23 @@ use metrics::gauge;
 use crate::client::Client;
 use crate::core::error::Result;
 
-/// A running poll of stream and consumer gauges; stops when dropped or
-/// [`stop`](Self::stop)ped.
-#[derive(Debug)]
+/// A running poll of stream and consumer gauges. Like every handle to work
+/// natskit runs for you, dropping it does **not** stop it:
+/// [`stop`](Self::stop) does, and so does closing (or dropping) the client.
+#[derive(Debug, Clone)]
 pub struct StreamMonitor {
-    task: tokio::task::JoinHandle<()>,
+    task: tokio::task::AbortHandle,
 }
 
 impl StreamMonitor {
     /// Stops polling.
-    pub fn stop(self) {
+    pub fn stop(&self) {
         self.task.abort();
     }
-}
 
-impl Drop for StreamMonitor {
-    fn drop(&mut self) {
-        self.task.abort();
+    /// Whether polling has stopped (stopped, or the client closed).
+    pub fn is_stopped(&self) -> bool {
+        self.task.is_finished()
     }
 }
 
@@ -34,7 +34,7 @@ impl Client {
     /// `natskit_consumer_pending`, from the server's values.
     ///
     /// # Errors
-    /// [`Error::InvalidArgument`](crate::Error::InvalidArgument) for a zero
+    /// [`Error::ZeroDuration`](crate::Error::ZeroDuration) for a zero
     /// interval, [`Error::InvalidName`](crate::Error::InvalidName).
     pub fn monitor_stream(&self, stream: &str, interval: Duration) -> Result<StreamMonitor> {
         crate::core::subject::validate_name("stream", stream)?;
@@ -79,6 +79,8 @@ impl Client {
                 }
             }
         });
-        Ok(StreamMonitor { task })
+        Ok(StreamMonitor {
+            task: task.abort_handle(),
+        })
     }
 }

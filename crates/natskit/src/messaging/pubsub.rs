@@ -14,10 +14,10 @@ use bytes::Bytes;
 use futures_util::{FutureExt, StreamExt};
 use tokio::sync::Semaphore;
 
-use crate::client::handler::{Handler, HandlerFuture, HandlerOutcome, Invocation, invoke_in};
+use crate::client::handler::{Handler, HandlerFuture, HandlerOutcome, invoke_in};
 use crate::client::registry::{Control, StatsCell, SubControl, SubscriptionStats, subscriber_sid};
 use crate::client::{Client, sync_with_server};
-use crate::core::error::{Error, Result};
+use crate::core::error::{Error, Result, check_nonzero};
 use crate::core::subject;
 
 /// Options of a handler subscription.
@@ -60,6 +60,20 @@ impl SubscribeOptions {
     pub fn deadline(mut self, deadline: Duration) -> Self {
         self.deadline = Some(deadline);
         self
+    }
+}
+
+impl SubscribeOptions {
+    pub(crate) fn queue_group(&self) -> Option<&str> {
+        self.queue.as_deref()
+    }
+
+    pub(crate) fn handler_deadline(&self) -> Option<Duration> {
+        self.deadline
+    }
+
+    pub(crate) fn handler_concurrency(&self) -> usize {
+        self.concurrency.unwrap_or(1)
     }
 }
 
@@ -253,6 +267,10 @@ impl Client {
         Fut: HandlerFuture,
     {
         let subject = subject.into_subject();
+        if let Some(deadline) = options.deadline {
+            self.ensure_open()?;
+            check_nonzero("handler deadline", deadline)?;
+        }
         let subscriber = self
             .subscriber_inner(&subject, options.queue.clone())
             .await?;
@@ -645,23 +663,11 @@ where
 {
     let context = crate::client::trace::HandlerContext::from_headers(message.headers.as_ref());
     invoke_in(context, deadline, handler(message)).map(move |invocation| {
-        match invocation {
-            Invocation::Done(outcome) => {
-                if let Err(err) = outcome.into_result() {
-                    stats.errors.fetch_add(1, Ordering::Relaxed);
-                    tracing::warn!(%subject, %err, "message handler failed");
-                }
-            }
-            Invocation::Panicked(what) => {
-                stats.panics.fetch_add(1, Ordering::Relaxed);
-                tracing::error!(%subject, panic = %what, "message handler panicked");
-            }
-            Invocation::TimedOut => {
-                stats.timeouts.fetch_add(1, Ordering::Relaxed);
-                tracing::warn!(%subject, ?deadline, "message handler exceeded its deadline");
-            }
-        }
-        stats.handled.fetch_add(1, Ordering::Relaxed);
+        stats.record(
+            subject,
+            deadline,
+            invocation.map(HandlerOutcome::into_result),
+        );
     })
 }
 

@@ -12,13 +12,15 @@ use async_nats::Message;
 use async_nats::service::{self as micro, ServiceExt};
 use bytes::Bytes;
 use futures_util::StreamExt;
-use tokio::sync::watch;
+use tokio::sync::{Semaphore, watch};
 
 use crate::client::Client;
 use crate::client::handler::{Invocation, invoke};
+use crate::client::registry::{StatsCell, SubscriptionStats};
 use crate::core::error::ServiceError;
-use crate::core::error::{Error, Result};
+use crate::core::error::{Error, Result, check_nonzero};
 use crate::core::subject;
+use crate::messaging::pubsub::SubscribeOptions;
 
 /// Settings of a [`Service`].
 ///
@@ -156,17 +158,81 @@ impl Client {
     }
 }
 
+/// One endpoint of a [`Service`], from [`Service::endpoint`]. Like every
+/// handle to work natskit runs for you, dropping it does not stop the
+/// endpoint; stopping the service does.
+#[derive(Debug, Clone)]
+pub struct Endpoint {
+    subject: String,
+    stats: Arc<StatsCell>,
+}
+
+impl Endpoint {
+    /// The endpoint's subject.
+    pub fn subject(&self) -> &str {
+        &self.subject
+    }
+
+    /// The same counts a subscription keeps: requests received and handled,
+    /// error replies, panics and deadline overruns. (Requests async-nats
+    /// drops before natskit sees them count client-wide, in
+    /// [`StatusInfo::dropped_messages`](crate::StatusInfo::dropped_messages):
+    /// async-nats does not say which endpoint they were for.)
+    pub fn stats(&self) -> SubscriptionStats {
+        self.stats.snapshot()
+    }
+}
+
 impl Service {
-    /// Adds an endpoint on `subject`: each request runs `handler` in the
-    /// request's trace scope under the service's deadline, one at a time in
-    /// order. `Ok` is the reply; `Err` replies with the `Nats-Service-Error`
-    /// headers (the message cleaned of line breaks) and counts as an error
-    /// in `$SRV.STATS`; a panic replies 500 and a deadline overrun 504.
+    /// Adds an endpoint on `subject` with the service's defaults: one
+    /// request at a time, in order, under the service's deadline. See
+    /// [`endpoint_with`](Self::endpoint_with).
+    ///
+    /// # Errors
+    /// See [`endpoint_with`](Self::endpoint_with).
+    pub async fn endpoint<F, Fut>(&self, subject: &str, handler: F) -> Result<Endpoint>
+    where
+        F: Fn(Message) -> Fut + Send + Sync + 'static,
+        Fut: Future<Output = std::result::Result<Bytes, ServiceError>> + Send + 'static,
+    {
+        self.endpoint_with(subject, SubscribeOptions::new(), handler)
+            .await
+    }
+
+    /// Adds an endpoint on `subject` with the same handler options as a
+    /// subscription: [`queue`](SubscribeOptions::queue) (default: the
+    /// service's queue group), [`concurrency`](SubscribeOptions::concurrency)
+    /// (default one request at a time, in order) and
+    /// [`deadline`](SubscribeOptions::deadline) (default: the service's).
+    /// Each request runs `handler` in the request's trace scope. `Ok` is the
+    /// reply; `Err` replies with the `Nats-Service-Error` headers (the
+    /// message cleaned of line breaks) and counts as an error in
+    /// `$SRV.STATS`; a panic replies 500 and a deadline overrun 504. Every
+    /// outcome is counted in [`Endpoint::stats`].
+    ///
+    /// ```no_run
+    /// # async fn demo(service: natskit::Service) -> natskit::Result<()> {
+    /// use natskit::{ServiceError, SubscribeOptions};
+    /// let endpoint = service
+    ///     .endpoint_with("orders.price", SubscribeOptions::new().concurrency(8), |msg: natskit::Message| async move {
+    ///         Ok::<_, ServiceError>(msg.payload)
+    ///     })
+    ///     .await?;
+    /// println!("{:?}", endpoint.stats());
+    /// # Ok(()) }
+    /// ```
     ///
     /// # Errors
     /// [`Error::Closed`] (client closed or service stopped),
-    /// [`Error::InvalidSubject`], [`Error::Subscribe`].
-    pub async fn endpoint<F, Fut>(&self, subject: &str, handler: F) -> Result<()>
+    /// [`Error::InvalidSubject`] (also for a bad queue group),
+    /// [`Error::ZeroDuration`], [`Error::InvalidArgument`] when async-nats
+    /// refuses the endpoint.
+    pub async fn endpoint_with<F, Fut>(
+        &self,
+        subject: &str,
+        options: SubscribeOptions,
+        handler: F,
+    ) -> Result<Endpoint>
     where
         F: Fn(Message) -> Fut + Send + Sync + 'static,
         Fut: Future<Output = std::result::Result<Bytes, ServiceError>> + Send + 'static,
@@ -174,13 +240,20 @@ impl Service {
         let client = &self.inner.client;
         client.ensure_open()?;
         subject::validate_subscribe(subject)?;
+        let queue = options.queue_group().or(self.inner.queue_group.as_deref());
+        if let Some(queue) = queue {
+            subject::validate_queue(queue)?;
+        }
+        let deadline = options.handler_deadline().unwrap_or(self.inner.deadline);
+        check_nonzero("endpoint deadline", deadline)?;
+        let concurrency = options.handler_concurrency();
         let builder = {
             let service = self.inner.service.lock().await;
             let Some(service) = service.as_ref() else {
                 return Err(Error::Closed);
             };
             let mut builder = service.endpoint_builder();
-            if let Some(queue) = &self.inner.queue_group {
+            if let Some(queue) = queue {
                 builder = builder.queue_group(queue);
             }
             builder
@@ -189,45 +262,26 @@ impl Service {
             .add(subject)
             .await
             .map_err(|e| Error::InvalidArgument(format!("adding endpoint {subject:?}: {e}")))?;
-        let deadline = self.inner.deadline;
+        let stats = Arc::new(StatsCell::new(
+            client.metrics().subscription(subject),
+            client.dropped_counter(),
+        ));
+        let runner = EndpointRunner {
+            handler: Arc::new(handler),
+            stats: stats.clone(),
+            subject: subject.to_owned(),
+            deadline,
+        };
         let shutdown = client.shutdown().clone();
-        let mut stop = self.inner.stop.subscribe();
-        let subject = subject.to_owned();
-        client.tasks().spawn(async move {
-            let mut endpoint = endpoint;
-            let mut cancelled = std::pin::pin!(shutdown.cancelled());
-            loop {
-                let request = tokio::select! {
-                    () = &mut cancelled => break,
-                    _ = stop.wait_for(|s| *s) => break,
-                    request = endpoint.next() => match request {
-                        Some(request) => request,
-                        None => break,
-                    },
-                };
-                let headers = request.message.headers.clone();
-                let outcome = invoke(headers.as_ref(), deadline, handler(request.message.clone())).await;
-                let response = match outcome {
-                    Invocation::Done(Ok(body)) => Ok(body),
-                    Invocation::Done(Err(err)) => Err(micro_error(&err)),
-                    Invocation::Panicked(what) => {
-                        tracing::error!(%subject, panic = %what, "service handler panicked");
-                        Err(micro_error(&ServiceError::new(500, "handler panicked")))
-                    }
-                    Invocation::TimedOut => {
-                        tracing::warn!(%subject, ?deadline, "service handler exceeded its deadline");
-                        Err(micro_error(&ServiceError::new(504, "handler deadline exceeded")))
-                    }
-                };
-                if request.message.reply.is_some()
-                    && let Err(err) = request.respond(response).await
-                {
-                    tracing::warn!(%subject, %err, "could not send the service reply");
-                }
-            }
-            let _ = endpoint.stop().await;
-        });
-        Ok(())
+        let stop = self.inner.stop.subscribe();
+        let tasks = client.tasks().clone();
+        client
+            .tasks()
+            .spawn(runner.run(endpoint, concurrency, shutdown, stop, tasks));
+        Ok(Endpoint {
+            subject: subject.to_owned(),
+            stats,
+        })
     }
 
     /// The service's `$SRV.INFO` answer: name, id, version, endpoints.
@@ -264,6 +318,99 @@ impl Service {
             && let Err(err) = service.stop().await
         {
             tracing::debug!(%err, "stopping the service");
+        }
+    }
+}
+
+/// What runs one endpoint's requests.
+struct EndpointRunner<F> {
+    handler: Arc<F>,
+    stats: Arc<StatsCell>,
+    subject: String,
+    deadline: Duration,
+}
+
+impl<F, Fut> EndpointRunner<F>
+where
+    F: Fn(Message) -> Fut + Send + Sync + 'static,
+    Fut: Future<Output = std::result::Result<Bytes, ServiceError>> + Send + 'static,
+{
+    /// Takes requests until the service stops or the client closes, up to
+    /// `concurrency` at once (inline, in order, for one); a request being
+    /// handled finishes either way.
+    async fn run(
+        self,
+        mut endpoint: micro::endpoint::Endpoint,
+        concurrency: usize,
+        shutdown: tokio_util::sync::CancellationToken,
+        mut stop: watch::Receiver<bool>,
+        tasks: tokio_util::task::TaskTracker,
+    ) {
+        let runner = Arc::new(self);
+        let limiter = Arc::new(Semaphore::new(concurrency));
+        let mut cancelled = std::pin::pin!(shutdown.cancelled());
+        loop {
+            let slot = tokio::select! {
+                () = &mut cancelled => break,
+                _ = stop.wait_for(|s| *s) => break,
+                slot = limiter.clone().acquire_owned() => match slot {
+                    Ok(slot) => slot,
+                    Err(_) => break,
+                },
+            };
+            let request = tokio::select! {
+                () = &mut cancelled => break,
+                _ = stop.wait_for(|s| *s) => break,
+                request = endpoint.next() => match request {
+                    Some(request) => request,
+                    None => break,
+                },
+            };
+            runner.stats.received.add(1);
+            if concurrency == 1 {
+                runner.handle(request).await;
+                drop(slot);
+            } else {
+                let runner = runner.clone();
+                tasks.spawn(async move {
+                    runner.handle(request).await;
+                    drop(slot);
+                });
+            }
+        }
+        // Requests already taken are answered before the endpoint stops.
+        let all = u32::try_from(concurrency).unwrap_or(u32::MAX);
+        let _ = limiter.acquire_many(all).await;
+        let _ = endpoint.stop().await;
+    }
+
+    /// Runs the handler for one request, replies, and counts the outcome.
+    async fn handle(&self, request: micro::Request) {
+        let headers = request.message.headers.clone();
+        let invocation = invoke(
+            headers.as_ref(),
+            self.deadline,
+            (self.handler)(request.message.clone()),
+        )
+        .await;
+        let subject = &self.subject;
+        let response = match &invocation {
+            Invocation::Done(Ok(body)) => Ok(body.clone()),
+            Invocation::Done(Err(err)) => Err(micro_error(err)),
+            Invocation::Panicked(_) => {
+                Err(micro_error(&ServiceError::new(500, "handler panicked")))
+            }
+            Invocation::TimedOut => Err(micro_error(&ServiceError::new(
+                504,
+                "handler deadline exceeded",
+            ))),
+        };
+        self.stats
+            .record(subject, self.deadline, invocation.map(|r| r.map(drop)));
+        if request.message.reply.is_some()
+            && let Err(err) = request.respond(response).await
+        {
+            tracing::warn!(%subject, %err, "could not send the service reply");
         }
     }
 }
