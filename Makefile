@@ -19,7 +19,7 @@ chaos:
 # Every parser and validator on random hostile input, FUZZ_SECONDS per target.
 FUZZ_SECONDS ?= 20
 fuzz:
-	FUZZ_SECONDS=$(FUZZ_SECONDS) $(CARGO) test -p natskit --all-features --test fuzz -- --nocapture --test-threads=1
+	FUZZ_SECONDS=$(FUZZ_SECONDS) $(CARGO) test -p natskit --all-features --test it -- fuzz:: --nocapture --test-threads=1
 
 bench:
 	@bin=$$($(INSTALL)) && NATS_SERVER_BIN=$$bin $(CARGO) bench -p natskit --bench compare

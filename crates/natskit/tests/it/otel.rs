@@ -3,6 +3,7 @@
 //! see the extracted context as their current OpenTelemetry context.
 #![cfg(feature = "opentelemetry")]
 
+use crate::common::TestResult;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -12,8 +13,6 @@ use natskit_testing::{TestEnv, eventually};
 use opentelemetry::trace::{
     FutureExt as _, SpanContext, SpanId, TraceContextExt, TraceFlags, TraceId, TraceState,
 };
-
-type TestResult = Result<(), Box<dyn std::error::Error + Send + Sync>>;
 
 #[tokio::test]
 async fn otel_context_round_trips_through_nats() -> TestResult {

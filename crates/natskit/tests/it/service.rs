@@ -1,6 +1,7 @@
 //! NATS micro services against a real server: discovery through `$SRV.*`
 //! with counts, natskit's error handling, panic capture and deadline.
 
+use crate::common::TestResult;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
@@ -8,8 +9,6 @@ use std::time::Duration;
 use bytes::Bytes;
 use natskit::{Client, Error, Message, ServiceConfig, ServiceError, SubscribeOptions};
 use natskit_testing::NatsServer;
-
-type TestResult = Result<(), Box<dyn std::error::Error + Send + Sync>>;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_service_is_discoverable_with_its_counts() -> TestResult {

@@ -2,6 +2,7 @@
 //! order, limits, restart, dead letters, a damaged file, partitions, a
 //! crashed process, a killed server and a cluster leader kill.
 
+use crate::common::{TestResult, file_stream};
 use std::collections::{BTreeMap, HashMap};
 use std::time::{Duration, Instant};
 
@@ -9,17 +10,6 @@ use async_nats::jetstream::{self, consumer, stream};
 use futures_util::StreamExt;
 use natskit::{Client, Error, Outbox, OutboxConfig, Receipt};
 use natskit_testing::{Cluster, NatsServer, Proxy, eventually};
-
-type TestResult = Result<(), Box<dyn std::error::Error + Send + Sync>>;
-
-fn stream_config(name: &str, subjects: &[&str]) -> stream::Config {
-    stream::Config {
-        name: name.into(),
-        subjects: subjects.iter().map(|s| (*s).to_owned()).collect(),
-        storage: stream::StorageType::File,
-        ..Default::default()
-    }
-}
 
 /// Every message of `stream`, read through a raw async-nats consumer:
 /// `(subject, Nats-Msg-Id, payload)` in stream order.
@@ -197,7 +187,7 @@ async fn durable_publishes_reach_the_stream_once_in_order() -> TestResult {
     let server = NatsServer::start_jetstream()?;
     let client = connect(&server.url()).await?;
     client
-        .create_stream(stream_config("EVENTS", &["events.>"]))
+        .create_stream(file_stream("EVENTS", &["events.>"]))
         .await?;
     let (_dir, outbox) = temp_outbox(&client, |c| c).await?;
 
@@ -316,7 +306,7 @@ async fn a_full_outbox_refuses_and_what_it_accepted_arrives_after_reopen() -> Te
     // Reopen on a connected client: what was stored is forwarded.
     let client = connect(&server.url()).await?;
     client
-        .create_stream(stream_config("JOBS", &["jobs.>"]))
+        .create_stream(file_stream("JOBS", &["jobs.>"]))
         .await?;
     let outbox = Outbox::open(&client, config).await?;
     assert_eq!(
@@ -343,7 +333,7 @@ async fn a_full_outbox_refuses_and_what_it_accepted_arrives_after_reopen() -> Te
 async fn refused_messages_become_dead_letters_and_can_be_requeued() -> TestResult {
     let server = NatsServer::start_jetstream()?;
     let client = connect(&server.url()).await?;
-    client.create_stream(stream_config("OK", &["ok.>"])).await?;
+    client.create_stream(file_stream("OK", &["ok.>"])).await?;
     let (_dir, outbox) = temp_outbox(&client, |c| c).await?;
     let mut receipts = Vec::new();
     receipts.push((
@@ -370,7 +360,7 @@ async fn refused_messages_become_dead_letters_and_can_be_requeued() -> TestResul
 
     // Once a stream exists, requeueing delivers it with its id.
     client
-        .create_stream(stream_config("LATE", &["nowhere.>"]))
+        .create_stream(file_stream("LATE", &["nowhere.>"]))
         .await?;
     assert_eq!(outbox.requeue_dead_letters(None).await?, 1);
     outbox.flush_outbox(Duration::from_secs(30)).await?;
@@ -512,7 +502,7 @@ async fn a_20s_partition_during_50k_durable_publishes_loses_and_duplicates_nothi
     let proxy = Proxy::start(server.client_port()).await?;
     let client = connect(&proxy.url()).await?;
     client
-        .create_stream(stream_config("PART", &["part.>"]))
+        .create_stream(file_stream("PART", &["part.>"]))
         .await?;
     let (_dir, outbox) = temp_outbox(&client, |c| c.ack_timeout(Duration::from_secs(2))).await?;
     // Some traffic on a healthy link first.
@@ -588,13 +578,13 @@ async fn a_killed_process_loses_nothing_it_was_told_was_stored() -> TestResult {
     let server = NatsServer::builder().sync_always().start()?;
     let client = connect(&server.url()).await?;
     client
-        .create_stream(stream_config("CRASH", &["crash.>"]))
+        .create_stream(file_stream("CRASH", &["crash.>"]))
         .await?;
     let dir = tempfile::tempdir()?;
     let path = dir.path().join("o.redb");
     let mut child = tokio::process::Command::new(std::env::current_exe()?)
         .args([
-            "a_killed_process_loses_nothing_it_was_told_was_stored",
+            "outbox::a_killed_process_loses_nothing_it_was_told_was_stored",
             "--exact",
             "--nocapture",
             "--test-threads=1",
@@ -679,7 +669,7 @@ async fn a_server_kill_and_restart_during_forwarding_loses_and_duplicates_nothin
     let mut server = NatsServer::builder().sync_always().start()?;
     let client = connect(&server.url()).await?;
     client
-        .create_stream(stream_config("RESTART", &["restart.>"]))
+        .create_stream(file_stream("RESTART", &["restart.>"]))
         .await?;
     let (_dir, outbox) = temp_outbox(&client, |c| c.ack_timeout(Duration::from_secs(2))).await?;
     let publishers = publish_until_forwarding(&outbox, "restart", 8, 1500, 1000).await;
@@ -710,7 +700,7 @@ async fn an_r3_leader_kill_during_forwarding_loses_and_duplicates_nothing() -> T
         .reconnect_wait(Duration::from_millis(100))
         .connect()
         .await?;
-    let mut config = stream_config("LEAD", &["lead.>"]);
+    let mut config = file_stream("LEAD", &["lead.>"]);
     config.num_replicas = 3;
     eventually(Duration::from_secs(30), "an R3 stream", || async {
         client.create_stream(config.clone()).await.ok()
@@ -744,7 +734,7 @@ async fn an_r3_leader_kill_during_forwarding_loses_and_duplicates_nothing() -> T
 async fn a_short_duplicate_window_is_reported() -> TestResult {
     let server = NatsServer::start_jetstream()?;
     let client = connect(&server.url()).await?;
-    let mut config = stream_config("SHORT", &["short.>"]);
+    let mut config = file_stream("SHORT", &["short.>"]);
     config.duplicate_window = Duration::from_secs(10);
     client.create_stream(config).await?;
     let (_dir, outbox) = temp_outbox(&client, |c| c).await?;
@@ -794,7 +784,7 @@ async fn a_publish_permission_denial_is_moved_aside() -> TestResult {
         .connect()
         .await?;
     client
-        .create_stream(stream_config("PERM", &["denied.>", "ok.>"]))
+        .create_stream(file_stream("PERM", &["denied.>", "ok.>"]))
         .await?;
     let (_dir, outbox) =
         temp_outbox(&client, |c| c.ack_timeout(Duration::from_millis(300))).await?;
@@ -840,9 +830,7 @@ async fn a_message_too_large_for_the_server_is_moved_aside() -> TestResult {
         .extra_config("max_payload: 4096")
         .start()?;
     let admin = connect(&server.url()).await?;
-    admin
-        .create_stream(stream_config("BIG", &["big.>"]))
-        .await?;
+    admin.create_stream(file_stream("BIG", &["big.>"])).await?;
     let offline = Client::builder(server.url()).build()?;
     let (_dir, outbox) = temp_outbox(&offline, |c| c).await?;
     let before = outbox.publish_durable("big.a", "small").await?;
@@ -878,7 +866,7 @@ async fn a_message_too_large_for_the_server_is_moved_aside() -> TestResult {
 async fn a_message_the_stream_refuses_is_moved_aside() -> TestResult {
     let server = NatsServer::start_jetstream()?;
     let client = connect(&server.url()).await?;
-    let mut config = stream_config("FULL", &["full.>"]);
+    let mut config = file_stream("FULL", &["full.>"]);
     config.max_messages = 1;
     config.discard = stream::DiscardPolicy::New;
     client.create_stream(config).await?;
@@ -925,9 +913,7 @@ async fn an_unreadable_record_is_moved_aside_not_dropped() -> TestResult {
         txn.commit()?;
     }
     let client = connect(&server.url()).await?;
-    client
-        .create_stream(stream_config("REC", &["rec.>"]))
-        .await?;
+    client.create_stream(file_stream("REC", &["rec.>"])).await?;
     let outbox = Outbox::open(&client, OutboxConfig::new(&path)).await?;
     outbox.flush_outbox(Duration::from_secs(30)).await?;
     let dead = outbox.dead_letters(10).await?;

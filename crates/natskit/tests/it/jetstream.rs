@@ -1,30 +1,18 @@
 //! JetStream streams, publishing and supervised consumers against real servers.
 
+use crate::common::{TestResult, WAIT, memory_stream};
 use std::collections::BTreeSet;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use async_nats::jetstream::stream::{self, StorageType};
+use async_nats::jetstream::stream::StorageType;
 use async_nats::jetstream::{AckKind, Message};
 use natskit::{
     Client, ConsumerHandle, DeliverPolicy, Error, Permanent, Settled, StreamAutoCreateConfig,
     StreamConsumerConfig, StreamPublishOptions, consume_with_heartbeat,
 };
 use natskit_testing::{TestEnv, eventually};
-
-type TestResult = Result<(), Box<dyn std::error::Error + Send + Sync>>;
-
-const WAIT: Duration = Duration::from_secs(20);
-
-fn config(name: &str, subjects: &[&str]) -> stream::Config {
-    stream::Config {
-        name: name.into(),
-        subjects: subjects.iter().map(|s| (*s).to_owned()).collect(),
-        storage: StorageType::Memory,
-        ..Default::default()
-    }
-}
 
 async fn env() -> Result<TestEnv, natskit_testing::HarnessError> {
     TestEnv::builder().jetstream().start().await
@@ -78,10 +66,10 @@ async fn streams_create_get_ensure_delete() -> TestResult {
     );
 
     let mut first = client
-        .ensure_stream(config("ORDERS", &["orders.>"]))
+        .ensure_stream(memory_stream("ORDERS", &["orders.>"]))
         .await?;
     let mut second = client
-        .ensure_stream(config("ORDERS", &["orders.>"]))
+        .ensure_stream(memory_stream("ORDERS", &["orders.>"]))
         .await?;
     assert_eq!(
         first.info().await?.created,
@@ -90,7 +78,7 @@ async fn streams_create_get_ensure_delete() -> TestResult {
     );
 
     // An updatable difference is applied, never ignored.
-    let mut wider = config("ORDERS", &["orders.>", "refunds.>"]);
+    let mut wider = memory_stream("ORDERS", &["orders.>", "refunds.>"]);
     wider.max_messages = 1000;
     let mut updated = client.ensure_stream(wider).await?;
     let info = updated.info().await?;
@@ -98,7 +86,7 @@ async fn streams_create_get_ensure_delete() -> TestResult {
     assert!(info.config.subjects.contains(&"refunds.>".to_owned()));
 
     // One the server cannot change is reported by name.
-    let mut on_disk = config("ORDERS", &["orders.>", "refunds.>"]);
+    let mut on_disk = memory_stream("ORDERS", &["orders.>", "refunds.>"]);
     on_disk.storage = StorageType::File;
     on_disk.max_messages = 1000;
     match client.ensure_stream(on_disk).await {
@@ -118,7 +106,7 @@ async fn streams_create_get_ensure_delete() -> TestResult {
     for bad in ["", "has.dot", "has space", "star*"] {
         assert!(
             matches!(
-                client.ensure_stream(config(bad, &["x.>"])).await,
+                client.ensure_stream(memory_stream(bad, &["x.>"])).await,
                 Err(Error::InvalidName { .. })
             ),
             "{bad:?}"
@@ -126,8 +114,11 @@ async fn streams_create_get_ensure_delete() -> TestResult {
     }
     // A creation the server refuses (subjects taken by another stream) is an
     // error, not an endless get/create loop.
-    let overlapping =
-        tokio::time::timeout(WAIT, client.ensure_stream(config("OTHER", &["orders.>"]))).await?;
+    let overlapping = tokio::time::timeout(
+        WAIT,
+        client.ensure_stream(memory_stream("OTHER", &["orders.>"])),
+    )
+    .await?;
     assert!(
         matches!(overlapping, Err(Error::JetStream { .. })),
         "{overlapping:?}"
@@ -142,7 +133,7 @@ async fn publish_with_ack_dedup_and_preconditions() -> TestResult {
     let env = env().await?;
     let client = env.client();
     client
-        .create_stream(config("EVENTS", &["events.>"]))
+        .create_stream(memory_stream("EVENTS", &["events.>"]))
         .await?;
     let ack = client
         .publish_to_stream("events.user.created", "{}")
@@ -215,7 +206,9 @@ async fn publish_with_ack_dedup_and_preconditions() -> TestResult {
 async fn pipelined_publisher_stores_every_message() -> TestResult {
     let env = env().await?;
     let client = env.client();
-    client.create_stream(config("BULK", &["bulk.>"])).await?;
+    client
+        .create_stream(memory_stream("BULK", &["bulk.>"]))
+        .await?;
     let publisher = client.stream_publisher(256)?;
     const N: u64 = 100_000;
     for i in 0..N {
@@ -252,7 +245,7 @@ async fn deliver_policies_all_new_last() -> TestResult {
     let env = env().await?;
     let client = env.client();
     client
-        .create_stream(config("POLICY", &["policy.>"]))
+        .create_stream(memory_stream("POLICY", &["policy.>"]))
         .await?;
     for i in 0..3 {
         client
@@ -291,7 +284,9 @@ async fn deliver_policies_all_new_last() -> TestResult {
 async fn nak_redelivers_and_max_deliver_is_honoured() -> TestResult {
     let env = env().await?;
     let client = env.client();
-    client.create_stream(config("REDO", &["redo.>"])).await?;
+    client
+        .create_stream(memory_stream("REDO", &["redo.>"]))
+        .await?;
 
     // nak once, then ack: at least two deliveries.
     let deliveries = Arc::new(AtomicUsize::new(0));
@@ -370,7 +365,9 @@ async fn nak_redelivers_and_max_deliver_is_honoured() -> TestResult {
 async fn handler_panic_naks_and_the_consumer_keeps_running() -> TestResult {
     let env = env().await?;
     let client = env.client();
-    client.create_stream(config("PANIC", &["panic.>"])).await?;
+    client
+        .create_stream(memory_stream("PANIC", &["panic.>"]))
+        .await?;
     let ok = Arc::new(AtomicUsize::new(0));
     let seen = ok.clone();
     let handle = client
@@ -399,7 +396,9 @@ async fn handler_panic_naks_and_the_consumer_keeps_running() -> TestResult {
 async fn bad_consumer_input_is_typed() -> TestResult {
     let env = env().await?;
     let client = env.client();
-    client.create_stream(config("SHAPE", &["shape.>"])).await?;
+    client
+        .create_stream(memory_stream("SHAPE", &["shape.>"]))
+        .await?;
     let noop = |_m: Message| async {};
     let cases = [
         StreamConsumerConfig::new(""),
@@ -454,7 +453,7 @@ async fn auto_create_derives_subjects() -> TestResult {
 async fn durable_consumer_resumes_after_a_client_restart() -> TestResult {
     let env = env().await?;
     env.client()
-        .create_stream(config("DUR", &["dur.>"]))
+        .create_stream(memory_stream("DUR", &["dur.>"]))
         .await?;
     let first = Client::builder(env.url()).connect().await?;
     for i in 0..5 {
@@ -509,7 +508,7 @@ async fn durable_consumer_resumes_after_a_client_restart() -> TestResult {
 #[tokio::test]
 async fn consumer_survives_server_kill_and_restart() -> TestResult {
     let mut env = TestEnv::builder().file_storage().start().await?;
-    let mut file = config("SURVIVE", &["survive.>"]);
+    let mut file = memory_stream("SURVIVE", &["survive.>"]);
     file.storage = StorageType::File;
     env.client().create_stream(file).await?;
     let seqs = Arc::new(Mutex::new(BTreeSet::new()));
@@ -562,7 +561,7 @@ async fn consumer_survives_server_kill_and_restart() -> TestResult {
 #[tokio::test]
 async fn consumers_do_not_pile_up_across_restarts() -> TestResult {
     let mut env = TestEnv::builder().file_storage().start().await?;
-    let mut file = config("PILE", &["pile.>"]);
+    let mut file = memory_stream("PILE", &["pile.>"]);
     file.storage = StorageType::File;
     env.client().create_stream(file).await?;
     let count = Arc::new(AtomicUsize::new(0));
@@ -611,7 +610,9 @@ async fn consumers_do_not_pile_up_across_restarts() -> TestResult {
 async fn consumer_deleted_on_the_server_is_recreated() -> TestResult {
     let env = env().await?;
     let client = env.client();
-    client.create_stream(config("GONE", &["gone.>"])).await?;
+    client
+        .create_stream(memory_stream("GONE", &["gone.>"]))
+        .await?;
     let count = Arc::new(AtomicUsize::new(0));
     let handle = client
         .consume_with(
@@ -654,7 +655,9 @@ async fn consumer_deleted_on_the_server_is_recreated() -> TestResult {
 async fn heartbeat_helper_keeps_long_work_alive_and_settles() -> TestResult {
     let env = env().await?;
     let client = env.client();
-    client.create_stream(config("LONG", &["long.>"])).await?;
+    client
+        .create_stream(memory_stream("LONG", &["long.>"]))
+        .await?;
     let outcomes = Arc::new(Mutex::new(Vec::new()));
     let deliveries = Arc::new(AtomicUsize::new(0));
     let (record, seen) = (outcomes.clone(), deliveries.clone());
@@ -753,7 +756,7 @@ async fn publish_retries_through_a_leader_loss_without_duplicates() -> TestResul
         .reconnect_wait(Duration::from_millis(50))
         .connect()
         .await?;
-    let mut replicated = config("HA", &["ha.>"]);
+    let mut replicated = memory_stream("HA", &["ha.>"]);
     replicated.num_replicas = 3;
     client.create_stream(replicated).await?;
     client.publish_to_stream("ha.0", "x").await?;
@@ -812,10 +815,10 @@ async fn jetstream_errors_expose_the_server_code() -> TestResult {
     let env = env().await?;
     let client = env.client();
     client
-        .create_stream(config("CODED", &["coded.a.>"]))
+        .create_stream(memory_stream("CODED", &["coded.a.>"]))
         .await?;
     let err = client
-        .create_stream(config("CODED", &["coded.b.>"]))
+        .create_stream(memory_stream("CODED", &["coded.b.>"]))
         .await
         .expect_err("same name, other subjects");
     assert_eq!(err.jetstream_code(), Some(10_058), "{err}");
@@ -849,7 +852,9 @@ async fn streams_of_messages_for_subscriptions_and_consumers() -> TestResult {
     .await;
 
     // A supervised consumer as a Stream: survives an outside delete.
-    client.create_stream(config("STREAMED", &["sc.>"])).await?;
+    client
+        .create_stream(memory_stream("STREAMED", &["sc.>"]))
+        .await?;
     for i in 0..10 {
         client.publish_to_stream(format!("sc.{i}"), "x").await?;
     }

@@ -1,5 +1,6 @@
 //! Metrics recorded through the facade, read back with a debugging recorder.
 
+use crate::common::{TestResult, WAIT};
 use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
@@ -8,10 +9,6 @@ use metrics::{Counter, Gauge, Histogram, Key, KeyName, Metadata, Recorder, Share
 use metrics_util::registry::{AtomicStorage, Registry};
 use natskit::{Client, KvOptions, StreamConsumerConfig};
 use natskit_testing::{TestEnv, eventually};
-
-type TestResult = Result<(), Box<dyn std::error::Error + Send + Sync>>;
-
-const WAIT: Duration = Duration::from_secs(15);
 
 /// A recorder whose values can be read without resetting them (the
 /// debugging recorder of metrics-util swaps values to zero on every

@@ -1,5 +1,6 @@
 //! The resilient client against real nats-server processes.
 
+use crate::common::{TestResult, WAIT};
 use std::sync::atomic::{AtomicU16, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -12,10 +13,6 @@ use natskit::{
 };
 use natskit_testing::{NatsServer, eventually};
 use tokio::net::{TcpListener, TcpStream};
-
-type TestResult = Result<(), Box<dyn std::error::Error + Send + Sync>>;
-
-const WAIT: Duration = Duration::from_secs(15);
 
 /// A TCP gate in front of a server: counts every connection attempt, and
 /// either refuses it (accept, then close) or forwards it to `target`.

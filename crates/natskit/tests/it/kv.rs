@@ -1,5 +1,6 @@
 //! KV buckets, KvStore and the temporal resolver against real servers.
 
+use crate::common::{TestResult, WAIT};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, SystemTime};
@@ -9,10 +10,6 @@ use async_nats::jetstream::stream::StorageType;
 use futures_util::StreamExt;
 use natskit::{Error, KvOperation, KvOptions, KvStore, TemporalResolver, WatchEvent};
 use natskit_testing::{TestEnv, eventually};
-
-type TestResult = Result<(), Box<dyn std::error::Error + Send + Sync>>;
-
-const WAIT: Duration = Duration::from_secs(20);
 
 async fn store_with(env: &TestEnv, bucket: &str, options: KvOptions) -> natskit::Result<KvStore> {
     let client = env.client();

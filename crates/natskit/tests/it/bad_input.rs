@@ -2,6 +2,7 @@
 //! mistake is a typed error before any I/O, never counted against the
 //! breaker, never reaching the server, and nothing stored is lost.
 
+use crate::common::{TestResult, WAIT};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
@@ -14,10 +15,6 @@ use natskit::{
     StreamPublishOptions, SubscribeOptions,
 };
 use natskit_testing::{NatsServer, eventually};
-
-type TestResult = Result<(), Box<dyn std::error::Error + Send + Sync>>;
-
-const WAIT: Duration = Duration::from_secs(20);
 
 /// One row of the table: what was tried and its outcome.
 type Row = (&'static str, natskit::Result<()>);

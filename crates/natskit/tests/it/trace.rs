@@ -1,17 +1,13 @@
 //! Trace context propagation through a real server.
 
+use crate::common::{TestResult, WAIT};
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
 
 use async_nats::jetstream::stream;
 use futures_util::StreamExt;
 use natskit::trace::{self, TraceContext, TraceMode};
 use natskit::{Client, HeaderMap, Message, ServiceError, SubscribeOptions};
 use natskit_testing::{TestEnv, eventually};
-
-type TestResult = Result<(), Box<dyn std::error::Error + Send + Sync>>;
-
-const WAIT: Duration = Duration::from_secs(10);
 
 #[tokio::test]
 async fn a_trace_crosses_a_publish_and_continues_from_the_handler() -> TestResult {

@@ -5,6 +5,7 @@
 //! without `close()`. Every test runs against real nats-server processes.
 //! Timings are printed; only generous bounds (3x the target) are asserted.
 
+use crate::common::{TestResult, WAIT, memory_stream};
 use std::collections::BTreeSet;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
@@ -17,19 +18,6 @@ use natskit::{
     StreamConsumerConfig, StreamPublishOptions, SubscribeOptions, consume_with_heartbeat,
 };
 use natskit_testing::{Cluster, NatsServer, Proxy, TestEnv, eventually};
-
-type TestResult = Result<(), Box<dyn std::error::Error + Send + Sync>>;
-
-const WAIT: Duration = Duration::from_secs(20);
-
-fn memory_stream(name: &str, subjects: &[&str]) -> stream::Config {
-    stream::Config {
-        name: name.into(),
-        subjects: subjects.iter().map(|s| (*s).to_owned()).collect(),
-        storage: StorageType::Memory,
-        ..Default::default()
-    }
-}
 
 /// A KV store on a new in-memory bucket.
 async fn memory_store(

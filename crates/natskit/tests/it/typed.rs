@@ -1,17 +1,13 @@
 //! Typed subjects over a real server.
 
+use crate::common::{TestResult, WAIT};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
 
 use async_nats::jetstream::stream;
 use natskit::{Error, ServiceError, StreamConsumerConfig, SubscribeOptions, TypedSubject};
 use natskit_testing::{TestEnv, eventually};
 use serde::{Deserialize, Serialize};
-
-type TestResult = Result<(), Box<dyn std::error::Error + Send + Sync>>;
-
-const WAIT: Duration = Duration::from_secs(10);
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 struct Order {
