@@ -149,6 +149,31 @@
 //!   [`Client::monitor_stream`] polls server gauges.
 //! - [`header`] and [`subject`]: the pure checks every input passes.
 //! - [`breaker`]: the circuit breaker's pure state machine.
+//!
+//! # Names and handles
+//!
+//! - `x_with(.., options)` is `x` with an options or config value
+//!   ([`Client::subscribe_with`], [`Client::request_with`],
+//!   [`Client::consume_with`], [`Client::publish_to_stream_with`],
+//!   [`Service::endpoint_with`]); `x_with_headers` takes headers;
+//!   `x_timeout` takes a timeout.
+//! - One set of handler options, [`SubscribeOptions`] (queue group,
+//!   `concurrency(n)`, deadline), for subscriptions, `serve` and service
+//!   endpoints, with the same counts ([`SubscriptionStats`]).
+//! - A `Stream` you poll ([`MessageStream`], [`ConsumerStream`], [`KvWatch`])
+//!   stops when dropped: nobody is left to read it. A handle to work natskit
+//!   runs for you ([`Subscription`], [`ConsumerHandle`], [`Service`],
+//!   [`Endpoint`], [`StreamMonitor`]) keeps running when dropped, until it is
+//!   stopped or the client closes.
+//! - Absent is `None`, never an empty string or a zero; every zero duration
+//!   is [`Error::ZeroDuration`].
+//!
+//! # Cargo features
+//!
+//! `outbox` (the durable outbox, with redb) and `temporal` (the temporal
+//! resolver's cache, with moka) are on by default; `msgpack` (a MessagePack
+//! codec for typed subjects) and `opentelemetry` (the global propagator) are
+//! off.
 #![warn(missing_docs)]
 #![forbid(unsafe_code)]
 
@@ -165,7 +190,7 @@ macro_rules! setter {
 
 // The layers, bottom up; a folder uses only its own files and the layers
 // below it, and the feature folders never use each other (checked by
-// tests/architecture.rs).
+// tests/it/architecture.rs).
 mod core;
 
 mod client;
