@@ -4,7 +4,11 @@
 //! other.
 
 use async_nats::jetstream::ErrorCode;
-use async_nats::jetstream::context::{CreateStreamErrorKind, GetStreamErrorKind, PublishErrorKind};
+use async_nats::jetstream::context::{
+    CreateStreamErrorKind, DeleteStreamError, DeleteStreamErrorKind, GetStreamErrorKind,
+    PublishErrorKind,
+};
+use async_nats::jetstream::stream::{ConsumerError, ConsumerErrorKind};
 
 use crate::core::error::{BoxError, Error};
 
@@ -81,6 +85,32 @@ pub(crate) fn map_create_stream(
             stream: Some(name.to_owned()),
             subject: None,
         },
+        _ => failed(op, err),
+    }
+}
+
+/// A deleted stream's outcome: `Ok(false)` when it did not exist.
+pub(crate) fn map_delete_stream(err: DeleteStreamError) -> Result<bool, Error> {
+    match err.kind() {
+        DeleteStreamErrorKind::JetStream(e) if e.error_code() == ErrorCode::STREAM_NOT_FOUND => {
+            Ok(false)
+        }
+        DeleteStreamErrorKind::Request => Err(unavailable("delete stream", err)),
+        _ => Err(failed("delete stream", err)),
+    }
+}
+
+/// Whether a consumer API error says the consumer does not exist.
+pub(crate) fn is_consumer_not_found(kind: &ConsumerErrorKind) -> bool {
+    matches!(kind, ConsumerErrorKind::JetStream(e)
+        if e.error_code() == ErrorCode::CONSUMER_NOT_FOUND)
+}
+
+/// A failed consumer call: no answer is `JetStreamUnavailable`, any
+/// answer `JetStream`.
+pub(crate) fn map_consumer(op: &'static str, err: ConsumerError) -> Error {
+    match err.kind() {
+        ConsumerErrorKind::TimedOut | ConsumerErrorKind::Request => unavailable(op, err),
         _ => failed(op, err),
     }
 }

@@ -19,18 +19,13 @@ use futures_util::StreamExt;
 use tokio::sync::watch;
 
 use crate::client::handler::{Handler, HandlerFuture, HandlerOutcome, Invocation, invoke};
+use crate::client::jetstream_errors::{is_consumer_not_found, map_consumer};
 use crate::client::metrics::ConsumerMetrics;
 use crate::client::retry::{self, Retry};
 use crate::client::{Client, WeakClient};
 use crate::core::error::{BoxError, Error, Result, check_nonzero};
 use crate::core::subject;
 use crate::jetstream::StreamAutoCreateConfig;
-
-/// Whether a consumer API error says the consumer does not exist.
-fn is_consumer_not_found(kind: &async_nats::jetstream::stream::ConsumerErrorKind) -> bool {
-    matches!(kind, async_nats::jetstream::stream::ConsumerErrorKind::JetStream(e)
-        if e.error_code() == async_nats::jetstream::ErrorCode::CONSUMER_NOT_FOUND)
-}
 
 /// Where a new consumer starts.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
@@ -646,20 +641,8 @@ impl Client {
         let permit = self.guard()?;
         let result = match stream.delete_consumer(name).await {
             Ok(_) => Ok(()),
-            Err(err) => match err.kind() {
-                kind if is_consumer_not_found(&kind) => Ok(()),
-                async_nats::jetstream::stream::ConsumerErrorKind::TimedOut
-                | async_nats::jetstream::stream::ConsumerErrorKind::Request => {
-                    Err(Error::JetStreamUnavailable {
-                        op: "delete consumer",
-                        source: err.into(),
-                    })
-                }
-                _ => Err(Error::JetStream {
-                    op: "delete consumer",
-                    source: err.into(),
-                }),
-            },
+            Err(err) if is_consumer_not_found(&err.kind()) => Ok(()),
+            Err(err) => Err(map_consumer("delete consumer", err)),
         };
         permit.record(result)
     }
@@ -696,26 +679,12 @@ async fn open_consumer(
         }
     }
     let permit = client.guard()?;
-    let map = |op: &'static str, err: async_nats::jetstream::stream::ConsumerError| match err.kind()
-    {
-        async_nats::jetstream::stream::ConsumerErrorKind::TimedOut
-        | async_nats::jetstream::stream::ConsumerErrorKind::Request => {
-            Error::JetStreamUnavailable {
-                op,
-                source: err.into(),
-            }
-        }
-        _ => Error::JetStream {
-            op,
-            source: err.into(),
-        },
-    };
     let result = if create {
         stream
             .create_consumer(config.pull_config(name, resume_after)?)
             .await
             .map(|c| (c, false))
-            .map_err(|e| map("create consumer", e))
+            .map_err(|e| map_consumer("create consumer", e))
     } else {
         use async_nats::jetstream::context::ConsumerInfoErrorKind as InfoKind;
         match stream.consumer_info(name).await {
@@ -733,7 +702,7 @@ async fn open_consumer(
                     .create_consumer(config.pull_config(name, resume_after)?)
                     .await
                     .map(|c| (c, true))
-                    .map_err(|e| map("recreate consumer", e))
+                    .map_err(|e| map_consumer("recreate consumer", e))
             }
             Err(err)
                 if matches!(

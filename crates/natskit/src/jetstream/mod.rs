@@ -12,8 +12,6 @@ use std::time::Duration;
 use crate::core::subject::IntoSubject;
 use crate::core::sync::lock;
 use async_nats::HeaderMap;
-use async_nats::jetstream::ErrorCode;
-use async_nats::jetstream::context::DeleteStreamErrorKind;
 use async_nats::jetstream::message::PublishMessage;
 use async_nats::jetstream::stream::{self, RetentionPolicy, StorageType};
 use bytes::Bytes;
@@ -25,7 +23,7 @@ pub use async_nats::jetstream::publish::PublishAck;
 
 use crate::client::Client;
 use crate::client::jetstream_errors::{
-    failed, map_create_stream, map_get_stream, map_publish, timed_out, unavailable,
+    map_create_stream, map_delete_stream, map_get_stream, map_publish, timed_out, unavailable,
 };
 use crate::client::retry::{self, Retry};
 use crate::core::backoff::RetryConfig;
@@ -294,15 +292,7 @@ impl Client {
         let (permit, js) = self.js_call()?;
         let result = match js.delete_stream(name).await {
             Ok(status) => Ok(status.success),
-            Err(err) => match err.kind() {
-                DeleteStreamErrorKind::JetStream(e)
-                    if e.error_code() == ErrorCode::STREAM_NOT_FOUND =>
-                {
-                    Ok(false)
-                }
-                DeleteStreamErrorKind::Request => Err(unavailable("delete stream", err)),
-                _ => Err(failed("delete stream", err)),
-            },
+            Err(err) => map_delete_stream(err),
         };
         permit.record(result)
     }
