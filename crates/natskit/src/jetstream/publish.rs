@@ -1,0 +1,291 @@
+//! Acknowledged publishing to a stream: message ids, preconditions, and
+//! resends across reconnects and elections.
+
+use std::time::Duration;
+
+use async_nats::HeaderMap;
+use async_nats::jetstream::message::PublishMessage;
+use async_nats::jetstream::publish::PublishAck;
+use bytes::Bytes;
+
+use crate::client::Client;
+use crate::client::jetstream_errors::{map_publish, timed_out, unavailable};
+use crate::client::retry::{self, Retry};
+use crate::core::backoff::RetryConfig;
+use crate::core::error::{Error, Result};
+use crate::core::subject::{self, IntoSubject};
+
+/// Options of one acknowledged publish.
+///
+/// ```
+/// use std::time::Duration;
+/// let opts = natskit::StreamPublishOptions::new()
+///     .message_id("order-42")          // server-side de-duplication
+///     .expected_last_sequence(41)      // optimistic concurrency
+///     .timeout(Duration::from_secs(2));
+/// # let _ = opts;
+/// ```
+#[derive(Debug, Clone, Default)]
+#[must_use]
+pub struct StreamPublishOptions {
+    pub(crate) message_id: Option<String>,
+    pub(crate) expected_last_sequence: Option<u64>,
+    pub(crate) expected_last_subject_sequence: Option<u64>,
+    pub(crate) expected_stream: Option<String>,
+    pub(crate) headers: Option<HeaderMap>,
+    pub(crate) timeout: Option<Duration>,
+    pub(crate) retry: Option<RetryConfig>,
+}
+
+impl StreamPublishOptions {
+    /// No options: the client's retry settings, the JetStream timeout.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Sets `Nats-Msg-Id`: the stream stores a message id once per
+    /// duplicate window, so retries cannot duplicate it.
+    pub fn message_id(mut self, id: impl Into<String>) -> Self {
+        self.message_id = Some(id.into());
+        self
+    }
+
+    /// Rejects the publish unless the stream's last sequence is `seq`.
+    pub fn expected_last_sequence(mut self, seq: u64) -> Self {
+        self.expected_last_sequence = Some(seq);
+        self
+    }
+
+    /// Rejects the publish unless the last sequence on this subject is `seq`.
+    pub fn expected_last_subject_sequence(mut self, seq: u64) -> Self {
+        self.expected_last_subject_sequence = Some(seq);
+        self
+    }
+
+    /// Rejects the publish unless it lands in stream `name`.
+    pub fn expected_stream(mut self, name: impl Into<String>) -> Self {
+        self.expected_stream = Some(name.into());
+        self
+    }
+
+    /// Headers to send.
+    pub fn headers(mut self, headers: HeaderMap) -> Self {
+        self.headers = Some(headers);
+        self
+    }
+
+    /// Bound on waiting for the ack, per attempt.
+    pub fn timeout(mut self, timeout: Duration) -> Self {
+        self.timeout = Some(timeout);
+        self
+    }
+
+    /// Retries while JetStream is unavailable (default: 10 retries from 100 ms
+    /// to 1 s; a resend carries the same message id).
+    pub fn retry(mut self, retry: RetryConfig) -> Self {
+        self.retry = Some(retry);
+        self
+    }
+
+    /// Checks the values the options put in headers (the caller's own
+    /// headers are checked by `Client::prologue`).
+    pub(crate) fn validate(&self) -> Result<()> {
+        use async_nats::header;
+        if let Some(id) = &self.message_id {
+            if id.is_empty() {
+                return Err(Error::InvalidHeader {
+                    name: header::NATS_MESSAGE_ID.to_string(),
+                    reason: "empty message id",
+                });
+            }
+            crate::core::header::validate_value(header::NATS_MESSAGE_ID.as_ref(), id)?;
+        }
+        if let Some(stream) = &self.expected_stream {
+            subject::validate_name("stream", stream)?;
+        }
+        Ok(())
+    }
+
+    /// Every header this publish carries: the caller's, then the options'.
+    /// Call [`validate`](Self::validate) first.
+    pub(crate) fn header_map(&self) -> Option<HeaderMap> {
+        use async_nats::header;
+        let mut headers = self.headers.clone().unwrap_or_default();
+        if let Some(id) = &self.message_id {
+            headers.insert(header::NATS_MESSAGE_ID, id.as_str());
+        }
+        if let Some(seq) = self.expected_last_sequence {
+            headers.insert(
+                header::NATS_EXPECTED_LAST_SEQUENCE,
+                seq.to_string().as_str(),
+            );
+        }
+        if let Some(seq) = self.expected_last_subject_sequence {
+            headers.insert(
+                header::NATS_EXPECTED_LAST_SUBJECT_SEQUENCE,
+                seq.to_string().as_str(),
+            );
+        }
+        if let Some(stream) = &self.expected_stream {
+            headers.insert(header::NATS_EXPECTED_STREAM, stream.as_str());
+        }
+        (!headers.is_empty()).then_some(headers)
+    }
+}
+
+/// How long one send of a stream publish waits for its ack before it is
+/// sent again with the same message id.
+const RESEND_ACK_WAIT: Duration = Duration::from_secs(1);
+
+/// Default retry of JetStream publishes while JetStream is unavailable.
+fn default_publish_retry() -> RetryConfig {
+    RetryConfig {
+        max_retries: 10,
+        backoff: retry::STREAM_PUBLISH,
+    }
+}
+
+impl Client {
+    /// Publishes to a stream and returns its acknowledgement (stream,
+    /// sequence, duplicate flag).
+    ///
+    /// ```no_run
+    /// # async fn demo(client: natskit::Client) -> natskit::Result<()> {
+    /// let ack = client.publish_to_stream("events.user.created", "{}").await?;
+    /// println!("stored in {} at {}", ack.stream, ack.sequence);
+    /// # Ok(()) }
+    /// ```
+    ///
+    /// # Errors
+    /// See [`publish_to_stream_with`](Self::publish_to_stream_with).
+    pub async fn publish_to_stream(
+        &self,
+        subject: impl IntoSubject,
+        payload: impl Into<Bytes>,
+    ) -> Result<PublishAck> {
+        self.publish_to_stream_with(subject, payload, StreamPublishOptions::new())
+            .await
+    }
+
+    /// Publishes to a stream with options and returns the acknowledgement.
+    ///
+    /// Every publish carries a `Nats-Msg-Id` (natskit assigns a unique one
+    /// when none is set), so a resend can never store the message twice
+    /// within the stream's duplicate window. That makes every failure safe
+    /// to retry: while JetStream is unavailable (no responders during an
+    /// election or restart, no ack in time), the publish is resent with
+    /// back-off; and when the connection drops while the ack is awaited,
+    /// it is resent as soon as the client has reconnected instead of
+    /// waiting out the ack timeout. The whole call is one breaker outcome.
+    ///
+    /// # Errors
+    /// [`Error::Closed`], [`Error::InvalidSubject`], [`Error::PayloadTooLarge`]
+    /// (payload plus every header the options add), [`Error::CircuitOpen`],
+    /// [`Error::NotConnected`], [`Error::StreamNotFound`] (only when the
+    /// server confirms that no stream captures the subject),
+    /// [`Error::PublishRejected`] (a precondition failed),
+    /// [`Error::JetStreamTimeout`], [`Error::JetStreamUnavailable`].
+    pub async fn publish_to_stream_with(
+        &self,
+        subject: impl IntoSubject,
+        payload: impl Into<Bytes>,
+        mut options: StreamPublishOptions,
+    ) -> Result<PublishAck> {
+        let subject = subject.into_subject();
+        let payload = payload.into();
+        let caller_headers = options.headers.take();
+        let out = self.prologue(&subject, caller_headers, payload.len(), |traced| {
+            options.validate()?;
+            options.headers = traced;
+            if options.message_id.is_none() {
+                options.message_id = Some(nuid::next().to_string());
+            }
+            Ok(options.header_map())
+        })?;
+        let (permit, headers) = (out.permit, out.headers);
+        // The shared context, or a copy with this call's timeout.
+        let with_timeout;
+        let js = match options.timeout {
+            None => self.jetstream()?,
+            Some(timeout) => {
+                let mut js = self.jetstream()?.clone();
+                js.set_timeout(timeout);
+                with_timeout = js;
+                &with_timeout
+            }
+        };
+        let retry = options.retry.unwrap_or_else(default_publish_retry);
+        let mut epoch = self.connection_epoch();
+        let mut waits = Retry::new(retry.backoff);
+        let result = loop {
+            let message = match &headers {
+                Some(h) => PublishMessage::build()
+                    .payload(payload.clone())
+                    .headers(h.clone()),
+                None => PublishMessage::build().payload(payload.clone()),
+            };
+            epoch.borrow_and_update();
+            // Each send waits at most a second for its ack before it is sent
+            // again (the id makes a resend harmless), so a publish that went
+            // to a leader that just died is not held up for the whole ack
+            // timeout while a new leader is elected.
+            let resend_wait = tokio::time::sleep(RESEND_ACK_WAIT);
+            let outcome = match js.send_publish(subject.clone(), message).await {
+                Ok(ack) => {
+                    tokio::select! {
+                        ack = ack => ack.map_err(|e| map_publish(&subject, e)),
+                        () = resend_wait => Err(timed_out("publish", format!("no ack within {RESEND_ACK_WAIT:?} of a resend"))),
+                        // The connection dropped and came back while the
+                        // ack was awaited: it will never come; resend now.
+                        _ = epoch.changed() => Err(unavailable("publish", "reconnected while awaiting the ack")),
+                    }
+                }
+                Err(e) => Err(map_publish(&subject, e)),
+            };
+            let retriable = matches!(
+                &outcome,
+                Err(Error::StreamNotFound { .. }
+                    | Error::JetStreamUnavailable { .. }
+                    | Error::JetStreamTimeout { .. })
+            );
+            if !retriable || waits.attempt() >= retry.max_retries || self.ensure_open().is_err() {
+                break outcome;
+            }
+            tracing::debug!(%subject, attempt = waits.attempt(), "JetStream unavailable; retrying publish");
+            self.metrics().retry("stream_publish");
+            waits.wait_or_reconnect(&mut epoch).await;
+        };
+        let result = match result {
+            Err(Error::StreamNotFound { .. }) => {
+                Err(self.confirm_stream_missing(js, &subject).await)
+            }
+            other => other,
+        };
+        permit.record(result)
+    }
+
+    /// After no-responders on a stream publish: asks the server whether a
+    /// stream captures `subject`. [`Error::StreamNotFound`] only when it
+    /// answers that none does; a stream without a leader (an election) is
+    /// [`Error::JetStreamUnavailable`].
+    pub(crate) async fn confirm_stream_missing(
+        &self,
+        js: &async_nats::jetstream::Context,
+        subject: &str,
+    ) -> Error {
+        use async_nats::jetstream::context::GetStreamByNameErrorKind;
+        match js.stream_by_subject(subject).await {
+            Err(err) if matches!(err.kind(), GetStreamByNameErrorKind::NotFound) => {
+                Error::StreamNotFound {
+                    stream: None,
+                    subject: Some(subject.to_owned()),
+                }
+            }
+            Ok(stream) => unavailable(
+                "publish",
+                format!("stream {stream:?} captures {subject:?} but did not answer (no leader?)"),
+            ),
+            Err(err) => unavailable("publish", err),
+        }
+    }
+}
