@@ -21,7 +21,7 @@ impl KvStore {
     /// last revision seen.
     ///
     /// # Errors
-    /// [`Error::InvalidSubject`] for a bad pattern; [`Error::JetStreamUnavailable`].
+    /// [`Error::InvalidSubject`](crate::Error::InvalidSubject) for a bad pattern; [`Error::JetStreamUnavailable`](crate::Error::JetStreamUnavailable).
     pub async fn watch(&self, pattern: &str) -> Result<KvWatch> {
         self.client.ensure_open()?;
         subject::validate_subscribe(pattern)?;

@@ -200,10 +200,12 @@ impl Client {
     /// ```
     ///
     /// # Errors
-    /// [`Error::InvalidName`], [`Error::InvalidArgument`] (zero intervals,
-    /// a back-off without enough deliveries, a filter outside the stream's
-    /// subjects), [`Error::StreamNotFound`] without auto-create, and the
-    /// errors of creating the consumer.
+    /// [`Error::InvalidName`](crate::Error::InvalidName),
+    /// [`Error::ZeroDuration`](crate::Error::ZeroDuration),
+    /// [`Error::InvalidArgument`](crate::Error::InvalidArgument) (a back-off
+    /// without enough deliveries, a filter outside the stream's subjects),
+    /// [`Error::StreamNotFound`](crate::Error::StreamNotFound) without
+    /// auto-create, and the errors of creating the consumer.
     pub async fn consume_with<F, Fut>(
         &self,
         config: StreamConsumerConfig,
@@ -318,8 +320,8 @@ impl Client {
     /// position. A consumer that does not exist is not an error.
     ///
     /// # Errors
-    /// [`Error::InvalidName`], [`Error::StreamNotFound`],
-    /// [`Error::JetStreamUnavailable`], [`Error::JetStream`].
+    /// [`Error::InvalidName`](crate::Error::InvalidName), [`Error::StreamNotFound`](crate::Error::StreamNotFound),
+    /// [`Error::JetStreamUnavailable`](crate::Error::JetStreamUnavailable), [`Error::JetStream`](crate::Error::JetStream).
     pub async fn stop_and_delete_consumer(&self, stream: &str, name: &str) -> Result<()> {
         self.ensure_open()?;
         subject::validate_name("consumer", name)?;
