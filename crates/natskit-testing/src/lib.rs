@@ -36,6 +36,7 @@
 #![warn(missing_docs)]
 
 mod cluster;
+mod edge;
 mod env;
 mod operator;
 mod process;
@@ -44,6 +45,9 @@ mod server;
 mod tls;
 
 pub use cluster::{Cluster, ClusterBuilder, DEFAULT_CLUSTER_TIMEOUT};
+pub use edge::{
+    DEFAULT_UPLINK_TIMEOUT, EDGE_ACCOUNT, EDGE_USER, Edge, EdgeBuilder, HUB_DOMAIN, Leaf,
+};
 pub use env::{TestEnv, TestEnvBuilder, TestStream, shared_server};
 pub use operator::OperatorAuth;
 pub use process::{INSTALL_HINT, nats_server_bin};

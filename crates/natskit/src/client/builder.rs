@@ -13,7 +13,7 @@ use zeroize::Zeroizing;
 
 use super::status_task::{Signal, supervise};
 use super::url::{apply_url_credentials, split_userinfo};
-use super::{Client, Counters, Inner, OPEN};
+use super::{Client, Counters, Inner, JsScope, OPEN};
 use crate::client::breaker::{BreakerConfig, CircuitBreaker, FailurePredicate, SystemClock};
 use crate::client::registry::Registry;
 use crate::core::error::{Error, Result, check_nonzero};
@@ -66,6 +66,18 @@ pub(crate) struct TlsConfig {
     pub(crate) client_cert: Option<(PathBuf, PathBuf)>,
 }
 
+/// The JetStream API a client targets by default.
+#[derive(Debug, Clone, Default)]
+pub(crate) enum JetStreamTarget {
+    /// `$JS.API`: the connected server's own domain.
+    #[default]
+    Default,
+    /// `$JS.<domain>.API`.
+    Domain(String),
+    /// Any API prefix.
+    Prefix(String),
+}
+
 /// Settings of a [`Client`] (defaults in [`ClientBuilder`]'s setters).
 #[derive(Clone)]
 pub(crate) struct Config {
@@ -86,6 +98,8 @@ pub(crate) struct Config {
     pub(crate) buffer_when_disconnected: bool,
     pub(crate) retry_initial_connect: bool,
     pub(crate) trace_mode: crate::client::trace::TraceMode,
+    /// The JetStream target as given (checked in `build`).
+    pub(crate) jetstream: JetStreamTarget,
     pub(crate) tls: TlsConfig,
     pub(crate) callbacks: Callbacks,
 }
@@ -166,6 +180,7 @@ impl ClientBuilder {
                 buffer_when_disconnected: false,
                 retry_initial_connect: false,
                 trace_mode: crate::client::trace::TraceMode::Full,
+                jetstream: JetStreamTarget::Default,
                 tls: TlsConfig::default(),
                 callbacks: Callbacks::default(),
             },
@@ -321,6 +336,27 @@ impl ClientBuilder {
         self
     }
 
+    /// Targets the JetStream of `domain` (`$JS.<domain>.API`) with every
+    /// JetStream call of this client: a service connected to its leaf node
+    /// that works with the hub's streams, say (default: the connected
+    /// server's own domain). [`Client::with_jetstream_domain`] gives a handle
+    /// with another target on the same connection. An empty domain, or one
+    /// with anything but letters, digits, `-` and `_`, is
+    /// [`Error::InvalidConfig`] from [`build`](Self::build).
+    pub fn jetstream_domain(mut self, domain: impl Into<String>) -> Self {
+        self.config.jetstream = JetStreamTarget::Domain(domain.into());
+        self
+    }
+
+    /// Targets the JetStream API at `prefix` (an account's imported API,
+    /// for example `JS.acc@hub.API`); see
+    /// [`jetstream_domain`](Self::jetstream_domain). A prefix that is not a
+    /// subject without wildcards is [`Error::InvalidConfig`].
+    pub fn jetstream_prefix(mut self, prefix: impl Into<String>) -> Self {
+        self.config.jetstream = JetStreamTarget::Prefix(prefix.into());
+        self
+    }
+
     /// Called when the connection drops, with the last error the client saw.
     pub fn on_disconnect(mut self, f: impl Fn(&DisconnectReason) + Send + Sync + 'static) -> Self {
         self.config.callbacks.on_disconnect = Some(Arc::new(f));
@@ -389,6 +425,15 @@ impl ClientBuilder {
         ] {
             check_nonzero(what, duration)?;
         }
+        let js_prefix = match &config.jetstream {
+            JetStreamTarget::Default => None,
+            JetStreamTarget::Domain(domain) => {
+                Some(crate::core::subject::domain_api_prefix(domain)?)
+            }
+            JetStreamTarget::Prefix(prefix) => {
+                Some(crate::core::subject::check_api_prefix(prefix)?)
+            }
+        };
         if config.subscription_capacity == 0 {
             return Err(Error::InvalidConfig(
                 "subscription capacity must be above zero".into(),
@@ -420,7 +465,7 @@ impl ClientBuilder {
             secrets: Mutex::new(Some(self.secrets)),
             breaker,
             conn: OnceLock::new(),
-            jetstream: OnceLock::new(),
+            default_js: Arc::new(JsScope::new(js_prefix)),
             connect_lock: tokio::sync::Mutex::new(()),
             lifecycle: AtomicU64::new(OPEN),
             connected: Arc::new(AtomicBool::new(false)),
@@ -442,7 +487,10 @@ impl ClientBuilder {
             status_tx,
             shutdown,
         ));
-        Ok(Client { inner })
+        Ok(Client {
+            js: inner.default_js.clone(),
+            inner,
+        })
     }
 
     /// Builds the client and connects it.

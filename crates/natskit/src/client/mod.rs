@@ -59,8 +59,9 @@ pub(crate) struct Inner {
     secrets: Mutex<Option<Secrets>>,
     breaker: Arc<CircuitBreaker>,
     conn: OnceLock<async_nats::Client>,
-    /// JetStream context on `conn`, made on first use (not per call).
-    jetstream: OnceLock<async_nats::jetstream::Context>,
+    /// The JetStream API the client targets by default (its builder's
+    /// domain or prefix).
+    pub(crate) default_js: Arc<JsScope>,
     connect_lock: tokio::sync::Mutex<()>,
     lifecycle: AtomicU64,
     /// Mirrors the connection state for the hot path (async-nats' own state
@@ -108,14 +109,45 @@ impl Drop for Inner {
     }
 }
 
+/// The JetStream API one client handle targets: `$JS.API` (the connected
+/// server's own domain), `$JS.<domain>.API`, or a prefix of an account
+/// import; with the context on the shared connection, made on first use.
+#[derive(Debug, Default)]
+pub(crate) struct JsScope {
+    /// `None`: the default `$JS.API`.
+    pub(crate) prefix: Option<String>,
+    context: OnceLock<async_nats::jetstream::Context>,
+}
+
+impl JsScope {
+    pub(crate) fn new(prefix: Option<String>) -> Self {
+        Self {
+            prefix,
+            context: OnceLock::new(),
+        }
+    }
+
+    /// The API prefix, `$JS.API` unless another was set.
+    pub(crate) fn api_prefix(&self) -> &str {
+        self.prefix.as_deref().unwrap_or(DEFAULT_API_PREFIX)
+    }
+}
+
+/// The JetStream API prefix of the connected server's own domain.
+pub(crate) const DEFAULT_API_PREFIX: &str = "$JS.API";
+
 /// A handle that does not keep the client alive, for the client's own
-/// tasks: they upgrade it while they work and end when it is gone.
+/// tasks: they upgrade it while they work and end when it is gone. It keeps
+/// the JetStream API its handle targeted.
 #[derive(Clone)]
-pub(crate) struct WeakClient(Weak<Inner>);
+pub(crate) struct WeakClient(Weak<Inner>, Arc<JsScope>);
 
 impl WeakClient {
     pub(crate) fn upgrade(&self) -> Option<Client> {
-        self.0.upgrade().map(|inner| Client { inner })
+        self.0.upgrade().map(|inner| Client {
+            inner,
+            js: self.1.clone(),
+        })
     }
 }
 
@@ -137,6 +169,9 @@ impl WeakClient {
 #[derive(Clone)]
 pub struct Client {
     pub(crate) inner: Arc<Inner>,
+    /// The JetStream API this handle targets (see
+    /// [`with_jetstream_domain`](Client::with_jetstream_domain)).
+    pub(crate) js: Arc<JsScope>,
 }
 
 impl fmt::Debug for Client {
@@ -184,7 +219,10 @@ impl Client {
             tokio::spawn(async move {
                 loop {
                     let Some(inner) = weak.upgrade() else { break };
-                    let client = Client { inner };
+                    let client = Client {
+                        js: inner.default_js.clone(),
+                        inner,
+                    };
                     let pause = match client.connect_once().await {
                         Ok(()) | Err(Error::Closed) => break,
                         Err(Error::CircuitOpen { retry_after }) => retry_after,
@@ -405,7 +443,7 @@ impl Client {
 
     /// Where the shared JetStream context is kept once made.
     pub(crate) fn jetstream_cell(&self) -> &OnceLock<async_nats::jetstream::Context> {
-        &self.inner.jetstream
+        &self.js.context
     }
 
     /// The client's metric handles.
@@ -439,8 +477,61 @@ impl Client {
     }
 
     /// A handle for the client's own tasks that does not keep it alive.
+    /// A handle on the same connection, breaker, status and subscriptions
+    /// whose JetStream calls (streams, publishing, consumers, KV, the
+    /// outbox, the monitor) go to the JetStream of `domain`, through
+    /// `$JS.<domain>.API`: for a service on a leaf node that uses the hub's
+    /// streams beside its own. Cheap; this handle keeps its own target.
+    ///
+    /// ```no_run
+    /// # async fn demo(client: natskit::Client) -> natskit::Result<()> {
+    /// let hub = client.with_jetstream_domain("hub")?;
+    /// let ack = hub.publish_to_stream("orders.created", "{}").await?;
+    /// assert_eq!(ack.domain, "hub");
+    /// # Ok(()) }
+    /// ```
+    ///
+    /// # Errors
+    /// [`Error::InvalidConfig`] for a domain that is empty or holds anything
+    /// but letters, digits, `-` and `_`.
+    pub fn with_jetstream_domain(&self, domain: &str) -> Result<Client> {
+        let prefix = crate::core::subject::domain_api_prefix(domain)?;
+        Ok(self.with_js_prefix(Some(prefix)))
+    }
+
+    /// A handle like [`with_jetstream_domain`](Self::with_jetstream_domain)
+    /// whose JetStream API is `prefix` (an account's imported API, for
+    /// example `JS.acc@hub.API`).
+    ///
+    /// # Errors
+    /// [`Error::InvalidConfig`] for a prefix that is not a subject without
+    /// wildcards.
+    pub fn with_jetstream_prefix(&self, prefix: &str) -> Result<Client> {
+        let prefix = crate::core::subject::check_api_prefix(prefix)?;
+        Ok(self.with_js_prefix(Some(prefix)))
+    }
+
+    /// The JetStream API prefix this handle's JetStream calls go to:
+    /// `$JS.API` (the connected server's domain) unless a domain or prefix
+    /// was set.
+    pub fn jetstream_api_prefix(&self) -> &str {
+        self.js.api_prefix()
+    }
+
+    fn with_js_prefix(&self, prefix: Option<String>) -> Client {
+        let js = if prefix.as_deref() == self.inner.default_js.prefix.as_deref() {
+            self.inner.default_js.clone()
+        } else {
+            Arc::new(JsScope::new(prefix))
+        };
+        Client {
+            inner: self.inner.clone(),
+            js,
+        }
+    }
+
     pub(crate) fn downgrade(&self) -> WeakClient {
-        WeakClient(Arc::downgrade(&self.inner))
+        WeakClient(Arc::downgrade(&self.inner), self.js.clone())
     }
 
     /// A receiver of the connection epoch, bumped on every (re)connection.

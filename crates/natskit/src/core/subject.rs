@@ -393,8 +393,66 @@ pub fn covers(pattern: &str, subject: &str) -> bool {
     }
 }
 
+/// The JetStream API prefix of `domain`: `$JS.<domain>.API`.
+///
+/// # Errors
+/// [`Error::InvalidConfig`] for an empty domain or one with anything but
+/// letters, digits, `-` and `_` (it is one token of every API subject).
+pub(crate) fn domain_api_prefix(domain: &str) -> Result<String, Error> {
+    if domain.is_empty()
+        || !domain
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
+    {
+        return Err(Error::InvalidConfig(format!(
+            "JetStream domain {:?}: only A-Z a-z 0-9 - _ are allowed",
+            shorten(domain)
+        )));
+    }
+    Ok(format!("$JS.{domain}.API"))
+}
+
+/// Checks a JetStream API prefix: a subject without wildcards.
+///
+/// # Errors
+/// [`Error::InvalidConfig`] naming the reason.
+pub(crate) fn check_api_prefix(prefix: &str) -> Result<String, Error> {
+    validate_publish(prefix).map_err(|e| {
+        Error::InvalidConfig(format!("JetStream API prefix {:?}: {e}", shorten(prefix)))
+    })?;
+    Ok(prefix.to_owned())
+}
+
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn jetstream_domains_and_prefixes_are_checked() {
+        assert_eq!(
+            domain_api_prefix("hub").ok().as_deref(),
+            Some("$JS.hub.API")
+        );
+        assert_eq!(
+            domain_api_prefix("edge-1_a").ok().as_deref(),
+            Some("$JS.edge-1_a.API")
+        );
+        for bad in ["", "a.b", "a b", "*", ">", "h\u{e9}"] {
+            assert!(
+                matches!(domain_api_prefix(bad), Err(Error::InvalidConfig(_))),
+                "{bad:?}"
+            );
+        }
+        assert_eq!(
+            check_api_prefix("JS.acc@hub.API").ok().as_deref(),
+            Some("JS.acc@hub.API")
+        );
+        for bad in ["", "JS.*.API", "JS.>", "a..b", "with space"] {
+            assert!(
+                matches!(check_api_prefix(bad), Err(Error::InvalidConfig(_))),
+                "{bad:?}"
+            );
+        }
+    }
+
     use super::*;
 
     /// The fast path never accepts what the full check rejects, and

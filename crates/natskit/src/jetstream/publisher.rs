@@ -43,6 +43,7 @@ impl Client {
         }
         let conn = self.nats()?.clone();
         let js = async_nats::jetstream::ContextBuilder::new()
+            .api_prefix(self.jetstream_api_prefix())
             .max_ack_inflight(max_in_flight)
             .build(conn);
         let (acks, ack_rx) = mpsc::unbounded_channel();

@@ -63,15 +63,17 @@ fn config_differences(
 }
 
 impl Client {
-    /// A JetStream context on this client's connection.
+    /// A JetStream context on this client's connection, for the JetStream
+    /// API this handle targets ([`jetstream_api_prefix`](Self::jetstream_api_prefix)).
     ///
     /// # Errors
     /// [`Error::NotConnected`] before the first connection, [`Error::Closed`].
     pub fn jetstream(&self) -> Result<&async_nats::jetstream::Context> {
         let conn = self.nats()?;
-        Ok(self
-            .jetstream_cell()
-            .get_or_init(|| async_nats::jetstream::new(conn.clone())))
+        Ok(self.jetstream_cell().get_or_init(|| match &self.js.prefix {
+            None => async_nats::jetstream::new(conn.clone()),
+            Some(prefix) => async_nats::jetstream::with_prefix(conn.clone(), prefix),
+        }))
     }
 
     /// The breaker, then the connection: the checks every JetStream call

@@ -6,7 +6,7 @@ use std::sync::Weak;
 use std::time::{Duration, Instant};
 
 use async_nats::jetstream::consumer::{DeliverPolicy, ReplayPolicy, push};
-use async_nats::jetstream::kv::{self, CreateErrorKind, Operation, UpdateErrorKind};
+use async_nats::jetstream::kv::{self, Operation};
 use bytes::Bytes;
 use futures_util::StreamExt;
 
@@ -20,6 +20,12 @@ use crate::core::sync::lock;
 
 use super::write::{Next, Resolution, Sent, WriteCore};
 use super::{Invalidate, KvEntry, KvOptions, KvStore};
+
+/// Where one KV write is published, and where the stream stores it.
+pub(super) struct WriteSubject {
+    publish: String,
+    stored: String,
+}
 
 /// Bytes a KV write's headers take on the wire: `NATS/1.0`, a message id
 /// and an expected revision, with room to spare.
@@ -96,18 +102,24 @@ impl KvStore {
         permit.record(result)
     }
 
-    /// The subject a write of `key` goes to, unless the bucket is reached
-    /// through another JetStream domain (then async-nats writes).
-    fn write_subject(&self, key: &str) -> Option<String> {
-        if self.bucket.use_jetstream_prefix {
-            return None;
-        }
+    /// Where a write of `key` goes: the subject it is published to (with
+    /// the JetStream API prefix in front when the bucket is reached through
+    /// another domain or an imported API, as async-nats writes it), and the
+    /// subject the stream stores it under (what reading the outcome back
+    /// looks for).
+    fn write_subject(&self, key: &str) -> WriteSubject {
         let prefix = self
             .bucket
             .put_prefix
             .as_ref()
             .unwrap_or(&self.bucket.prefix);
-        Some(format!("{prefix}{key}"))
+        let stored = format!("{prefix}{key}");
+        let publish = if self.bucket.use_jetstream_prefix {
+            format!("{}.{stored}", self.client.jetstream_api_prefix())
+        } else {
+            stored.clone()
+        };
+        WriteSubject { publish, stored }
     }
 
     /// One KV write as a JetStream publish with a unique `Nats-Msg-Id`,
@@ -125,7 +137,7 @@ impl KvStore {
     async fn write(
         &self,
         op: &'static str,
-        subject: String,
+        subject: &WriteSubject,
         key: &str,
         value: Bytes,
         expected: Option<u64>,
@@ -151,7 +163,7 @@ impl KvStore {
                 .headers(headers.clone());
             let ack_wait = core.ack_wait(Instant::now());
             let sent = async {
-                let ack = js.send_publish(subject.clone(), message).await?;
+                let ack = js.send_publish(subject.publish.clone(), message).await?;
                 ack.await
             };
             // What the send came to, and the error it stands for should the
@@ -207,7 +219,7 @@ impl KvStore {
                         });
                     }
                     Next::Resolve => {
-                        let found = self.resolve(&subject, &id, expected).await;
+                        let found = self.resolve(&subject.stored, &id, expected).await;
                         next = core.resolved(found, Instant::now(), fastrand::f64());
                     }
                     Next::Resend { delay } => break delay,
@@ -342,24 +354,9 @@ impl KvStore {
         self.check_key(key)?;
         let value = value.into();
         self.check_value(&value)?;
+        let subject = self.write_subject(key);
         let revision = self
-            .write_op("kv put", async {
-                match self.write_subject(key) {
-                    Some(subject) => self.write("kv put", subject, key, value, None).await,
-                    None => {
-                        self.bucket
-                            .put(key, value)
-                            .await
-                            .map_err(|e| match classify_publish(&e) {
-                                PublishFault::Timeout => timed_out("kv put", e),
-                                PublishFault::NoResponders | PublishFault::Unavailable => {
-                                    unavailable("kv put", e)
-                                }
-                                _ => failed("kv put", e),
-                            })
-                    }
-                }
-            })
+            .write_op("kv put", self.write("kv put", &subject, key, value, None))
             .await?;
         tracing::debug!(bucket = %self.bucket.name, key, revision, "kv put");
         self.written(key);
@@ -381,25 +378,9 @@ impl KvStore {
         };
         let revision = self
             .write_op("kv create", async {
-                let Some(subject) = self.write_subject(key) else {
-                    return self
-                        .bucket
-                        .create(key, value)
-                        .await
-                        .map_err(|e| match e.kind() {
-                            CreateErrorKind::AlreadyExists => exists(),
-                            _ => match classify_publish(&e) {
-                                PublishFault::Conflict => exists(),
-                                PublishFault::Timeout => timed_out("kv create", e),
-                                PublishFault::NoResponders | PublishFault::Unavailable => {
-                                    unavailable("kv create", e)
-                                }
-                                _ => failed("kv create", e),
-                            },
-                        });
-                };
+                let subject = self.write_subject(key);
                 match self
-                    .write("kv create", subject.clone(), key, value.clone(), Some(0))
+                    .write("kv create", &subject, key, value.clone(), Some(0))
                     .await
                 {
                     Err(Error::RevisionMismatch { .. }) => {}
@@ -410,7 +391,7 @@ impl KvStore {
                 match self.bucket.entry(key).await {
                     Ok(Some(entry)) if entry.operation != Operation::Put => {
                         match self
-                            .write("kv create", subject, key, value, Some(entry.revision))
+                            .write("kv create", &subject, key, value, Some(entry.revision))
                             .await
                         {
                             Err(Error::RevisionMismatch { .. }) => Err(exists()),
@@ -436,28 +417,16 @@ impl KvStore {
         let value = value.into();
         self.check_value(&value)?;
         let new = self
-            .write_op("kv update", async {
-                let Some(subject) = self.write_subject(key) else {
-                    return self.bucket.update(key, value, revision).await.map_err(|e| {
-                        match (e.kind(), classify_publish(&e)) {
-                            (UpdateErrorKind::WrongLastRevision, _)
-                            | (_, PublishFault::Conflict) => Error::RevisionMismatch {
-                                key: key.to_owned(),
-                                expected: revision,
-                            },
-                            (UpdateErrorKind::TimedOut, _) | (_, PublishFault::Timeout) => {
-                                timed_out("kv update", e)
-                            }
-                            (_, PublishFault::NoResponders | PublishFault::Unavailable) => {
-                                unavailable("kv update", e)
-                            }
-                            _ => failed("kv update", e),
-                        }
-                    });
-                };
-                self.write("kv update", subject, key, value, Some(revision))
-                    .await
-            })
+            .write_op(
+                "kv update",
+                self.write(
+                    "kv update",
+                    &self.write_subject(key),
+                    key,
+                    value,
+                    Some(revision),
+                ),
+            )
             .await?;
         self.written(key);
         Ok(new)

@@ -308,8 +308,10 @@ impl Shell<'_> {
     async fn fill(&mut self, conn: &async_nats::Client, cancel: &CancellationToken) {
         let config = &self.shared.config;
         let (max, ack_timeout) = (config.max_in_flight, config.ack_timeout);
+        let api_prefix = self.client.jetstream_api_prefix();
         let js = self.js.get_or_insert_with(|| {
             async_nats::jetstream::ContextBuilder::new()
+                .api_prefix(api_prefix)
                 .timeout(ack_timeout)
                 .ack_timeout(ack_timeout)
                 .max_ack_inflight(max.saturating_mul(8))

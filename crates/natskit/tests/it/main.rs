@@ -9,6 +9,7 @@ mod common;
 mod architecture;
 mod bad_input;
 mod client;
+mod edge;
 mod faults;
 mod fuzz;
 mod jetstream;

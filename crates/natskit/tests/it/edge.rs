@@ -1,0 +1,246 @@
+//! JetStream across a leaf node: a client connected to its leaf targets the
+//! hub's JetStream domain (streams, publishing, consumers, KV with
+//! compare-and-swap, watches) and, through a second handle, the leaf's own,
+//! against a real hub and leaf linked through a proxy.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::Duration;
+
+use async_nats::jetstream::{self, kv};
+use futures_util::StreamExt;
+use natskit::{Client, Error, StreamConsumerConfig, WatchEvent};
+use natskit_testing::{EDGE_USER, Edge, HUB_DOMAIN, eventually};
+
+use crate::common::{TestResult, WAIT, memory_stream};
+
+/// A raw async-nats client of `server` as the edge account's user
+/// (async-nats ignores credentials in a URL).
+async fn raw(
+    server: &natskit_testing::NatsServer,
+) -> Result<async_nats::Client, async_nats::ConnectError> {
+    async_nats::ConnectOptions::with_user_and_password(EDGE_USER.into(), EDGE_USER.into())
+        .connect(server.url())
+        .await
+}
+
+/// A hub and one leaf with JetStream domain `leaf`, and a natskit client on
+/// the leaf whose JetStream target is the hub.
+async fn edge() -> Result<(Edge, Client), Box<dyn std::error::Error + Send + Sync>> {
+    let edge = Edge::builder().leaf("leaf").start().await?;
+    let client = Client::builder(edge.leaf(0).url())
+        .jetstream_domain(HUB_DOMAIN)
+        .connect()
+        .await?;
+    Ok((edge, client))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn streams_and_publishes_through_a_leaf_go_to_the_hub_domain() -> TestResult {
+    let (edge, client) = edge().await?;
+    assert_eq!(client.jetstream_api_prefix(), "$JS.hub.API");
+    client
+        .ensure_stream(memory_stream("ORDERS", &["orders.>"]))
+        .await?;
+    // On the hub, not on the leaf.
+    let on_hub = jetstream::new(raw(edge.hub()).await?);
+    assert_eq!(
+        on_hub.get_stream("ORDERS").await?.cached_info().config.name,
+        "ORDERS"
+    );
+    let on_leaf = jetstream::new(raw(edge.leaf(0).server()).await?);
+    assert!(
+        on_leaf.get_stream("ORDERS").await.is_err(),
+        "not on the leaf"
+    );
+
+    let ack = client.publish_to_stream("orders.1", "one").await?;
+    assert_eq!(ack.domain, HUB_DOMAIN);
+    assert_eq!(ack.stream, "ORDERS");
+    let publisher = client.stream_publisher(64)?;
+    for i in 0..200 {
+        publisher.publish(format!("orders.{i}"), "x").await?;
+    }
+    let report = publisher.flush().await;
+    assert_eq!(
+        (report.acked, report.failed),
+        (200, 0),
+        "{:?}",
+        report.errors
+    );
+    let mut stream = on_hub.get_stream("ORDERS").await?;
+    assert_eq!(stream.info().await?.state.messages, 201);
+
+    // The same connection, another target: the leaf's own domain.
+    let local = client.with_jetstream_domain("leaf")?;
+    assert_eq!(local.jetstream_api_prefix(), "$JS.leaf.API");
+    local
+        .ensure_stream(memory_stream("LOCAL", &["local.>"]))
+        .await?;
+    let ack = local.publish_to_stream("local.1", "here").await?;
+    assert_eq!(ack.domain, "leaf");
+    assert!(on_hub.get_stream("LOCAL").await.is_err(), "not on the hub");
+    assert!(on_leaf.get_stream("LOCAL").await.is_ok());
+    // The hub handle still targets the hub.
+    assert!(client.get_stream("ORDERS").await.is_ok());
+    assert!(
+        client
+            .get_stream("LOCAL")
+            .await
+            .is_err_and(|e| e.is_not_found())
+    );
+
+    // Bad targets are typed errors before any I/O.
+    for bad in ["", "a.b", "two words"] {
+        assert!(matches!(
+            client.with_jetstream_domain(bad),
+            Err(Error::InvalidConfig(_))
+        ));
+    }
+    assert!(matches!(
+        client.with_jetstream_prefix("JS.*.API"),
+        Err(Error::InvalidConfig(_))
+    ));
+    assert!(matches!(
+        Client::builder(edge.leaf(0).url())
+            .jetstream_domain("a.b")
+            .build(),
+        Err(Error::InvalidConfig(_))
+    ));
+    client.close().await?;
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_hub_consumer_through_the_leaf_survives_an_uplink_cut() -> TestResult {
+    let (edge, client) = edge().await?;
+    client
+        .ensure_stream(memory_stream("WORK", &["work.>"]))
+        .await?;
+    let handled = Arc::new(AtomicUsize::new(0));
+    let count = handled.clone();
+    let consumer = client
+        .consume_with(
+            StreamConsumerConfig::new("WORK")
+                .durable("workers")
+                // A delivery lost on the cut link comes again after this.
+                .ack_wait(Duration::from_secs(2))
+                .heartbeat(Duration::from_millis(500)),
+            move |msg: jetstream::Message| {
+                let count = count.clone();
+                async move {
+                    count.fetch_add(1, Ordering::SeqCst);
+                    msg.ack().await
+                }
+            },
+        )
+        .await?;
+    for i in 0..100 {
+        client.publish_to_stream(format!("work.{i}"), "x").await?;
+    }
+    eventually(WAIT, "the first 100 handled", || async {
+        (handled.load(Ordering::SeqCst) >= 100).then_some(())
+    })
+    .await;
+
+    // Cut the uplink: the leaf and the client's own link stay up.
+    let uplink = edge.leaf(0).uplink();
+    uplink.refuse();
+    uplink.cut();
+    edge.leaf(0).wait_for_unlinked(WAIT).await?;
+    assert_eq!(client.status(), natskit::Status::Connected);
+    uplink.heal();
+    edge.leaf(0).wait_for_uplink(WAIT).await?;
+
+    for i in 100..200 {
+        // The hub may need a moment after the link is back.
+        eventually(WAIT, "a publish after the heal", || async {
+            client
+                .publish_to_stream(format!("work.{i}"), "x")
+                .await
+                .ok()
+        })
+        .await;
+    }
+    eventually(WAIT, "all 200 handled after the heal", || async {
+        let stats = consumer.stats();
+        (handled.load(Ordering::SeqCst) >= 200 && stats.ack_floor >= 200).then_some(())
+    })
+    .await;
+    let stats = consumer.stats();
+    println!("consumer through the leaf: {stats:?}");
+    assert!(stats.handled >= 200, "{stats:?}");
+    // The consumer lives on the hub.
+    let on_hub = jetstream::new(raw(edge.hub()).await?);
+    let stream = on_hub.get_stream("WORK").await?;
+    assert!(stream.consumer_info("workers").await.is_ok());
+    consumer.stop().await;
+    client.close().await?;
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kv_on_the_hub_through_the_leaf_is_exact_under_contention() -> TestResult {
+    let (edge, client) = edge().await?;
+    let bucket = client
+        .ensure_key_value_bucket(kv::Config {
+            bucket: "counters".into(),
+            history: 5,
+            storage: jetstream::stream::StorageType::Memory,
+            ..Default::default()
+        })
+        .await?;
+    let store = client.kv_store(
+        bucket,
+        natskit::KvOptions {
+            max_retries: 1_000,
+            ..Default::default()
+        },
+    );
+    let mut watch = store.watch("counter").await?;
+
+    let (tasks, per_task) = (4, 250);
+    let mut running = Vec::new();
+    for _ in 0..tasks {
+        let store = store.clone();
+        running.push(tokio::spawn(async move {
+            for _ in 0..per_task {
+                store
+                    .update_with_retry("counter", |current| {
+                        let n: u64 = match current {
+                            Some(v) => std::str::from_utf8(v)?.parse()?,
+                            None => 0,
+                        };
+                        Ok::<_, natskit::BoxError>((n + 1).to_string().into_bytes())
+                    })
+                    .await?;
+            }
+            Ok::<_, Error>(())
+        }));
+    }
+    for task in running {
+        task.await??;
+    }
+    let total = (tasks * per_task).to_string();
+    assert_eq!(&store.get("counter").await?.value[..], total.as_bytes());
+    // Stored on the hub, read back there by a raw client.
+    let on_hub = jetstream::new(raw(edge.hub()).await?);
+    let raw = on_hub.get_key_value("counters").await?;
+    assert_eq!(raw.get("counter").await?.as_deref(), Some(total.as_bytes()));
+    // The watch through the leaf sees the last value.
+    let last = tokio::time::timeout(WAIT, async {
+        while let Some(event) = watch.next().await {
+            if let WatchEvent::Entry(entry) = event
+                && entry.value[..] == *total.as_bytes()
+            {
+                return Some(entry);
+            }
+        }
+        None
+    })
+    .await?
+    .ok_or("the watch ended")?;
+    assert_eq!(last.key, "counter");
+    client.close().await?;
+    Ok(())
+}
