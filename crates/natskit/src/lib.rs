@@ -209,7 +209,7 @@ pub use crate::core::{header, subject};
 pub use crate::client::breaker::{BreakerState, CircuitBreaker};
 pub use crate::client::handler::{Handler, HandlerFuture, HandlerOutcome};
 pub use crate::client::registry::SubscriptionStats;
-pub use crate::client::{Client, ClientBuilder, Status, StatusInfo};
+pub use crate::client::{Client, ClientBuilder, JetStreamReach, Status, StatusInfo};
 pub use crate::core::backoff::Backoff;
 pub use crate::core::error::{BoxError, Error, Result};
 pub use crate::core::status::{DisconnectReason, OutboxStats};

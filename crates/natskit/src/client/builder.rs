@@ -17,9 +17,10 @@ use super::{Client, Counters, Inner, JsScope, OPEN};
 use crate::client::breaker::{BreakerConfig, CircuitBreaker, FailurePredicate, SystemClock};
 use crate::client::registry::Registry;
 use crate::core::error::{Error, Result, check_nonzero};
-use crate::core::status::{DisconnectReason, Status};
+use crate::core::status::{DisconnectReason, JetStreamReach, Status};
 
 pub(crate) type Callback0 = Arc<dyn Fn() + Send + Sync>;
+pub(crate) type CallbackReach = Arc<dyn Fn(&JetStreamReach) + Send + Sync>;
 pub(crate) type CallbackReason = Arc<dyn Fn(&DisconnectReason) + Send + Sync>;
 pub(crate) type CallbackBool = Arc<dyn Fn(bool) + Send + Sync>;
 pub(crate) type CallbackStatus = Arc<dyn Fn(Status) + Send + Sync>;
@@ -30,6 +31,7 @@ pub(crate) struct Callbacks {
     pub(crate) on_reconnect: Option<Callback0>,
     pub(crate) on_connection_lost: Option<CallbackReason>,
     pub(crate) on_health_change: Option<CallbackBool>,
+    pub(crate) on_jetstream_reachability: Option<CallbackReach>,
     pub(crate) on_status_change: Option<CallbackStatus>,
 }
 
@@ -385,6 +387,31 @@ impl ClientBuilder {
         self
     }
 
+    /// Called when another JetStream domain or API this client targets
+    /// ([`jetstream_domain`](Self::jetstream_domain),
+    /// [`Client::with_jetstream_domain`]) starts or stops answering its
+    /// `INFO` request, checked on the health schedule while the connection
+    /// is up: on a leaf node, the uplink to the hub failing or healing.
+    ///
+    /// ```no_run
+    /// # async fn demo() -> natskit::Result<()> {
+    /// let client = natskit::Client::builder("nats://127.0.0.1:4222")
+    ///     .jetstream_domain("hub")
+    ///     .on_jetstream_reachability(|reach| {
+    ///         println!("{} answers: {:?}", reach.api_prefix, reach.reachable)
+    ///     })
+    ///     .connect()
+    ///     .await?;
+    /// # let _ = client; Ok(()) }
+    /// ```
+    pub fn on_jetstream_reachability(
+        mut self,
+        f: impl Fn(&JetStreamReach) + Send + Sync + 'static,
+    ) -> Self {
+        self.config.callbacks.on_jetstream_reachability = Some(Arc::new(f));
+        self
+    }
+
     /// Called on every status change, in order, from one task.
     pub fn on_status_change(mut self, f: impl Fn(Status) + Send + Sync + 'static) -> Self {
         self.config.callbacks.on_status_change = Some(Arc::new(f));
@@ -465,6 +492,12 @@ impl ClientBuilder {
             secrets: Mutex::new(Some(self.secrets)),
             breaker,
             conn: OnceLock::new(),
+            uplinks: Mutex::new(
+                js_prefix
+                    .iter()
+                    .map(|prefix| (prefix.clone(), None))
+                    .collect(),
+            ),
             default_js: Arc::new(JsScope::new(js_prefix)),
             connect_lock: tokio::sync::Mutex::new(()),
             lifecycle: AtomicU64::new(OPEN),

@@ -15,6 +15,7 @@
 //! | `natskit_retries_total` | counter | client, op |
 //! | `natskit_messages_received_total`, `natskit_messages_dropped_total` | counter | client, subject |
 //! | `natskit_kv_cas_conflicts_total` | counter | client, bucket |
+//! | `natskit_jetstream_reachable` | gauge: 1 when another JetStream domain or API the client targets answers, 0 when not | client, api |
 //! | `natskit_consumer_deliveries_total`, `..._redeliveries_total`, `..._recreations_total` | counter | client, stream, consumer |
 //! | `natskit_stream_messages`, `natskit_stream_bytes` | gauge (server values) | client, stream |
 //! | `natskit_consumer_pending` | gauge (server values) | client, stream, consumer |
@@ -144,6 +145,10 @@ impl ClientMetrics {
             counter!("natskit_messages_received_total", &labels),
             counter!("natskit_messages_dropped_total", &labels),
         )
+    }
+
+    pub(crate) fn jetstream_reachable(&self, api: &str) -> Gauge {
+        gauge!("natskit_jetstream_reachable", "client" => self.client.clone(), "api" => api.to_owned())
     }
 
     pub(crate) fn kv_conflicts(&self, bucket: &str) -> Counter {

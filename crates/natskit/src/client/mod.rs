@@ -18,6 +18,7 @@ pub use builder::{ClientBuilder, DEFAULT_REQUEST_TIMEOUT};
 use status_task::Probe;
 pub(crate) use status_task::Signal;
 
+use std::collections::BTreeMap;
 use std::fmt;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, OnceLock, Weak};
@@ -31,7 +32,7 @@ use crate::client::breaker::{BreakerState, CircuitBreaker};
 use crate::client::registry::Registry;
 use crate::core::backoff::Backoff;
 use crate::core::error::{Error, Result};
-pub use crate::core::status::{Status, StatusInfo};
+pub use crate::core::status::{JetStreamReach, Status, StatusInfo};
 use crate::core::sync::lock;
 
 /// Smallest buffer async-nats gets per subscription: 4x its default, so
@@ -62,6 +63,9 @@ pub(crate) struct Inner {
     /// The JetStream API the client targets by default (its builder's
     /// domain or prefix).
     pub(crate) default_js: Arc<JsScope>,
+    /// Every JetStream API other than `$JS.API` a handle of this client
+    /// targets, with whether it answered at the last check.
+    pub(crate) uplinks: Mutex<BTreeMap<String, Option<bool>>>,
     connect_lock: tokio::sync::Mutex<()>,
     lifecycle: AtomicU64,
     /// Mirrors the connection state for the hot path (async-nats' own state
@@ -519,6 +523,11 @@ impl Client {
     }
 
     fn with_js_prefix(&self, prefix: Option<String>) -> Client {
+        if let Some(prefix) = &prefix {
+            lock(&self.inner.uplinks)
+                .entry(prefix.clone())
+                .or_insert(None);
+        }
         let js = if prefix.as_deref() == self.inner.default_js.prefix.as_deref() {
             self.inner.default_js.clone()
         } else {
@@ -625,6 +634,13 @@ impl Client {
             dropped_messages: counters.dropped.load(Ordering::Relaxed),
             callback_panics: counters.callback_panics.load(Ordering::Relaxed),
             outbox: lock(&self.inner.outbox_stats).as_ref().map(|read| read()),
+            jetstream_apis: lock(&self.inner.uplinks)
+                .iter()
+                .map(|(api_prefix, reachable)| JetStreamReach {
+                    api_prefix: api_prefix.clone(),
+                    reachable: *reachable,
+                })
+                .collect(),
         }
     }
 

@@ -14,7 +14,8 @@ use crate::client::breaker::BreakerState;
 use crate::client::metrics::ClientMetrics;
 use crate::client::registry::Registry;
 use crate::core::error::{Error, Result};
-use crate::core::status::{Status, StatusCore, StatusEffect, StatusInput};
+use crate::core::status::{JetStreamReach, Status, StatusCore, StatusEffect, StatusInput};
+use crate::core::sync::lock;
 
 /// A subscription on a private inbox that measures round trips through the
 /// server. (`flush` only waits for the socket, so it cannot tell a frozen
@@ -139,7 +140,13 @@ struct StatusTask {
     probing: Option<ProbeFuture>,
     health: Option<tokio::time::Interval>,
     breaker_ticker: tokio::time::Interval,
+    /// The checks of the other JetStream APIs in flight, if any.
+    uplinks: Option<UplinkFuture>,
 }
+
+/// Whether each checked JetStream API answered.
+type UplinkFuture =
+    std::pin::Pin<Box<dyn std::future::Future<Output = Vec<(String, bool)>> + Send>>;
 
 /// What woke the task up.
 enum Wake {
@@ -149,6 +156,7 @@ enum Wake {
     BreakerTick,
     ProbeDone(ProbeKind, Option<Probe>, Result<Duration>),
     HealthTick,
+    UplinksChecked(Vec<(String, bool)>),
 }
 
 impl StatusTask {
@@ -176,6 +184,7 @@ impl StatusTask {
             probing: None,
             health,
             breaker_ticker,
+            uplinks: None,
         })
     }
 
@@ -212,6 +221,11 @@ impl StatusTask {
                     Some(input) => input,
                     None => continue,
                 },
+                Wake::UplinksChecked(results) => {
+                    self.uplinks = None;
+                    self.uplinks_checked(results);
+                    continue;
+                }
             };
             self.handle(input);
         }
@@ -243,8 +257,15 @@ impl StatusTask {
                 None => std::future::pending().await,
             }
         };
+        let uplinks_done = async {
+            match self.uplinks.as_mut() {
+                Some(fut) => fut.await,
+                None => std::future::pending().await,
+            }
+        };
         tokio::select! {
             () = shutdown.cancelled() => Wake::Shutdown,
+            results = uplinks_done => Wake::UplinksChecked(results),
             signal = signals.recv() => Wake::Signal(signal),
             () = lost_sleep => Wake::LostTimer,
             _ = self.breaker_ticker.tick(), if probe_breaker => Wake::BreakerTick,
@@ -334,6 +355,7 @@ impl StatusTask {
         self.handle(StatusInput::LinkObserved { up });
         if self.core.is_up() {
             self.start_probe(ProbeKind::Health);
+            self.start_uplink_checks(&conn);
             return None;
         }
         Some(StatusInput::HealthChecked(false))
@@ -375,6 +397,76 @@ impl StatusTask {
         self.probe = None;
         self.probing = None;
         self.health = None;
+        self.uplinks = None;
+    }
+
+    /// Asks every other JetStream API this client targets for its `INFO`,
+    /// beside the health check, unless a round of checks is still running.
+    fn start_uplink_checks(&mut self, conn: &async_nats::Client) {
+        if self.uplinks.is_some() {
+            return;
+        }
+        let Some(inner) = self.inner.upgrade() else {
+            return;
+        };
+        let prefixes: Vec<String> = lock(&inner.uplinks).keys().cloned().collect();
+        if prefixes.is_empty() {
+            return;
+        }
+        let bound = self
+            .config
+            .health_interval
+            .unwrap_or(self.config.connect_timeout)
+            .min(self.config.connect_timeout);
+        let conn = conn.clone();
+        self.uplinks = Some(Box::pin(async move {
+            let checks = prefixes.into_iter().map(|prefix| {
+                let conn = conn.clone();
+                async move {
+                    let info = conn.request(format!("{prefix}.INFO"), bytes::Bytes::new());
+                    let answered = matches!(tokio::time::timeout(bound, info).await, Ok(Ok(_)));
+                    (prefix, answered)
+                }
+            });
+            futures_util::future::join_all(checks).await
+        }));
+    }
+
+    /// Records the answers; a change is logged, reported as a metric and to
+    /// `on_jetstream_reachability`.
+    fn uplinks_checked(&self, results: Vec<(String, bool)>) {
+        let Some(inner) = self.inner.upgrade() else {
+            return;
+        };
+        let mut changed = Vec::new();
+        {
+            let mut uplinks = lock(&inner.uplinks);
+            for (prefix, reachable) in results {
+                if let Some(slot) = uplinks.get_mut(&prefix)
+                    && *slot != Some(reachable)
+                {
+                    *slot = Some(reachable);
+                    changed.push(JetStreamReach {
+                        api_prefix: prefix,
+                        reachable: Some(reachable),
+                    });
+                }
+            }
+        }
+        for reach in changed {
+            let reachable = reach.reachable == Some(true);
+            if reachable {
+                tracing::info!(api = %reach.api_prefix, "JetStream API answers");
+            } else {
+                tracing::warn!(api = %reach.api_prefix, "JetStream API does not answer (uplink down?)");
+            }
+            self.metrics
+                .jetstream_reachable(&reach.api_prefix)
+                .set(if reachable { 1.0 } else { 0.0 });
+            if let Some(cb) = &self.config.callbacks.on_jetstream_reachability {
+                fire(&self.inner, "on_jetstream_reachability", || cb(&reach));
+            }
+        }
     }
 
     /// Feeds one input to the core and carries out its effects, in order.

@@ -67,6 +67,24 @@ pub struct StatusInfo {
     /// The figures of the durable outbox attached to this client (see
     /// `Outbox::open`), if any.
     pub outbox: Option<OutboxStats>,
+    /// Whether each other JetStream domain or API this client targets
+    /// answers (checked on the health schedule while the connection is up):
+    /// on a leaf node, "my uplink is down" while `status` says the local
+    /// link is fine. Empty when the client only uses its server's own
+    /// domain.
+    pub jetstream_apis: Vec<JetStreamReach>,
+}
+
+/// Whether one JetStream API a client targets answers, from
+/// [`StatusInfo::jetstream_apis`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct JetStreamReach {
+    /// The API prefix, `$JS.<domain>.API` for a domain.
+    pub api_prefix: String,
+    /// Whether its `INFO` request was answered at the last check; `None`
+    /// before the first.
+    pub reachable: Option<bool>,
 }
 
 /// Figures of a durable outbox, from `Outbox::stats` and

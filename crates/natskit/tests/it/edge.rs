@@ -244,3 +244,71 @@ async fn kv_on_the_hub_through_the_leaf_is_exact_under_contention() -> TestResul
     client.close().await?;
     Ok(())
 }
+
+/// The uplink's health, apart from the local link's: cutting the uplink
+/// flips the hub's JetStream to unreachable within about one health
+/// interval while the client stays `Connected`, and healing flips it back.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn uplink_health_is_reported_apart_from_the_local_link() -> TestResult {
+    let edge = Edge::builder().leaf("leaf").start().await?;
+    let seen = Arc::new(std::sync::Mutex::new(Vec::new()));
+    let record = seen.clone();
+    let interval = Duration::from_millis(200);
+    let client = Client::builder(edge.leaf(0).url())
+        .jetstream_domain(HUB_DOMAIN)
+        .health_interval(interval)
+        .on_jetstream_reachability(move |reach| {
+            if let Ok(mut seen) = record.lock() {
+                seen.push(reach.reachable);
+            }
+        })
+        .connect()
+        .await?;
+    let reach = |client: &Client| {
+        client
+            .status_info()
+            .jetstream_apis
+            .iter()
+            .find(|r| r.api_prefix == "$JS.hub.API")
+            .and_then(|r| r.reachable)
+    };
+    eventually(WAIT, "the hub reachable", || async {
+        (reach(&client) == Some(true)).then_some(())
+    })
+    .await;
+
+    let uplink = edge.leaf(0).uplink();
+    uplink.refuse();
+    uplink.cut();
+    let cut_at = std::time::Instant::now();
+    eventually(WAIT, "the hub unreachable", || async {
+        (reach(&client) == Some(false)).then_some(())
+    })
+    .await;
+    let flipped = cut_at.elapsed();
+    assert_eq!(client.status(), natskit::Status::Connected);
+    assert!(client.is_healthy(), "the local link stays healthy");
+    uplink.heal();
+    let healed_at = std::time::Instant::now();
+    eventually(WAIT, "the hub reachable again", || async {
+        (reach(&client) == Some(true)).then_some(())
+    })
+    .await;
+    let back = healed_at.elapsed();
+    println!(
+        "uplink health: unreachable {flipped:?} after the cut, reachable {back:?} after the heal (interval {interval:?})"
+    );
+    // Generous bound: three health intervals plus the check's own timeout.
+    assert!(
+        flipped < interval * 3 + Duration::from_secs(5),
+        "{flipped:?}"
+    );
+    let seen = seen.lock().map_err(|e| e.to_string())?.clone();
+    assert_eq!(seen, vec![Some(true), Some(false), Some(true)]);
+    // A client that only uses its own server's domain reports nothing.
+    let local = Client::builder(edge.leaf(0).url()).connect().await?;
+    assert!(local.status_info().jetstream_apis.is_empty());
+    local.close().await?;
+    client.close().await?;
+    Ok(())
+}
