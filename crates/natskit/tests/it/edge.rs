@@ -312,3 +312,73 @@ async fn uplink_health_is_reported_apart_from_the_local_link() -> TestResult {
     client.close().await?;
     Ok(())
 }
+
+/// The durable outbox of a client on the leaf forwards to a hub stream.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_outbox_forwards_through_the_leaf_to_a_hub_stream() -> TestResult {
+    let (edge, client) = edge().await?;
+    client
+        .ensure_stream(memory_stream("EVENTS", &["events.>"]))
+        .await?;
+    let dir = tempfile::tempdir()?;
+    let outbox = client
+        .outbox(natskit::OutboxConfig::new(dir.path().join("edge.redb")))
+        .await?;
+    for i in 0..500 {
+        outbox
+            .publish_durable(format!("events.{}", i % 5), format!("{i}"))
+            .await?;
+    }
+    outbox.flush_outbox(WAIT).await?;
+    let stats = outbox.stats();
+    assert_eq!((stats.forwarded, stats.dead_letters), (500, 0), "{stats:?}");
+    let on_hub = jetstream::new(raw(edge.hub()).await?);
+    assert_eq!(
+        on_hub
+            .get_stream("EVENTS")
+            .await?
+            .info()
+            .await?
+            .state
+            .messages,
+        500
+    );
+    outbox.close().await?;
+    client.close().await?;
+    Ok(())
+}
+
+/// A hub stream can source a leaf stream through the leaf's domain: what
+/// is stored at the edge reaches the hub, set up entirely through natskit
+/// handles on the leaf.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_hub_stream_sources_a_leaf_stream() -> TestResult {
+    let (edge, client) = edge().await?;
+    let local = client.with_jetstream_domain("leaf")?;
+    local
+        .ensure_stream(memory_stream("READINGS", &["readings.>"]))
+        .await?;
+    let mut aggregate = memory_stream("ALL_READINGS", &[]);
+    aggregate.sources = Some(vec![jetstream::stream::Source {
+        name: "READINGS".into(),
+        external: Some(jetstream::stream::External {
+            api_prefix: "$JS.leaf.API".into(),
+            delivery_prefix: None,
+        }),
+        ..Default::default()
+    }]);
+    client.ensure_stream(aggregate).await?;
+    for i in 0..50 {
+        local
+            .publish_to_stream(format!("readings.{i}"), "21.5")
+            .await?;
+    }
+    let on_hub = jetstream::new(raw(edge.hub()).await?);
+    eventually(WAIT, "the hub to hold every reading", || async {
+        let mut stream = on_hub.get_stream("ALL_READINGS").await.ok()?;
+        (stream.info().await.ok()?.state.messages == 50).then_some(())
+    })
+    .await;
+    client.close().await?;
+    Ok(())
+}
