@@ -24,7 +24,7 @@ use natskit::{
     Client, Error, KvOptions, Outbox, OutboxConfig, RetryConfig, Settled, StreamConsumerConfig,
     StreamPublishOptions, WatchEvent, consume_with_heartbeat,
 };
-use natskit_testing::{Cluster, NatsServer, Proxy};
+use natskit_testing::{Cluster, Edge, HUB_DOMAIN, NatsServer, Proxy};
 
 type Outcome = Result<String, String>;
 type Scenario = fn() -> Pin<Box<dyn Future<Output = Outcome> + Send>>;
@@ -47,7 +47,7 @@ fn main() -> ExitCode {
 }
 
 async fn run() -> ExitCode {
-    let scenarios: [(&str, Scenario); 7] = [
+    let scenarios: [(&str, Scenario); 8] = [
         ("single-server-kills", || Box::pin(single_server_kills())),
         ("r3-stream-leader-kills", || {
             Box::pin(r3_stream_leader_kills())
@@ -66,6 +66,9 @@ async fn run() -> ExitCode {
         }),
         ("outbox-partition-and-kill", || {
             Box::pin(outbox_partition_and_kill())
+        }),
+        ("edge-uplink-stall-and-cut", || {
+            Box::pin(edge_uplink_stall_and_cut())
         }),
     ];
     let only = std::env::var("SCENARIO").unwrap_or_default();
@@ -1058,4 +1061,148 @@ async fn outbox_partition_and_kill() -> Outcome {
     outbox.close().await.map_err(fail)?;
     client.close().await.map_err(fail)?;
     Ok(line)
+}
+
+/// A client on a leaf node publishes 1,000 acknowledged messages to a hub
+/// stream (each with its own message id, retried until acknowledged) while a
+/// supervised consumer on the hub stream handles them through the leaf; at
+/// message 300 the uplink is blackholed for 2 s, then refused and cut for
+/// 2 s, then healed. Every message must be in the hub stream once and
+/// handled, and the uplink's health must flip to unreachable and back while
+/// the client's own link stays up.
+async fn edge_uplink_stall_and_cut() -> Outcome {
+    const MESSAGES: usize = 1_000;
+    let edge = Edge::builder().leaf("leaf").start().await.map_err(fail)?;
+    let leaf = edge.leaf(0);
+    let flips = Arc::new(Mutex::new(Vec::new()));
+    let record = flips.clone();
+    let client = Client::builder(leaf.url())
+        .jetstream_domain(HUB_DOMAIN)
+        .health_interval(Duration::from_millis(250))
+        .on_jetstream_reachability(move |reach| {
+            if let Ok(mut flips) = record.lock() {
+                flips.push((Instant::now(), reach.reachable));
+            }
+        })
+        .connect()
+        .await
+        .map_err(fail)?;
+    client
+        .ensure_stream(file_stream("EDGE", "edge.>", 1))
+        .await
+        .map_err(fail)?;
+    let handled = Arc::new(Mutex::new(std::collections::BTreeSet::<String>::new()));
+    let seen = handled.clone();
+    let consumer = client
+        .consume_with(
+            StreamConsumerConfig::new("EDGE")
+                .durable("edge-workers")
+                .ack_wait(Duration::from_secs(2))
+                .heartbeat(Duration::from_millis(500)),
+            move |msg: async_nats::jetstream::Message| {
+                let seen = seen.clone();
+                async move {
+                    if let Ok(mut seen) = seen.lock() {
+                        seen.insert(String::from_utf8_lossy(&msg.payload).into_owned());
+                    }
+                    msg.ack().await
+                }
+            },
+        )
+        .await
+        .map_err(fail)?;
+    let mut healed_at = None;
+    let mut first_ack_after_heal = None;
+    let mut retries = 0u64;
+    for i in 0..MESSAGES {
+        if i == 300 {
+            leaf.uplink().blackhole();
+            let uplink = leaf.uplink();
+            let stall = async {
+                tokio::time::sleep(Duration::from_secs(2)).await;
+                uplink.refuse();
+                uplink.cut();
+                tokio::time::sleep(Duration::from_secs(2)).await;
+                uplink.heal();
+            };
+            // Publishing goes on (and fails, and is retried) meanwhile.
+            let (_, published) = tokio::join!(stall, async {
+                publish_until_acked(&client, i, &mut retries).await
+            });
+            published?;
+            healed_at = Some(Instant::now());
+            continue;
+        }
+        publish_until_acked(&client, i, &mut retries).await?;
+        if let Some(at) = healed_at
+            && first_ack_after_heal.is_none()
+        {
+            first_ack_after_heal = Some(at.elapsed());
+        }
+    }
+    let healed = healed_at.ok_or("the uplink never healed")?;
+    let all_handled = wait_for(Duration::from_secs(60), "every message handled", || async {
+        (handled.lock().ok()?.len() == MESSAGES).then(|| healed.elapsed())
+    })
+    .await?;
+    check(client.status() == natskit::Status::Connected, || {
+        format!("the client's own link: {:?}", client.status())
+    })?;
+    let hub = async_nats::ConnectOptions::with_user_and_password(
+        natskit_testing::EDGE_USER.into(),
+        natskit_testing::EDGE_USER.into(),
+    )
+    .connect(edge.hub().url())
+    .await
+    .map_err(fail)?;
+    let mut stream = async_nats::jetstream::new(hub)
+        .get_stream("EDGE")
+        .await
+        .map_err(fail)?;
+    let stored = stream.info().await.map_err(fail)?.state.messages;
+    check(stored == MESSAGES as u64, || {
+        format!("{stored} messages in the hub stream, {MESSAGES} published (duplicates or losses)")
+    })?;
+    let flips = flips.lock().map_err(fail)?.clone();
+    let unreachable = flips.iter().any(|(_, r)| *r == Some(false));
+    let back = flips.last().map(|(_, r)| *r) == Some(Some(true));
+    check(unreachable && back, || {
+        format!(
+            "uplink health flips: {:?}",
+            flips.iter().map(|(_, r)| r).collect::<Vec<_>>()
+        )
+    })?;
+    let stats = consumer.stats();
+    consumer.stop().await;
+    client.close().await.map_err(fail)?;
+    Ok(format!(
+        "{MESSAGES} acknowledged through the leaf ({retries} sends retried), {stored} in the hub stream, \
+         {MESSAGES} handled ({} deliveries, {} redelivered); first ack {:.2?} after the heal, all handled \
+         {all_handled:.2?} after it; uplink health flips {:?}",
+        stats.delivered,
+        stats.redelivered,
+        first_ack_after_heal.unwrap_or_default(),
+        flips.iter().map(|(_, r)| *r).collect::<Vec<_>>()
+    ))
+}
+
+/// Publishes message `i` to the hub stream with its own message id until it
+/// is acknowledged (a resend of a stored message is a duplicate the stream
+/// absorbs).
+async fn publish_until_acked(client: &Client, i: usize, retries: &mut u64) -> Result<(), String> {
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let options = StreamPublishOptions::new().message_id(format!("edge-{i}"));
+        match client
+            .publish_to_stream_with(format!("edge.{}", i % 4), format!("{i}"), options)
+            .await
+        {
+            Ok(_) => return Ok(()),
+            Err(_) if Instant::now() < deadline => {
+                *retries += 1;
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+            Err(err) => return Err(format!("message {i}: {err}")),
+        }
+    }
 }
