@@ -25,6 +25,7 @@ use std::fmt::Write as _;
 use std::time::{Duration, Instant};
 
 use crate::HarnessError;
+use crate::cluster::Cluster;
 use crate::proxy::Proxy;
 use crate::server::NatsServer;
 
@@ -55,14 +56,34 @@ struct LeafSpec {
 }
 
 /// Configures an [`Edge`]: a hub and its leaves.
-#[derive(Debug, Clone, Default)]
+#[derive(Debug, Clone)]
 #[must_use]
 pub struct EdgeBuilder {
     leaves: Vec<LeafSpec>,
     uplink_timeout: Option<Duration>,
+    /// Nodes of the hub: 1 for a single server.
+    hub_nodes: usize,
+}
+
+impl Default for EdgeBuilder {
+    fn default() -> Self {
+        Self {
+            leaves: Vec::new(),
+            uplink_timeout: None,
+            hub_nodes: 1,
+        }
+    }
 }
 
 impl EdgeBuilder {
+    /// Runs the hub as a cluster of `nodes` routed JetStream servers (3
+    /// for a quorum); each leaf's uplink then lists every node, each
+    /// through a proxy of its own.
+    pub fn hub_cluster(mut self, nodes: usize) -> Self {
+        self.hub_nodes = nodes.max(1);
+        self
+    }
+
     /// Adds a leaf with JetStream in its own `domain`.
     pub fn leaf(mut self, domain: &str) -> Self {
         self.leaves.push(LeafSpec {
@@ -91,36 +112,60 @@ impl EdgeBuilder {
     /// # Errors
     /// A server did not start, or an uplink did not come up in time.
     pub async fn start(self) -> Result<Edge, HarnessError> {
-        // A fixed leafnode port, so a restarted hub listens where the
+        // Fixed leafnode ports, so a restarted hub node listens where the
         // proxies forward.
-        let leaf_port = free_port()?;
-        let hub = NatsServer::builder()
-            .jetstream()
-            .jetstream_option("domain", HUB_DOMAIN)
-            .server_name("hub")
-            .extra_config(format!(
-                "{}leafnodes {{ listen: \"127.0.0.1:{leaf_port}\", no_advertise: true }}\n",
-                accounts()
-            ))
-            .start()?;
+        let leaf_ports = (0..self.hub_nodes.max(1))
+            .map(|_| free_port())
+            .collect::<Result<Vec<_>, _>>()?;
+        let hub_config = |builder: crate::NatsServerBuilder, port: u16| {
+            builder
+                .jetstream_option("domain", HUB_DOMAIN)
+                .extra_config(format!(
+                    "{}leafnodes {{ listen: \"127.0.0.1:{port}\", no_advertise: true }}\n",
+                    accounts()
+                ))
+        };
+        let hub = if leaf_ports.len() == 1 {
+            Hub::Single(
+                hub_config(NatsServer::builder().server_name("hub"), leaf_ports[0]).start()?,
+            )
+        } else {
+            let ports = leaf_ports.clone();
+            Hub::Cluster(
+                Cluster::builder(ports.len())
+                    .configure(move |i, builder| hub_config(builder, ports[i]))
+                    .start()?,
+            )
+        };
         let mut leaves = Vec::with_capacity(self.leaves.len());
         for (i, spec) in self.leaves.into_iter().enumerate() {
-            let uplink = Proxy::start(leaf_port).await?;
+            let mut uplinks = Vec::with_capacity(leaf_ports.len());
+            for port in &leaf_ports {
+                uplinks.push(Proxy::start(*port).await?);
+            }
             let mut config = NatsServer::builder().server_name(format!("leaf-{i}"));
             if let Some(domain) = &spec.domain {
                 config = config.jetstream_option("domain", domain);
             }
+            let urls = uplinks
+                .iter()
+                .map(|p| {
+                    format!(
+                        "\"nats-leaf://{EDGE_USER}:{EDGE_USER}@127.0.0.1:{}\"",
+                        p.port()
+                    )
+                })
+                .collect::<Vec<_>>()
+                .join(", ");
             let mut extra = accounts();
             let _ = writeln!(
                 extra,
-                "leafnodes {{ remotes = [ {{ urls: [\"nats-leaf://{EDGE_USER}:{EDGE_USER}@127.0.0.1:{}\"], \
-                 account: {EDGE_ACCOUNT} }} ] }}",
-                uplink.port()
+                "leafnodes {{ remotes = [ {{ urls: [{urls}], account: {EDGE_ACCOUNT} }} ] }}"
             );
             let server = config.extra_config(extra).start()?;
             leaves.push(Leaf {
                 server,
-                uplink,
+                uplinks,
                 domain: spec.domain,
             });
         }
@@ -136,8 +181,15 @@ impl EdgeBuilder {
 /// A running hub and its leaves. Dropping it stops every server and proxy.
 #[derive(Debug)]
 pub struct Edge {
-    hub: NatsServer,
+    hub: Hub,
     leaves: Vec<Leaf>,
+}
+
+/// The hub: one server or a cluster.
+#[derive(Debug)]
+enum Hub {
+    Single(NatsServer),
+    Cluster(Cluster),
 }
 
 impl Edge {
@@ -146,19 +198,51 @@ impl Edge {
         EdgeBuilder::default()
     }
 
-    /// The hub.
+    /// The hub server (node 0 of a hub cluster).
     pub fn hub(&self) -> &NatsServer {
-        &self.hub
+        match &self.hub {
+            Hub::Single(server) => server,
+            Hub::Cluster(cluster) => cluster.node(0),
+        }
     }
 
-    /// The hub, to kill or restart it (its leafnode port stays the same).
+    /// The hub server (node 0 of a hub cluster), to kill or restart it (its
+    /// leafnode port stays the same).
     pub fn hub_mut(&mut self) -> &mut NatsServer {
-        &mut self.hub
+        match &mut self.hub {
+            Hub::Single(server) => server,
+            Hub::Cluster(cluster) => cluster.node_mut(0),
+        }
     }
 
-    /// A client URL of the hub, with [`EDGE_ACCOUNT`]'s credentials.
+    /// The hub cluster, when the hub is one ([`EdgeBuilder::hub_cluster`]).
+    pub fn hub_cluster(&self) -> Option<&Cluster> {
+        match &self.hub {
+            Hub::Single(_) => None,
+            Hub::Cluster(cluster) => Some(cluster),
+        }
+    }
+
+    /// The hub cluster, for fault injection.
+    pub fn hub_cluster_mut(&mut self) -> Option<&mut Cluster> {
+        match &mut self.hub {
+            Hub::Single(_) => None,
+            Hub::Cluster(cluster) => Some(cluster),
+        }
+    }
+
+    /// The client URLs of the hub (comma-separated for a cluster), with
+    /// [`EDGE_ACCOUNT`]'s credentials.
     pub fn hub_url(&self) -> String {
-        with_user(&self.hub.url())
+        match &self.hub {
+            Hub::Single(server) => with_user(&server.url()),
+            Hub::Cluster(cluster) => cluster
+                .url_list()
+                .iter()
+                .map(|url| with_user(url))
+                .collect::<Vec<_>>()
+                .join(","),
+        }
     }
 
     /// Leaf `i`, in the order they were added.
@@ -187,7 +271,8 @@ impl Edge {
 #[derive(Debug)]
 pub struct Leaf {
     server: NatsServer,
-    uplink: Proxy,
+    /// One proxy per hub node.
+    uplinks: Vec<Proxy>,
     domain: Option<String>,
 }
 
@@ -207,10 +292,34 @@ impl Leaf {
         with_user(&self.server.url())
     }
 
-    /// The proxy between the leaf and the hub: blackhole, cut or refuse it
-    /// to fail the uplink, heal it to bring it back.
+    /// The proxy between the leaf and the hub (hub node 0): blackhole, cut
+    /// or refuse it to fail the uplink, heal it to bring it back.
     pub fn uplink(&self) -> &Proxy {
-        &self.uplink
+        &self.uplinks[0]
+    }
+
+    /// Every proxy of the uplink, one per hub node.
+    pub fn uplinks(&self) -> &[Proxy] {
+        &self.uplinks
+    }
+
+    /// Silences the whole uplink (every proxy blackholed).
+    pub fn blackhole_uplink(&self) {
+        self.uplinks.iter().for_each(Proxy::blackhole);
+    }
+
+    /// Cuts the whole uplink: every proxy refuses new connections and drops
+    /// the open ones.
+    pub fn cut_uplink(&self) {
+        for proxy in &self.uplinks {
+            proxy.refuse();
+            proxy.cut();
+        }
+    }
+
+    /// Heals every proxy of the uplink.
+    pub fn heal_uplink(&self) {
+        self.uplinks.iter().for_each(Proxy::heal);
     }
 
     /// The leaf's JetStream domain; `None` without JetStream.

@@ -382,3 +382,103 @@ async fn a_hub_stream_sources_a_leaf_stream() -> TestResult {
     client.close().await?;
     Ok(())
 }
+
+/// The same paths with a 3-node hub: an R3 stream, a consumer, and CAS
+/// increments on an R3 bucket, all through the leaf, across a cut of the
+/// whole uplink.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_three_node_hub_through_the_leaf() -> TestResult {
+    let edge = Edge::builder().hub_cluster(3).leaf("leaf").start().await?;
+    assert_eq!(edge.leaf(0).uplinks().len(), 3);
+    let client = Client::builder(edge.leaf(0).url())
+        .jetstream_domain(HUB_DOMAIN)
+        .connect()
+        .await?;
+    let mut config = memory_stream("R3", &["r3.>"]);
+    config.num_replicas = 3;
+    eventually(WAIT, "the R3 stream on the hub", || async {
+        client.ensure_stream(config.clone()).await.ok()
+    })
+    .await;
+    let handled = Arc::new(AtomicUsize::new(0));
+    let count = handled.clone();
+    let consumer = client
+        .consume_with(
+            StreamConsumerConfig::new("R3")
+                .durable("r3-workers")
+                .ack_wait(Duration::from_secs(2))
+                .heartbeat(Duration::from_millis(500)),
+            move |msg: jetstream::Message| {
+                let count = count.clone();
+                async move {
+                    count.fetch_add(1, Ordering::SeqCst);
+                    msg.ack().await
+                }
+            },
+        )
+        .await?;
+    for i in 0..50 {
+        let ack = client.publish_to_stream(format!("r3.{i}"), "x").await?;
+        assert_eq!(ack.domain, HUB_DOMAIN);
+    }
+    let leaf = edge.leaf(0);
+    leaf.cut_uplink();
+    leaf.wait_for_unlinked(WAIT).await?;
+    leaf.heal_uplink();
+    leaf.wait_for_uplink(WAIT).await?;
+    for i in 50..100 {
+        eventually(WAIT, "a publish after the heal", || async {
+            client.publish_to_stream(format!("r3.{i}"), "x").await.ok()
+        })
+        .await;
+    }
+    eventually(WAIT, "all 100 handled", || async {
+        (handled.load(Ordering::SeqCst) >= 100).then_some(())
+    })
+    .await;
+    consumer.stop().await;
+
+    let bucket = eventually(WAIT, "an R3 bucket on the hub", || async {
+        client
+            .ensure_key_value_bucket(kv::Config {
+                bucket: "r3counters".into(),
+                num_replicas: 3,
+                storage: jetstream::stream::StorageType::Memory,
+                ..Default::default()
+            })
+            .await
+            .ok()
+    })
+    .await;
+    let store = client.kv_store(
+        bucket,
+        natskit::KvOptions {
+            max_retries: 1_000,
+            ..Default::default()
+        },
+    );
+    let mut running = Vec::new();
+    for _ in 0..4 {
+        let store = store.clone();
+        running.push(tokio::spawn(async move {
+            for _ in 0..50 {
+                store
+                    .update_with_retry("n", |current| {
+                        let n: u64 = match current {
+                            Some(v) => std::str::from_utf8(v)?.parse()?,
+                            None => 0,
+                        };
+                        Ok::<_, natskit::BoxError>((n + 1).to_string().into_bytes())
+                    })
+                    .await?;
+            }
+            Ok::<_, Error>(())
+        }));
+    }
+    for task in running {
+        task.await??;
+    }
+    assert_eq!(&store.get("n").await?.value[..], b"200");
+    client.close().await?;
+    Ok(())
+}
