@@ -188,7 +188,7 @@ pub struct Edge {
 /// The hub: one server or a cluster.
 #[derive(Debug)]
 enum Hub {
-    Single(NatsServer),
+    Single(Box<NatsServer>),
     Cluster(Cluster),
 }
 
