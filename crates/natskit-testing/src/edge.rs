@@ -126,9 +126,9 @@ impl EdgeBuilder {
                 ))
         };
         let hub = if leaf_ports.len() == 1 {
-            Hub::Single(
+            Hub::Single(Box::new(
                 hub_config(NatsServer::builder().server_name("hub"), leaf_ports[0]).start()?,
-            )
+            ))
         } else {
             let ports = leaf_ports.clone();
             Hub::Cluster(
