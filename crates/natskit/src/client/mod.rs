@@ -77,6 +77,9 @@ pub(crate) struct Inner {
     /// Bumped on every (re)connection, so waits that a drop would strand
     /// (a JetStream ack) can resend at once.
     epoch: Arc<watch::Sender<u64>>,
+    /// Bumped whenever another JetStream API this client targets answers
+    /// again (an uplink healed), so waits for it end at once.
+    pub(crate) uplink_epoch: watch::Sender<u64>,
     /// Cancelled when the last `Client` handle is dropped (or at close):
     /// every task the client started ends, so nothing keeps the connection
     /// alive.
@@ -541,6 +544,12 @@ impl Client {
 
     pub(crate) fn downgrade(&self) -> WeakClient {
         WeakClient(Arc::downgrade(&self.inner), self.js.clone())
+    }
+
+    /// A receiver of the uplink epoch, bumped whenever another JetStream
+    /// API this client targets answers again.
+    pub(crate) fn uplink_epoch(&self) -> watch::Receiver<u64> {
+        self.inner.uplink_epoch.subscribe()
     }
 
     /// A receiver of the connection epoch, bumped on every (re)connection.

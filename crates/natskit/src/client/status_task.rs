@@ -453,6 +453,9 @@ impl StatusTask {
                 }
             }
         }
+        if changed.iter().any(|r| r.reachable == Some(true)) {
+            inner.uplink_epoch.send_modify(|e| *e += 1);
+        }
         for reach in changed {
             let reachable = reach.reachable == Some(true);
             if reachable {

@@ -156,6 +156,14 @@ where
         let counters = &self.shared.counters;
         let mut waits = Retry::new(retry::RECREATE);
         let mut consumer = Some(first);
+        // A reconnect, or the consumer's JetStream answering again (a healed
+        // uplink), ends a wait before the next attempt at once.
+        let (mut reconnected, mut uplink_back) = match self.client.upgrade() {
+            Some(client) => (client.connection_epoch(), client.uplink_epoch()),
+            None => return false,
+        };
+        reconnected.borrow_and_update();
+        uplink_back.borrow_and_update();
         loop {
             if *stop.borrow() {
                 return true;
@@ -169,14 +177,24 @@ where
                     // Resume at the lowest sequence not yet settled: a
                     // nak'd, failed or in-flight message is delivered again.
                     let floor = counters.ack_floor.load(Ordering::Relaxed);
-                    open_consumer(&client, &self.config, &self.name, Some(floor), false)
-                        .await
-                        .map(|(consumer, recreated)| {
-                            if recreated {
-                                self.shared.metrics.recreations.add(1);
-                            }
-                            consumer
-                        })
+                    let opening =
+                        open_consumer(&client, &self.config, &self.name, Some(floor), false);
+                    // A request into a silent uplink waits for the whole
+                    // JetStream timeout: once the uplink answers again (or
+                    // the connection is replaced), try again at once.
+                    let opened = tokio::select! {
+                        opened = opening => opened,
+                        _ = stop.changed() => return true,
+                        () = self.shutdown.cancelled() => return false,
+                        _ = reconnected.changed() => continue,
+                        _ = uplink_back.changed() => continue,
+                    };
+                    opened.map(|(consumer, recreated)| {
+                        if recreated {
+                            self.shared.metrics.recreations.add(1);
+                        }
+                        consumer
+                    })
                 }
             };
             drop(client);
@@ -205,6 +223,11 @@ where
                         _ = stop.changed() => return true,
                         () = self.shutdown.cancelled() => return false,
                         () = tokio::time::sleep(delay) => continue,
+                        _ = reconnected.changed() => continue,
+                        _ = uplink_back.changed() => {
+                            tracing::info!(stream = %self.config.stream, consumer = %self.name, "JetStream answers again; resuming the consumer");
+                            continue;
+                        }
                     }
                 }
             };
