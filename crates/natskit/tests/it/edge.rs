@@ -24,6 +24,65 @@ async fn raw(
         .await
 }
 
+/// A durable consumer on `stream` that counts and acks what it handles
+/// (a delivery lost on a cut link comes again after the 2 s ack wait).
+async fn counting_consumer(
+    client: &Client,
+    stream: &str,
+    durable: &str,
+) -> natskit::Result<(natskit::ConsumerHandle, Arc<AtomicUsize>)> {
+    let handled = Arc::new(AtomicUsize::new(0));
+    let count = handled.clone();
+    let consumer = client
+        .consume_with(
+            StreamConsumerConfig::new(stream)
+                .durable(durable)
+                .ack_wait(Duration::from_secs(2))
+                .heartbeat(Duration::from_millis(500)),
+            move |msg: jetstream::Message| {
+                let count = count.clone();
+                async move {
+                    count.fetch_add(1, Ordering::SeqCst);
+                    msg.ack().await
+                }
+            },
+        )
+        .await?;
+    Ok((consumer, handled))
+}
+
+/// `tasks` tasks each add one to the number under `key`, `each` times,
+/// with compare-and-swap.
+async fn cas_increments(
+    store: &natskit::KvStore,
+    key: &'static str,
+    tasks: usize,
+    each: usize,
+) -> TestResult {
+    let mut running = Vec::new();
+    for _ in 0..tasks {
+        let store = store.clone();
+        running.push(tokio::spawn(async move {
+            for _ in 0..each {
+                store
+                    .update_with_retry(key, |current| {
+                        let n: u64 = match current {
+                            Some(v) => std::str::from_utf8(v)?.parse()?,
+                            None => 0,
+                        };
+                        Ok::<_, natskit::BoxError>((n + 1).to_string().into_bytes())
+                    })
+                    .await?;
+            }
+            Ok::<_, Error>(())
+        }));
+    }
+    for task in running {
+        task.await??;
+    }
+    Ok(())
+}
+
 /// A hub and one leaf with JetStream domain `leaf`, and a natskit client on
 /// the leaf whose JetStream target is the hub.
 async fn edge() -> Result<(Edge, Client), Box<dyn std::error::Error + Send + Sync>> {
@@ -117,24 +176,7 @@ async fn a_hub_consumer_through_the_leaf_survives_an_uplink_cut() -> TestResult 
     client
         .ensure_stream(memory_stream("WORK", &["work.>"]))
         .await?;
-    let handled = Arc::new(AtomicUsize::new(0));
-    let count = handled.clone();
-    let consumer = client
-        .consume_with(
-            StreamConsumerConfig::new("WORK")
-                .durable("workers")
-                // A delivery lost on the cut link comes again after this.
-                .ack_wait(Duration::from_secs(2))
-                .heartbeat(Duration::from_millis(500)),
-            move |msg: jetstream::Message| {
-                let count = count.clone();
-                async move {
-                    count.fetch_add(1, Ordering::SeqCst);
-                    msg.ack().await
-                }
-            },
-        )
-        .await?;
+    let (consumer, handled) = counting_consumer(&client, "WORK", "workers").await?;
     for i in 0..100 {
         client.publish_to_stream(format!("work.{i}"), "x").await?;
     }
@@ -200,27 +242,7 @@ async fn kv_on_the_hub_through_the_leaf_is_exact_under_contention() -> TestResul
     let mut watch = store.watch("counter").await?;
 
     let (tasks, per_task) = (4, 250);
-    let mut running = Vec::new();
-    for _ in 0..tasks {
-        let store = store.clone();
-        running.push(tokio::spawn(async move {
-            for _ in 0..per_task {
-                store
-                    .update_with_retry("counter", |current| {
-                        let n: u64 = match current {
-                            Some(v) => std::str::from_utf8(v)?.parse()?,
-                            None => 0,
-                        };
-                        Ok::<_, natskit::BoxError>((n + 1).to_string().into_bytes())
-                    })
-                    .await?;
-            }
-            Ok::<_, Error>(())
-        }));
-    }
-    for task in running {
-        task.await??;
-    }
+    cas_increments(&store, "counter", tasks, per_task).await?;
     let total = (tasks * per_task).to_string();
     assert_eq!(&store.get("counter").await?.value[..], total.as_bytes());
     // Stored on the hub, read back there by a raw client.
@@ -400,23 +422,7 @@ async fn a_three_node_hub_through_the_leaf() -> TestResult {
         client.ensure_stream(config.clone()).await.ok()
     })
     .await;
-    let handled = Arc::new(AtomicUsize::new(0));
-    let count = handled.clone();
-    let consumer = client
-        .consume_with(
-            StreamConsumerConfig::new("R3")
-                .durable("r3-workers")
-                .ack_wait(Duration::from_secs(2))
-                .heartbeat(Duration::from_millis(500)),
-            move |msg: jetstream::Message| {
-                let count = count.clone();
-                async move {
-                    count.fetch_add(1, Ordering::SeqCst);
-                    msg.ack().await
-                }
-            },
-        )
-        .await?;
+    let (consumer, handled) = counting_consumer(&client, "R3", "r3-workers").await?;
     for i in 0..50 {
         let ack = client.publish_to_stream(format!("r3.{i}"), "x").await?;
         assert_eq!(ack.domain, HUB_DOMAIN);
@@ -457,27 +463,7 @@ async fn a_three_node_hub_through_the_leaf() -> TestResult {
             ..Default::default()
         },
     );
-    let mut running = Vec::new();
-    for _ in 0..4 {
-        let store = store.clone();
-        running.push(tokio::spawn(async move {
-            for _ in 0..50 {
-                store
-                    .update_with_retry("n", |current| {
-                        let n: u64 = match current {
-                            Some(v) => std::str::from_utf8(v)?.parse()?,
-                            None => 0,
-                        };
-                        Ok::<_, natskit::BoxError>((n + 1).to_string().into_bytes())
-                    })
-                    .await?;
-            }
-            Ok::<_, Error>(())
-        }));
-    }
-    for task in running {
-        task.await??;
-    }
+    cas_increments(&store, "n", 4, 50).await?;
     assert_eq!(&store.get("n").await?.value[..], b"200");
     client.close().await?;
     Ok(())
