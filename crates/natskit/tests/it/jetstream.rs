@@ -903,3 +903,74 @@ async fn streams_of_messages_for_subscriptions_and_consumers() -> TestResult {
     .await;
     Ok(())
 }
+
+/// With `auto_ack`, natskit knows what it acknowledged: after an outside
+/// delete recreates the consumer at an ack floor held low by one message
+/// that keeps failing, the 199 messages acknowledged above the floor come
+/// again and are acknowledged without reaching the handler.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn auto_ack_skips_repeats_after_a_recreation() -> TestResult {
+    let env = env().await?;
+    let client = env.client();
+    client
+        .ensure_stream(memory_stream("REPEAT", &["repeat.>"]))
+        .await?;
+    for i in 1..=200 {
+        client.publish_to_stream(format!("repeat.{i}"), "x").await?;
+    }
+    let calls = Arc::new(Mutex::new(std::collections::HashMap::<u64, usize>::new()));
+    let release = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let (record, released) = (calls.clone(), release.clone());
+    let handle = client
+        .consume_with(
+            StreamConsumerConfig::new("REPEAT")
+                .durable("auto")
+                .auto_ack(true)
+                .heartbeat(Duration::from_millis(500)),
+            move |msg: Message| {
+                let (record, released) = (record.clone(), released.clone());
+                async move {
+                    let seq = msg.info().map(|i| i.stream_sequence).unwrap_or(0);
+                    // The first message fails (and holds the ack floor)
+                    // until released.
+                    if seq == 1 && !released.load(Ordering::SeqCst) {
+                        return Err("not yet");
+                    }
+                    if let Ok(mut calls) = record.lock() {
+                        *calls.entry(seq).or_default() += 1;
+                    }
+                    Ok(())
+                }
+            },
+        )
+        .await?;
+    eventually(WAIT, "messages 2..=200 handled", || async {
+        let calls = calls.lock().ok()?;
+        ((2..=200).all(|s| calls.contains_key(&s))).then_some(())
+    })
+    .await;
+    assert_eq!(handle.stats().ack_floor, 0, "held by message 1");
+    env.jetstream()
+        .get_stream("REPEAT")
+        .await?
+        .delete_consumer("auto")
+        .await?;
+    eventually(WAIT, "a recreation and the repeats skipped", || async {
+        let stats = handle.stats();
+        (stats.recreations >= 1 && stats.repeats_skipped >= 199).then_some(())
+    })
+    .await;
+    release.store(true, Ordering::SeqCst);
+    eventually(WAIT, "message 1 handled and the floor at 200", || async {
+        let one = calls.lock().ok()?.get(&1).copied();
+        (one == Some(1) && handle.stats().ack_floor >= 200).then_some(())
+    })
+    .await;
+    let calls = calls.lock().map_err(|e| e.to_string())?.clone();
+    let repeated: Vec<_> = calls.iter().filter(|(_, n)| **n > 1).collect();
+    assert!(repeated.is_empty(), "handled twice: {repeated:?}");
+    let stats = handle.stats();
+    println!("auto_ack after a recreation: {stats:?}");
+    handle.stop().await;
+    Ok(())
+}

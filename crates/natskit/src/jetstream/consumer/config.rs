@@ -74,6 +74,7 @@ pub struct StreamConsumerConfig {
     pub(crate) message_timeout: Duration,
     pub(crate) heartbeat: Duration,
     pub(crate) inactive_threshold: Duration,
+    pub(crate) auto_ack: bool,
 }
 
 impl StreamConsumerConfig {
@@ -95,6 +96,7 @@ impl StreamConsumerConfig {
             message_timeout: Duration::from_secs(30),
             heartbeat: Duration::from_secs(5),
             inactive_threshold: Duration::from_secs(300),
+            auto_ack: false,
         }
     }
 
@@ -167,6 +169,20 @@ impl StreamConsumerConfig {
         /// the server removes it (default 5 min).
         inactive_threshold: Duration => inactive_threshold);
 
+    /// natskit acknowledges each message whose handler returned `Ok`
+    /// (default: off, the handler acknowledges itself). Because natskit
+    /// then knows what it acknowledged, it remembers those messages above
+    /// the ack floor (up to 65,536) and, when a recreated consumer delivers
+    /// one of them again, acknowledges it again without calling the handler
+    /// ([`ConsumerStats::repeats_skipped`](crate::ConsumerStats::repeats_skipped)).
+    /// At-least-once stays the promise: what was not remembered (a restart
+    /// of the process, more than the bound) reaches the handler again.
+    /// Needs an ack policy other than [`AckPolicy::None`].
+    pub fn auto_ack(mut self, on: bool) -> Self {
+        self.auto_ack = on;
+        self
+    }
+
     /// The stream name (given to [`new`](Self::new)).
     pub fn stream(&self) -> &str {
         &self.stream
@@ -230,6 +246,11 @@ impl StreamConsumerConfig {
         self.heartbeat
     }
 
+    /// See [`auto_ack`](Self::auto_ack).
+    pub fn get_auto_ack(&self) -> bool {
+        self.auto_ack
+    }
+
     /// See [`inactive_threshold`](Self::inactive_threshold).
     pub fn get_inactive_threshold(&self) -> Duration {
         self.inactive_threshold
@@ -253,6 +274,11 @@ impl StreamConsumerConfig {
         }
         for delay in &self.backoff {
             check_nonzero("a backoff delay", *delay)?;
+        }
+        if self.auto_ack && self.ack_policy == AckPolicy::None {
+            return Err(Error::InvalidArgument(
+                "auto_ack needs an ack policy other than None".into(),
+            ));
         }
         if self.max_deliver == Some(0) || self.max_ack_pending == Some(0) {
             return Err(Error::InvalidArgument(

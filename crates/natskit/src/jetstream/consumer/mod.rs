@@ -53,6 +53,11 @@ pub struct ConsumerStats {
     /// at or below this stream sequence is settled. A recreated consumer
     /// resumes right after it.
     pub ack_floor: u64,
+    /// Deliveries of messages natskit had already acknowledged (with
+    /// [`StreamConsumerConfig::auto_ack`]), acknowledged again without
+    /// calling the handler: the repeats a recreation at the ack floor
+    /// would otherwise hand to it.
+    pub repeats_skipped: u64,
 }
 
 #[derive(Debug, Default)]
@@ -62,6 +67,7 @@ struct Counters {
     panics: AtomicU64,
     timeouts: AtomicU64,
     last_seq: AtomicU64,
+    repeats_skipped: AtomicU64,
     /// The server's ack floor (stream sequence): every message at or below
     /// it is acked or terminated. Recreation resumes right after it.
     ack_floor: AtomicU64,
@@ -121,6 +127,7 @@ impl ConsumerHandle {
             recreations: self.shared.metrics.recreations.get(),
             last_stream_sequence: get(&c.last_seq),
             ack_floor: get(&c.ack_floor),
+            repeats_skipped: get(&c.repeats_skipped),
         }
     }
 
@@ -249,6 +256,7 @@ impl Client {
             name,
             handler: Arc::new(handler),
             shared,
+            acked: std::sync::Mutex::new(std::collections::BTreeSet::new()),
         };
         self.tasks().spawn(async move {
             supervisor.run(consumer, stop_rx).await;

@@ -17,6 +17,7 @@ use crate::client::retry::{self, Retry};
 use crate::client::{Client, WeakClient};
 use crate::core::error::{Error, Result};
 use crate::core::subject;
+use crate::core::sync::lock;
 
 use super::ConsumerShared;
 use super::config::{AckPolicy, StreamConsumerConfig};
@@ -113,7 +114,13 @@ pub(crate) struct Supervisor<F> {
     pub(crate) name: String,
     pub(crate) handler: Arc<F>,
     pub(crate) shared: Arc<ConsumerShared>,
+    /// With `auto_ack`: stream sequences above the ack floor that natskit
+    /// acknowledged, at most [`REMEMBERED_ACKS`].
+    pub(crate) acked: std::sync::Mutex<std::collections::BTreeSet<u64>>,
 }
+
+/// How many acknowledged sequences above the floor a consumer remembers.
+const REMEMBERED_ACKS: usize = 65_536;
 
 impl<F, Fut> Supervisor<F>
 where
@@ -262,6 +269,11 @@ where
                         reading = None;
                         if let Some(floor) = floor {
                             counters.ack_floor.fetch_max(floor, Ordering::Relaxed);
+                            if self.config.auto_ack {
+                                // Settled on the server: nothing to remember.
+                                let mut acked = lock(&self.acked);
+                                *acked = acked.split_off(&floor.saturating_add(1));
+                            }
                         }
                     }
                     _ = floor_ticker.tick(), if read_floor => {
@@ -306,6 +318,13 @@ where
         if delivered > 1 {
             self.shared.metrics.redeliveries.add(1);
         }
+        if self.config.auto_ack && stream_seq > 0 && lock(&self.acked).contains(&stream_seq) {
+            // Acknowledged by this process before (a recreated consumer
+            // starts again at the ack floor): acknowledge it again.
+            counters.repeats_skipped.fetch_add(1, Ordering::Relaxed);
+            self.settle(reply, AckKind::Ack).await;
+            return;
+        }
         let headers = message.headers.clone();
         let timeout = self.config.message_timeout;
         let failed = match invoke(headers.as_ref(), timeout, (self.handler)(message)).await {
@@ -331,16 +350,30 @@ where
                 true
             }
         };
-        if failed
-            && self.config.ack_policy != AckPolicy::None
-            && let Some(reply) = reply
-            && let Some(client) = self.client.upgrade()
-            && let Ok(conn) = client.nats()
-        {
-            let _ = conn.publish(reply, AckKind::Nak(None).into()).await;
+        if failed && self.config.ack_policy != AckPolicy::None {
+            self.settle(reply, AckKind::Nak(None)).await;
+        } else if !failed && self.config.auto_ack {
+            self.settle(reply, AckKind::Ack).await;
+            if stream_seq > 0 {
+                let mut acked = lock(&self.acked);
+                acked.insert(stream_seq);
+                if acked.len() > REMEMBERED_ACKS {
+                    acked.pop_first();
+                }
+            }
         }
         if stream_seq > 0 {
             counters.last_seq.fetch_max(stream_seq, Ordering::Relaxed);
+        }
+    }
+
+    /// Sends `kind` for the message with reply subject `reply`.
+    async fn settle(&self, reply: Option<async_nats::Subject>, kind: AckKind) {
+        if let Some(reply) = reply
+            && let Some(client) = self.client.upgrade()
+            && let Ok(conn) = client.nats()
+        {
+            let _ = conn.publish(reply, kind.into()).await;
         }
     }
 }
