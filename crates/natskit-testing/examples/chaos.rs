@@ -47,7 +47,7 @@ fn main() -> ExitCode {
 }
 
 async fn run() -> ExitCode {
-    let scenarios: [(&str, Scenario); 8] = [
+    let scenarios: [(&str, Scenario); 9] = [
         ("single-server-kills", || Box::pin(single_server_kills())),
         ("r3-stream-leader-kills", || {
             Box::pin(r3_stream_leader_kills())
@@ -69,6 +69,9 @@ async fn run() -> ExitCode {
         }),
         ("edge-uplink-stall-and-cut", || {
             Box::pin(edge_uplink_stall_and_cut())
+        }),
+        ("consumer-repeats-after-recreation", || {
+            Box::pin(consumer_repeats_after_recreation())
         }),
     ];
     let only = std::env::var("SCENARIO").unwrap_or_default();
@@ -1205,4 +1208,105 @@ async fn publish_until_acked(client: &Client, i: usize, retries: &mut u64) -> Re
             Err(err) => return Err(format!("message {i}: {err}")),
         }
     }
+}
+
+/// 10,000 messages to an `auto_ack` consumer; 200 of them (sequences
+/// 101-300) fail until released, so the ack floor stays at 100 while the
+/// rest is handled; the server is SIGKILLed and restarted, then the
+/// consumer is deleted from outside and recreated at the floor. Nothing may
+/// be lost, and the repeats that reach the handler must stay under 1,000
+/// (without `auto_ack` every message acknowledged above the floor would
+/// come again: thousands).
+async fn consumer_repeats_after_recreation() -> Outcome {
+    const TOTAL: u64 = 10_000;
+    let (mut server, client) = durable_server_with_stream("REPEATS", "repeats.>").await?;
+    let publisher = client.stream_publisher(256).map_err(fail)?;
+    for i in 0..TOTAL {
+        publisher
+            .publish(format!("repeats.{i}"), "job")
+            .await
+            .map_err(fail)?;
+    }
+    let report = publisher.flush().await;
+    check(report.acked == TOTAL, || format!("published {report:?}"))?;
+
+    let calls = Arc::new(Mutex::new(BTreeMap::<u64, u64>::new()));
+    let release = Arc::new(AtomicBool::new(false));
+    let (record, released) = (calls.clone(), release.clone());
+    let handle = client
+        .consume_with(
+            StreamConsumerConfig::new("REPEATS")
+                .durable("repeats")
+                .auto_ack(true)
+                .heartbeat(Duration::from_millis(500)),
+            move |msg: async_nats::jetstream::Message| {
+                let (record, released) = (record.clone(), released.clone());
+                async move {
+                    let seq = msg.info().map_or(0, |i| i.stream_sequence);
+                    if (101..=300).contains(&seq) && !released.load(Ordering::SeqCst) {
+                        return Err("held");
+                    }
+                    if let Ok(mut calls) = record.lock() {
+                        *calls.entry(seq).or_default() += 1;
+                    }
+                    Ok(())
+                }
+            },
+        )
+        .await
+        .map_err(fail)?;
+    // Everything but the held 200 handled.
+    wait_for(Duration::from_secs(60), "the first pass", || async {
+        (calls.lock().ok()?.len() as u64 == TOTAL - 200).then_some(())
+    })
+    .await?;
+    server.kill_async().await.map_err(fail)?;
+    server.restart_async().await.map_err(fail)?;
+    wait_for(
+        Duration::from_secs(30),
+        "the consumer back after the restart",
+        || async { handle.is_healthy().then_some(()) },
+    )
+    .await?;
+    let raw = async_nats::connect(server.url()).await.map_err(fail)?;
+    wait_for(Duration::from_secs(30), "the outside delete", || async {
+        async_nats::jetstream::new(raw.clone())
+            .get_stream("REPEATS")
+            .await
+            .ok()?
+            .delete_consumer("repeats")
+            .await
+            .ok()
+    })
+    .await?;
+    let deleted = Instant::now();
+    wait_for(Duration::from_secs(30), "the recreation", || async {
+        (handle.stats().recreations >= 1).then_some(())
+    })
+    .await?;
+    release.store(true, Ordering::SeqCst);
+    let settled = wait_for(
+        Duration::from_secs(60),
+        "every message handled and acknowledged",
+        || async {
+            let all = calls.lock().ok()?.len() as u64 == TOTAL;
+            (all && handle.stats().ack_floor >= TOTAL).then(|| deleted.elapsed())
+        },
+    )
+    .await?;
+    let calls = calls.lock().map_err(fail)?.clone();
+    let repeats: u64 = calls.values().map(|n| n - 1).sum();
+    let lost = (1..=TOTAL).filter(|s| !calls.contains_key(s)).count();
+    let stats = handle.stats();
+    handle.stop().await;
+    client.close().await.map_err(fail)?;
+    check(lost == 0, || format!("{lost} messages never handled"))?;
+    check(repeats < 1_000, || {
+        format!("{repeats} repeats reached the handler ({stats:?})")
+    })?;
+    Ok(format!(
+        "{TOTAL} handled, lost 0, {repeats} repeats reached the handler, {} acknowledged again without it, \
+         across a kill, a restart and an outside delete ({} recreations); settled {settled:.2?} after the delete",
+        stats.repeats_skipped, stats.recreations
+    ))
 }
