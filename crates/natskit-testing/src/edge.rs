@@ -169,7 +169,11 @@ impl EdgeBuilder {
                 domain: spec.domain,
             });
         }
-        let edge = Edge { hub, leaves };
+        let edge = Edge {
+            hub,
+            leaves,
+            leaf_ports,
+        };
         let timeout = self.uplink_timeout.unwrap_or(DEFAULT_UPLINK_TIMEOUT);
         for leaf in &edge.leaves {
             leaf.wait_for_uplink(timeout).await?;
@@ -183,6 +187,8 @@ impl EdgeBuilder {
 pub struct Edge {
     hub: Hub,
     leaves: Vec<Leaf>,
+    /// The leafnode port of each hub node.
+    leaf_ports: Vec<u16>,
 }
 
 /// The hub: one server or a cluster.
@@ -213,6 +219,13 @@ impl Edge {
             Hub::Single(server) => server,
             Hub::Cluster(cluster) => cluster.node_mut(0),
         }
+    }
+
+    /// The leafnode port of each hub node (the proxies forward there; it
+    /// stays the same across a restart). nats-server's ports file does not
+    /// list it, so it is reserved up front.
+    pub fn hub_leafnode_ports(&self) -> &[u16] {
+        &self.leaf_ports
     }
 
     /// The hub cluster, when the hub is one ([`EdgeBuilder::hub_cluster`]).

@@ -412,6 +412,7 @@ async fn a_hub_stream_sources_a_leaf_stream() -> TestResult {
 async fn a_three_node_hub_through_the_leaf() -> TestResult {
     let edge = Edge::builder().hub_cluster(3).leaf("leaf").start().await?;
     assert_eq!(edge.leaf(0).uplinks().len(), 3);
+    assert_eq!(edge.hub_leafnode_ports().len(), 3);
     let client = Client::builder(edge.leaf(0).url())
         .jetstream_domain(HUB_DOMAIN)
         .connect()
