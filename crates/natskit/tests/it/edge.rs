@@ -469,3 +469,55 @@ async fn a_three_node_hub_through_the_leaf() -> TestResult {
     client.close().await?;
     Ok(())
 }
+
+/// The outbox of a client on the leaf across an uplink that is silent and
+/// then closed: the hub's stream cannot be reached, which is a pause, not a
+/// dead letter; everything arrives once after the heal.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_outbox_waits_out_a_closed_uplink_without_dead_letters() -> TestResult {
+    let (edge, client) = edge().await?;
+    client
+        .ensure_stream(memory_stream("UPLINKED", &["uplinked.>"]))
+        .await?;
+    let dir = tempfile::tempdir()?;
+    let outbox = client
+        .outbox(natskit::OutboxConfig::new(dir.path().join("uplink.redb")))
+        .await?;
+    let leaf = edge.leaf(0);
+    leaf.blackhole_uplink();
+    for i in 0..300 {
+        outbox
+            .publish_durable(format!("uplinked.{}", i % 3), format!("{i}"))
+            .await?;
+    }
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    leaf.cut_uplink();
+    leaf.wait_for_unlinked(WAIT).await?;
+    for i in 300..600 {
+        outbox
+            .publish_durable(format!("uplinked.{}", i % 3), format!("{i}"))
+            .await?;
+    }
+    // Long enough for every failure path to run more than once.
+    tokio::time::sleep(Duration::from_secs(4)).await;
+    assert_eq!(outbox.stats().dead_letters, 0, "{:?}", outbox.stats());
+    leaf.heal_uplink();
+    leaf.wait_for_uplink(WAIT).await?;
+    outbox.flush_outbox(WAIT).await?;
+    let stats = outbox.stats();
+    assert_eq!((stats.forwarded, stats.dead_letters), (600, 0), "{stats:?}");
+    let on_hub = jetstream::new(raw(edge.hub()).await?);
+    assert_eq!(
+        on_hub
+            .get_stream("UPLINKED")
+            .await?
+            .info()
+            .await?
+            .state
+            .messages,
+        600
+    );
+    outbox.close().await?;
+    client.close().await?;
+    Ok(())
+}
