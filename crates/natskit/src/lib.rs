@@ -231,7 +231,7 @@ pub use crate::messaging::request::{
 };
 pub use crate::messaging::service::{Endpoint, Service, ServiceConfig};
 #[cfg(feature = "outbox")]
-pub use crate::outbox::{DeadLetter, DeadMessage, Outbox, OutboxConfig, Receipt};
+pub use crate::outbox::{DeadLetter, DeadMessage, FlushReport, Outbox, OutboxConfig, Receipt};
 #[cfg(feature = "msgpack")]
 pub use crate::typed::MsgPackCodec;
 pub use crate::typed::{Codec, ErrorHook, JsonCodec, MAX_DECODE_DEPTH, TypedSubject};

@@ -220,6 +220,9 @@ struct Counters {
     /// Resends answered as duplicates (no metric; the rest of the counts
     /// are `Tally`s in `OutboxMetrics`).
     duplicates: AtomicU64,
+    /// Messages moved to the dead letters since the outbox opened (never
+    /// decreases; `dead_letters` is what is there now).
+    dead_lettered: AtomicU64,
 }
 
 #[derive(Debug, Default, Clone, Copy)]
@@ -344,6 +347,16 @@ impl Drop for Handle {
         self.cancel.cancel();
         self.client.detach_outbox_stats(&self.stats_source);
     }
+}
+
+/// What [`Outbox::flush_outbox`] found once everything stored before it
+/// was settled.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+#[non_exhaustive]
+pub struct FlushReport {
+    /// Messages moved to the dead letters while the flush waited (refused
+    /// for good: see [`Outbox::dead_letters`]); the rest were acknowledged.
+    pub dead_lettered: u64,
 }
 
 /// A durable outbox attached to a [`Client`]: see the [module
@@ -656,22 +669,40 @@ impl Outbox {
     }
 
     /// Waits until every message stored before this call has been
-    /// acknowledged by its stream (or moved to the dead letters).
+    /// settled: acknowledged by its stream, or moved to the dead letters.
+    /// The report says how many went to the dead letters while it waited,
+    /// so `Ok` is never mistaken for "all delivered".
+    ///
+    /// ```no_run
+    /// # async fn demo(outbox: natskit::Outbox) -> natskit::Result<()> {
+    /// let report = outbox.flush_outbox(std::time::Duration::from_secs(10)).await?;
+    /// if report.dead_lettered > 0 {
+    ///     eprintln!("{} messages refused: see dead_letters()", report.dead_lettered);
+    /// }
+    /// # Ok(()) }
+    /// ```
     ///
     /// # Errors
     /// [`Error::OutboxFlushTimeout`] with the count still pending;
     /// [`Error::Closed`] when the outbox or its client is closed.
-    pub async fn flush_outbox(&self, timeout: Duration) -> Result<()> {
+    pub async fn flush_outbox(&self, timeout: Duration) -> Result<FlushReport> {
         self.inner.client.ensure_open()?;
         let shared = &self.inner.shared;
         if shared.closed.load(Ordering::Acquire) {
             return Err(Error::Closed);
         }
         let target = shared.signals.last_committed.load(Ordering::Acquire);
+        let dead_before = shared.counters.dead_lettered.load(Ordering::Acquire);
         let mut low = shared.low_water.subscribe();
         let wait = low.wait_for(|low| *low > target);
         match tokio::time::timeout(timeout, wait).await {
-            Ok(Ok(_)) => Ok(()),
+            Ok(Ok(_)) => Ok(FlushReport {
+                dead_lettered: shared
+                    .counters
+                    .dead_lettered
+                    .load(Ordering::Acquire)
+                    .saturating_sub(dead_before),
+            }),
             Ok(Err(_)) => Err(Error::Closed),
             Err(_) => Err(Error::OutboxFlushTimeout {
                 timeout,

@@ -220,7 +220,8 @@ async fn durable_publishes_reach_the_stream_once_in_order() -> TestResult {
     assert_eq!(own.message_id, "my-own-id");
     receipts.push(("events.h".into(), own.into()));
 
-    outbox.flush_outbox(Duration::from_secs(30)).await?;
+    let report = outbox.flush_outbox(Duration::from_secs(30)).await?;
+    assert_eq!(report.dead_lettered, 0);
     let stats = outbox.stats();
     println!("stats after flush: {stats:?}");
     assert_eq!(stats.pending_messages, 0);
@@ -345,7 +346,8 @@ async fn refused_messages_become_dead_letters_and_can_be_requeued() -> TestResul
         "ok.1".to_owned(),
         outbox.publish_durable("ok.1", "b").await?.into(),
     ));
-    outbox.flush_outbox(Duration::from_secs(30)).await?;
+    let report = outbox.flush_outbox(Duration::from_secs(30)).await?;
+    assert_eq!(report.dead_lettered, 1, "the flush says one was refused");
     let stats = outbox.stats();
     assert_eq!((stats.forwarded, stats.dead_letters), (2, 1), "{stats:?}");
 
