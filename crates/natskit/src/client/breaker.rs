@@ -395,16 +395,8 @@ impl Permit<'_> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::core::backoff::Backoff;
+    use crate::core::breaker::tests::config;
     use std::sync::atomic::AtomicUsize;
-
-    fn config(threshold: u32, initial: u64, max: u64) -> BreakerConfig {
-        BreakerConfig {
-            threshold,
-            backoff: Backoff::new(Duration::from_secs(initial), Duration::from_secs(max))
-                .without_jitter(),
-        }
-    }
 
     #[test]
     fn neutral_outcomes_settle_nothing() {

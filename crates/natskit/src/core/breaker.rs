@@ -429,10 +429,12 @@ impl BreakerCore {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
 
-    fn config(threshold: u32, initial: u64, max: u64) -> BreakerConfig {
+    /// A breaker configuration without jitter, for the core's and the
+    /// shell's tests.
+    pub(crate) fn config(threshold: u32, initial: u64, max: u64) -> BreakerConfig {
         BreakerConfig {
             threshold,
             backoff: Backoff::new(Duration::from_secs(initial), Duration::from_secs(max))
