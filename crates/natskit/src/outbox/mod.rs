@@ -101,6 +101,7 @@ pub struct OutboxConfig {
     ack_timeout: Duration,
     duplicate_window: Duration,
     set_aside_corrupted: bool,
+    jetstream_domain: Option<String>,
 }
 
 impl OutboxConfig {
@@ -116,6 +117,7 @@ impl OutboxConfig {
             ack_timeout: Duration::from_secs(5),
             duplicate_window: Duration::from_secs(120),
             set_aside_corrupted: false,
+            jetstream_domain: None,
         }
     }
 
@@ -153,6 +155,17 @@ impl OutboxConfig {
         /// should stop and page someone.
         set_aside_corrupted: bool => set_aside_corrupted
     );
+
+    /// Forwards to the JetStream of `domain` (`$JS.<domain>.API`): from a
+    /// leaf node to the hub's streams, say (default: the JetStream its
+    /// client handle targets, see
+    /// [`Client::with_jetstream_domain`](crate::Client::with_jetstream_domain)).
+    /// An invalid domain is [`Error::InvalidConfig`] from
+    /// [`Outbox::open`].
+    pub fn jetstream_domain(mut self, domain: impl Into<String>) -> Self {
+        self.jetstream_domain = Some(domain.into());
+        self
+    }
 
     /// The file.
     pub fn path(&self) -> &Path {
@@ -391,6 +404,12 @@ impl Outbox {
     pub async fn open(client: &Client, config: OutboxConfig) -> Result<Outbox> {
         client.ensure_open()?;
         config.validate()?;
+        // The handle the forwarder publishes through: the client's own, or
+        // one on the same connection targeting the configured domain.
+        let target = match &config.jetstream_domain {
+            Some(domain) => client.with_jetstream_domain(domain)?,
+            None => client.clone(),
+        };
         let has_one = || Error::Outbox {
             op: "open",
             source: "this client has an outbox already".into(),
@@ -481,7 +500,7 @@ impl Outbox {
         );
         let cancel = client.shutdown().child_token();
         let forwarder = tokio::spawn(forward::forward(
-            client.clone(),
+            target,
             shared.clone(),
             cancel.clone(),
             opened.first_pending,

@@ -521,3 +521,47 @@ async fn the_outbox_waits_out_a_closed_uplink_without_dead_letters() -> TestResu
     client.close().await?;
     Ok(())
 }
+
+/// An outbox names its own target domain: the client on the leaf uses the
+/// leaf's JetStream, its outbox forwards to the hub's.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_outbox_targets_its_own_domain() -> TestResult {
+    let edge = Edge::builder().leaf("leaf").start().await?;
+    let client = Client::builder(edge.leaf(0).url()).connect().await?;
+    let hub = client.with_jetstream_domain(HUB_DOMAIN)?;
+    hub.ensure_stream(memory_stream("FORHUB", &["forhub.>"]))
+        .await?;
+    let dir = tempfile::tempdir()?;
+    assert!(matches!(
+        client
+            .outbox(natskit::OutboxConfig::new(dir.path().join("bad.redb")).jetstream_domain("a.b"))
+            .await,
+        Err(Error::InvalidConfig(_))
+    ));
+    let outbox = client
+        .outbox(
+            natskit::OutboxConfig::new(dir.path().join("hub.redb")).jetstream_domain(HUB_DOMAIN),
+        )
+        .await?;
+    for i in 0..100 {
+        outbox.publish_durable(format!("forhub.{i}"), "x").await?;
+    }
+    let report = outbox.flush_outbox(WAIT).await?;
+    assert_eq!(report.dead_lettered, 0);
+    let on_hub = jetstream::new(raw(edge.hub()).await?);
+    assert_eq!(
+        on_hub
+            .get_stream("FORHUB")
+            .await?
+            .info()
+            .await?
+            .state
+            .messages,
+        100
+    );
+    // The client itself still targets the leaf's JetStream.
+    assert_eq!(client.jetstream_api_prefix(), "$JS.API");
+    outbox.close().await?;
+    client.close().await?;
+    Ok(())
+}
