@@ -183,7 +183,7 @@ impl ClientMetrics {
             failed: Tally::new(counter!("natskit_outbox_failed_total", &labels)),
             resent: Tally::new(counter!("natskit_outbox_resent_total", &labels)),
             reordered: Tally::new(counter!("natskit_outbox_reordered_total", &labels)),
-            dead_lettered: counter!("natskit_outbox_dead_lettered_total", &labels),
+            dead_lettered: Tally::new(counter!("natskit_outbox_dead_lettered_total", &labels)),
         }
     }
 }
@@ -200,7 +200,9 @@ pub(crate) struct OutboxMetrics {
     pub(crate) failed: Tally,
     pub(crate) resent: Tally,
     pub(crate) reordered: Tally,
-    pub(crate) dead_lettered: Counter,
+    /// Moved to the dead letters since the outbox opened (never decreases;
+    /// the `dead_letters` gauge is what is there now).
+    pub(crate) dead_lettered: Tally,
 }
 
 #[cfg(feature = "outbox")]

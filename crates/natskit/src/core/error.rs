@@ -155,7 +155,7 @@ pub enum Error {
         /// Why.
         reason: &'static str,
     },
-    /// An argument is out of range (a zero interval, a filter outside the
+    /// An argument is out of range (a filter outside the
     /// stream's subjects...).
     #[error("invalid argument: {0}")]
     InvalidArgument(String),

@@ -21,10 +21,18 @@ use crate::core::sync::lock;
 use super::write::{Next, Resolution, Sent, WriteCore};
 use super::{Invalidate, KvEntry, KvOptions, KvStore};
 
-/// Where one KV write is published, and where the stream stores it.
+/// Where one KV write is published, and where the stream stores it: the
+/// stored subject is the end of the published one (one allocation a write).
 pub(super) struct WriteSubject {
     publish: String,
-    stored: String,
+    /// Where the stored subject starts in `publish`.
+    stored_at: usize,
+}
+
+impl WriteSubject {
+    fn stored(&self) -> &str {
+        &self.publish[self.stored_at..]
+    }
 }
 
 /// Bytes a KV write's headers take on the wire: `NATS/1.0`, a message id
@@ -113,13 +121,18 @@ impl KvStore {
             .put_prefix
             .as_ref()
             .unwrap_or(&self.bucket.prefix);
-        let stored = format!("{prefix}{key}");
-        let publish = if self.bucket.use_jetstream_prefix {
-            format!("{}.{stored}", self.client.jetstream_api_prefix())
+        if self.bucket.use_jetstream_prefix {
+            let api = self.client.jetstream_api_prefix();
+            WriteSubject {
+                publish: format!("{api}.{prefix}{key}"),
+                stored_at: api.len() + 1,
+            }
         } else {
-            stored.clone()
-        };
-        WriteSubject { publish, stored }
+            WriteSubject {
+                publish: format!("{prefix}{key}"),
+                stored_at: 0,
+            }
+        }
     }
 
     /// One KV write as a JetStream publish with a unique `Nats-Msg-Id`,
@@ -219,7 +232,7 @@ impl KvStore {
                         });
                     }
                     Next::Resolve => {
-                        let found = self.resolve(&subject.stored, &id, expected).await;
+                        let found = self.resolve(subject.stored(), &id, expected).await;
                         next = core.resolved(found, Instant::now(), fastrand::f64());
                     }
                     Next::Resend { delay } => break delay,

@@ -267,7 +267,7 @@ impl Client {
         Fut: HandlerFuture,
     {
         let subject = subject.into_subject();
-        if let Some(deadline) = options.deadline {
+        if let Some(deadline) = options.handler_deadline() {
             self.ensure_open()?;
             check_nonzero("handler deadline", deadline)?;
         }
@@ -281,12 +281,14 @@ impl Client {
         self.registry().add_control(&control);
         let run = Runner {
             handler: Arc::new(handler),
-            deadline: options.deadline.unwrap_or(self.config().handler_deadline),
+            deadline: options
+                .handler_deadline()
+                .unwrap_or(self.config().handler_deadline),
             stats: stats.clone(),
             subject: subject.to_string(),
             capacity: self.config().subscription_capacity,
         };
-        let concurrency = options.concurrency.unwrap_or(1);
+        let concurrency = options.handler_concurrency();
         let tasks = self.tasks().clone();
         // A combinator, not an `async` block: the block would keep the
         // runner's arguments beside the runner's future.

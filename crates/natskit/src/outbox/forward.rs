@@ -399,8 +399,7 @@ impl Shell<'_> {
                     // Counted here, at once; the store thread counts only
                     // what leaves.
                     let dead = shared.dead_letters.fetch_add(1, Ordering::Relaxed) + 1;
-                    counters.dead_lettered.fetch_add(1, Ordering::Release);
-                    metrics.dead_lettered.increment(1);
+                    metrics.dead_lettered.add(1);
                     metrics.dead_letters.set(dead as f64);
                     shared.adjust(-1, -as_i64(size));
                 }

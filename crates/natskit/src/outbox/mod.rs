@@ -233,9 +233,6 @@ struct Counters {
     /// Resends answered as duplicates (no metric; the rest of the counts
     /// are `Tally`s in `OutboxMetrics`).
     duplicates: AtomicU64,
-    /// Messages moved to the dead letters since the outbox opened (never
-    /// decreases; `dead_letters` is what is there now).
-    dead_lettered: AtomicU64,
 }
 
 #[derive(Debug, Default, Clone, Copy)]
@@ -711,15 +708,15 @@ impl Outbox {
             return Err(Error::Closed);
         }
         let target = shared.signals.last_committed.load(Ordering::Acquire);
-        let dead_before = shared.counters.dead_lettered.load(Ordering::Acquire);
+        let dead_before = shared.metrics.dead_lettered.get();
         let mut low = shared.low_water.subscribe();
         let wait = low.wait_for(|low| *low > target);
         match tokio::time::timeout(timeout, wait).await {
             Ok(Ok(_)) => Ok(FlushReport {
                 dead_lettered: shared
-                    .counters
+                    .metrics
                     .dead_lettered
-                    .load(Ordering::Acquire)
+                    .get()
                     .saturating_sub(dead_before),
             }),
             Ok(Err(_)) => Err(Error::Closed),

@@ -59,7 +59,7 @@ pub enum Settled {
 /// ```
 ///
 /// # Errors
-/// [`Error::InvalidArgument`] for a zero interval (the message is not
+/// [`Error::ZeroDuration`] for a zero interval (the message is not
 /// touched); [`Error::JetStream`] when an in-progress or the final
 /// acknowledgement could not be sent.
 pub async fn consume_with_heartbeat<W, E>(
