@@ -506,7 +506,6 @@ impl ClientBuilder {
             status: status_rx,
             signals,
             epoch: Arc::new(watch::Sender::new(0)),
-            uplink_epoch: watch::Sender::new(0),
             shutdown: shutdown.clone(),
             counters: Counters::default(),
             registry: Arc::new(Registry::default()),

@@ -74,12 +74,11 @@ pub(crate) struct Inner {
     ever_connected: Arc<AtomicBool>,
     status: watch::Receiver<Status>,
     signals: mpsc::UnboundedSender<Signal>,
-    /// Bumped on every (re)connection, so waits that a drop would strand
-    /// (a JetStream ack) can resend at once.
-    epoch: Arc<watch::Sender<u64>>,
-    /// Bumped whenever another JetStream API this client targets answers
-    /// again (an uplink healed), so waits for it end at once.
-    pub(crate) uplink_epoch: watch::Sender<u64>,
+    /// Bumped on every (re)connection, and whenever another JetStream API
+    /// this client targets answers again (a healed uplink): waits that a
+    /// lost path would strand (a JetStream ack, a consumer's recreation, the
+    /// outbox's window) resend or retry at once.
+    pub(crate) epoch: Arc<watch::Sender<u64>>,
     /// Cancelled when the last `Client` handle is dropped (or at close):
     /// every task the client started ends, so nothing keeps the connection
     /// alive.
@@ -546,13 +545,8 @@ impl Client {
         WeakClient(Arc::downgrade(&self.inner), self.js.clone())
     }
 
-    /// A receiver of the uplink epoch, bumped whenever another JetStream
-    /// API this client targets answers again.
-    pub(crate) fn uplink_epoch(&self) -> watch::Receiver<u64> {
-        self.inner.uplink_epoch.subscribe()
-    }
-
-    /// A receiver of the connection epoch, bumped on every (re)connection.
+    /// A receiver of the connection epoch, bumped on every (re)connection
+    /// and whenever another JetStream API this client targets answers again.
     pub(crate) fn connection_epoch(&self) -> watch::Receiver<u64> {
         self.inner.epoch.subscribe()
     }

@@ -454,7 +454,8 @@ impl StatusTask {
             }
         }
         if changed.iter().any(|r| r.reachable == Some(true)) {
-            inner.uplink_epoch.send_modify(|e| *e += 1);
+            // The path is back: what waits on it resends or retries now.
+            inner.epoch.send_modify(|e| *e += 1);
         }
         for reach in changed {
             let reachable = reach.reachable == Some(true);

@@ -165,12 +165,11 @@ where
         let mut consumer = Some(first);
         // A reconnect, or the consumer's JetStream answering again (a healed
         // uplink), ends a wait before the next attempt at once.
-        let (mut reconnected, mut uplink_back) = match self.client.upgrade() {
-            Some(client) => (client.connection_epoch(), client.uplink_epoch()),
+        let mut reconnected = match self.client.upgrade() {
+            Some(client) => client.connection_epoch(),
             None => return false,
         };
         reconnected.borrow_and_update();
-        uplink_back.borrow_and_update();
         loop {
             if *stop.borrow() {
                 return true;
@@ -194,7 +193,6 @@ where
                         _ = stop.changed() => return true,
                         () = self.shutdown.cancelled() => return false,
                         _ = reconnected.changed() => continue,
-                        _ = uplink_back.changed() => continue,
                     };
                     opened.map(|(consumer, recreated)| {
                         if recreated {
@@ -230,9 +228,8 @@ where
                         _ = stop.changed() => return true,
                         () = self.shutdown.cancelled() => return false,
                         () = tokio::time::sleep(delay) => continue,
-                        _ = reconnected.changed() => continue,
-                        _ = uplink_back.changed() => {
-                            tracing::info!(stream = %self.config.stream, consumer = %self.name, "JetStream answers again; resuming the consumer");
+                        _ = reconnected.changed() => {
+                            tracing::info!(stream = %self.config.stream, consumer = %self.name, "reconnected, or JetStream answers again; resuming the consumer");
                             continue;
                         }
                     }
