@@ -25,7 +25,11 @@ const LAYERS: &[(&str, &[&str])] = &[
 
 /// Pure cores that live beside their shells in a feature folder: the same
 /// rule as `core/`, but they may use the client layer's classifications.
-const PURE_FILES: &[&str] = &["kv/write.rs", "outbox/window.rs"];
+const PURE_FILES: &[&str] = &[
+    "kv/write.rs",
+    "outbox/window.rs",
+    "jetstream/consumer/acks.rs",
+];
 
 /// What the core may not contain outside its unit tests: I/O, tasks and
 /// clock reads belong to the shells above it.

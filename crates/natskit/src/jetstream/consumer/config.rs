@@ -172,7 +172,7 @@ impl StreamConsumerConfig {
     /// natskit acknowledges each message whose handler returned `Ok`
     /// (default: off, the handler acknowledges itself). Because natskit
     /// then knows what it acknowledged, it remembers those messages above
-    /// the ack floor (up to 65,536) and, when a recreated consumer delivers
+    /// the ack floor (up to 65,536, the oldest forgotten first) and, when a recreated consumer delivers
     /// one of them again, acknowledges it again without calling the handler
     /// ([`ConsumerStats::repeats_skipped`](crate::ConsumerStats::repeats_skipped)).
     /// At-least-once stays the promise: what was not remembered (a restart

@@ -8,6 +8,7 @@
 //! message waiting for redelivery is never skipped and no orphan consumers
 //! pile up.
 
+mod acks;
 mod config;
 mod heartbeat;
 mod supervisor;
@@ -256,7 +257,7 @@ impl Client {
             name,
             handler: Arc::new(handler),
             shared,
-            acked: std::sync::Mutex::new(std::collections::BTreeSet::new()),
+            acked: std::sync::Mutex::default(),
         };
         self.tasks().spawn(async move {
             supervisor.run(consumer, stop_rx).await;

@@ -20,6 +20,7 @@ use crate::core::subject;
 use crate::core::sync::lock;
 
 use super::ConsumerShared;
+use super::acks::AckMemory;
 use super::config::{AckPolicy, StreamConsumerConfig};
 
 /// Gets or creates the consumer. `create` forces a create (first start);
@@ -114,13 +115,9 @@ pub(crate) struct Supervisor<F> {
     pub(crate) name: String,
     pub(crate) handler: Arc<F>,
     pub(crate) shared: Arc<ConsumerShared>,
-    /// With `auto_ack`: stream sequences above the ack floor that natskit
-    /// acknowledged, at most [`REMEMBERED_ACKS`].
-    pub(crate) acked: std::sync::Mutex<std::collections::BTreeSet<u64>>,
+    /// With `auto_ack`: what natskit acknowledged above the ack floor.
+    pub(crate) acked: std::sync::Mutex<AckMemory>,
 }
-
-/// How many acknowledged sequences above the floor a consumer remembers.
-const REMEMBERED_ACKS: usize = 65_536;
 
 impl<F, Fut> Supervisor<F>
 where
@@ -267,9 +264,7 @@ where
                         if let Some(floor) = floor {
                             counters.ack_floor.fetch_max(floor, Ordering::Relaxed);
                             if self.config.auto_ack {
-                                // Settled on the server: nothing to remember.
-                                let mut acked = lock(&self.acked);
-                                *acked = acked.split_off(&floor.saturating_add(1));
+                                lock(&self.acked).floor(floor);
                             }
                         }
                     }
@@ -315,7 +310,7 @@ where
         if delivered > 1 {
             self.shared.metrics.redeliveries.add(1);
         }
-        if self.config.auto_ack && stream_seq > 0 && lock(&self.acked).contains(&stream_seq) {
+        if self.config.auto_ack && lock(&self.acked).is_repeat(stream_seq) {
             // Acknowledged by this process before (a recreated consumer
             // starts again at the ack floor): acknowledge it again.
             counters.repeats_skipped.fetch_add(1, Ordering::Relaxed);
@@ -351,13 +346,7 @@ where
             self.settle(reply, AckKind::Nak(None)).await;
         } else if !failed && self.config.auto_ack {
             self.settle(reply, AckKind::Ack).await;
-            if stream_seq > 0 {
-                let mut acked = lock(&self.acked);
-                acked.insert(stream_seq);
-                if acked.len() > REMEMBERED_ACKS {
-                    acked.pop_first();
-                }
-            }
+            lock(&self.acked).acked(stream_seq);
         }
         if stream_seq > 0 {
             counters.last_seq.fetch_max(stream_seq, Ordering::Relaxed);
