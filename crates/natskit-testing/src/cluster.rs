@@ -425,11 +425,11 @@ fn current_peers(meta: &serde_json::Value) -> usize {
         })
 }
 
-fn free_ports(n: usize) -> Result<Vec<u16>, HarnessError> {
+pub(crate) fn free_ports(n: usize) -> Result<Vec<u16>, HarnessError> {
     let listeners = (0..n)
         .map(|_| std::net::TcpListener::bind("127.0.0.1:0"))
         .collect::<Result<Vec<_>, _>>()
-        .map_err(|e| HarnessError::io("reserving route ports", e))?;
+        .map_err(|e| HarnessError::io("reserving ports", e))?;
     listeners
         .iter()
         .map(|l| l.local_addr().map(|a| a.port()))

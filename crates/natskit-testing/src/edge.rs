@@ -25,7 +25,7 @@ use std::fmt::Write as _;
 use std::time::{Duration, Instant};
 
 use crate::HarnessError;
-use crate::cluster::Cluster;
+use crate::cluster::{Cluster, free_ports};
 use crate::proxy::Proxy;
 use crate::server::NatsServer;
 
@@ -114,9 +114,7 @@ impl EdgeBuilder {
     pub async fn start(self) -> Result<Edge, HarnessError> {
         // Fixed leafnode ports, so a restarted hub node listens where the
         // proxies forward.
-        let leaf_ports = (0..self.hub_nodes.max(1))
-            .map(|_| free_port())
-            .collect::<Result<Vec<_>, _>>()?;
+        let leaf_ports = free_ports(self.hub_nodes.max(1))?;
         let hub_config = |builder: crate::NatsServerBuilder, port: u16| {
             builder
                 .jetstream_option("domain", HUB_DOMAIN)
@@ -354,17 +352,7 @@ impl Leaf {
     /// # Errors
     /// [`HarnessError::Monitor`] when it is not up within `timeout`.
     pub async fn wait_for_uplink(&self, timeout: Duration) -> Result<(), HarnessError> {
-        let deadline = Instant::now() + timeout;
-        while !self.is_linked() {
-            if Instant::now() >= deadline {
-                return Err(HarnessError::Monitor(format!(
-                    "the uplink of {} was not up within {timeout:?}",
-                    self.server.url()
-                )));
-            }
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
-        Ok(())
+        self.wait_linked(true, timeout).await
     }
 
     /// Waits until the leaf has no connection to the hub (after the uplink
@@ -373,11 +361,16 @@ impl Leaf {
     /// # Errors
     /// [`HarnessError::Monitor`] when it is still linked after `timeout`.
     pub async fn wait_for_unlinked(&self, timeout: Duration) -> Result<(), HarnessError> {
+        self.wait_linked(false, timeout).await
+    }
+
+    async fn wait_linked(&self, linked: bool, timeout: Duration) -> Result<(), HarnessError> {
         let deadline = Instant::now() + timeout;
-        while self.is_linked() {
+        while self.is_linked() != linked {
             if Instant::now() >= deadline {
+                let state = if linked { "up" } else { "down" };
                 return Err(HarnessError::Monitor(format!(
-                    "the uplink of {} was still up after {timeout:?}",
+                    "the uplink of {} was not {state} within {timeout:?}",
                     self.server.url()
                 )));
             }
@@ -390,13 +383,4 @@ impl Leaf {
 /// `url` with the edge account's user and password.
 fn with_user(url: &str) -> String {
     url.replacen("://", &format!("://{EDGE_USER}:{EDGE_USER}@"), 1)
-}
-
-fn free_port() -> Result<u16, HarnessError> {
-    let listener = std::net::TcpListener::bind("127.0.0.1:0")
-        .map_err(|e| HarnessError::io("reserving the leafnode port", e))?;
-    listener
-        .local_addr()
-        .map(|a| a.port())
-        .map_err(|e| HarnessError::io("reserving the leafnode port", e))
 }

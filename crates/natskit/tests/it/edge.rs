@@ -490,7 +490,11 @@ async fn the_outbox_waits_out_a_closed_uplink_without_dead_letters() -> TestResu
             .publish_durable(format!("uplinked.{}", i % 3), format!("{i}"))
             .await?;
     }
-    tokio::time::sleep(Duration::from_secs(2)).await;
+    // Sends into the silent uplink fail (no ack in time) more than once.
+    eventually(WAIT, "failed sends into the silent uplink", || async {
+        (outbox.stats().failed >= 2).then_some(())
+    })
+    .await;
     leaf.cut_uplink();
     leaf.wait_for_unlinked(WAIT).await?;
     for i in 300..600 {
@@ -498,8 +502,13 @@ async fn the_outbox_waits_out_a_closed_uplink_without_dead_letters() -> TestResu
             .publish_durable(format!("uplinked.{}", i % 3), format!("{i}"))
             .await?;
     }
-    // Long enough for every failure path to run more than once.
-    tokio::time::sleep(Duration::from_secs(4)).await;
+    // Sends into the closed uplink fail too (no responders, no stream
+    // reachable), more than once.
+    let failed_before = outbox.stats().failed;
+    eventually(WAIT, "failed sends into the closed uplink", || async {
+        (outbox.stats().failed >= failed_before + 2).then_some(())
+    })
+    .await;
     assert_eq!(outbox.stats().dead_letters, 0, "{:?}", outbox.stats());
     leaf.heal_uplink();
     leaf.wait_for_uplink(WAIT).await?;

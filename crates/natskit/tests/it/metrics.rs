@@ -272,9 +272,17 @@ async fn consumers_and_polled_stream_gauges() -> TestResult {
         gauge("natskit_stream_messages", &stream_labels),
         Some(server_value)
     );
-    // Dropping a handle does not stop the poll; `stop` does.
+    // Dropping a handle does not stop the poll (the gauge still follows
+    // the server); `stop` does.
     let kept = monitor.clone();
     drop(monitor);
+    d.publish_to_stream("metrics.5", "x").await?;
+    eventually(
+        WAIT,
+        "the gauge to follow after a handle was dropped",
+        || async { (gauge("natskit_stream_messages", &stream_labels) == Some(6.0)).then_some(()) },
+    )
+    .await;
     assert!(
         !kept.is_stopped(),
         "a dropped handle keeps the monitor running"
