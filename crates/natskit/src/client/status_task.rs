@@ -14,7 +14,7 @@ use crate::client::breaker::BreakerState;
 use crate::client::metrics::ClientMetrics;
 use crate::client::registry::Registry;
 use crate::core::error::{Error, Result};
-use crate::core::status::{JetStreamReach, Status, StatusCore, StatusEffect, StatusInput};
+use crate::core::status::{Status, StatusCore, StatusEffect, StatusInput, record_reach};
 use crate::core::sync::lock;
 
 /// A subscription on a private inbox that measures round trips through the
@@ -438,21 +438,7 @@ impl StatusTask {
         let Some(inner) = self.inner.upgrade() else {
             return;
         };
-        let mut changed = Vec::new();
-        {
-            let mut uplinks = lock(&inner.uplinks);
-            for (prefix, reachable) in results {
-                if let Some(slot) = uplinks.get_mut(&prefix)
-                    && *slot != Some(reachable)
-                {
-                    *slot = Some(reachable);
-                    changed.push(JetStreamReach {
-                        api_prefix: prefix,
-                        reachable: Some(reachable),
-                    });
-                }
-            }
-        }
+        let changed = record_reach(&mut lock(&inner.uplinks), results);
         if changed.iter().any(|r| r.reachable == Some(true)) {
             // The path is back: what waits on it resends or retries now.
             inner.epoch.send_modify(|e| *e += 1);

@@ -375,9 +375,47 @@ impl StatusCore {
     }
 }
 
+/// Records the answers of one round of JetStream API checks in `known`
+/// (APIs no handle targets any more are not added back) and returns what
+/// changed, for the callbacks, metrics and logs.
+pub(crate) fn record_reach(
+    known: &mut std::collections::BTreeMap<String, Option<bool>>,
+    results: Vec<(String, bool)>,
+) -> Vec<JetStreamReach> {
+    let mut changed = Vec::new();
+    for (api_prefix, reachable) in results {
+        if let Some(slot) = known.get_mut(&api_prefix)
+            && *slot != Some(reachable)
+        {
+            *slot = Some(reachable);
+            changed.push(JetStreamReach {
+                api_prefix,
+                reachable: Some(reachable),
+            });
+        }
+    }
+    changed
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn jetstream_reach_reports_changes_only() {
+        let hub = "$JS.hub.API".to_owned();
+        let mut known = std::collections::BTreeMap::from([(hub.clone(), None)]);
+        let first = record_reach(&mut known, vec![(hub.clone(), true)]);
+        assert_eq!(first.len(), 1, "unknown -> reachable is a change");
+        assert!(record_reach(&mut known, vec![(hub.clone(), true)]).is_empty());
+        let down = record_reach(&mut known, vec![(hub.clone(), false)]);
+        assert_eq!(down[0].reachable, Some(false));
+        assert!(
+            record_reach(&mut known, vec![("$JS.gone.API".into(), false)]).is_empty(),
+            "an API nobody targets is not added"
+        );
+        assert_eq!(known.len(), 1);
+    }
     use std::time::Instant;
 
     use StatusEffect as E;
