@@ -262,6 +262,9 @@ struct Shared {
     low_water: watch::Sender<u64>,
     short_windows: Mutex<Vec<(String, Duration)>>,
     metrics: OutboxMetrics,
+    /// Dead letters counted (`metrics.dead_lettered`) up to the last
+    /// [`FlushReport`]: each flush reports those since.
+    dead_reported: AtomicU64,
 }
 
 impl Shared {
@@ -364,8 +367,11 @@ impl Drop for Handle {
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 #[non_exhaustive]
 pub struct FlushReport {
-    /// Messages moved to the dead letters while the flush waited (refused
-    /// for good: see [`Outbox::dead_letters`]); the rest were acknowledged.
+    /// Messages moved to the dead letters (refused for good: see
+    /// [`Outbox::dead_letters`]) since the previous flush returned, or
+    /// since the outbox was opened: the flush's own messages that were
+    /// refused are always among them, also when the forwarder refused them
+    /// before the flush began.
     pub dead_lettered: u64,
 }
 
@@ -478,6 +484,7 @@ impl Outbox {
             low_water: watch::Sender::new(opened.first_pending),
             short_windows: Mutex::new(Vec::new()),
             metrics,
+            dead_reported: AtomicU64::new(0),
         });
         shared.adjust(0, 0);
         let weak = Arc::downgrade(&shared);
@@ -686,8 +693,9 @@ impl Outbox {
 
     /// Waits until every message stored before this call has been
     /// settled: acknowledged by its stream, or moved to the dead letters.
-    /// The report says how many went to the dead letters while it waited,
-    /// so `Ok` is never mistaken for "all delivered".
+    /// The report says how many went to the dead letters since the previous
+    /// flush (see [`FlushReport::dead_lettered`]), so `Ok` is never
+    /// mistaken for "all delivered".
     ///
     /// ```no_run
     /// # async fn demo(outbox: natskit::Outbox) -> natskit::Result<()> {
@@ -708,17 +716,17 @@ impl Outbox {
             return Err(Error::Closed);
         }
         let target = shared.signals.last_committed.load(Ordering::Acquire);
-        let dead_before = shared.metrics.dead_lettered.get();
         let mut low = shared.low_water.subscribe();
         let wait = low.wait_for(|low| *low > target);
         match tokio::time::timeout(timeout, wait).await {
-            Ok(Ok(_)) => Ok(FlushReport {
-                dead_lettered: shared
-                    .metrics
-                    .dead_lettered
-                    .get()
-                    .saturating_sub(dead_before),
-            }),
+            Ok(Ok(_)) => {
+                // Each dead letter is reported by exactly one flush.
+                let now = shared.metrics.dead_lettered.get();
+                let before = shared.dead_reported.fetch_max(now, Ordering::AcqRel);
+                Ok(FlushReport {
+                    dead_lettered: now.saturating_sub(before),
+                })
+            }
             Ok(Err(_)) => Err(Error::Closed),
             Err(_) => Err(Error::OutboxFlushTimeout {
                 timeout,
