@@ -47,6 +47,7 @@ pub struct ClusterBuilder {
     n: usize,
     configure: Option<Configure>,
     timeout: Duration,
+    no_advertise: bool,
 }
 
 impl std::fmt::Debug for ClusterBuilder {
@@ -54,6 +55,7 @@ impl std::fmt::Debug for ClusterBuilder {
         f.debug_struct("ClusterBuilder")
             .field("n", &self.n)
             .field("timeout", &self.timeout)
+            .field("no_advertise", &self.no_advertise)
             .finish_non_exhaustive()
     }
 }
@@ -70,6 +72,15 @@ impl ClusterBuilder {
         self
     }
 
+    /// The nodes do not tell clients about each other
+    /// (`cluster { no_advertise: true }`): a client connected through a
+    /// [`Proxy`](crate::Proxy) to one node reconnects through it, never
+    /// around it.
+    pub fn no_advertise(mut self) -> Self {
+        self.no_advertise = true;
+        self
+    }
+
     /// How long to wait for a meta leader (default [`DEFAULT_CLUSTER_TIMEOUT`]).
     pub fn timeout(mut self, timeout: Duration) -> Self {
         self.timeout = timeout;
@@ -81,7 +92,12 @@ impl ClusterBuilder {
     /// # Errors
     /// A node did not start, or no leader was elected in time.
     pub fn start(self) -> Result<Cluster, HarnessError> {
-        Cluster::start_with(self.n, self.configure.as_ref(), self.timeout)
+        Cluster::start_with(
+            self.n,
+            self.configure.as_ref(),
+            self.timeout,
+            self.no_advertise,
+        )
     }
 }
 
@@ -92,6 +108,7 @@ impl Cluster {
             n,
             configure: None,
             timeout: DEFAULT_CLUSTER_TIMEOUT,
+            no_advertise: false,
         }
     }
 
@@ -101,13 +118,14 @@ impl Cluster {
     /// # Errors
     /// A node did not start, or no leader was elected in time.
     pub fn start(n: usize) -> Result<Self, HarnessError> {
-        Self::start_with(n, None, DEFAULT_CLUSTER_TIMEOUT)
+        Self::start_with(n, None, DEFAULT_CLUSTER_TIMEOUT, false)
     }
 
     fn start_with(
         n: usize,
         configure: Option<&Configure>,
         timeout: Duration,
+        no_advertise: bool,
     ) -> Result<Self, HarnessError> {
         let n = n.max(1);
         let name = format!("natskit-{}-{}", std::process::id(), fastrand::u32(..));
@@ -118,7 +136,7 @@ impl Cluster {
         let mut attempt = 0;
         let nodes = loop {
             attempt += 1;
-            match Self::start_nodes(&name, n, configure) {
+            match Self::start_nodes(&name, n, configure, no_advertise) {
                 Err(HarnessError::Exited { log, .. })
                     if attempt < 5 && log.contains(PORT_TAKEN) =>
                 {
@@ -136,6 +154,7 @@ impl Cluster {
         name: &str,
         n: usize,
         configure: Option<&Configure>,
+        no_advertise: bool,
     ) -> Result<Vec<NatsServer>, HarnessError> {
         let route_ports = free_ports(n)?;
         let routes: Vec<String> = route_ports
@@ -156,6 +175,7 @@ impl Cluster {
                     .filter(|(j, _)| *j != i)
                     .map(|(_, r)| r.clone())
                     .collect(),
+                no_advertise,
             });
             if let Some(configure) = configure {
                 builder = configure(i, builder);

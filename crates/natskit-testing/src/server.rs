@@ -50,6 +50,8 @@ pub(crate) struct ClusterRole {
     pub(crate) port: u16,
     /// Route URLs of the other nodes.
     pub(crate) routes: Vec<String>,
+    /// Client URLs of the other nodes are not advertised.
+    pub(crate) no_advertise: bool,
 }
 
 /// Configures and starts a [`NatsServer`].
@@ -619,9 +621,10 @@ impl NatsServer {
                 .join(", ");
             let _ = writeln!(
                 text,
-                "cluster {{ name: {}, listen: \"127.0.0.1:{}\", routes: [{routes}] }}",
+                "cluster {{ name: {}, listen: \"127.0.0.1:{}\", routes: [{routes}], no_advertise: {} }}",
                 json_str(&cluster.name),
-                cluster.port
+                cluster.port,
+                cluster.no_advertise
             );
         }
         text.push_str(&cfg.extra_config);

@@ -32,6 +32,10 @@ fn is_unavailable_code(code: ErrorCode) -> bool {
         || code == ErrorCode::CLUSTER_NO_PEERS
         || code == ErrorCode::JETSTREAM_NOT_ENABLED
         || code.0 == 10_008
+        // "duplicate message id is in process" (a clustered stream is still
+        // proposing the first copy): a resend later is answered as a
+        // duplicate.
+        || code.0 == 10_158
 }
 
 /// How a failed stream lookup reads.

@@ -19,7 +19,7 @@ use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 
 use super::store::{self, Cmd};
-use super::window::{Ack, Effect, LOAD_BATCH, Settle, Window};
+use super::window::{Ack, Early, Effect, LOAD_BATCH, Settle, Window};
 use super::{Shared, as_i64};
 use crate::client::Client;
 use crate::client::breaker::Permit;
@@ -37,12 +37,31 @@ pub(super) struct Body {
 }
 
 impl Body {
-    /// The stored headers plus the message id.
-    fn headers(&self) -> HeaderMap {
+    /// The stored headers plus the message id, and in strict order what
+    /// the stream must hold last before it.
+    fn headers(&self, expect: Option<Expect>) -> HeaderMap {
         let mut headers = super::header_map(&self.fields);
         headers.insert(async_nats::header::NATS_MESSAGE_ID, self.msg_id.as_str());
+        match expect {
+            Some(Expect::MessageId(id)) => {
+                headers.insert(async_nats::header::NATS_EXPECTED_LAST_MESSAGE_ID, id);
+            }
+            Some(Expect::Sequence(sequence)) => {
+                headers.insert(
+                    async_nats::header::NATS_EXPECTED_LAST_SEQUENCE,
+                    sequence.to_string().as_str(),
+                );
+            }
+            None => {}
+        }
         headers
     }
+}
+
+/// What a strict-order message names as the stream's last before it.
+enum Expect {
+    MessageId(String),
+    Sequence(u64),
 }
 
 type AckFuture =
@@ -70,7 +89,9 @@ pub(super) async fn forward(
 ) {
     let config = shared.config.clone();
     let mut shell = Shell {
-        window: Window::new(first, retry::OUTBOX_RESEND),
+        window: Window::new(first, retry::OUTBOX_RESEND)
+            .strict_order(config.strict_order)
+            .expect_stream(config.expected_stream.clone()),
         shared: shared.clone(),
         client: &client,
         js: None,
@@ -153,7 +174,7 @@ pub(super) async fn forward(
                         Some(Ok(ack)) => Settle::Acked(read_ack(ack)),
                         Some(Err(err)) => {
                             let subject = shell.window.front().map(|body| body.subject.clone());
-                            classify(&client, shell.js.as_ref(), subject, err).await
+                            classify(&client, shell.js.as_ref(), subject, err, config.strict_order).await
                         }
                         None => Settle::Transient("no acknowledgement in time".into()),
                     };
@@ -211,6 +232,7 @@ pub(super) async fn forward(
 fn read_ack(ack: PublishAck) -> Ack {
     Ack {
         stream: ack.stream,
+        sequence: ack.sequence,
         duplicate: ack.duplicate,
     }
 }
@@ -228,10 +250,14 @@ async fn classify(
     js: Option<&async_nats::jetstream::Context>,
     subject: Option<async_nats::Subject>,
     err: PublishError,
+    strict: bool,
 ) -> Settle {
     match classify_publish(&err) {
         PublishFault::Timeout | PublishFault::Unavailable => Settle::Transient(err.to_string()),
         PublishFault::TooLarge => Settle::Refused(format!("too large: {err}")),
+        PublishFault::Conflict | PublishFault::WrongMessageId if strict => {
+            Settle::OutOfOrder(err.to_string())
+        }
         PublishFault::Conflict | PublishFault::WrongMessageId => {
             Settle::Refused(format!("a precondition in its headers failed: {err}"))
         }
@@ -248,15 +274,18 @@ async fn classify(
         // `classify_publish` reads "no leader" codes as `Unavailable`: any
         // other answer from the stream is final; no answer at all is not.
         PublishFault::Other => {
-            let answered = std::error::Error::source(&err)
-                .is_some_and(|s| s.is::<async_nats::jetstream::Error>());
-            if answered {
+            if answered(&err) {
                 Settle::Refused(format!("refused by JetStream: {err}"))
             } else {
                 Settle::Transient(err.to_string())
             }
         }
     }
+}
+
+/// The stream answered (with a refusal), as opposed to no answer at all.
+fn answered(err: &PublishError) -> bool {
+    std::error::Error::source(err).is_some_and(|s| s.is::<async_nats::jetstream::Error>())
 }
 
 impl Shell<'_> {
@@ -308,6 +337,11 @@ impl Shell<'_> {
     async fn fill(&mut self, conn: &async_nats::Client, cancel: &CancellationToken) {
         let config = &self.shared.config;
         let (max, ack_timeout) = (config.max_in_flight, config.ack_timeout);
+        if config.strict_order {
+            // Known once the first ack named the stream: see `Window`.
+            let replicas = self.shared.stream_replicas.load(Ordering::Relaxed);
+            self.window.expect_by_message_id(replicas == 1);
+        }
         let api_prefix = self.client.jetstream_api_prefix();
         let js = self.js.get_or_insert_with(|| {
             async_nats::jetstream::ContextBuilder::new()
@@ -319,12 +353,17 @@ impl Shell<'_> {
                 .build(conn.clone())
         });
         while !cancel.is_cancelled() {
+            let expect = self
+                .window
+                .predecessor()
+                .map(|p| Expect::MessageId(p.msg_id.clone()))
+                .or_else(|| self.window.expected_last().map(Expect::Sequence));
             let Some(msg) = self.window.next_to_send(max) else {
                 break;
             };
             let publish = PublishMessage::build()
                 .payload(msg.body.payload.clone())
-                .headers(msg.body.headers());
+                .headers(msg.body.headers(expect));
             match js.send_publish(msg.body.subject.clone(), publish).await {
                 Ok(ack) => {
                     let deadline = Instant::now() + ack_timeout;
@@ -354,7 +393,8 @@ impl Shell<'_> {
         self.window
             .settle_front(settle, Instant::now(), fastrand::f64(), |ack| {
                 match ack.now_or_never() {
-                    Some(Ok(ack)) => Some(read_ack(ack)),
+                    Some(Ok(ack)) => Some(Early::Acked(read_ack(ack))),
+                    Some(Err(err)) if answered(&err) => Some(Early::Answered),
                     _ => None,
                 }
             });
@@ -466,7 +506,8 @@ impl Shell<'_> {
 }
 
 /// Warns (once per stream) when a stream's duplicate window is shorter
-/// than the window exactly-once counts on.
+/// than the window exactly-once counts on, and notes its replicas (which
+/// way strict order names a predecessor).
 fn check_duplicate_window(
     js: async_nats::jetstream::Context,
     stream: String,
@@ -478,10 +519,16 @@ fn check_duplicate_window(
             () = shutdown.cancelled() => return,
             info = async {
                 let s = js.get_stream(&stream).await.ok()?;
-                Some(s.cached_info().config.duplicate_window)
+                let config = &s.cached_info().config;
+                Some((config.duplicate_window, config.num_replicas))
             } => info,
         };
-        let Some(window) = info else { return };
+        let Some((window, replicas)) = info else {
+            return;
+        };
+        shared
+            .stream_replicas
+            .store(replicas.max(1) as u64, Ordering::Relaxed);
         if window < shared.config.duplicate_window {
             tracing::warn!(
                 %stream,

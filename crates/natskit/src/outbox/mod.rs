@@ -32,6 +32,11 @@
 //!   acks (a later message acknowledged first, or a resend stored fresh
 //!   before a duplicate) and counts it in [`OutboxStats::reordered`]. A
 //!   partition that heals without a reconnect keeps the order.
+//!   [`OutboxConfig::strict_order`] makes the order exact for a stream the
+//!   outbox writes alone: the stream refuses a message that would overtake
+//!   a lost one, and the outbox resends in order.
+//! * **Where it lands.** [`OutboxConfig::expect_stream`] names the one
+//!   stream whose ack counts; an ack from another one is a dead letter.
 //! * **Dead letters.** Messages JetStream refuses for good (no stream
 //!   captures the subject, too large, refused by the stream, never
 //!   acknowledged while later messages were, as a publish permission denial
@@ -102,6 +107,8 @@ pub struct OutboxConfig {
     duplicate_window: Duration,
     set_aside_corrupted: bool,
     jetstream_domain: Option<String>,
+    strict_order: bool,
+    expected_stream: Option<String>,
 }
 
 impl OutboxConfig {
@@ -118,6 +125,8 @@ impl OutboxConfig {
             duplicate_window: Duration::from_secs(120),
             set_aside_corrupted: false,
             jetstream_domain: None,
+            strict_order: false,
+            expected_stream: None,
         }
     }
 
@@ -167,6 +176,42 @@ impl OutboxConfig {
         self
     }
 
+    setter!(
+        /// Strict order, for a stream this outbox writes alone: the stream
+        /// stores the messages in exactly the order they were stored here,
+        /// also across lost connections, server restarts and elections
+        /// ([`OutboxStats::reordered`] stays 0). Each message sent while
+        /// its predecessor is still unacknowledged carries
+        /// `Nats-Expected-Last-Msg-Id` naming it, so the stream refuses a
+        /// message that would overtake a lost one; the outbox then goes
+        /// back and resends in order. Sends stay pipelined. Off by
+        /// default: another writer to the stream makes the expectation
+        /// fail and costs resends (never a dead letter, never disorder of
+        /// this outbox's messages). Do not set the header yourself on
+        /// durable messages.
+        ///
+        /// ```
+        /// let config = natskit::OutboxConfig::new("outbox.redb")
+        ///     .strict_order(true)
+        ///     .expect_stream("ORDERS");
+        /// # let _ = config;
+        /// ```
+        strict_order: bool => strict_order
+    );
+
+    /// Counts only an acknowledgement from `stream` as delivery. An ack
+    /// from any other stream (at the edge: a leaf stream that also
+    /// captures the subject, reached first) moves the message to the dead
+    /// letters with both names in the reason, so it is reported (in
+    /// [`FlushReport`], [`Outbox::dead_letters`] and the counters), never
+    /// counted as delivered. Without it, an ack from any stream counts. A
+    /// name that is not a valid stream name is [`Error::InvalidName`]
+    /// from [`Outbox::open`].
+    pub fn expect_stream(mut self, stream: impl Into<String>) -> Self {
+        self.expected_stream = Some(stream.into());
+        self
+    }
+
     /// The file.
     pub fn path(&self) -> &Path {
         &self.path
@@ -184,6 +229,9 @@ impl OutboxConfig {
             ));
         }
         check_nonzero("outbox ack_timeout", self.ack_timeout)?;
+        if let Some(stream) = &self.expected_stream {
+            crate::core::subject::validate_name("outbox expect_stream", stream)?;
+        }
         check_nonzero("outbox duplicate_window", self.duplicate_window)?;
         Ok(())
     }
@@ -265,6 +313,8 @@ struct Shared {
     /// Dead letters counted (`metrics.dead_lettered`) up to the last
     /// [`FlushReport`]: each flush reports those since.
     dead_reported: AtomicU64,
+    /// Replicas of the stream last acknowledging (0: not known yet).
+    stream_replicas: AtomicU64,
 }
 
 impl Shared {
@@ -485,6 +535,7 @@ impl Outbox {
             short_windows: Mutex::new(Vec::new()),
             metrics,
             dead_reported: AtomicU64::new(0),
+            stream_replicas: AtomicU64::new(0),
         });
         shared.adjust(0, 0);
         let weak = Arc::downgrade(&shared);

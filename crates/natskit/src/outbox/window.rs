@@ -14,6 +14,39 @@
 //! transiently, every message in flight goes back to the front of the queue
 //! in order and is sent again (the message id makes a resend of a stored
 //! message a duplicate the stream absorbs).
+//!
+//! In strict order ([`Window::strict_order`]) a message sent while an
+//! earlier one is in flight names what the stream must hold last before
+//! it, so the stream refuses any message that would overtake a lost one.
+//! A refusal of the oldest message in flight ([`Settle::OutOfOrder`]: a
+//! server that forgot its last message id, a dead-lettered predecessor,
+//! another writer) sends everything in flight again at once, in order.
+//! Two ways to name it, chosen by the stream's replication
+//! ([`Window::expect_by_message_id`]):
+//!
+//! * **By message id** (`Nats-Expected-Last-Msg-Id`, [`Window::predecessor`]),
+//!   for a stream without replicas: the newest message in flight. A message
+//!   sent with nothing in flight names nothing, since everything before it
+//!   is settled. The server answers a resend of a stored message as a
+//!   duplicate before it checks the expectation, so resends after a lost
+//!   connection stay pipelined.
+//! * **By sequence** (`Nats-Expected-Last-Sequence`,
+//!   [`Window::expected_last`]), for a replicated stream, which checks a
+//!   message id expectation only when it applies the replicated entry,
+//!   after it staged the id as "in process": a refusal there leaves the id
+//!   staged for the whole duplicate window, and every resend of that
+//!   message is refused (10158) for minutes (measured on nats-server
+//!   2.15.1, R3). The sequence expectation is checked before the proposal,
+//!   after the duplicate check, and stages nothing. The window knows the
+//!   predecessor's sequence from its ack, or predicts it as one past what
+//!   the predecessor expected (in strict order the outbox's messages sit in
+//!   the stream in store order with nothing between them: the outbox writes
+//!   it alone). Where nothing is known (after open, or after a refusal) the
+//!   oldest unsettled message goes out alone with no expectation and its
+//!   ack anchors the sequence again: the pipeline waits for that one ack.
+//!   (A server without replicas checks the sequence before the duplicate,
+//!   so there a resend of a stored message would be refused: hence the
+//!   message id there.)
 
 use std::collections::{HashSet, VecDeque};
 use std::time::{Duration, Instant};
@@ -58,6 +91,10 @@ pub(crate) struct Message<M> {
     stalls: u32,
     /// A later message was acknowledged before this one.
     overtaken: bool,
+    /// Its last send carried the window's expectation (strict order).
+    expects: bool,
+    /// The stream sequence it will hold, when known (strict order).
+    position: Option<u64>,
 }
 
 impl<M> Message<M> {
@@ -71,6 +108,8 @@ impl<M> Message<M> {
             attempts: 0,
             stalls: 0,
             overtaken: false,
+            expects: false,
+            position: None,
         }
     }
 }
@@ -88,8 +127,20 @@ struct InFlight<M, A> {
 pub(crate) struct Ack {
     /// The stream that stored the message.
     pub(crate) stream: String,
+    /// Its sequence in the stream (the first copy's, for a duplicate).
+    pub(crate) sequence: u64,
     /// The message was stored before (a resend).
     pub(crate) duplicate: bool,
+}
+
+/// A later send's answer, read early (see [`Window::settle_front`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) enum Early {
+    /// Stored (or a duplicate of a stored message).
+    Acked(Ack),
+    /// The stream answered with a refusal; the message goes back with the
+    /// rest and is sent again.
+    Answered,
 }
 
 /// How the oldest send in flight ended.
@@ -99,6 +150,9 @@ pub(crate) enum Settle {
     Acked(Ack),
     /// Refused for good: a dead letter.
     Refused(String),
+    /// Strict order: the stream's last sequence is not the one this
+    /// message expected. Everything in flight goes back at once.
+    OutOfOrder(String),
     /// Nothing known (no ack in time, no leader, a dropped connection):
     /// go back and send again.
     Transient(String),
@@ -169,6 +223,15 @@ pub(crate) struct Window<M, A> {
     /// A resent message was stored fresh since the last go-back.
     fresh_in_resend: bool,
     streams_checked: HashSet<String>,
+    /// Messages name what the stream holds last before them.
+    strict: bool,
+    /// ...by message id, not by stream sequence.
+    by_id: bool,
+    /// Strict order: the stream sequence of the newest acknowledged
+    /// message, when it anchors the next one.
+    anchor: Option<u64>,
+    /// The only stream whose ack counts as delivery.
+    expected_stream: Option<String>,
     /// Acknowledged since the last `progress`: messages, bytes.
     settled: (u64, u64),
     backoff: Backoff,
@@ -189,10 +252,72 @@ impl<M, A> Window<M, A> {
             pause_until: None,
             fresh_in_resend: false,
             streams_checked: HashSet::new(),
+            strict: false,
+            by_id: false,
+            anchor: None,
+            expected_stream: None,
             settled: (0, 0),
             backoff,
             effects: Vec::new(),
         }
+    }
+
+    /// Strict order: see the module docs.
+    pub(crate) fn strict_order(mut self, strict: bool) -> Self {
+        self.strict = strict;
+        self
+    }
+
+    /// Only an ack from `stream` counts as delivery; an ack from any other
+    /// stream moves the message to the dead letters (it was stored, but
+    /// not where it should be).
+    pub(crate) fn expect_stream(mut self, stream: Option<String>) -> Self {
+        self.expected_stream = stream;
+        self
+    }
+
+    /// Strict order names the predecessor by message id (a stream without
+    /// replicas) instead of by stream sequence: see the module docs. Takes
+    /// effect from the next send.
+    pub(crate) fn expect_by_message_id(&mut self, by_id: bool) {
+        self.by_id = by_id;
+    }
+
+    /// Strict order by message id: the message the next one sent must
+    /// follow in the stream, the newest in flight. `None` when nothing is
+    /// in flight (all before it are settled), or in another mode.
+    pub(crate) fn predecessor(&self) -> Option<&M> {
+        if self.strict && self.by_id {
+            self.inflight.back().map(|f| &f.msg.body)
+        } else {
+            None
+        }
+    }
+
+    /// Strict order by sequence: the stream sequence the next message sent
+    /// expects as the stream's last: the newest message in flight's, or
+    /// with nothing in flight the newest acknowledged one's. `None` when it
+    /// is not known (the message goes out with no expectation and anchors
+    /// the sequence), or in another mode.
+    pub(crate) fn expected_last(&self) -> Option<u64> {
+        if !self.strict || self.by_id {
+            return None;
+        }
+        match self.inflight.back() {
+            Some(f) => f.msg.position,
+            None => self.anchor,
+        }
+    }
+
+    /// Strict order: the newest message in flight has no known position,
+    /// so the next one waits for its ack.
+    fn awaits_anchor(&self) -> bool {
+        self.strict
+            && !self.by_id
+            && self
+                .inflight
+                .back()
+                .is_some_and(|f| f.msg.position.is_none())
     }
 
     /// The effects queued so far, oldest first.
@@ -249,7 +374,10 @@ impl<M, A> Window<M, A> {
     /// Whether a message would be sent now: not paused, something queued,
     /// room in a window of `max`.
     pub(crate) fn can_send(&mut self, now: Instant, max: usize) -> bool {
-        self.pause(now).is_none() && !self.queue.is_empty() && self.inflight.len() < max
+        self.pause(now).is_none()
+            && !self.queue.is_empty()
+            && self.inflight.len() < max
+            && !self.awaits_anchor()
     }
 
     /// Nothing in flight.
@@ -262,9 +390,12 @@ impl<M, A> Window<M, A> {
         self.queue.len()
     }
 
-    /// The next message to send, if a window of `max` has room.
+    /// The next message to send, if a window of `max` has room (and in
+    /// strict order, no anchor is awaited). Send it with
+    /// [`expected_last`](Self::expected_last) as asked before
+    /// [`sent`](Self::sent).
     pub(crate) fn next_to_send(&mut self, max: usize) -> Option<Message<M>> {
-        if self.inflight.len() >= max {
+        if self.inflight.len() >= max || self.awaits_anchor() {
             return None;
         }
         self.queue.pop_front()
@@ -272,8 +403,13 @@ impl<M, A> Window<M, A> {
 
     /// `msg` was sent; its acknowledgement is awaited through `ack` until
     /// `deadline`.
+    /// In strict order it was sent with [`predecessor`](Self::predecessor)
+    /// or [`expected_last`](Self::expected_last) as asked just before.
     pub(crate) fn sent(&mut self, mut msg: Message<M>, ack: A, deadline: Instant) {
         msg.attempts += 1;
+        let expected = self.expected_last();
+        msg.expects = expected.is_some() || self.predecessor().is_some();
+        msg.position = expected.map(|p| p + 1);
         self.inflight.push_back(InFlight { msg, deadline, ack });
     }
 
@@ -312,16 +448,18 @@ impl<M, A> Window<M, A> {
     }
 
     /// Settles the oldest send in flight. On a transient failure, the later
-    /// sends whose acknowledgement `ready` reports as already here are
-    /// settled first (it is asked once per later send, in order); then
-    /// everything still in flight goes back, after a back-off (`random`
-    /// is a uniform sample in `0.0..1.0` for its jitter).
+    /// sends whose answer `ready` reports as already here are read first
+    /// (it is asked once per later send, in order; what it consumed is
+    /// never asked for again): acknowledged ones are settled, refused ones
+    /// go back with the rest; then everything still in flight goes back,
+    /// after a back-off (`random` is a uniform sample in `0.0..1.0` for its
+    /// jitter).
     pub(crate) fn settle_front(
         &mut self,
         settle: Settle,
         now: Instant,
         random: f64,
-        mut ready: impl FnMut(&mut A) -> Option<Ack>,
+        mut ready: impl FnMut(&mut A) -> Option<Early>,
     ) {
         match settle {
             Settle::Acked(ack) => {
@@ -329,12 +467,26 @@ impl<M, A> Window<M, A> {
                 let Some(f) = self.inflight.pop_front() else {
                     return;
                 };
-                self.acked(f.msg, &ack, now);
+                self.acked(f.msg, ack, now);
                 self.go_backs = 0;
-                if !self.streams_checked.contains(&ack.stream) {
-                    self.streams_checked.insert(ack.stream.clone());
-                    self.effects.push(Effect::CheckStream(ack.stream));
-                }
+            }
+            Settle::OutOfOrder(reason) if !self.inflight.front().is_some_and(|f| f.msg.expects) => {
+                // Not an expectation of ours (one in its own headers):
+                // final.
+                self.settle_front(Settle::Refused(reason), now, random, ready);
+            }
+            Settle::OutOfOrder(reason) => {
+                // The stream answered: the link is fine. Whatever made the
+                // expectation wrong, the oldest goes first with none (and,
+                // by sequence, alone, to anchor).
+                self.effects.push(Effect::BreakerSuccess);
+                tracing::debug!(
+                    seq = self.inflight.front().map(|f| f.msg.seq),
+                    %reason,
+                    "outbox: the stream's last message differs; resending in order"
+                );
+                self.anchor = None;
+                self.go_back(None);
             }
             Settle::Refused(reason) => {
                 self.effects.push(Effect::BreakerSuccess);
@@ -348,17 +500,23 @@ impl<M, A> Window<M, A> {
                 self.effects.push(Effect::BreakerFailure);
                 self.effects.push(Effect::CountFailed);
                 // Later messages already acknowledged are settled; if the
-                // stream acknowledges them but never this one, this one is
+                // stream answers them but never this one, this one is
                 // refused in a way that has no answer (permission denied).
-                let mut later_acked = false;
+                // (In strict order the later ones are refused, not stored:
+                // they expected this one.)
+                let (mut later_acked, mut later_answered) = (false, false);
                 let mut rest = std::mem::take(&mut self.inflight);
                 let front = rest.pop_front();
                 let mut kept = VecDeque::with_capacity(rest.len());
                 for mut f in rest {
                     match ready(&mut f.ack) {
-                        Some(ack) => {
+                        Some(Early::Acked(ack)) => {
                             later_acked = true;
-                            self.acked(f.msg, &ack, now);
+                            self.acked(f.msg, ack, now);
+                        }
+                        Some(Early::Answered) => {
+                            later_answered = true;
+                            kept.push_back(f);
                         }
                         None => kept.push_back(f),
                     }
@@ -367,6 +525,8 @@ impl<M, A> Window<M, A> {
                 if let Some(mut f) = front {
                     if later_acked {
                         f.msg.overtaken = true;
+                    }
+                    if later_acked || later_answered {
                         f.msg.stalls += 1;
                     }
                     if f.msg.stalls >= MAX_STALLS {
@@ -419,7 +579,26 @@ impl<M, A> Window<M, A> {
         }
     }
 
-    fn acked(&mut self, msg: Message<M>, ack: &Ack, now: Instant) {
+    fn acked(&mut self, msg: Message<M>, ack: Ack, now: Instant) {
+        if let Some(expected) = &self.expected_stream
+            && *expected != ack.stream
+        {
+            let reason = format!(
+                "acknowledged by stream {} instead of the expected {expected} \
+                 (does another stream capture the subject?)",
+                ack.stream
+            );
+            tracing::warn!(seq = msg.seq, %reason, "outbox: moved to the dead letters");
+            self.dead_letter(msg.seq, msg.size, reason);
+            return;
+        }
+        if !self.streams_checked.contains(&ack.stream) {
+            self.streams_checked.insert(ack.stream.clone());
+            self.effects.push(Effect::CheckStream(ack.stream.clone()));
+        }
+        if self.strict {
+            self.anchor = Some(ack.sequence);
+        }
         let resent = msg.attempts > 1;
         if ack.duplicate {
             self.effects.push(Effect::CountDuplicate);
@@ -488,7 +667,7 @@ mod tests {
     use super::*;
 
     /// The ack handle in tests: the ack that is "already here", if any.
-    type Handle = Option<Ack>;
+    type Handle = Option<Early>;
     type W = Window<&'static str, Handle>;
 
     fn window() -> W {
@@ -500,6 +679,7 @@ mod tests {
     fn ack(duplicate: bool) -> Ack {
         Ack {
             stream: "S".into(),
+            sequence: 1,
             duplicate,
         }
     }
@@ -644,7 +824,7 @@ mod tests {
         let m1 = w.next_to_send(2).expect("1");
         w.sent(m1, None, t0);
         let m2 = w.next_to_send(2).expect("2");
-        w.sent(m2, Some(ack(false)), t0);
+        w.sent(m2, Some(Early::Acked(ack(false))), t0);
         let effects = settle(&mut w, Settle::Transient("no ack".into()), t0);
         assert!(effects.contains(&Effect::CountResent(1)), "{effects:?}");
         assert_eq!(w.progress().forwarded, 1, "2 was settled");
@@ -663,7 +843,7 @@ mod tests {
             assert_eq!(m.seq, 1);
             w.sent(m, None, now);
             let later = w.next_to_send(2).expect("a later message");
-            w.sent(later, Some(ack(false)), now);
+            w.sent(later, Some(Early::Acked(ack(false))), now);
             let effects = settle(&mut w, Settle::Transient("no ack".into()), now);
             let dead = effects.iter().any(|e| {
                 matches!(
@@ -779,5 +959,197 @@ mod tests {
         let _ = w.next_to_send(1);
         assert!(w.wants_load(u64::MAX));
         assert!(!w.wants_load(LOAD_BATCH as u64), "nothing new committed");
+    }
+
+    fn strict() -> W {
+        window().strict_order(true)
+    }
+
+    /// Sends what fits, recording the expectation each one carried.
+    fn fill_strict(w: &mut W, max: usize, now: Instant) -> Vec<(u64, Option<u64>)> {
+        let mut sent = Vec::new();
+        while let Some(msg) = w.next_to_send(max) {
+            sent.push((msg.seq, w.expected_last()));
+            w.sent(msg, None, now + Duration::from_secs(5));
+        }
+        sent
+    }
+
+    /// Acknowledges the oldest in flight as stored at stream `sequence`.
+    fn stored_at(w: &mut W, sequence: u64, now: Instant) -> Vec<Effect> {
+        let ack = Ack {
+            stream: "S".into(),
+            sequence,
+            duplicate: false,
+        };
+        settle(w, Settle::Acked(ack), now)
+    }
+
+    #[test]
+    fn strict_order_expects_the_predecessors_stream_sequence() {
+        let t0 = Instant::now();
+        let mut w = strict();
+        load(&mut w, 1..=4);
+        assert_eq!(
+            fill_strict(&mut w, 3, t0),
+            vec![(1, None)],
+            "nothing known: the first goes alone"
+        );
+        assert!(!w.can_send(t0, 3), "the rest waits for its ack");
+        stored_at(&mut w, 10, t0);
+        assert_eq!(
+            fill_strict(&mut w, 3, t0),
+            vec![(2, Some(10)), (3, Some(11)), (4, Some(12))],
+            "pipelined, each one past its predecessor"
+        );
+        for sequence in 11..=13 {
+            stored_at(&mut w, sequence, t0);
+        }
+        load(&mut w, 5..=5);
+        assert_eq!(
+            fill_strict(&mut w, 3, t0),
+            vec![(5, Some(13))],
+            "the anchor outlives an empty window"
+        );
+        let mut plain = window();
+        load(&mut plain, 1..=2);
+        assert_eq!(fill(&mut plain, 2, t0), vec![1, 2]);
+        assert_eq!(plain.expected_last(), None, "only in strict order");
+    }
+
+    #[test]
+    fn a_refused_expectation_goes_back_at_once_and_anchors_again() {
+        let t0 = Instant::now();
+        let mut w = strict();
+        load(&mut w, 1..=3);
+        fill_strict(&mut w, 3, t0);
+        stored_at(&mut w, 10, t0);
+        assert_eq!(
+            fill_strict(&mut w, 3, t0),
+            vec![(2, Some(10)), (3, Some(11))]
+        );
+        // Someone else wrote to the stream: 2 is refused, and so is 3.
+        let effects = settle(&mut w, Settle::OutOfOrder("wrong last sequence".into()), t0);
+        assert_eq!(
+            effects,
+            vec![Effect::BreakerSuccess, Effect::CountResent(2)]
+        );
+        assert_eq!(w.pause(t0), None, "no back-off: the stream answered");
+        assert_eq!(fill_strict(&mut w, 3, t0), vec![(2, None)], "alone");
+        let effects = stored_at(&mut w, 20, t0);
+        assert_eq!(reordered(&effects), Vec::<u64>::new());
+        assert_eq!(fill_strict(&mut w, 3, t0), vec![(3, Some(20))]);
+        stored_at(&mut w, 21, t0);
+        assert_eq!(w.progress().low_water, 4);
+
+        // A refusal of a message that carried no expectation of ours is
+        // final: the expectation was in its own headers.
+        let mut w = strict();
+        load(&mut w, 1..=1);
+        fill_strict(&mut w, 1, t0);
+        let effects = settle(&mut w, Settle::OutOfOrder("wrong last sequence".into()), t0);
+        assert!(
+            matches!(
+                &effects[..],
+                [Effect::BreakerSuccess, Effect::DeadLetter { seq: 1, .. }]
+            ),
+            "{effects:?}"
+        );
+    }
+
+    #[test]
+    fn in_strict_order_a_message_never_answered_while_later_ones_are_is_a_dead_letter() {
+        let t0 = Instant::now();
+        let mut w = strict();
+        load(&mut w, 1..=4);
+        fill_strict(&mut w, 1, t0);
+        stored_at(&mut w, 5, t0);
+        let mut now = t0;
+        for round in 0..MAX_STALLS {
+            let m = w.next_to_send(2).expect("the stuck message");
+            assert_eq!(m.seq, 2);
+            w.sent(m, None, now);
+            // The later one expected 2 and was refused: the stream answers.
+            let later = w.next_to_send(2).expect("a later message");
+            w.sent(later, Some(Early::Answered), now);
+            let effects = settle(&mut w, Settle::Transient("no ack".into()), now);
+            let dead = effects
+                .iter()
+                .any(|e| matches!(e, Effect::DeadLetter { seq: 2, .. }));
+            assert_eq!(dead, round + 1 == MAX_STALLS, "round {round}: {effects:?}");
+            assert_eq!(reordered(&effects), Vec::<u64>::new());
+            now = w.pause(now).unwrap_or(now);
+        }
+        assert_eq!(
+            fill_strict(&mut w, 2, now),
+            vec![(3, Some(5)), (4, Some(6))],
+            "the rest follows the last stored one"
+        );
+    }
+
+    /// Sends what fits by message id, recording the predecessor each named.
+    fn fill_by_id(w: &mut W, max: usize, now: Instant) -> Vec<(u64, Option<u64>)> {
+        let mut sent = Vec::new();
+        loop {
+            let named = w.predecessor().and(w.inflight.back().map(|f| f.msg.seq));
+            let Some(msg) = w.next_to_send(max) else {
+                break;
+            };
+            assert_eq!(w.expected_last(), None, "one way at a time");
+            sent.push((msg.seq, named));
+            w.sent(msg, None, now + Duration::from_secs(5));
+        }
+        sent
+    }
+
+    #[test]
+    fn by_message_id_the_predecessor_is_named_while_it_is_in_flight() {
+        let t0 = Instant::now();
+        let mut w = strict();
+        w.expect_by_message_id(true);
+        load(&mut w, 1..=4);
+        assert_eq!(
+            fill_by_id(&mut w, 3, t0),
+            vec![(1, None), (2, Some(1)), (3, Some(2))],
+            "pipelined from the start"
+        );
+        acked(&mut w, false, t0);
+        // 2 expected 1, but the server forgot 1 (a restart): refused.
+        let effects = settle(&mut w, Settle::OutOfOrder("wrong last msg id".into()), t0);
+        assert_eq!(
+            effects,
+            vec![Effect::BreakerSuccess, Effect::CountResent(2)]
+        );
+        assert_eq!(
+            fill_by_id(&mut w, 3, t0),
+            vec![(2, None), (3, Some(2)), (4, Some(3))],
+            "the oldest goes first naming nothing; the rest stays pipelined"
+        );
+    }
+
+    #[test]
+    fn an_ack_from_another_stream_is_a_dead_letter_not_a_delivery() {
+        let t0 = Instant::now();
+        let mut w = window().expect_stream(Some("HUB".into()));
+        load(&mut w, 1..=2);
+        fill(&mut w, 2, t0);
+        let effects = acked(&mut w, false, t0); // from "S"
+        assert!(
+            matches!(&effects[..], [Effect::BreakerSuccess, Effect::DeadLetter { seq: 1, reason, .. }]
+                if reason.contains("stream S instead of the expected HUB")),
+            "{effects:?}"
+        );
+        let hub = Ack {
+            stream: "HUB".into(),
+            sequence: 1,
+            duplicate: false,
+        };
+        let effects = settle(&mut w, Settle::Acked(hub), t0);
+        assert_eq!(
+            effects,
+            vec![Effect::BreakerSuccess, Effect::CheckStream("HUB".into())]
+        );
+        let p = w.progress();
+        assert_eq!((p.forwarded, p.low_water), (1, 3), "only HUB's ack counts");
     }
 }
