@@ -343,6 +343,7 @@ async fn run(workers: usize) -> BenchResult {
     key_value(&s, &raw, &kit).await?;
     subscriptions(&s, &mon, &raw, &kit).await?;
     outbox(&s, &raw, &kit, &url, &payload).await?;
+    outbox_strict(&s, &raw, &url, &payload).await?;
     if s.wanted("breaker") {
         breaker_micro();
     }
@@ -904,56 +905,12 @@ async fn outbox(
             Ok(rate(n, elapsed))
         },
         || async {
-            purged(&js, "BENCH_OUTBOX").await?;
-            let dir = tempfile::tempdir()?;
-            let offline = natskit::Client::builder(url)
-                .name("bench-outbox")
-                .trace_mode(natskit::trace::TraceMode::Off)
-                .disable_health_checks()
-                .build()?;
-            let outbox = natskit::Outbox::open(
-                &offline,
-                natskit::OutboxConfig::new(dir.path().join("outbox.redb")),
-            )
-            .await?;
-            let start = Instant::now();
-            let tasks: Vec<_> = (0..TASKS)
-                .map(|_| {
-                    let (outbox, payload) = (outbox.clone(), payload.clone());
-                    tokio::spawn(async move {
-                        for _ in 0..n / TASKS {
-                            outbox
-                                .publish_durable("bench.outbox.k", payload.clone())
-                                .await?;
-                        }
-                        Ok::<_, natskit::Error>(())
-                    })
-                })
-                .collect();
-            for task in tasks {
-                task.await??;
-            }
-            let enqueued = rate(n, start.elapsed());
-            ensure(outbox.stats().pending_messages == n as u64, || {
-                format!("stored {:?}", outbox.stats())
-            })?;
+            let (enqueued, drained) = outbox_round(&js, url, payload, n, TASKS, false).await?;
             enqueue_rounds
                 .lock()
                 .map_err(|_| "lock poisoned")?
                 .push(enqueued);
-            let start = Instant::now();
-            offline.connect().await?;
-            outbox.flush_outbox(Duration::from_secs(300)).await?;
-            let elapsed = start.elapsed();
-            let stats = outbox.stats();
-            ensure(
-                stats.forwarded == n as u64 && stats.dead_letters == 0,
-                || format!("{stats:?}"),
-            )?;
-            check_stored(&js, "BENCH_OUTBOX", n).await?;
-            outbox.close().await?;
-            offline.close().await?;
-            Ok(rate(n, elapsed))
+            Ok(drained)
         },
     )
     .await?;
@@ -968,6 +925,95 @@ async fn outbox(
             enqueued,
         );
     }
+    js.delete_stream("BENCH_OUTBOX").await?;
+    Ok(())
+}
+
+/// One outbox round: `n` messages stored by `tasks` tasks while the client
+/// is offline (the enqueue rate), then forwarded once it connects (the
+/// drain rate), checked in the stream.
+async fn outbox_round(
+    js: &jetstream::Context,
+    url: &str,
+    payload: &Bytes,
+    n: usize,
+    tasks: usize,
+    strict: bool,
+) -> Result<(f64, f64), Box<dyn std::error::Error + Send + Sync>> {
+    purged(js, "BENCH_OUTBOX").await?;
+    let dir = tempfile::tempdir()?;
+    let offline = natskit::Client::builder(url)
+        .name("bench-outbox")
+        .trace_mode(natskit::trace::TraceMode::Off)
+        .disable_health_checks()
+        .build()?;
+    let outbox = natskit::Outbox::open(
+        &offline,
+        natskit::OutboxConfig::new(dir.path().join("outbox.redb")).strict_order(strict),
+    )
+    .await?;
+    let start = Instant::now();
+    let handles: Vec<_> = (0..tasks)
+        .map(|_| {
+            let (outbox, payload) = (outbox.clone(), payload.clone());
+            tokio::spawn(async move {
+                for _ in 0..n / tasks {
+                    outbox
+                        .publish_durable("bench.outbox.k", payload.clone())
+                        .await?;
+                }
+                Ok::<_, natskit::Error>(())
+            })
+        })
+        .collect();
+    for handle in handles {
+        handle.await??;
+    }
+    let enqueued = rate(n, start.elapsed());
+    ensure(outbox.stats().pending_messages == n as u64, || {
+        format!("stored {:?}", outbox.stats())
+    })?;
+    let start = Instant::now();
+    offline.connect().await?;
+    outbox.flush_outbox(Duration::from_secs(300)).await?;
+    let elapsed = start.elapsed();
+    let stats = outbox.stats();
+    ensure(
+        stats.forwarded == n as u64 && stats.dead_letters == 0 && stats.reordered == 0,
+        || format!("{stats:?}"),
+    )?;
+    check_stored(js, "BENCH_OUTBOX", n).await?;
+    outbox.close().await?;
+    offline.close().await?;
+    Ok((enqueued, rate(n, elapsed)))
+}
+
+/// Strict order's cost: the strict drain (natskit column) against the
+/// default pipelined drain (raw column), same run, same counts.
+async fn outbox_strict(
+    s: &Settings,
+    raw: &async_nats::Client,
+    url: &str,
+    payload: &Bytes,
+) -> BenchResult {
+    const NAME: &str = "Outbox drain, strict order (raw: default order)";
+    if !s.wanted(NAME) {
+        return Ok(());
+    }
+    const TASKS: usize = 64;
+    let js = jetstream::new(raw.clone());
+    bench_stream(&js, "BENCH_OUTBOX", "bench.outbox.>").await?;
+    let n = s.n(50_000, 2_048).div_ceil(TASKS) * TASKS;
+    compare(
+        s,
+        NAME,
+        "msg/s",
+        Better::Higher,
+        None,
+        || async { Ok(outbox_round(&js, url, payload, n, TASKS, false).await?.1) },
+        || async { Ok(outbox_round(&js, url, payload, n, TASKS, true).await?.1) },
+    )
+    .await?;
     js.delete_stream("BENCH_OUTBOX").await?;
     Ok(())
 }
