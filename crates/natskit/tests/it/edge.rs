@@ -574,3 +574,62 @@ async fn an_outbox_targets_its_own_domain() -> TestResult {
     client.close().await?;
     Ok(())
 }
+
+/// The issue's edge proof: a client on a leaf (with JetStream of its own)
+/// stores 20,000 messages durably for a hub stream while the uplink is
+/// silent for 10 s and then closed for 10 s. Nothing is a dead letter; after
+/// the heal every message is in the hub's stream exactly once, in store
+/// order (strict order), within seconds.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_20s_uplink_stall_and_close_during_20k_strict_durable_publishes() -> TestResult {
+    use crate::outbox::{assert_store_order, join_receipts, spawn_publishers, stream_contents};
+    use std::time::Instant;
+    const OUTAGE: Duration = Duration::from_secs(20);
+    let (edge, client) = edge().await?;
+    client
+        .ensure_stream(memory_stream("EDGE20", &["edge20.>"]))
+        .await?;
+    let dir = tempfile::tempdir()?;
+    let outbox = client
+        .outbox(
+            natskit::OutboxConfig::new(dir.path().join("edge20.redb"))
+                .strict_order(true)
+                .expect_stream("EDGE20")
+                .ack_timeout(Duration::from_secs(2)),
+        )
+        .await?;
+    let leaf = edge.leaf(0);
+    leaf.blackhole_uplink();
+    let outage = Instant::now();
+    let receipts = join_receipts(spawn_publishers(&outbox, "edge20", 4, 5000)).await?;
+    let stored_in = outage.elapsed();
+    // The fault schedule: silent for half the outage, then closed.
+    tokio::time::sleep((OUTAGE / 2).saturating_sub(outage.elapsed())).await;
+    leaf.cut_uplink();
+    leaf.wait_for_unlinked(WAIT).await?;
+    tokio::time::sleep(OUTAGE.saturating_sub(outage.elapsed())).await;
+    let during = outbox.stats();
+    assert_eq!(during.dead_letters, 0, "{during:?}");
+    assert!(during.failed > 0, "the outage was felt: {during:?}");
+    leaf.heal_uplink();
+    let healed = Instant::now();
+    leaf.wait_for_uplink(WAIT).await?;
+    let linked_in = healed.elapsed();
+    let report = outbox.flush_outbox(Duration::from_secs(120)).await?;
+    let drained_in = healed.elapsed();
+    let stats = outbox.stats();
+    println!(
+        "edge: 20,000 stored in {stored_in:?} of a {OUTAGE:?} outage; uplink back {linked_in:?} \
+         and everything acknowledged {drained_in:?} after the heal; {stats:?}"
+    );
+    assert_eq!(report.dead_lettered, 0);
+    assert_eq!(stats.forwarded, 20_000, "{stats:?}");
+    // "Within a few seconds" (5 s), with the 3x margin for a busy machine.
+    assert!(drained_in < Duration::from_secs(15), "{drained_in:?}");
+    let on_hub = jetstream::new(raw(edge.hub()).await?);
+    let contents = stream_contents(&on_hub, "EDGE20").await?;
+    assert_store_order(&contents, &receipts, &stats);
+    outbox.close().await?;
+    client.close().await?;
+    Ok(())
+}

@@ -13,7 +13,7 @@ use natskit_testing::{Cluster, NatsServer, Proxy, eventually};
 
 /// Every message of `stream`, read through a raw async-nats consumer:
 /// `(subject, Nats-Msg-Id, payload)` in stream order.
-async fn stream_contents(
+pub(crate) async fn stream_contents(
     js: &jetstream::Context,
     name: &str,
 ) -> Result<Vec<(String, String, Vec<u8>)>, Box<dyn std::error::Error + Send + Sync>> {
@@ -63,9 +63,9 @@ async fn read_stream(
 
 /// What a receipt told: local sequence and message id.
 #[derive(Debug, Clone)]
-struct Sent {
-    sequence: u64,
-    message_id: String,
+pub(crate) struct Sent {
+    pub(crate) sequence: u64,
+    pub(crate) message_id: String,
 }
 
 impl From<Receipt> for Sent {
@@ -80,7 +80,10 @@ impl From<Receipt> for Sent {
 /// Asserts that every receipt's message is in `contents` exactly once and
 /// that nothing else is; returns how many messages the stream holds after
 /// a message that was stored later by the outbox, on the same subject.
-fn exactly_once(contents: &[(String, String, Vec<u8>)], receipts: &[(String, Sent)]) -> usize {
+pub(crate) fn exactly_once(
+    contents: &[(String, String, Vec<u8>)],
+    receipts: &[(String, Sent)],
+) -> usize {
     let mut seen: HashMap<&str, usize> = HashMap::new();
     for (_, id, _) in contents {
         *seen.entry(id.as_str()).or_default() += 1;
@@ -454,12 +457,12 @@ async fn a_damaged_file_is_a_typed_error_and_a_second_open_is_refused() -> TestR
 }
 
 /// A publishing task: its receipts, by subject.
-type Publisher = tokio::task::JoinHandle<Result<Vec<(String, Sent)>, Error>>;
+pub(crate) type Publisher = tokio::task::JoinHandle<Result<Vec<(String, Sent)>, Error>>;
 
 /// Publishes `per_task` messages durably from each of `tasks` tasks (subject
 /// `<prefix>.<task>`, so per-subject order is each task's order); returns
 /// the receipts.
-fn spawn_publishers(
+pub(crate) fn spawn_publishers(
     outbox: &Outbox,
     prefix: &str,
     tasks: usize,
@@ -483,7 +486,7 @@ fn spawn_publishers(
         .collect()
 }
 
-async fn join_receipts(
+pub(crate) async fn join_receipts(
     tasks: Vec<Publisher>,
 ) -> Result<Vec<(String, Sent)>, Box<dyn std::error::Error + Send + Sync>> {
     let mut all = Vec::new();
@@ -935,7 +938,7 @@ async fn an_unreadable_record_is_moved_aside_not_dropped() -> TestResult {
 
 /// Strict order: the stream holds the messages in store order, across all
 /// subjects, exactly once; the outbox counted no reordering.
-fn assert_store_order(
+pub(crate) fn assert_store_order(
     contents: &[(String, String, Vec<u8>)],
     receipts: &[(String, Sent)],
     stats: &natskit::OutboxStats,
