@@ -342,8 +342,17 @@ pub enum Error {
         /// The byte limit.
         max_bytes: u64,
     },
-    /// The outbox's store failed (I/O error, a full disk, the file open
-    /// in another outbox).
+    /// The disk holding the outbox file is full: the message was not
+    /// stored. Back-pressure, like [`Error::OutboxFull`]: forwarding goes on
+    /// and frees space, and the same outbox accepts again once there is
+    /// room (it reopens its file by itself).
+    #[error("outbox disk full: {path} cannot grow; nothing was stored")]
+    OutboxDiskFull {
+        /// The file.
+        path: String,
+    },
+    /// The outbox's store failed (an I/O error, the file open in another
+    /// outbox).
     #[error("outbox {op} failed: {source}")]
     Outbox {
         /// The operation.
@@ -497,9 +506,13 @@ impl Error {
         None
     }
 
-    /// The outbox is full (back-pressure; nothing was stored).
+    /// The outbox is full, by its limits or because its disk is
+    /// (back-pressure; nothing was stored).
     pub fn is_outbox_full(&self) -> bool {
-        matches!(self, Error::OutboxFull { .. })
+        matches!(
+            self,
+            Error::OutboxFull { .. } | Error::OutboxDiskFull { .. }
+        )
     }
 
     /// The outbox store is damaged.

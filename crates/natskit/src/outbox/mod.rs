@@ -297,7 +297,7 @@ struct Shared {
     default_id_len: usize,
     /// Taken at close, so the file is released once the store thread and
     /// any read under way are done with it.
-    db: std::sync::RwLock<Option<Arc<redb::Database>>>,
+    db: store::DbSlot,
     closed: std::sync::atomic::AtomicBool,
     commands: std::sync::mpsc::Sender<Cmd>,
     signals: Arc<Signals>,
@@ -319,7 +319,16 @@ struct Shared {
 
 impl Shared {
     fn db(&self) -> Result<Arc<redb::Database>> {
-        read(&self.db).clone().ok_or(Error::Closed)
+        match read(&self.db).clone() {
+            Some(db) => Ok(db),
+            None if self.closed.load(Ordering::Acquire) => Err(Error::Closed),
+            // The store thread is opening the file again after an I/O
+            // error (a full disk): a moment.
+            None => Err(Error::Outbox {
+                op: "read",
+                source: "the store is being reopened after an I/O error".into(),
+            }),
+        }
     }
 
     fn depth(&self) -> Depth {
@@ -476,14 +485,19 @@ impl Outbox {
         let (commands, receiver) = std::sync::mpsc::channel();
         let path = config.path.clone();
         let set_aside = config.set_aside_corrupted;
+        let slot: store::DbSlot = Arc::new(std::sync::RwLock::new(None));
         let writer = {
-            let (signals, dead) = (signals.clone(), dead.clone());
+            let (signals, dead, slot) = (signals.clone(), dead.clone(), slot.clone());
             std::thread::Builder::new()
                 .name("natskit-outbox".into())
                 .spawn(move || match store::open(&path, set_aside) {
                     Ok((opened, next_seq)) => {
+                        *write(&slot) = Some(opened.db.clone());
                         let writer = Writer {
-                            db: opened.db.clone(),
+                            db: Some(opened.db.clone()),
+                            slot,
+                            broken: false,
+                            retry: Vec::new(),
                             path,
                             outbox_id: opened.outbox_id.clone(),
                             next_seq,
@@ -520,7 +534,7 @@ impl Outbox {
             config,
             outbox_id: opened.outbox_id.clone(),
             default_id_len: store::default_msg_id(&opened.outbox_id, 0).len(),
-            db: std::sync::RwLock::new(Some(opened.db)),
+            db: slot,
             closed: std::sync::atomic::AtomicBool::new(false),
             commands,
             signals,

@@ -21,6 +21,16 @@ use redb::{Database, Durability, ReadableTable, ReadableTableMetadata, TableDefi
 use tokio::sync::{Notify, oneshot};
 
 use crate::core::error::{Error, Result};
+use crate::core::sync::write;
+
+/// The open database, shared by the store thread (which replaces it after
+/// an I/O error) and the readers; `None` while it is reopened or closed.
+pub(crate) type DbSlot = Arc<std::sync::RwLock<Option<Arc<Database>>>>;
+
+/// How long a reopen waits for reads under way to let go of the file.
+const REOPEN_WAIT: std::time::Duration = std::time::Duration::from_secs(2);
+/// How often a database that could not be reopened is tried again.
+const REOPEN_RETRY: std::time::Duration = std::time::Duration::from_secs(1);
 
 /// Pending messages: local sequence -> encoded record.
 const MESSAGES: TableDefinition<u64, &[u8]> = TableDefinition::new("messages");
@@ -491,7 +501,15 @@ pub(crate) fn list_dead(db: &Database, path: &Path, max: usize) -> Result<Vec<De
 
 /// The store thread: owns the database's writes.
 pub(crate) struct Writer {
-    pub(crate) db: Arc<Database>,
+    /// `None` after a failed reopen (the next group tries again).
+    pub(crate) db: Option<Arc<Database>>,
+    /// Shared with the readers.
+    pub(crate) slot: DbSlot,
+    /// An I/O error poisoned the database: reopen before the next group.
+    pub(crate) broken: bool,
+    /// Removals and moves to the dead letters of a group that failed,
+    /// applied with the next one (both are idempotent).
+    pub(crate) retry: Vec<Cmd>,
     pub(crate) path: PathBuf,
     pub(crate) outbox_id: String,
     pub(crate) next_seq: u64,
@@ -513,7 +531,21 @@ impl Writer {
     pub(crate) fn run(mut self, commands: std::sync::mpsc::Receiver<Cmd>) {
         let mut group = Vec::new();
         loop {
-            let Ok(first) = commands.recv() else { return };
+            let first = if self.broken {
+                // Retry the reopen now and then even when nothing is asked
+                // (the forwarder's reads need the database too).
+                match commands.recv_timeout(REOPEN_RETRY) {
+                    Ok(cmd) => cmd,
+                    Err(std::sync::mpsc::RecvTimeoutError::Timeout) => {
+                        self.reopen();
+                        continue;
+                    }
+                    Err(std::sync::mpsc::RecvTimeoutError::Disconnected) => return,
+                }
+            } else {
+                let Ok(cmd) = commands.recv() else { return };
+                cmd
+            };
             group.push(first);
             while group.len() < MAX_GROUP {
                 match commands.try_recv() {
@@ -522,9 +554,18 @@ impl Writer {
                 }
             }
             let shutdown = group.iter().any(|c| matches!(c, Cmd::Shutdown));
-            self.commit_group(std::mem::take(&mut group));
+            if self.broken && !shutdown {
+                self.reopen();
+            }
+            // Bookkeeping a failed group could not store goes first.
+            let mut cmds = std::mem::take(&mut self.retry);
+            cmds.append(&mut group);
+            self.commit_group(cmds);
             if shutdown {
                 return;
+            }
+            if self.broken {
+                self.reopen();
             }
         }
     }
@@ -566,14 +607,31 @@ impl Writer {
                     }
                 }
             }
-            Err((message, replies)) => {
+            Err((error, replies)) => {
                 // Nothing of the group is stored: sequences are reused.
                 self.next_seq = before;
-                tracing::error!(path = %self.path.display(), error = %message, "outbox commit failed");
+                let disk_full = is_disk_full(&error);
+                // redb refuses every later call after an I/O error until
+                // the database is opened again.
+                self.broken |= matches!(error, redb::Error::Io(_) | redb::Error::PreviousIo);
+                let message = error.to_string();
+                if disk_full {
+                    tracing::warn!(path = %self.path.display(), "outbox disk full: refusing new messages until there is room");
+                } else {
+                    tracing::error!(path = %self.path.display(), error = %message, "outbox commit failed");
+                }
                 for reply in replies {
-                    let err = || Error::Outbox {
-                        op: "commit",
-                        source: message.clone().into(),
+                    let err = || {
+                        if disk_full {
+                            Error::OutboxDiskFull {
+                                path: self.path.display().to_string(),
+                            }
+                        } else {
+                            Error::Outbox {
+                                op: "commit",
+                                source: message.clone().into(),
+                            }
+                        }
                     };
                     match reply {
                         Reply::Enqueue(tx, _) => {
@@ -594,18 +652,53 @@ impl Writer {
         }
     }
 
+    /// Opens the database again after an I/O error: takes it from the
+    /// readers, waits (bounded) for reads under way to let go of the file,
+    /// and opens the file anew, which repairs it to the last commit. On
+    /// failure the database stays closed and the next group tries again.
+    fn reopen(&mut self) {
+        let old = write(&self.slot).take().or_else(|| self.db.take());
+        self.db = None;
+        if let Some(old) = old {
+            let deadline = std::time::Instant::now() + REOPEN_WAIT;
+            while Arc::strong_count(&old) > 1 && std::time::Instant::now() < deadline {
+                std::thread::sleep(std::time::Duration::from_millis(1));
+            }
+            drop(old);
+        }
+        match Database::create(&self.path) {
+            Ok(db) => {
+                let db = Arc::new(db);
+                *write(&self.slot) = Some(db.clone());
+                self.db = Some(db);
+                self.broken = false;
+                tracing::info!(path = %self.path.display(), "outbox store reopened after an I/O error");
+                // The forwarder may have found no database to read.
+                self.signals.wake.notify_one();
+            }
+            Err(e) => {
+                tracing::warn!(path = %self.path.display(), error = %e, "outbox store could not be reopened yet");
+            }
+        }
+    }
+
     /// Applies a group in one transaction; `Ok(true)` when it added to the
-    /// queue. On failure, the replies to fail.
+    /// queue. On failure, the error and the replies to fail (removals and
+    /// moves to the dead letters are kept for the next group).
     #[allow(clippy::type_complexity)]
     fn apply(
         &mut self,
         group: Vec<Cmd>,
         replies: &mut Vec<Reply>,
         dead_delta: &mut i64,
-    ) -> std::result::Result<bool, (String, Vec<Reply>)> {
-        let mut txn = match self.db.begin_write() {
+    ) -> std::result::Result<bool, (redb::Error, Vec<Reply>)> {
+        let begun = match &self.db {
+            Some(db) => db.begin_write().map_err(redb::Error::from),
+            None => Err(redb::Error::PreviousIo),
+        };
+        let mut txn = match begun {
             Ok(txn) => txn,
-            Err(e) => return Err((e.to_string(), collect_replies(group))),
+            Err(e) => return Err((e, self.collect_replies(group))),
         };
         // Every commit is fsync'd, deletes too: they come in few large
         // groups (the forwarder batches them by the second), and a delete
@@ -614,6 +707,8 @@ impl Writer {
         txn.set_durability(Durability::Immediate);
         let mut added = false;
         let mut pending: Vec<Cmd> = group.into_iter().rev().collect();
+        // Applied removals and moves, kept in case the commit fails.
+        let mut bookkeeping = Vec::new();
         let outcome: std::result::Result<(), redb::Error> = (|| {
             let mut messages = txn.open_table(MESSAGES)?;
             let mut dead = txn.open_table(DEAD)?;
@@ -649,15 +744,17 @@ impl Writer {
                         replies.push(Reply::Enqueue(reply, stored));
                     }
                     Cmd::Remove(seqs) => {
-                        for seq in seqs {
+                        for &seq in &seqs {
                             messages.remove(seq)?;
                         }
+                        bookkeeping.push(Cmd::Remove(seqs));
                     }
                     Cmd::DeadLetter { sequence, reason } => {
                         let raw = messages.remove(sequence)?.map(|v| v.value().to_vec());
                         if let Some(raw) = raw {
                             dead.insert(sequence, encode_dead(&reason, &raw).as_slice())?;
                         }
+                        bookkeeping.push(Cmd::DeadLetter { sequence, reason });
                     }
                     Cmd::Requeue { sequence, reply } => {
                         let keys: Vec<u64> = match sequence {
@@ -715,8 +812,9 @@ impl Writer {
         })();
         if let Err(e) = outcome {
             let mut failed = std::mem::take(replies);
-            failed.extend(collect_replies(pending));
-            return Err((e.to_string(), failed));
+            failed.extend(self.collect_replies(pending));
+            self.retry.append(&mut bookkeeping);
+            return Err((e, failed));
         }
         let next = self.next_seq.to_le_bytes();
         let meta = || -> std::result::Result<(), redb::Error> {
@@ -724,27 +822,40 @@ impl Writer {
             meta.insert("next_seq", next.as_slice())?;
             Ok(())
         };
-        if let Err(e) = meta() {
-            return Err((e.to_string(), std::mem::take(replies)));
-        }
-        if let Err(e) = txn.commit() {
-            return Err((e.to_string(), std::mem::take(replies)));
+        let committed = meta().and_then(|()| txn.commit().map_err(redb::Error::from));
+        if let Err(e) = committed {
+            self.retry.append(&mut bookkeeping);
+            return Err((e, std::mem::take(replies)));
         }
         Ok(added)
     }
+
+    /// The replies a failed group owes; its removals and moves to the dead
+    /// letters are kept for the next group.
+    fn collect_replies(&mut self, group: Vec<Cmd>) -> Vec<Reply> {
+        let mut replies = Vec::new();
+        for cmd in group {
+            match cmd {
+                Cmd::Enqueue { reply, .. } => replies.push(Reply::Enqueue(reply, Vec::new())),
+                Cmd::Requeue { reply, .. } => replies.push(Reply::Moved(reply, (0, 0))),
+                Cmd::PurgeDead { reply, .. } => replies.push(Reply::Count(reply, 0)),
+                Cmd::Barrier(tx) => replies.push(Reply::Barrier(tx)),
+                cmd @ (Cmd::Remove(_) | Cmd::DeadLetter { .. }) => self.retry.push(cmd),
+                Cmd::Shutdown => {}
+            }
+        }
+        replies
+    }
 }
 
-fn collect_replies(group: Vec<Cmd>) -> Vec<Reply> {
-    group
-        .into_iter()
-        .filter_map(|cmd| match cmd {
-            Cmd::Enqueue { reply, .. } => Some(Reply::Enqueue(reply, Vec::new())),
-            Cmd::Requeue { reply, .. } => Some(Reply::Moved(reply, (0, 0))),
-            Cmd::PurgeDead { reply, .. } => Some(Reply::Count(reply, 0)),
-            Cmd::Barrier(tx) => Some(Reply::Barrier(tx)),
-            _ => None,
-        })
-        .collect()
+/// The disk (or the user's quota) is full.
+fn is_disk_full(error: &redb::Error) -> bool {
+    const ENOSPC: i32 = 28;
+    const EDQUOT: i32 = 122;
+    matches!(error, redb::Error::Io(e)
+        if e.kind() == std::io::ErrorKind::StorageFull
+            || e.kind() == std::io::ErrorKind::QuotaExceeded
+            || matches!(e.raw_os_error(), Some(ENOSPC | EDQUOT)))
 }
 
 #[cfg(test)]

@@ -1208,3 +1208,95 @@ async fn on_a_replicated_stream_a_refused_sequence_expectation_leaves_the_id_fre
     );
     Ok(())
 }
+
+/// A tmpfs of a few MiB on a fresh directory (a small SD card), unmounted
+/// when dropped. Mounting needs root, which this project's CI machine has.
+struct Tmpfs {
+    dir: tempfile::TempDir,
+}
+
+impl Tmpfs {
+    fn mount(size: &str) -> Result<Self, Box<dyn std::error::Error + Send + Sync>> {
+        let dir = tempfile::tempdir()?;
+        let status = std::process::Command::new("mount")
+            .args(["-t", "tmpfs", "-o", &format!("size={size}"), "tmpfs"])
+            .arg(dir.path())
+            .status()?;
+        if !status.success() {
+            return Err(format!("mount -t tmpfs failed ({status}): this test needs root").into());
+        }
+        Ok(Self { dir })
+    }
+}
+
+impl Drop for Tmpfs {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("umount")
+            .arg("-l")
+            .arg(self.dir.path())
+            .status();
+    }
+}
+
+/// The outbox on a 4 MiB tmpfs, offline: it stores 1 KiB messages until the
+/// disk is full, which is back-pressure (`OutboxDiskFull`, nothing stored);
+/// forwarding goes on meanwhile, and once space is freed the same handle
+/// accepts again without a reopen by the application; every message with a
+/// receipt reaches the stream once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_full_disk_is_back_pressure_and_the_same_outbox_accepts_again_once_there_is_room()
+-> TestResult {
+    let server = NatsServer::start_jetstream()?;
+    let js = jetstream::new(async_nats::connect(server.url()).await?);
+    js.create_stream(file_stream("DISK", &["disk.>"])).await?;
+    let disk = Tmpfs::mount("4m")?;
+    // Ballast the application frees later (other files on the card).
+    let ballast = disk.dir.path().join("ballast");
+    std::fs::write(&ballast, vec![0u8; 3 << 19])?;
+    let offline = Client::builder(server.url())
+        .disable_health_checks()
+        .build()?;
+    let outbox = Outbox::open(&offline, OutboxConfig::new(disk.dir.path().join("o.redb"))).await?;
+    let payload = vec![b'x'; 1024];
+    let mut receipts = Vec::new();
+    let full = loop {
+        match outbox.publish_durable("disk.1", payload.clone()).await {
+            Ok(r) => receipts.push(("disk.1".to_owned(), Sent::from(r))),
+            Err(err) => break err,
+        }
+        assert!(receipts.len() < 20_000, "a 4 MiB disk never filled");
+    };
+    println!("disk full after {} messages: {full}", receipts.len());
+    assert!(full.is_outbox_full(), "{full:?}");
+    assert!(matches!(full, Error::OutboxDiskFull { .. }), "{full:?}");
+    assert!(receipts.len() > 100, "{}", receipts.len());
+    let again = outbox.publish_durable("disk.1", payload.clone()).await;
+    assert!(
+        matches!(again, Err(Error::OutboxDiskFull { .. })),
+        "{again:?}"
+    );
+
+    // Forwarding goes on while the disk is full.
+    offline.connect().await?;
+    eventually(
+        Duration::from_secs(30),
+        "drained while the disk is full",
+        || async { (outbox.stats().pending_messages == 0).then_some(()) },
+    )
+    .await;
+    std::fs::remove_file(&ballast)?;
+    let mut accepted = 0;
+    for _ in 0..50 {
+        let r = outbox.publish_durable("disk.1", payload.clone()).await?;
+        receipts.push(("disk.1".to_owned(), r.into()));
+        accepted += 1;
+    }
+    assert_eq!(accepted, 50, "the same handle accepts once there is room");
+
+    outbox.flush_outbox(Duration::from_secs(60)).await?;
+    let contents = stream_contents(&js, "DISK").await?;
+    assert_exactly_once_in_order(&contents, &receipts);
+    outbox.close().await?;
+    drop(disk);
+    Ok(())
+}
