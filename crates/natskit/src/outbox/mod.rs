@@ -503,6 +503,7 @@ impl Outbox {
                             next_seq,
                             signals,
                             dead_letters: dead,
+                            pending: (opened.pending_messages, opened.pending_bytes),
                         };
                         writer
                             .dead_letters

@@ -37,8 +37,12 @@ const MESSAGES: TableDefinition<u64, &[u8]> = TableDefinition::new("messages");
 /// Messages moved aside: local sequence -> reason, then the raw record.
 const DEAD: TableDefinition<u64, &[u8]> = TableDefinition::new("dead_letters");
 /// The outbox id and the next sequence (never reused, so message ids stay
-/// unique across restarts even when the queue was empty).
+/// unique across restarts even when the queue was empty), and the bytes
+/// pending (so opening reads no record but the first).
 const META: TableDefinition<&str, &[u8]> = TableDefinition::new("meta");
+const PENDING_BYTES: &str = "pending_bytes";
+/// A file at least this large is compacted when the outbox empties.
+const COMPACT_ABOVE: u64 = 4 << 20;
 
 const RECORD_VERSION: u8 = 1;
 /// Most requests folded into one write transaction.
@@ -420,24 +424,36 @@ fn survey(db: &Database) -> std::result::Result<Survey, redb::Error> {
             .get("next_seq")?
             .and_then(|v| meta_u64(v.value()))
             .unwrap_or(1);
-        (id, next)
+        let bytes = meta.get(PENDING_BYTES)?.and_then(|v| meta_u64(v.value()));
+        (id, (next, bytes))
     };
+    let (next_seq, stored_bytes) = next_seq;
     let (first, pending_messages, pending_bytes, last_msg, oldest_ms) = {
         let messages = txn.open_table(MESSAGES)?;
-        let mut bytes = 0u64;
-        let mut first = None;
-        let mut last = 0;
-        let mut oldest_ms = 0;
-        for item in messages.iter()? {
-            let (k, v) = item?;
-            if first.is_none() {
-                first = Some(k.value());
-                oldest_ms = Record::decode(v.value()).map_or(0, |r| r.enqueued_ms);
+        let first = messages.first()?.map(|(k, v)| {
+            let ms = Record::decode(v.value()).map_or(0, |r| r.enqueued_ms);
+            (k.value(), ms)
+        });
+        let last = messages.last()?.map_or(0, |(k, _)| k.value());
+        // Kept with every commit; a file written before that is counted
+        // once here.
+        let bytes = match stored_bytes {
+            Some(bytes) => bytes,
+            None => {
+                let mut bytes = 0u64;
+                for item in messages.iter()? {
+                    bytes += item?.1.value().len() as u64;
+                }
+                bytes
             }
-            last = k.value();
-            bytes += v.value().len() as u64;
-        }
-        (first, messages.len()?, bytes, last, oldest_ms)
+        };
+        (
+            first.map(|(k, _)| k),
+            messages.len()?,
+            bytes,
+            last,
+            first.map_or(0, |(_, ms)| ms),
+        )
     };
     let (dead_letters, last_dead) = {
         let dead = txn.open_table(DEAD)?;
@@ -516,6 +532,8 @@ pub(crate) struct Writer {
     pub(crate) signals: Arc<Signals>,
     /// Dead letters in the store, kept current for the stats.
     pub(crate) dead_letters: Arc<AtomicU64>,
+    /// Messages and bytes pending in the store, as committed.
+    pub(crate) pending: (u64, u64),
 }
 
 /// What one group's commit must answer, after it committed.
@@ -562,16 +580,19 @@ impl Writer {
             cmds.append(&mut group);
             self.commit_group(cmds);
             if shutdown {
+                self.compact_if_drained();
                 return;
             }
             if self.broken {
                 self.reopen();
+            } else {
+                self.compact_if_drained();
             }
         }
     }
 
     fn commit_group(&mut self, group: Vec<Cmd>) {
-        let before = self.next_seq;
+        let before = (self.next_seq, self.pending);
         let mut replies = Vec::with_capacity(group.len());
         // Dead letters added (the forwarder counts those itself) and taken
         // out by requeue and purge.
@@ -609,7 +630,7 @@ impl Writer {
             }
             Err((error, replies)) => {
                 // Nothing of the group is stored: sequences are reused.
-                self.next_seq = before;
+                (self.next_seq, self.pending) = before;
                 let disk_full = is_disk_full(&error);
                 // redb refuses every later call after an I/O error until
                 // the database is opened again.
@@ -652,34 +673,96 @@ impl Writer {
         }
     }
 
-    /// Opens the database again after an I/O error: takes it from the
-    /// readers, waits (bounded) for reads under way to let go of the file,
-    /// and opens the file anew, which repairs it to the last commit. On
-    /// failure the database stays closed and the next group tries again.
-    fn reopen(&mut self) {
+    fn add_pending(&mut self, bytes: usize) {
+        self.pending.0 += 1;
+        self.pending.1 += bytes as u64;
+    }
+
+    fn take_pending(&mut self, bytes: usize) {
+        self.pending.0 = self.pending.0.saturating_sub(1);
+        self.pending.1 = self.pending.1.saturating_sub(bytes as u64);
+    }
+
+    /// Takes the database from the readers and waits (bounded) for reads
+    /// under way to let go of it; `None` when there is none or a read
+    /// still holds it (then it is dropped here, closing it once the read
+    /// ends).
+    fn take_exclusive(&mut self) -> Option<Database> {
         let old = write(&self.slot).take().or_else(|| self.db.take());
         self.db = None;
-        if let Some(old) = old {
-            let deadline = std::time::Instant::now() + REOPEN_WAIT;
-            while Arc::strong_count(&old) > 1 && std::time::Instant::now() < deadline {
-                std::thread::sleep(std::time::Duration::from_millis(1));
+        let mut old = old?;
+        let deadline = std::time::Instant::now() + REOPEN_WAIT;
+        loop {
+            match Arc::try_unwrap(old) {
+                Ok(db) => return Some(db),
+                Err(shared) if std::time::Instant::now() < deadline => {
+                    old = shared;
+                    std::thread::sleep(std::time::Duration::from_millis(1));
+                }
+                Err(_) => return None,
             }
-            drop(old);
         }
+    }
+
+    /// Gives the readers the database (again).
+    fn install(&mut self, db: Database) {
+        let db = Arc::new(db);
+        *write(&self.slot) = Some(db.clone());
+        self.db = Some(db);
+        // The forwarder may have found no database to read.
+        self.signals.wake.notify_one();
+    }
+
+    /// Opens the database again after an I/O error: takes it from the
+    /// readers and opens the file anew, which repairs it to the last
+    /// commit. On failure the database stays closed and the next group (or
+    /// the retry a second later) tries again.
+    fn reopen(&mut self) {
+        drop(self.take_exclusive());
         match Database::create(&self.path) {
             Ok(db) => {
-                let db = Arc::new(db);
-                *write(&self.slot) = Some(db.clone());
-                self.db = Some(db);
+                self.install(db);
                 self.broken = false;
                 tracing::info!(path = %self.path.display(), "outbox store reopened after an I/O error");
-                // The forwarder may have found no database to read.
-                self.signals.wake.notify_one();
             }
             Err(e) => {
                 tracing::warn!(path = %self.path.display(), error = %e, "outbox store could not be reopened yet");
             }
         }
+    }
+
+    /// When the outbox is empty and its file large (a drained backlog),
+    /// compacts the file: redb never gives space back by itself.
+    fn compact_if_drained(&mut self) {
+        if self.pending.0 > 0 || self.broken {
+            return;
+        }
+        let size = std::fs::metadata(&self.path).map_or(0, |m| m.len());
+        if size < COMPACT_ABOVE {
+            return;
+        }
+        let Some(mut db) = self.take_exclusive() else {
+            // A read held on; reopen (the file stays as it is).
+            self.reopen();
+            return;
+        };
+        let start = std::time::Instant::now();
+        // Twice: the second pass gives back what the first freed.
+        let outcome = db.compact().and_then(|_| db.compact());
+        let after = std::fs::metadata(&self.path).map_or(0, |m| m.len());
+        match outcome {
+            Ok(_) => tracing::info!(
+                path = %self.path.display(),
+                before = size,
+                after,
+                took = ?start.elapsed(),
+                "outbox drained: file compacted"
+            ),
+            Err(e) => {
+                tracing::warn!(path = %self.path.display(), error = %e, "outbox compaction failed")
+            }
+        }
+        self.install(db);
     }
 
     /// Applies a group in one transaction; `Ok(true)` when it added to the
@@ -738,6 +821,7 @@ impl Writer {
                             // `default_msg_id`).
                             debug_assert_eq!(encoded.len() as u64, m.size);
                             messages.insert(sequence, encoded.as_slice())?;
+                            self.add_pending(encoded.len());
                             stored.push(Stored { sequence, msg_id });
                         }
                         added = true;
@@ -745,13 +829,16 @@ impl Writer {
                     }
                     Cmd::Remove(seqs) => {
                         for &seq in &seqs {
-                            messages.remove(seq)?;
+                            if let Some(old) = messages.remove(seq)? {
+                                self.take_pending(old.value().len());
+                            }
                         }
                         bookkeeping.push(Cmd::Remove(seqs));
                     }
                     Cmd::DeadLetter { sequence, reason } => {
                         let raw = messages.remove(sequence)?.map(|v| v.value().to_vec());
                         if let Some(raw) = raw {
+                            self.take_pending(raw.len());
                             dead.insert(sequence, encode_dead(&reason, &raw).as_slice())?;
                         }
                         bookkeeping.push(Cmd::DeadLetter { sequence, reason });
@@ -779,6 +866,7 @@ impl Writer {
                                     self.next_seq += 1;
                                     let encoded = record.encode();
                                     messages.insert(sequence, encoded.as_slice())?;
+                                    self.add_pending(encoded.len());
                                     moved += 1;
                                     bytes += encoded.len() as u64;
                                     added = true;
@@ -817,9 +905,11 @@ impl Writer {
             return Err((e, failed));
         }
         let next = self.next_seq.to_le_bytes();
+        let bytes = self.pending.1.to_le_bytes();
         let meta = || -> std::result::Result<(), redb::Error> {
             let mut meta = txn.open_table(META)?;
             meta.insert("next_seq", next.as_slice())?;
+            meta.insert(PENDING_BYTES, bytes.as_slice())?;
             Ok(())
         };
         let committed = meta().and_then(|()| txn.commit().map_err(redb::Error::from));
