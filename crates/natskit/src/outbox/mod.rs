@@ -53,6 +53,13 @@
 //! [`close`](Outbox::close) one before opening its file again in the same
 //! process.
 //!
+//! Records are packed into chunks of up to about 3.8 KB (one entry fills a
+//! redb page; one record per entry filled pages about half), the pending
+//! counts are kept in the file (opening reads only the first record: 1 ms
+//! at 1,000,000 pending), and an outbox that empties compacts a file over
+//! 4 MiB. After an I/O error (a full disk) the store reopens the file by
+//! itself.
+//!
 //! ```no_run
 //! # async fn demo(client: natskit::Client) -> natskit::Result<()> {
 //! use natskit::{Outbox, OutboxConfig};
@@ -136,8 +143,14 @@ impl OutboxConfig {
         max_messages: u64 => max_messages
     );
     setter!(
-        /// Most bytes pending at once (as stored: subject, headers, id,
-        /// payload); beyond it `publish_durable` gives [`Error::OutboxFull`].
+        /// Most bytes pending at once, counted as the records' own bytes
+        /// (subject, headers, id, payload); beyond it `publish_durable`
+        /// gives [`Error::OutboxFull`]. It bounds the logical bytes, not
+        /// the file: while messages are pending the file is up to about
+        /// twice this (redb doubles its file as it grows; measured 1.5-1.9x
+        /// with 128-byte payloads), and once the outbox is empty the file is
+        /// compacted to about 1-3 MiB. Size a small disk for twice
+        /// `max_bytes`; a full disk is [`Error::OutboxDiskFull`].
         max_bytes: u64 => max_bytes
     );
     setter!(

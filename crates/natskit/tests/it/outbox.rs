@@ -908,13 +908,29 @@ async fn an_unreadable_record_is_moved_aside_not_dropped() -> TestResult {
         receipts.push(outbox.publish_durable("rec.a", format!("{i}")).await?);
     }
     outbox.close().await?;
-    // Damage the middle record in place, through the store itself.
+    // Damage the middle record in place, through the store itself: the
+    // three share a chunk (version 2, then per record its sequence, length
+    // and bytes); the middle record's own version byte becomes unknown.
     {
         const MESSAGES: redb::TableDefinition<u64, &[u8]> = redb::TableDefinition::new("messages");
         let db = redb::Database::create(&path)?;
         let txn = db.begin_write()?;
-        txn.open_table(MESSAGES)?
-            .insert(receipts[1].sequence, b"\x09 not a record".as_slice())?;
+        {
+            let mut table = txn.open_table(MESSAGES)?;
+            let key = receipts[0].sequence;
+            let mut chunk = redb::ReadableTable::get(&table, key)?
+                .ok_or("the chunk")?
+                .value()
+                .to_vec();
+            assert_eq!(chunk[0], 2, "a chunk");
+            let tag = receipts[1].sequence.to_le_bytes();
+            let at = chunk
+                .windows(8)
+                .position(|w| w == tag)
+                .ok_or("the middle record")?;
+            chunk[at + 12] = 9;
+            table.insert(key, chunk.as_slice())?;
+        }
         txn.commit()?;
     }
     let client = connect(&server.url()).await?;
