@@ -1187,10 +1187,8 @@ fn remove_records(
         let here = &seqs[i..end];
         rewrite_chunk(messages, key, &chunk, |seq| {
             let found = here.binary_search(&seq).is_ok();
-            if found {
-                if let Some((_, rec)) = chunk.entries.iter().find(|(s, _)| *s == seq) {
-                    removed(seq, rec.len());
-                }
+            if found && let Some((_, rec)) = chunk.entries.iter().find(|(s, _)| *s == seq) {
+                removed(seq, rec.len());
             }
             found
         })?;
