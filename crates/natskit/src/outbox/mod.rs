@@ -200,8 +200,10 @@ impl OutboxConfig {
         /// back and resends in order. Sends stay pipelined. Off by
         /// default: another writer to the stream makes the expectation
         /// fail and costs resends (never a dead letter, never disorder of
-        /// this outbox's messages). Do not set the header yourself on
-        /// durable messages.
+        /// this outbox's messages). All its subjects belong in that one
+        /// stream (a message for another stream cannot name its
+        /// predecessor, and goes out alone). Do not set the header
+        /// yourself on durable messages.
         ///
         /// ```
         /// let config = natskit::OutboxConfig::new("outbox.redb")
