@@ -133,12 +133,33 @@ impl StreamPublishOptions {
     }
 }
 
+/// A stream publish as sent (and sent again): its headers carry its
+/// message id.
+#[derive(Debug)]
+pub(crate) struct Outgoing {
+    pub(crate) subject: async_nats::Subject,
+    pub(crate) headers: Option<HeaderMap>,
+    pub(crate) payload: Bytes,
+}
+
+impl Outgoing {
+    /// The message for one send.
+    pub(crate) fn message(&self) -> PublishMessage {
+        match &self.headers {
+            Some(h) => PublishMessage::build()
+                .payload(self.payload.clone())
+                .headers(h.clone()),
+            None => PublishMessage::build().payload(self.payload.clone()),
+        }
+    }
+}
+
 /// How long one send of a stream publish waits for its ack before it is
 /// sent again with the same message id.
 const RESEND_ACK_WAIT: Duration = Duration::from_secs(1);
 
 /// Default retry of JetStream publishes while JetStream is unavailable.
-fn default_publish_retry() -> RetryConfig {
+pub(crate) fn default_publish_retry() -> RetryConfig {
     RetryConfig {
         max_retries: 10,
         backoff: retry::STREAM_PUBLISH,
@@ -215,32 +236,44 @@ impl Client {
             }
         };
         let retry = options.retry.unwrap_or_else(default_publish_retry);
-        let mut epoch = self.connection_epoch();
+        let outgoing = Outgoing {
+            subject,
+            headers,
+            payload,
+        };
+        let result = self
+            .settle_publish(js, &outgoing, retry, self.connection_epoch(), None)
+            .await;
+        permit.record(result)
+    }
+
+    /// Sends `outgoing` (its headers carry a message id, so a resend is a
+    /// duplicate the stream absorbs) until it is stored or refused for
+    /// good: while JetStream is unavailable (no responders during an
+    /// election or restart, no ack in time) it is resent with back-off, and
+    /// when the connection is replaced while an ack is awaited, at once.
+    /// `first`, when given, is the ack of a send already made (the
+    /// pipelined publisher's), awaited for the context's ack timeout.
+    /// `epoch` must be taken before that first send.
+    pub(crate) async fn settle_publish(
+        &self,
+        js: &async_nats::jetstream::Context,
+        outgoing: &Outgoing,
+        retry: RetryConfig,
+        mut epoch: tokio::sync::watch::Receiver<u64>,
+        mut first: Option<async_nats::jetstream::context::PublishAckFuture>,
+    ) -> Result<PublishAck> {
+        let subject = &outgoing.subject;
         let mut waits = Retry::new(retry.backoff);
         let result = loop {
-            let message = match &headers {
-                Some(h) => PublishMessage::build()
-                    .payload(payload.clone())
-                    .headers(h.clone()),
-                None => PublishMessage::build().payload(payload.clone()),
-            };
-            epoch.borrow_and_update();
-            // Each send waits at most a second for its ack before it is sent
-            // again (the id makes a resend harmless), so a publish that went
-            // to a leader that just died is not held up for the whole ack
-            // timeout while a new leader is elected.
-            let resend_wait = tokio::time::sleep(RESEND_ACK_WAIT);
-            let outcome = match js.send_publish(subject.clone(), message).await {
-                Ok(ack) => {
+            let outcome = match first.take() {
+                Some(ack) => {
                     tokio::select! {
-                        ack = ack => ack.map_err(|e| map_publish(&subject, e)),
-                        () = resend_wait => Err(timed_out("publish", format!("no ack within {RESEND_ACK_WAIT:?} of a resend"))),
-                        // The connection dropped and came back while the
-                        // ack was awaited: it will never come; resend now.
+                        ack = ack => ack.map_err(|e| map_publish(subject, e)),
                         _ = epoch.changed() => Err(unavailable("publish", "reconnected while awaiting the ack")),
                     }
                 }
-                Err(e) => Err(map_publish(&subject, e)),
+                None => self.send_once(js, outgoing, &mut epoch).await,
             };
             let retriable = matches!(
                 &outcome,
@@ -255,13 +288,40 @@ impl Client {
             self.metrics().retry("stream_publish");
             waits.wait_or_reconnect(&mut epoch).await;
         };
-        let result = match result {
+        match result {
             Err(Error::StreamNotFound { .. }) => {
-                Err(self.confirm_stream_missing(js, &subject).await)
+                Err(self.confirm_stream_missing(js, subject).await)
             }
             other => other,
-        };
-        permit.record(result)
+        }
+    }
+
+    /// One send of `outgoing` and the wait for its ack.
+    async fn send_once(
+        &self,
+        js: &async_nats::jetstream::Context,
+        outgoing: &Outgoing,
+        epoch: &mut tokio::sync::watch::Receiver<u64>,
+    ) -> Result<PublishAck> {
+        let subject = &outgoing.subject;
+        epoch.borrow_and_update();
+        // Each send waits at most a second for its ack before it is sent
+        // again (the id makes a resend harmless), so a publish that went to
+        // a leader that just died is not held up for the whole ack timeout
+        // while a new leader is elected.
+        let resend_wait = tokio::time::sleep(RESEND_ACK_WAIT);
+        match js.send_publish(subject.clone(), outgoing.message()).await {
+            Ok(ack) => {
+                tokio::select! {
+                    ack = ack => ack.map_err(|e| map_publish(subject, e)),
+                    () = resend_wait => Err(timed_out("publish", format!("no ack within {RESEND_ACK_WAIT:?} of a resend"))),
+                    // The connection dropped and came back while the ack
+                    // was awaited: it will never come; resend now.
+                    _ = epoch.changed() => Err(unavailable("publish", "reconnected while awaiting the ack")),
+                }
+            }
+            Err(e) => Err(map_publish(subject, e)),
+        }
     }
 
     /// After no-responders on a stream publish: asks the server whether a

@@ -3,7 +3,6 @@
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 
-use async_nats::jetstream::message::PublishMessage;
 use async_nats::jetstream::publish::PublishAck;
 use bytes::Bytes;
 use futures_util::StreamExt;
@@ -12,15 +11,26 @@ use tokio::sync::{Semaphore, mpsc};
 
 use crate::client::Client;
 use crate::client::jetstream_errors::map_publish;
+use crate::core::backoff::RetryConfig;
 use crate::core::error::{Error, Result};
 use crate::core::subject::IntoSubject;
 use crate::core::sync::lock;
-use crate::jetstream::publish::StreamPublishOptions;
+use crate::jetstream::publish::{Outgoing, StreamPublishOptions, default_publish_retry};
 
 impl Client {
     /// A publisher that keeps up to `max_in_flight` acknowledgements
     /// outstanding: for throughput, where awaiting each ack would cap a
     /// client at one round trip per message.
+    ///
+    /// It makes the promise [`publish_to_stream`](Self::publish_to_stream)
+    /// makes, pipelined: every message carries a `Nats-Msg-Id` (assigned
+    /// unless the options give one), and a message whose ack does not come
+    /// (a lost connection, an election, a server restart) is sent again
+    /// with the same id, at once after a reconnect and with back-off while
+    /// JetStream is unavailable; the stream stores it once. So
+    /// [`flush`](StreamPublisher::flush) reports as failed only what was
+    /// refused for good or not stored within the retry budget (by default
+    /// 10 resends).
     ///
     /// ```no_run
     /// # async fn demo(client: natskit::Client) -> natskit::Result<()> {
@@ -49,7 +59,12 @@ impl Client {
         let (acks, ack_rx) = mpsc::unbounded_channel();
         let shared = Arc::new(PublisherShared::default());
         let slots = Arc::new(Semaphore::new(max_in_flight));
-        tokio::spawn(collect_acks(ack_rx, shared.clone()));
+        tokio::spawn(collect_acks(
+            ack_rx,
+            shared.clone(),
+            self.clone(),
+            js.clone(),
+        ));
         Ok(StreamPublisher {
             client: self.clone(),
             js,
@@ -57,15 +72,19 @@ impl Client {
             shared,
             slots,
             max_in_flight,
+            id_prefix: nuid::next().to_string(),
         })
     }
 }
 
 #[derive(Debug, Default)]
 struct PublisherShared {
+    /// Messages handed to the server (also the next message id's number).
     sent: AtomicU64,
     acked: AtomicU64,
     failed: AtomicU64,
+    /// The next assigned message id's number.
+    ids: AtomicU64,
     errors: std::sync::Mutex<Vec<(u64, Error)>>,
 }
 
@@ -81,12 +100,17 @@ pub struct PublishReport {
     pub errors: Vec<(u64, Error)>,
 }
 
-type AckJob = (
-    u64,
-    async_nats::jetstream::context::PublishAckFuture,
-    String,
-    tokio::sync::OwnedSemaphorePermit,
-);
+/// One sent message the collector sees through: its index, first ack,
+/// the message (to send again), the connection epoch before the send, the
+/// retry budget and its slot.
+struct AckJob {
+    index: u64,
+    ack: async_nats::jetstream::context::PublishAckFuture,
+    outgoing: Outgoing,
+    epoch: tokio::sync::watch::Receiver<u64>,
+    retry: RetryConfig,
+    slot: tokio::sync::OwnedSemaphorePermit,
+}
 
 /// Pipelined JetStream publisher from [`Client::stream_publisher`]. Clone-free;
 /// share it behind an `Arc` to publish from several tasks. Dropping it
@@ -101,6 +125,8 @@ pub struct StreamPublisher {
     shared: Arc<PublisherShared>,
     slots: Arc<Semaphore>,
     max_in_flight: usize,
+    /// Assigned message ids are this, `-` and a 16-digit hex counter.
+    id_prefix: String,
 }
 
 impl StreamPublisher {
@@ -133,11 +159,16 @@ impl StreamPublisher {
         let subject = subject.into_subject();
         let payload = payload.into();
         let caller_headers = options.headers.take();
+        let retry = options.retry.unwrap_or_else(default_publish_retry);
         let out = self
             .client
             .prologue(&subject, caller_headers, payload.len(), |traced| {
                 options.validate()?;
                 options.headers = traced;
+                if options.message_id.is_none() {
+                    let n = self.shared.ids.fetch_add(1, Ordering::Relaxed);
+                    options.message_id = Some(format!("{}-{n:016x}", self.id_prefix));
+                }
                 Ok(options.header_map())
             })?;
         let (permit, headers) = (out.permit, out.headers);
@@ -147,20 +178,29 @@ impl StreamPublisher {
             .acquire_owned()
             .await
             .map_err(|_| Error::Closed)?;
-        let message = match headers {
-            Some(headers) => PublishMessage::build().payload(payload).headers(headers),
-            None => PublishMessage::build().payload(payload),
+        let outgoing = Outgoing {
+            subject,
+            headers,
+            payload,
         };
+        let epoch = self.client.connection_epoch();
         let sent = self
             .js
-            .send_publish(subject.clone(), message)
+            .send_publish(outgoing.subject.clone(), outgoing.message())
             .await
-            .map_err(|e| map_publish(&subject, e));
+            .map_err(|e| map_publish(&outgoing.subject, e));
         // Queued, not yet acknowledged: proves nothing about the server.
-        let future = permit.record_unconfirmed(sent)?;
+        let ack = permit.record_unconfirmed(sent)?;
         let index = self.shared.sent.fetch_add(1, Ordering::Relaxed);
         self.acks
-            .send((index, future, subject.to_string(), slot))
+            .send(AckJob {
+                index,
+                ack,
+                outgoing,
+                epoch,
+                retry,
+                slot,
+            })
             .map_err(|_| Error::Closed)
     }
 
@@ -211,15 +251,26 @@ impl StreamPublisher {
     }
 }
 
-async fn collect_acks(mut jobs: mpsc::UnboundedReceiver<AckJob>, shared: Arc<PublisherShared>) {
+async fn collect_acks(
+    mut jobs: mpsc::UnboundedReceiver<AckJob>,
+    shared: Arc<PublisherShared>,
+    client: Client,
+    js: async_nats::jetstream::Context,
+) {
+    let (client, js) = (&client, &js);
     let mut pending = FuturesUnordered::new();
     loop {
         tokio::select! {
             job = jobs.recv() => match job {
                 // The slot is released only after the outcome is counted, so
-                // a flush that holds every slot sees every count.
-                Some((index, future, subject, slot)) => pending.push(async move {
-                    (index, subject, future.await, slot)
+                // a flush that holds every slot sees every count. A message
+                // whose ack does not come is sent again meanwhile.
+                Some(job) => pending.push(async move {
+                    let AckJob { index, ack, outgoing, epoch, retry, slot } = job;
+                    let result = client
+                        .settle_publish(js, &outgoing, retry, epoch, Some(ack))
+                        .await;
+                    (index, outgoing.subject, result, slot)
                 }),
                 None if pending.is_empty() => break,
                 None => {
@@ -236,19 +287,13 @@ async fn collect_acks(mut jobs: mpsc::UnboundedReceiver<AckJob>, shared: Arc<Pub
     }
 }
 
-fn record_ack(
-    shared: &PublisherShared,
-    index: u64,
-    subject: &str,
-    result: std::result::Result<PublishAck, async_nats::jetstream::context::PublishError>,
-) {
+fn record_ack(shared: &PublisherShared, index: u64, subject: &str, result: Result<PublishAck>) {
     match result {
         Ok(_) => {
             shared.acked.fetch_add(1, Ordering::Relaxed);
         }
         Err(err) => {
             shared.failed.fetch_add(1, Ordering::Relaxed);
-            let err = map_publish(subject, err);
             tracing::warn!(%subject, %err, "pipelined publish failed");
             lock(&shared.errors).push((index, err));
         }
