@@ -135,15 +135,92 @@ pub(crate) fn invoke_in<Fut: Future>(
     work: Fut,
 ) -> impl Future<Output = Invocation<Fut::Output>> + use<Fut> {
     let invocation = AssertUnwindSafe(context.run(work)).catch_unwind();
-    tokio::time::timeout(deadline, invocation).map(|outcome| match outcome {
-        Ok(Ok(output)) => Invocation::Done(output),
-        Ok(Err(panic)) => Invocation::Panicked(
+    Deadline::new(deadline, invocation).map(|outcome| match outcome {
+        Some(Ok(output)) => Invocation::Done(output),
+        Some(Err(panic)) => Invocation::Panicked(
             panic
                 .downcast_ref::<&str>()
                 .map(|s| (*s).to_owned())
                 .or_else(|| panic.downcast_ref::<String>().cloned())
                 .unwrap_or_default(),
         ),
-        Err(_) => Invocation::TimedOut,
+        None => Invocation::TimedOut,
     })
+}
+
+pin_project_lite::pin_project! {
+    /// `work` under a deadline counted from its first poll, whose timer is
+    /// made only once the work waits: a handler that finishes in its first
+    /// poll, as most do, costs no timer (tokio's `timeout` registers one
+    /// per call and makes every invocation future about 100 bytes larger).
+    /// `None` when the deadline passed first.
+    struct Deadline<F> {
+        #[pin]
+        work: F,
+        deadline: Duration,
+        start: Option<tokio::time::Instant>,
+        timer: Option<std::pin::Pin<Box<tokio::time::Sleep>>>,
+    }
+}
+
+impl<F> Deadline<F> {
+    fn new(deadline: Duration, work: F) -> Self {
+        Self {
+            work,
+            deadline,
+            start: None,
+            timer: None,
+        }
+    }
+}
+
+impl<F: Future> Future for Deadline<F> {
+    type Output = Option<F::Output>;
+
+    fn poll(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Self::Output> {
+        use std::task::Poll;
+        let this = self.project();
+        let start = *this.start.get_or_insert_with(tokio::time::Instant::now);
+        if let Poll::Ready(output) = this.work.poll(cx) {
+            return Poll::Ready(Some(output));
+        }
+        let deadline = *this.deadline;
+        let timer = this
+            .timer
+            .get_or_insert_with(|| Box::pin(tokio::time::sleep_until(start + deadline)));
+        match timer.as_mut().poll(cx) {
+            Poll::Ready(()) => Poll::Ready(None),
+            Poll::Pending => Poll::Pending,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn a_deadline_arms_its_timer_only_when_the_work_waits() {
+        let mut ready = std::pin::pin!(Deadline::new(Duration::from_secs(1), async { 7 }));
+        let mut cx = std::task::Context::from_waker(std::task::Waker::noop());
+        assert_eq!(
+            ready.as_mut().poll(&mut cx),
+            std::task::Poll::Ready(Some(7))
+        );
+        assert!(ready.timer.is_none(), "no timer for work done at once");
+
+        let started = std::time::Instant::now();
+        let waits = Deadline::new(Duration::from_millis(20), std::future::pending::<()>());
+        assert_eq!(waits.await, None, "the deadline ends waiting work");
+        assert!(started.elapsed() >= Duration::from_millis(20));
+
+        let yields_once = Deadline::new(Duration::from_secs(5), async {
+            tokio::task::yield_now().await;
+            "done"
+        });
+        assert_eq!(yields_once.await, Some("done"));
+    }
 }
