@@ -848,6 +848,8 @@ impl Writer {
                 tracing::info!(path = %self.path.display(), "outbox store reopened after an I/O error");
             }
             Err(e) => {
+                // Retried with the next group, and every second meanwhile.
+                self.broken = true;
                 tracing::warn!(path = %self.path.display(), error = %e, "outbox store could not be reopened yet");
             }
         }
