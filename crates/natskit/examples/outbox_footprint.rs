@@ -26,6 +26,14 @@ fn mib(bytes: u64) -> String {
     format!("{:.1} MiB", bytes as f64 / f64::from(1 << 20))
 }
 
+/// An outbox at `path` with room for the largest run.
+async fn open(client: &Client, path: &std::path::Path) -> natskit::Result<Outbox> {
+    let config = OutboxConfig::new(path)
+        .max_messages(2_000_000)
+        .max_bytes(1 << 30);
+    Outbox::open(client, config).await
+}
+
 /// Stores `n` messages of 128 bytes from `TASKS` tasks.
 async fn store(outbox: &Outbox, n: usize) -> Result<Duration, BoxError> {
     let start = Instant::now();
@@ -66,13 +74,7 @@ async fn main() -> Result<(), BoxError> {
     let file = || std::fs::metadata(&path).map(|m| m.len()).unwrap_or(0);
 
     let offline = Client::builder(&url).build()?;
-    let outbox = Outbox::open(
-        &offline,
-        OutboxConfig::new(&path)
-            .max_messages(2_000_000)
-            .max_bytes(1 << 30),
-    )
-    .await?;
+    let outbox = open(&offline, &path).await?;
     let took = store(&outbox, n).await?;
     let logical = outbox.stats().pending_bytes;
     println!(
@@ -104,23 +106,11 @@ async fn main() -> Result<(), BoxError> {
 
     let path = dir.path().join("reopen.redb");
     let offline = Client::builder(&url).build()?;
-    let outbox = Outbox::open(
-        &offline,
-        OutboxConfig::new(&path)
-            .max_messages(2_000_000)
-            .max_bytes(1 << 30),
-    )
-    .await?;
+    let outbox = open(&offline, &path).await?;
     store(&outbox, reopen_n).await?;
     outbox.close().await?;
     let start = Instant::now();
-    let outbox = Outbox::open(
-        &offline,
-        OutboxConfig::new(&path)
-            .max_messages(2_000_000)
-            .max_bytes(1 << 30),
-    )
-    .await?;
+    let outbox = open(&offline, &path).await?;
     println!(
         "reopened with {} pending in {:?} (file {})",
         outbox.stats().pending_messages,
