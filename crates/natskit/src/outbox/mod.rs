@@ -193,11 +193,13 @@ impl OutboxConfig {
         /// Strict order, for a stream this outbox writes alone: the stream
         /// stores the messages in exactly the order they were stored here,
         /// also across lost connections, server restarts and elections
-        /// ([`OutboxStats::reordered`] stays 0). Each message sent while
-        /// its predecessor is still unacknowledged carries
-        /// `Nats-Expected-Last-Msg-Id` naming it, so the stream refuses a
-        /// message that would overtake a lost one; the outbox then goes
-        /// back and resends in order. Sends stay pipelined. Off by
+        /// ([`OutboxStats::reordered`] stays 0). Each message sent behind
+        /// an unacknowledged one names what the stream must hold last
+        /// before it (`Nats-Expected-Last-Msg-Id` on a stream without
+        /// replicas, `Nats-Expected-Last-Sequence` on a replicated one,
+        /// where a message id refusal stalls the stream), so the stream
+        /// refuses a message that would overtake a lost one; the outbox
+        /// then goes back and resends in order. Sends stay pipelined. Off by
         /// default: another writer to the stream makes the expectation
         /// fail and costs resends (never a dead letter, never disorder of
         /// this outbox's messages). All its subjects belong in that one
