@@ -47,7 +47,7 @@ fn main() -> ExitCode {
 }
 
 async fn run() -> ExitCode {
-    let scenarios: [(&str, Scenario); 9] = [
+    let scenarios: [(&str, Scenario); 10] = [
         ("single-server-kills", || Box::pin(single_server_kills())),
         ("r3-stream-leader-kills", || {
             Box::pin(r3_stream_leader_kills())
@@ -69,6 +69,9 @@ async fn run() -> ExitCode {
         }),
         ("edge-uplink-stall-and-cut", || {
             Box::pin(edge_uplink_stall_and_cut())
+        }),
+        ("outbox-strict-through-the-uplink", || {
+            Box::pin(outbox_strict_through_the_uplink())
         }),
         ("consumer-repeats-after-recreation", || {
             Box::pin(consumer_repeats_after_recreation())
@@ -186,6 +189,16 @@ async fn read_ids(urls: &str, stream: &str) -> Result<(u64, HashSet<String>), St
         .await
         .map_err(|e| format!("raw connect: {e}"))?;
     let js = async_nats::jetstream::new(raw);
+    let (read, ids) = read_stream_ids(&js, stream).await?;
+    Ok((read, ids.into_iter().collect()))
+}
+
+/// Every `Nats-Msg-Id` of `stream`, in stream order, and how many messages
+/// were read.
+async fn read_stream_ids(
+    js: &async_nats::jetstream::Context,
+    stream: &str,
+) -> Result<(u64, Vec<String>), String> {
     let mut stream = js
         .get_stream(stream)
         .await
@@ -203,7 +216,7 @@ async fn read_ids(urls: &str, stream: &str) -> Result<(u64, HashSet<String>), St
         })
         .await
         .map_err(|e| format!("raw consumer: {e}"))?;
-    let mut ids = HashSet::new();
+    let mut ids = Vec::new();
     let mut read = 0u64;
     while read < total {
         let mut batch = consumer
@@ -222,7 +235,7 @@ async fn read_ids(urls: &str, stream: &str) -> Result<(u64, HashSet<String>), St
                 .as_ref()
                 .and_then(|h| h.get(async_nats::header::NATS_MESSAGE_ID))
             {
-                ids.insert(id.to_string());
+                ids.push(id.to_string());
             }
         }
         if got == 0 {
@@ -1059,6 +1072,91 @@ async fn outbox_partition_and_kill() -> Outcome {
         || line.clone(),
     )?;
     check(drained_in < Duration::from_secs(60), || {
+        format!("slow drain: {line}")
+    })?;
+    outbox.close().await.map_err(fail)?;
+    client.close().await.map_err(fail)?;
+    Ok(line)
+}
+
+/// The outbox at the edge: a client on a leaf (with JetStream of its own)
+/// stores 16,000 messages durably for a hub stream in strict order while
+/// the uplink is blackholed for 4 s and then refused for 4 s. Nothing may
+/// become a dead letter, every message must be in the hub stream once, and
+/// the stream order must be the store order (default message ids are the
+/// outbox id and the sequence in fixed-width hex, so store order is their
+/// text order).
+async fn outbox_strict_through_the_uplink() -> Outcome {
+    let edge = Edge::builder().leaf("leaf").start().await.map_err(fail)?;
+    let leaf = edge.leaf(0);
+    let client = Client::builder(leaf.url())
+        .jetstream_domain(HUB_DOMAIN)
+        .reconnect_wait(Duration::from_millis(100))
+        .connect()
+        .await
+        .map_err(fail)?;
+    client
+        .ensure_stream(file_stream("STRICTEDGE", "strictedge.>", 1))
+        .await
+        .map_err(fail)?;
+    let dir = tempfile::tempdir().map_err(fail)?;
+    let outbox = Outbox::open(
+        &client,
+        OutboxConfig::new(dir.path().join("outbox.redb"))
+            .strict_order(true)
+            .expect_stream("STRICTEDGE")
+            .ack_timeout(Duration::from_secs(2)),
+    )
+    .await
+    .map_err(fail)?;
+    let publishing = {
+        let outbox = outbox.clone();
+        tokio::spawn(async move { durable_publish(&outbox, "strictedge.p", 8, 2000).await })
+    };
+    wait_for(Duration::from_secs(30), "forwarding under way", || async {
+        (outbox.stats().forwarded > 1000).then_some(())
+    })
+    .await?;
+    leaf.blackhole_uplink();
+    let outage = Instant::now();
+    tokio::time::sleep(Duration::from_secs(4)).await;
+    leaf.cut_uplink();
+    tokio::time::sleep(Duration::from_secs(4)).await;
+    leaf.heal_uplink();
+    let healed = Instant::now();
+    let ids = publishing.await.map_err(fail)??;
+    let report = outbox
+        .flush_outbox(Duration::from_secs(60))
+        .await
+        .map_err(fail)?;
+    let drained_in = healed.elapsed();
+    let stats = outbox.stats();
+    let js = async_nats::jetstream::with_domain(client.nats().map_err(fail)?.clone(), HUB_DOMAIN);
+    let (stored, order) = read_stream_ids(&js, "STRICTEDGE").await?;
+    let found: HashSet<&String> = order.iter().collect();
+    let lost = ids.iter().filter(|id| !found.contains(id)).count();
+    let duplicates = stored - found.len() as u64;
+    let behind = order.windows(2).filter(|w| w[1] < w[0]).count();
+    let line = format!(
+        "{} stored in strict order across an {:?} uplink outage; {stored} in the hub stream, lost {lost}, \
+         duplicates {duplicates}, out of store order {behind}, dead letters {}, reordered {}; \
+         all acknowledged {drained_in:?} after the heal; resent {}",
+        ids.len(),
+        healed.duration_since(outage),
+        report.dead_lettered,
+        stats.reordered,
+        stats.resent,
+    );
+    check(
+        lost == 0
+            && duplicates == 0
+            && behind == 0
+            && report.dead_lettered == 0
+            && stats.reordered == 0
+            && stored == ids.len() as u64,
+        || line.clone(),
+    )?;
+    check(drained_in < Duration::from_secs(30), || {
         format!("slow drain: {line}")
     })?;
     outbox.close().await.map_err(fail)?;
