@@ -19,7 +19,7 @@ use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 
 use super::store::{self, Cmd};
-use super::window::{Ack, Early, Effect, LOAD_BATCH, Settle, Window};
+use super::window::{Ack, Early, Effect, Expectation, LOAD_BATCH, Settle, Window};
 use super::{Shared, as_i64};
 use crate::client::Client;
 use crate::client::breaker::Permit;
@@ -39,14 +39,17 @@ pub(super) struct Body {
 impl Body {
     /// The stored headers plus the message id, and in strict order what
     /// the stream must hold last before it.
-    fn headers(&self, expect: Option<Expect>) -> HeaderMap {
+    fn headers(&self, expect: Option<Expectation<'_, Body>>) -> HeaderMap {
         let mut headers = super::header_map(&self.fields);
         headers.insert(async_nats::header::NATS_MESSAGE_ID, self.msg_id.as_str());
         match expect {
-            Some(Expect::MessageId(id)) => {
-                headers.insert(async_nats::header::NATS_EXPECTED_LAST_MESSAGE_ID, id);
+            Some(Expectation::MessageId(previous)) => {
+                headers.insert(
+                    async_nats::header::NATS_EXPECTED_LAST_MESSAGE_ID,
+                    previous.msg_id.as_str(),
+                );
             }
-            Some(Expect::Sequence(sequence)) => {
+            Some(Expectation::Sequence(sequence)) => {
                 headers.insert(
                     async_nats::header::NATS_EXPECTED_LAST_SEQUENCE,
                     sequence.to_string().as_str(),
@@ -56,12 +59,6 @@ impl Body {
         }
         headers
     }
-}
-
-/// What a strict-order message names as the stream's last before it.
-enum Expect {
-    MessageId(String),
-    Sequence(u64),
 }
 
 type AckFuture =
@@ -174,7 +171,7 @@ pub(super) async fn forward(
                         Some(Ok(ack)) => Settle::Acked(read_ack(ack)),
                         Some(Err(err)) => {
                             let subject = shell.window.front().map(|body| body.subject.clone());
-                            classify(&client, shell.js.as_ref(), subject, err, config.strict_order).await
+                            classify(&client, shell.js.as_ref(), subject, err).await
                         }
                         None => Settle::Transient("no acknowledgement in time".into()),
                     };
@@ -250,16 +247,14 @@ async fn classify(
     js: Option<&async_nats::jetstream::Context>,
     subject: Option<async_nats::Subject>,
     err: PublishError,
-    strict: bool,
 ) -> Settle {
     match classify_publish(&err) {
         PublishFault::Timeout | PublishFault::Unavailable => Settle::Transient(err.to_string()),
         PublishFault::TooLarge => Settle::Refused(format!("too large: {err}")),
-        PublishFault::Conflict | PublishFault::WrongMessageId if strict => {
-            Settle::OutOfOrder(err.to_string())
-        }
+        // The window tells its own expectation (strict order) from one in
+        // the message's stored headers (final).
         PublishFault::Conflict | PublishFault::WrongMessageId => {
-            Settle::Refused(format!("a precondition in its headers failed: {err}"))
+            Settle::ExpectationFailed(format!("a precondition in its headers failed: {err}"))
         }
         // No stream, or one without a leader: ask which.
         PublishFault::NoResponders => match js.zip(subject) {
@@ -337,11 +332,9 @@ impl Shell<'_> {
     async fn fill(&mut self, conn: &async_nats::Client, cancel: &CancellationToken) {
         let config = &self.shared.config;
         let (max, ack_timeout) = (config.max_in_flight, config.ack_timeout);
-        if config.strict_order {
-            // Known once the first ack named the stream: see `Window`.
-            let replicas = self.shared.stream_replicas.load(Ordering::Relaxed);
-            self.window.expect_by_message_id(replicas == 1);
-        }
+        // Known once the first ack named the stream.
+        self.window
+            .set_stream_replicas(self.shared.stream_replicas.load(Ordering::Relaxed));
         let api_prefix = self.client.jetstream_api_prefix();
         let js = self.js.get_or_insert_with(|| {
             async_nats::jetstream::ContextBuilder::new()
@@ -353,17 +346,13 @@ impl Shell<'_> {
                 .build(conn.clone())
         });
         while !cancel.is_cancelled() {
-            let expect = self
-                .window
-                .predecessor()
-                .map(|p| Expect::MessageId(p.msg_id.clone()))
-                .or_else(|| self.window.expected_last().map(Expect::Sequence));
             let Some(msg) = self.window.next_to_send(max) else {
                 break;
             };
+            let headers = msg.body.headers(self.window.expectation());
             let publish = PublishMessage::build()
                 .payload(msg.body.payload.clone())
-                .headers(msg.body.headers(expect));
+                .headers(headers);
             match js.send_publish(msg.body.subject.clone(), publish).await {
                 Ok(ack) => {
                     let deadline = Instant::now() + ack_timeout;

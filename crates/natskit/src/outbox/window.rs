@@ -18,25 +18,24 @@
 //! In strict order ([`Window::strict_order`]) a message sent while an
 //! earlier one is in flight names what the stream must hold last before
 //! it, so the stream refuses any message that would overtake a lost one.
-//! A refusal of the oldest message in flight ([`Settle::OutOfOrder`]: a
+//! A refusal of the oldest message in flight ([`Settle::ExpectationFailed`]: a
 //! server that forgot its last message id, a dead-lettered predecessor,
 //! another writer) sends everything in flight again at once, in order.
 //! Two ways to name it, chosen by the stream's replication
-//! ([`Window::expect_by_message_id`]):
+//! ([`Window::set_stream_replicas`]):
 //!
-//! * **By message id** (`Nats-Expected-Last-Msg-Id`, [`Window::predecessor`]),
+//! * **By message id** (`Nats-Expected-Last-Msg-Id`),
 //!   for a stream without replicas: the newest message in flight. A message
 //!   sent with nothing in flight names nothing, since everything before it
 //!   is settled. The server answers a resend of a stored message as a
 //!   duplicate before it checks the expectation, so resends after a lost
 //!   connection stay pipelined.
-//! * **By sequence** (`Nats-Expected-Last-Sequence`,
-//!   [`Window::expected_last`]), for a replicated stream, which checks a
+//! * **By sequence** (`Nats-Expected-Last-Sequence`), for a replicated stream, which checks a
 //!   message id expectation only when it applies the replicated entry,
 //!   after it staged the id as "in process": a refusal there leaves the id
 //!   staged for the whole duplicate window, and every resend of that
-//!   message is refused (10158) for minutes (measured on nats-server
-//!   2.15.1, R3). The sequence expectation is checked before the proposal,
+//!   message goes unanswered; on nats-server 2.15.1 the whole stream
+//!   answered no publish for over a minute after one such refusal (R3). The sequence expectation is checked before the proposal,
 //!   after the duplicate check, and stages nothing. The window knows the
 //!   predecessor's sequence from its ack, or predicts it as one past what
 //!   the predecessor expected (in strict order the outbox's messages sit in
@@ -133,6 +132,15 @@ pub(crate) struct Ack {
     pub(crate) duplicate: bool,
 }
 
+/// What a strict-order message names as the stream's last before it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Expectation<'a, M> {
+    /// The message it must follow (by its message id).
+    MessageId(&'a M),
+    /// The stream sequence the stream must hold last.
+    Sequence(u64),
+}
+
 /// A later send's answer, read early (see [`Window::settle_front`]).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub(crate) enum Early {
@@ -150,9 +158,11 @@ pub(crate) enum Settle {
     Acked(Ack),
     /// Refused for good: a dead letter.
     Refused(String),
-    /// Strict order: the stream's last sequence is not the one this
-    /// message expected. Everything in flight goes back at once.
-    OutOfOrder(String),
+    /// An expectation in the message's headers failed (the stream's last
+    /// message or sequence differs). When it was the window's own (strict
+    /// order), everything in flight goes back at once; otherwise the
+    /// message is refused for good.
+    ExpectationFailed(String),
     /// Nothing known (no ack in time, no leader, a dropped connection):
     /// go back and send again.
     Transient(String),
@@ -276,17 +286,27 @@ impl<M, A> Window<M, A> {
         self
     }
 
-    /// Strict order names the predecessor by message id (a stream without
-    /// replicas) instead of by stream sequence: see the module docs. Takes
-    /// effect from the next send.
-    pub(crate) fn expect_by_message_id(&mut self, by_id: bool) {
-        self.by_id = by_id;
+    /// The stream's replicas, once known (0: not known): strict order names
+    /// the predecessor by message id on a stream without replicas and by
+    /// stream sequence otherwise (see the module docs). Takes effect from
+    /// the next send.
+    pub(crate) fn set_stream_replicas(&mut self, replicas: u64) {
+        self.by_id = replicas == 1;
+    }
+
+    /// In strict order, what the next message sent must name as the
+    /// stream's last before it; `None` when it names nothing (nothing is
+    /// in flight and nothing anchors it, or no strict order).
+    pub(crate) fn expectation(&self) -> Option<Expectation<'_, M>> {
+        self.predecessor()
+            .map(Expectation::MessageId)
+            .or_else(|| self.expected_last().map(Expectation::Sequence))
     }
 
     /// Strict order by message id: the message the next one sent must
     /// follow in the stream, the newest in flight. `None` when nothing is
     /// in flight (all before it are settled), or in another mode.
-    pub(crate) fn predecessor(&self) -> Option<&M> {
+    fn predecessor(&self) -> Option<&M> {
         if self.strict && self.by_id {
             self.inflight.back().map(|f| &f.msg.body)
         } else {
@@ -299,7 +319,7 @@ impl<M, A> Window<M, A> {
     /// with nothing in flight the newest acknowledged one's. `None` when it
     /// is not known (the message goes out with no expectation and anchors
     /// the sequence), or in another mode.
-    pub(crate) fn expected_last(&self) -> Option<u64> {
+    fn expected_last(&self) -> Option<u64> {
         if !self.strict || self.by_id {
             return None;
         }
@@ -403,8 +423,8 @@ impl<M, A> Window<M, A> {
 
     /// `msg` was sent; its acknowledgement is awaited through `ack` until
     /// `deadline`.
-    /// In strict order it was sent with [`predecessor`](Self::predecessor)
-    /// or [`expected_last`](Self::expected_last) as asked just before.
+    /// In strict order it was sent with the [`expectation`](Self::expectation)
+    /// asked just before.
     pub(crate) fn sent(&mut self, mut msg: Message<M>, ack: A, deadline: Instant) {
         msg.attempts += 1;
         let expected = self.expected_last();
@@ -470,12 +490,14 @@ impl<M, A> Window<M, A> {
                 self.acked(f.msg, ack, now);
                 self.go_backs = 0;
             }
-            Settle::OutOfOrder(reason) if !self.inflight.front().is_some_and(|f| f.msg.expects) => {
+            Settle::ExpectationFailed(reason)
+                if !self.inflight.front().is_some_and(|f| f.msg.expects) =>
+            {
                 // Not an expectation of ours (one in its own headers):
                 // final.
                 self.settle_front(Settle::Refused(reason), now, random, ready);
             }
-            Settle::OutOfOrder(reason) => {
+            Settle::ExpectationFailed(reason) => {
                 // The stream answered: the link is fine. Whatever made the
                 // expectation wrong, the oldest goes first with none (and,
                 // by sequence, alone, to anchor).
@@ -1029,7 +1051,11 @@ mod tests {
             vec![(2, Some(10)), (3, Some(11))]
         );
         // Someone else wrote to the stream: 2 is refused, and so is 3.
-        let effects = settle(&mut w, Settle::OutOfOrder("wrong last sequence".into()), t0);
+        let effects = settle(
+            &mut w,
+            Settle::ExpectationFailed("wrong last sequence".into()),
+            t0,
+        );
         assert_eq!(
             effects,
             vec![Effect::BreakerSuccess, Effect::CountResent(2)]
@@ -1047,7 +1073,11 @@ mod tests {
         let mut w = strict();
         load(&mut w, 1..=1);
         fill_strict(&mut w, 1, t0);
-        let effects = settle(&mut w, Settle::OutOfOrder("wrong last sequence".into()), t0);
+        let effects = settle(
+            &mut w,
+            Settle::ExpectationFailed("wrong last sequence".into()),
+            t0,
+        );
         assert!(
             matches!(
                 &effects[..],
@@ -1106,7 +1136,7 @@ mod tests {
     fn by_message_id_the_predecessor_is_named_while_it_is_in_flight() {
         let t0 = Instant::now();
         let mut w = strict();
-        w.expect_by_message_id(true);
+        w.set_stream_replicas(1);
         load(&mut w, 1..=4);
         assert_eq!(
             fill_by_id(&mut w, 3, t0),
@@ -1115,7 +1145,11 @@ mod tests {
         );
         acked(&mut w, false, t0);
         // 2 expected 1, but the server forgot 1 (a restart): refused.
-        let effects = settle(&mut w, Settle::OutOfOrder("wrong last msg id".into()), t0);
+        let effects = settle(
+            &mut w,
+            Settle::ExpectationFailed("wrong last msg id".into()),
+            t0,
+        );
         assert_eq!(
             effects,
             vec![Effect::BreakerSuccess, Effect::CountResent(2)]
