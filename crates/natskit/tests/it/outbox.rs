@@ -705,15 +705,7 @@ async fn an_r3_leader_kill_during_forwarding_loses_and_duplicates_nothing() -> T
         .reconnect_wait(Duration::from_millis(100))
         .connect()
         .await?;
-    let mut config = file_stream("LEAD", &["lead.>"]);
-    config.num_replicas = 3;
-    eventually(Duration::from_secs(30), "an R3 stream", || async {
-        client.create_stream(config.clone()).await.ok()
-    })
-    .await;
-    cluster
-        .wait_for_stream_current_async("LEAD", Duration::from_secs(30))
-        .await?;
+    r3_stream(&client, &mut cluster, "LEAD", "lead.>").await?;
     let (_dir, outbox) = temp_outbox(&client, |c| c.ack_timeout(Duration::from_secs(2))).await?;
     let publishers = publish_until_forwarding(&outbox, "lead", 8, 1000, 500).await;
     let leader = cluster
@@ -975,20 +967,17 @@ pub(crate) fn assert_store_order(
     assert_eq!(stats.dead_letters, 0, "{stats:?}");
 }
 
-/// Publishes `tasks` x `each` messages durably in strict order while the
-/// client's connection is cut `cuts` times, 200 ms apart, once forwarding
-/// is under way; returns the receipts and how long the drain took after
-/// the last cut.
+/// Publishes 4 x 5,000 messages durably in strict order to `stream` while
+/// the client's connection is cut `cuts` times, 200 ms apart, once
+/// forwarding is under way; then checks that the stream holds them once,
+/// in store order, and that the cuts hit the pipeline.
 async fn strict_order_under_cuts(
     client: &Client,
     proxy: &Proxy,
     stream: &str,
     prefix: &str,
     cuts: usize,
-) -> Result<
-    (Vec<(String, Sent)>, Outbox, tempfile::TempDir),
-    Box<dyn std::error::Error + Send + Sync>,
-> {
+) -> TestResult {
     let (dir, outbox) = temp_outbox(client, |c| {
         c.strict_order(true)
             .expect_stream(stream)
@@ -1019,7 +1008,31 @@ async fn strict_order_under_cuts(
         proxy.connections() > connections,
         "the client reconnected through the proxy"
     );
-    Ok((receipts, outbox, dir))
+    let contents = stream_contents(&jetstream::new(client.nats()?.clone()), stream).await?;
+    assert_store_order(&contents, &receipts, &stats);
+    outbox.close().await?;
+    drop(dir);
+    Ok(())
+}
+
+/// An R3 file stream `name` on `subject`, created once the cluster can and
+/// current on every node.
+async fn r3_stream(
+    client: &Client,
+    cluster: &mut Cluster,
+    name: &str,
+    subject: &str,
+) -> TestResult {
+    let mut config = file_stream(name, &[subject]);
+    config.num_replicas = 3;
+    eventually(Duration::from_secs(30), "an R3 stream", || async {
+        client.create_stream(config.clone()).await.ok()
+    })
+    .await;
+    cluster
+        .wait_for_stream_current_async(name, Duration::from_secs(30))
+        .await?;
+    Ok(())
 }
 
 /// 30 connection cuts at 200 ms intervals mid-pipeline: in strict order
@@ -1033,36 +1046,18 @@ async fn strict_order_keeps_the_store_order_through_30_connection_cuts() -> Test
     client
         .create_stream(file_stream("STRICT", &["strict.>"]))
         .await?;
-    let (receipts, outbox, _dir) =
-        strict_order_under_cuts(&client, &proxy, "STRICT", "strict", 30).await?;
-    let contents = stream_contents(&jetstream::new(client.nats()?.clone()), "STRICT").await?;
-    assert_store_order(&contents, &receipts, &outbox.stats());
-    outbox.close().await?;
-    Ok(())
+    strict_order_under_cuts(&client, &proxy, "STRICT", "strict", 30).await
 }
 
-/// The same on an R3 stream, whose expectation is checked when the
-/// replicated log is applied.
+/// The same on an R3 stream, where strict order names the predecessor by
+/// stream sequence (checked before the entry is replicated).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn strict_order_keeps_the_store_order_on_an_r3_stream_through_30_cuts() -> TestResult {
     let mut cluster = Cluster::builder(3).no_advertise().start()?;
     let proxy = Proxy::start(cluster.node(0).client_port()).await?;
     let client = connect(&proxy.url()).await?;
-    let mut config = file_stream("STRICT3", &["strict3.>"]);
-    config.num_replicas = 3;
-    eventually(Duration::from_secs(30), "an R3 stream", || async {
-        client.create_stream(config.clone()).await.ok()
-    })
-    .await;
-    cluster
-        .wait_for_stream_current_async("STRICT3", Duration::from_secs(30))
-        .await?;
-    let (receipts, outbox, _dir) =
-        strict_order_under_cuts(&client, &proxy, "STRICT3", "strict3", 30).await?;
-    let contents = stream_contents(&jetstream::new(client.nats()?.clone()), "STRICT3").await?;
-    assert_store_order(&contents, &receipts, &outbox.stats());
-    outbox.close().await?;
-    Ok(())
+    r3_stream(&client, &mut cluster, "STRICT3", "strict3.>").await?;
+    strict_order_under_cuts(&client, &proxy, "STRICT3", "strict3", 30).await
 }
 
 /// Strict order across a server SIGKILL and restart (the server rebuilds
