@@ -191,7 +191,10 @@ impl<F: Future> Future for Deadline<F> {
         let timer = this
             .timer
             .get_or_insert_with(|| Box::pin(tokio::time::sleep_until(start + deadline)));
-        match timer.as_mut().poll(cx) {
+        // Outside the task's cooperative budget, as tokio's `timeout` does:
+        // work that spent the budget must not keep its deadline from firing.
+        let mut check = std::pin::pin!(tokio::task::unconstrained(timer.as_mut()));
+        match check.as_mut().poll(cx) {
             Poll::Ready(()) => Poll::Ready(None),
             Poll::Pending => Poll::Pending,
         }
@@ -222,5 +225,18 @@ mod tests {
             "done"
         });
         assert_eq!(yields_once.await, Some("done"));
+    }
+
+    /// Work that spends the task's whole cooperative budget on every poll
+    /// still meets its deadline.
+    #[tokio::test]
+    async fn a_deadline_fires_for_work_that_spends_the_budget() {
+        let busy = Deadline::new(Duration::from_millis(20), async {
+            loop {
+                tokio::task::consume_budget().await;
+            }
+        });
+        let outcome = tokio::time::timeout(Duration::from_secs(5), busy).await;
+        assert_eq!(outcome.ok(), Some(None), "the deadline fired");
     }
 }
