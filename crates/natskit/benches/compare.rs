@@ -1401,7 +1401,7 @@ async fn subscriptions(
         "creating 10,000 subscriptions (time)",
         "ms",
         Better::Lower,
-        Some(1.2),
+        Some(1.5),
         || async {
             let live = LIVE_BYTES.load(Ordering::Relaxed);
             let start = Instant::now();

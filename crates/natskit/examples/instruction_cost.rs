@@ -11,6 +11,8 @@
 //! PATH_=publish SIDE=kit valgrind --tool=callgrind target/release/examples/instruction_cost
 //! PATH_=subscribe SIDE=raw valgrind --tool=callgrind target/release/examples/instruction_cost
 //! PATH_=subscribe SIDE=kit valgrind --tool=callgrind target/release/examples/instruction_cost
+//! PATH_=create SIDE=raw valgrind --tool=callgrind target/release/examples/instruction_cost
+//! PATH_=create SIDE=kit valgrind --tool=callgrind target/release/examples/instruction_cost
 //! ```
 
 use std::sync::Arc;
@@ -97,6 +99,46 @@ async fn subscribe(url: &str, raw: bool, n: u64, payload: Bytes) -> Result<(), B
     Ok(())
 }
 
+/// `n` subscriptions created (and flushed); with `EXIT=1` the process ends
+/// there (creation alone), otherwise they are dropped and the client closed.
+async fn create(url: &str, raw: bool, n: u64) -> Result<(), BoxError> {
+    if raw {
+        let client = async_nats::connect(url).await?;
+        let mut subs = Vec::new();
+        for i in 0..n {
+            subs.push(client.subscribe(format!("cost.create.{i}")).await?);
+        }
+        client.flush().await?;
+        exit_if_asked(n);
+        drop(subs);
+        client.flush().await?;
+    } else {
+        let client = kit(url).await?;
+        let mut subs = Vec::new();
+        for i in 0..n {
+            subs.push(
+                client
+                    .subscribe(format!("cost.create.{i}"), |_: async_nats::Message| {
+                        std::future::ready(())
+                    })
+                    .await?,
+            );
+        }
+        client.nats()?.flush().await?;
+        exit_if_asked(n);
+        drop(subs);
+        client.close().await?;
+    }
+    Ok(())
+}
+
+fn exit_if_asked(n: u64) {
+    if env("EXIT", "0") == "1" {
+        eprintln!("{n} created; exiting");
+        std::process::exit(0);
+    }
+}
+
 #[tokio::main(flavor = "multi_thread", worker_threads = 2)]
 async fn main() -> Result<(), BoxError> {
     let url = env("NATS_URL", "nats://127.0.0.1:4222");
@@ -106,6 +148,7 @@ async fn main() -> Result<(), BoxError> {
     let start = Instant::now();
     match env("PATH_", "publish").as_str() {
         "subscribe" => subscribe(&url, raw, n, payload).await?,
+        "create" => create(&url, raw, n).await?,
         _ => publish(&url, raw, n, payload).await?,
     }
     eprintln!("{n} messages in {:?}", start.elapsed());

@@ -107,6 +107,18 @@ pub(crate) struct Outgoing<'a> {
     pub(crate) headers: Option<async_nats::HeaderMap>,
 }
 
+impl Inner {
+    /// The async-nats connection, once made.
+    pub(crate) fn connection(&self) -> Option<&async_nats::Client> {
+        self.conn.get()
+    }
+
+    /// How long a round trip to sync with the server may take.
+    pub(crate) fn sync_timeout(&self) -> Duration {
+        self.config.connect_timeout
+    }
+}
+
 impl Drop for Inner {
     fn drop(&mut self) {
         // Dropped without `close()`: end every task, which releases the
@@ -458,7 +470,7 @@ impl Client {
     }
 
     /// Subscription bookkeeping.
-    pub(crate) fn registry(&self) -> &Registry {
+    pub(crate) fn registry(&self) -> &Arc<Registry> {
         &self.inner.registry
     }
 

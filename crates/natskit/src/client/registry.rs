@@ -3,15 +3,16 @@
 //! stop everything: the connection layer's bookkeeping, no I/O.
 
 use std::collections::HashMap;
+use std::hash::BuildHasherDefault;
 use std::sync::atomic::{AtomicBool, AtomicU8, AtomicU64, AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex, Weak};
+use std::sync::{Arc, Mutex, OnceLock, Weak};
 use std::time::Instant;
 
 use futures_util::future::BoxFuture;
 use tokio::sync::Notify;
+use tokio_util::task::TaskTracker;
 
 use crate::client::handler::Invocation;
-use crate::client::metrics::Tally;
 use crate::core::sync::lock;
 
 /// Counters of one subscription, from [`Subscription::stats`](crate::Subscription::stats).
@@ -37,14 +38,23 @@ pub struct SubscriptionStats {
     pub dropped: u64,
 }
 
+/// A subscription's counters, shared by its handle, its runner and the
+/// registry. It also holds the subject, once for all of them.
 #[derive(Debug)]
 pub(crate) struct StatsCell {
-    pub(crate) received: Tally,
+    /// The subscribed subject.
+    pub(crate) subject: Arc<str>,
+    /// The client's `client` metrics label.
+    client: Arc<str>,
+    /// The `received` and `dropped` counters of the metrics facade,
+    /// registered on first use.
+    metrics: OnceLock<(metrics::Counter, metrics::Counter)>,
+    received: AtomicU64,
     pub(crate) handled: AtomicU64,
     pub(crate) errors: AtomicU64,
     pub(crate) panics: AtomicU64,
     pub(crate) timeouts: AtomicU64,
-    pub(crate) dropped: Tally,
+    dropped: AtomicU64,
     /// Nanoseconds since `created` of the last drop warning.
     pub(crate) last_warned: AtomicU64,
     pub(crate) created: Instant,
@@ -53,32 +63,45 @@ pub(crate) struct StatsCell {
 }
 
 impl StatsCell {
-    pub(crate) fn new(
-        (received_metric, dropped_metric): (metrics::Counter, metrics::Counter),
-        client_dropped: Arc<AtomicU64>,
-    ) -> Self {
+    pub(crate) fn new(client: Arc<str>, subject: Arc<str>, client_dropped: Arc<AtomicU64>) -> Self {
         Self {
-            received: Tally::new(received_metric),
+            subject,
+            client,
+            metrics: OnceLock::new(),
+            received: AtomicU64::new(0),
             handled: AtomicU64::new(0),
             errors: AtomicU64::new(0),
             panics: AtomicU64::new(0),
             timeouts: AtomicU64::new(0),
-            dropped: Tally::new(dropped_metric),
+            dropped: AtomicU64::new(0),
             last_warned: AtomicU64::new(0),
             created: Instant::now(),
             client_dropped,
         }
     }
 
+    fn metrics(&self) -> &(metrics::Counter, metrics::Counter) {
+        self.metrics
+            .get_or_init(|| crate::client::metrics::subscription(&self.client, &self.subject))
+    }
+
+    /// Counts `n` messages taken from the subscription.
+    #[inline]
+    pub(crate) fn add_received(&self, n: u64) {
+        self.metrics().0.increment(n);
+        self.received.fetch_add(n, Ordering::Relaxed);
+    }
+
     /// Counts one dropped message (here, client-wide and in the metric) and
     /// warns at most once a second per subscription.
-    pub(crate) fn record_drop(&self, subject: &str) {
-        self.record_drops(1, subject);
+    pub(crate) fn record_drop(&self) {
+        self.record_drops(1);
     }
 
     /// Counts `n` dropped messages; see [`record_drop`](Self::record_drop).
-    pub(crate) fn record_drops(&self, n: u64, subject: &str) {
-        let dropped = self.dropped.add(n);
+    pub(crate) fn record_drops(&self, n: u64) {
+        self.metrics().1.increment(n);
+        let dropped = self.dropped.fetch_add(n, Ordering::Relaxed) + n;
         self.client_dropped.fetch_add(n, Ordering::Relaxed);
         let now = u64::try_from(self.created.elapsed().as_nanos())
             .unwrap_or(u64::MAX)
@@ -90,6 +113,7 @@ impl StatsCell {
                 .compare_exchange(last, now, Ordering::Relaxed, Ordering::Relaxed)
                 .is_ok()
         {
+            let subject = &*self.subject;
             tracing::warn!(%subject, dropped, "slow consumer: messages dropped");
         }
     }
@@ -99,10 +123,10 @@ impl StatsCell {
     /// endpoints.
     pub(crate) fn record<E: std::fmt::Display>(
         &self,
-        subject: &str,
         deadline: std::time::Duration,
         invocation: Invocation<Result<(), E>>,
     ) {
+        let subject = &*self.subject;
         match invocation {
             Invocation::Done(Ok(())) => {}
             Invocation::Done(Err(err)) => {
@@ -124,12 +148,12 @@ impl StatsCell {
     pub(crate) fn snapshot(&self) -> SubscriptionStats {
         let get = |c: &AtomicU64| c.load(Ordering::Relaxed);
         SubscriptionStats {
-            received: self.received.get(),
+            received: get(&self.received),
             handled: get(&self.handled),
             errors: get(&self.errors),
             panics: get(&self.panics),
             timeouts: get(&self.timeouts),
-            dropped: self.dropped.get(),
+            dropped: get(&self.dropped),
         }
     }
 }
@@ -139,8 +163,10 @@ impl StatsCell {
 /// Also keeps every running subscription's control channel, for `close`.
 #[derive(Debug, Default)]
 pub(crate) struct Registry {
-    subs: Mutex<HashMap<u64, (String, Weak<StatsCell>)>>,
+    subs: Mutex<HashMap<u64, Weak<StatsCell>, BuildHasherDefault<SidHasher>>>,
     controls: Mutex<Vec<Arc<SubControl>>>,
+    /// Where subscriptions wait for their first message.
+    parking: Mutex<Parking>,
     /// Sizes after the last pruning passes.
     subs_kept: AtomicUsize,
     controls_kept: AtomicUsize,
@@ -165,29 +191,54 @@ impl Registry {
         for control in lock(&self.controls).iter() {
             control.drain();
         }
+        // The parking task ends once every parked subscription has left.
+        *lock(&self.parking) = Parking::Closed;
     }
 
-    pub(crate) fn register(&self, sid: u64, subject: &str, stats: &Arc<StatsCell>) {
+    /// Parks a subscription that has not received a message yet (`waiting`
+    /// ends at its first message or command, and spawns the subscription's
+    /// own task): one task per client waits for all of them, instead of a
+    /// task each. Starts that task on first use. Hands `waiting` back once
+    /// the client is closing, for the caller to spawn.
+    pub(crate) fn park(&self, waiting: Parked, tasks: &TaskTracker) -> Result<(), Parked> {
+        let mut parking = lock(&self.parking);
+        if matches!(*parking, Parking::NotStarted) {
+            let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
+            tasks.spawn(parking_lot(rx));
+            *parking = Parking::Open(tx);
+        }
+        match &*parking {
+            Parking::Open(tx) => tx.send(waiting).map_err(|refused| refused.0),
+            Parking::NotStarted | Parking::Closed => Err(waiting),
+        }
+    }
+
+    /// Registers `subscriber`'s counters for slow-consumer events.
+    pub(crate) fn track(&self, subscriber: &async_nats::Subscriber, stats: &Arc<StatsCell>) {
+        if let Some(sid) = subscriber_sid(subscriber) {
+            self.register(sid, stats);
+        }
+    }
+
+    fn register(&self, sid: u64, stats: &Arc<StatsCell>) {
         let mut subs = lock(&self.subs);
         // Amortized like `add_control`.
         if subs.len() >= 2 * self.subs_kept.load(Ordering::Relaxed).max(32) {
-            subs.retain(|_, (_, s)| s.strong_count() > 0);
+            subs.retain(|_, s| s.strong_count() > 0);
             self.subs_kept.store(subs.len(), Ordering::Relaxed);
         }
-        subs.insert(sid, (subject.to_owned(), Arc::downgrade(stats)));
+        subs.insert(sid, Arc::downgrade(stats));
     }
 
     /// A drop reported by async-nats (a slow-consumer event) for
     /// subscription `sid`; whether the subscription was known.
     pub(crate) fn record_drop(&self, sid: u64) -> bool {
-        let found = lock(&self.subs)
-            .get(&sid)
-            .and_then(|(s, w)| Some((s.clone(), w.upgrade()?)));
-        let Some((subject, stats)) = found else {
+        let found = lock(&self.subs).get(&sid).and_then(Weak::upgrade);
+        let Some(stats) = found else {
             tracing::warn!(sid, "message dropped: subscription could not keep up");
             return false;
         };
-        stats.record_drop(&subject);
+        stats.record_drop();
         true
     }
 }
@@ -204,31 +255,90 @@ impl Drop for Registry {
     }
 }
 
+/// Hashes subscription ids (small, sequential numbers) with one
+/// multiplication: SipHash cost about 300 instructions a subscription.
+#[derive(Default)]
+struct SidHasher(u64);
+
+impl std::hash::Hasher for SidHasher {
+    fn finish(&self) -> u64 {
+        self.0
+    }
+
+    fn write(&mut self, bytes: &[u8]) {
+        for &b in bytes {
+            self.0 = (self.0.rotate_left(8) ^ u64::from(b)).wrapping_mul(0x9E37_79B9_7F4A_7C15);
+        }
+    }
+
+    fn write_u64(&mut self, n: u64) {
+        self.0 = (self.0 ^ n).wrapping_mul(0x9E37_79B9_7F4A_7C15);
+    }
+}
+
+/// A parked subscription: see [`Registry::park`].
+pub(crate) type Parked = BoxFuture<'static, ()>;
+
+/// The state of a client's parking task.
+#[derive(Debug, Default)]
+enum Parking {
+    #[default]
+    NotStarted,
+    Open(tokio::sync::mpsc::UnboundedSender<Parked>),
+    /// The client is closing: nothing more is parked.
+    Closed,
+}
+
+/// The parking task: waits for every parked subscription until it leaves
+/// (at its first message or command). Ends once the client is closing (or
+/// dropped) and the last one has left.
+///
+/// A task per subscription cost a spawn (about 2,500 instructions with
+/// its first poll) and about 1 KB while the subscription waited; a parked
+/// one costs a channel send and about 300 bytes. Handlers never run here:
+/// each subscription gets its own task at its first message, so handlers
+/// of different subscriptions still run in parallel.
+async fn parking_lot(mut arrivals: tokio::sync::mpsc::UnboundedReceiver<Parked>) {
+    use futures_util::StreamExt as _;
+    let mut parked = futures_util::stream::FuturesUnordered::new();
+    let mut open = true;
+    while open || !parked.is_empty() {
+        tokio::select! {
+            biased;
+            arrival = arrivals.recv(), if open => match arrival {
+                Some(waiting) => parked.push(waiting),
+                None => open = false,
+            },
+            Some(()) = parked.next(), if !parked.is_empty() => {}
+        }
+    }
+}
+
 /// async-nats keeps a subscriber's id private but prints it in `Debug`
 /// (`Subscriber { sid: 7, .. }`); read it from there to map slow-consumer
 /// events (which carry only the id) to the subscription.
 ///
 /// Only the first bytes are formatted (`sid` is the first field): the
-/// writer refuses more, which ends the formatting, so the channel state
-/// after it is never printed.
+/// writer refuses the first write after the id's digits, which ends the
+/// formatting, so the channel state after it is never printed (printing
+/// it cost about 2,000 instructions a subscription).
 pub(crate) fn subscriber_sid(subscriber: &async_nats::Subscriber) -> Option<u64> {
     use std::fmt::Write as _;
     let mut prefix = Prefix::default();
     let _ = write!(prefix, "{subscriber:?}");
-    let bytes = &prefix.buf[..prefix.len];
-    // The cut may split a character: keep what is whole.
-    let text = std::str::from_utf8(bytes)
-        .or_else(|e| std::str::from_utf8(&bytes[..e.valid_up_to()]))
-        .ok()?;
-    let rest = text.split_once("sid: ")?.1;
-    let end = rest.find(|c: char| !c.is_ascii_digit())?;
-    rest[..end].parse().ok()
+    let (start, end) = prefix.id?;
+    std::str::from_utf8(&prefix.buf[start..end])
+        .ok()?
+        .parse()
+        .ok()
 }
 
-/// The first 64 bytes of a formatted value.
+/// The first 64 bytes of a formatted value, up to the id's digits.
 struct Prefix {
     buf: [u8; 64],
     len: usize,
+    /// Where the digits written right after `sid: ` are in `buf`.
+    id: Option<(usize, usize)>,
 }
 
 impl Default for Prefix {
@@ -236,13 +346,22 @@ impl Default for Prefix {
         Self {
             buf: [0; 64],
             len: 0,
+            id: None,
         }
     }
 }
 
 impl std::fmt::Write for Prefix {
     fn write_str(&mut self, s: &str) -> std::fmt::Result {
+        let digits = !s.is_empty() && s.bytes().all(|b| b.is_ascii_digit());
+        if self.id.is_some() && !digits {
+            // Whatever follows the id is not needed.
+            return Err(std::fmt::Error);
+        }
         let take = s.len().min(self.buf.len() - self.len);
+        if digits && self.buf[..self.len].ends_with(b"sid: ") {
+            self.id = Some((self.len, self.len + take));
+        }
         self.buf[self.len..self.len + take].copy_from_slice(&s.as_bytes()[..take]);
         self.len += take;
         if take < s.len() {
@@ -310,6 +429,12 @@ impl SubControl {
     /// Completes after a command was given (perhaps before this call).
     pub(crate) fn changed(&self) -> tokio::sync::futures::Notified<'_> {
         self.wake_runner.notified()
+    }
+
+    /// Hands a command's wake-up on (a parked subscription took it and
+    /// leaves for its own task, which must see it too).
+    pub(crate) fn wake_again(&self) {
+        self.wake_runner.notify_one();
     }
 
     /// Marks the runner finished and wakes everyone waiting for that.

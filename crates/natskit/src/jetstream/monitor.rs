@@ -43,7 +43,10 @@ impl Client {
         let shutdown = self.shutdown().clone();
         let name = stream.to_owned();
         let metrics = self.metrics().clone();
-        let labels = [("client", metrics.client.clone()), ("stream", name.clone())];
+        let labels = [
+            ("client", metrics.client.to_string()),
+            ("stream", name.clone()),
+        ];
         let messages = gauge!("natskit_stream_messages", &labels);
         let bytes = gauge!("natskit_stream_bytes", &labels);
         let task = tokio::spawn(async move {
@@ -70,7 +73,7 @@ impl Client {
                         #[allow(clippy::cast_precision_loss)]
                         gauge!(
                             "natskit_consumer_pending",
-                            "client" => metrics.client.clone(),
+                            "client" => metrics.client.to_string(),
                             "stream" => name.clone(),
                             "consumer" => consumer
                         )

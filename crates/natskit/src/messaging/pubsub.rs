@@ -15,7 +15,7 @@ use futures_util::{FutureExt, StreamExt};
 use tokio::sync::Semaphore;
 
 use crate::client::handler::{Handler, HandlerFuture, HandlerOutcome, invoke_in};
-use crate::client::registry::{Control, StatsCell, SubControl, SubscriptionStats, subscriber_sid};
+use crate::client::registry::{Control, Registry, StatsCell, SubControl, SubscriptionStats};
 use crate::client::{Client, sync_with_server};
 use crate::core::error::{Error, Result, check_nonzero};
 use crate::core::subject;
@@ -82,17 +82,17 @@ impl SubscribeOptions {
 /// close the client.
 #[derive(Debug)]
 pub struct Subscription {
-    subject: String,
     stats: Arc<StatsCell>,
     control: Arc<SubControl>,
-    conn: async_nats::Client,
-    sync_timeout: Duration,
+    /// The client, for the round trip before a drain; weak, so a handle
+    /// does not keep a dropped client's connection alive.
+    client: std::sync::Weak<crate::client::Inner>,
 }
 
 impl Subscription {
     /// The subscribed subject.
     pub fn subject(&self) -> &str {
-        &self.subject
+        &self.stats.subject
     }
 
     /// Current counters.
@@ -118,11 +118,16 @@ impl Subscription {
     /// (One round trip through the server comes first, so messages in
     /// flight are not lost, unlike async-nats' own drain.)
     pub async fn drain(&self) {
+        let client = self.client.upgrade();
         if !self.is_finished()
-            && let Err(err) = sync_with_server(&self.conn, self.sync_timeout).await
+            && let Some(client) = &client
+            && let Some(conn) = client.connection()
+            && let Err(err) = sync_with_server(conn, client.sync_timeout()).await
         {
-            tracing::warn!(subject = %self.subject, %err, "could not sync with the server before draining");
+            let subject = &*self.stats.subject;
+            tracing::warn!(%subject, %err, "could not sync with the server before draining");
         }
+        drop(client);
         self.control.drain();
         self.wait_finished().await;
     }
@@ -274,9 +279,9 @@ impl Client {
         let subscriber = self
             .subscriber_inner(&subject, options.queue.clone())
             .await?;
-        // Taken before the task starts, so nothing can fail once it runs.
-        let conn = self.nats()?.clone();
-        let stats = self.tracked_stats(&subject, &subscriber);
+        // Registered for slow-consumer events once parked, off the
+        // caller's path (no message can have been dropped before).
+        let stats = self.new_stats(&subject);
         let control = Arc::new(SubControl::default());
         self.registry().add_control(&control);
         let run = Runner {
@@ -285,22 +290,24 @@ impl Client {
                 .handler_deadline()
                 .unwrap_or(self.config().handler_deadline),
             stats: stats.clone(),
-            subject: subject.to_string(),
             capacity: self.config().subscription_capacity,
         };
         let concurrency = options.handler_concurrency();
         let tasks = self.tasks().clone();
-        // A combinator, not an `async` block: the block would keep the
-        // runner's arguments beside the runner's future.
-        let finished = control.clone();
-        let running = run.run(subscriber, control.clone(), concurrency, tasks);
-        self.tasks().spawn(running.map(move |()| finished.finish()));
+        let parked = run.park(
+            subscriber,
+            control.clone(),
+            concurrency,
+            tasks,
+            self.registry().clone(),
+        );
+        if let Err(parked) = self.registry().park(parked, self.tasks()) {
+            self.tasks().spawn(parked);
+        }
         Ok(Subscription {
-            subject: subject.to_string(),
             stats,
             control,
-            conn,
-            sync_timeout: self.config().connect_timeout,
+            client: Arc::downgrade(&self.inner),
         })
     }
 
@@ -336,11 +343,7 @@ impl Client {
         let subject = subject.into_subject();
         let subscriber = self.subscriber_inner(&subject, None).await?;
         let stats = self.tracked_stats(&subject, &subscriber);
-        Ok(MessageStream {
-            subject: subject.to_string(),
-            subscriber,
-            stats,
-        })
+        Ok(MessageStream { subscriber, stats })
     }
 
     /// A subscription's counters, registered so that async-nats'
@@ -350,14 +353,17 @@ impl Client {
         subject: &async_nats::Subject,
         subscriber: &async_nats::Subscriber,
     ) -> Arc<StatsCell> {
-        let stats = Arc::new(StatsCell::new(
-            self.metrics().subscription(subject),
-            self.dropped_counter(),
-        ));
-        if let Some(sid) = subscriber_sid(subscriber) {
-            self.registry().register(sid, subject, &stats);
-        }
+        let stats = self.new_stats(subject);
+        self.registry().track(subscriber, &stats);
         stats
+    }
+
+    fn new_stats(&self, subject: &async_nats::Subject) -> Arc<StatsCell> {
+        Arc::new(StatsCell::new(
+            self.metrics().client.clone(),
+            subject.as_str().into(),
+            self.dropped_counter(),
+        ))
     }
 
     async fn subscriber_inner(
@@ -384,7 +390,6 @@ struct Runner<F> {
     handler: Arc<F>,
     deadline: Duration,
     stats: Arc<StatsCell>,
-    subject: String,
     /// Messages natskit buffers while handlers are busy; beyond it each
     /// message is dropped and counted.
     capacity: usize,
@@ -396,7 +401,6 @@ struct Runner<F> {
 /// it unsubscribes.
 #[derive(Debug)]
 pub struct MessageStream {
-    subject: String,
     subscriber: async_nats::Subscriber,
     stats: Arc<StatsCell>,
 }
@@ -404,7 +408,7 @@ pub struct MessageStream {
 impl MessageStream {
     /// The subscribed subject.
     pub fn subject(&self) -> &str {
-        &self.subject
+        &self.stats.subject
     }
 
     /// Counters: `received` is what the stream yielded.
@@ -416,7 +420,8 @@ impl MessageStream {
     /// unsubscribe the client could not send is logged.
     pub async fn unsubscribe(&mut self) {
         if let Err(err) = self.subscriber.unsubscribe().await {
-            tracing::debug!(subject = %self.subject, %err, "unsubscribe failed");
+            let subject = &*self.stats.subject;
+            tracing::debug!(%subject, %err, "unsubscribe failed");
         }
     }
 }
@@ -430,7 +435,7 @@ impl futures_util::Stream for MessageStream {
     ) -> std::task::Poll<Option<Message>> {
         let polled = self.subscriber.poll_next_unpin(cx);
         if let std::task::Poll::Ready(Some(_)) = &polled {
-            self.stats.received.add(1);
+            self.stats.add_received(1);
             self.stats.handled.fetch_add(1, Ordering::Relaxed);
         }
         polled
@@ -473,18 +478,51 @@ where
     F: Fn(Message) -> Fut + Send + Sync + 'static,
     Fut: HandlerFuture,
 {
-    /// Reads the subscription without pause into natskit's own bounded
-    /// queue while handlers run, so async-nats' buffer (whose overflow is
-    /// reported only by best-effort events) does not fill, and every
-    /// message natskit has to drop is counted exactly.
-    async fn run(
+    /// Waits (parked, see [`Registry::park`](crate::client::registry::Registry::park))
+    /// for the subscription's first message or command, then spawns
+    /// [`run`](Self::run) with it.
+    fn park(
         self,
         mut subscriber: async_nats::Subscriber,
         control: Arc<SubControl>,
         concurrency: usize,
         tasks: tokio_util::task::TaskTracker,
+        registry: Arc<Registry>,
+    ) -> crate::client::registry::Parked {
+        Box::pin(async move {
+            registry.track(&subscriber, &self.stats);
+            drop(registry);
+            let mut queue = VecDeque::new();
+            tokio::select! {
+                biased;
+                () = control.changed() => control.wake_again(),
+                message = subscriber.next() => {
+                    if let Some(message) = message {
+                        self.accept(message, &mut queue);
+                    }
+                }
+            }
+            // A combinator, not an `async` block: the block would keep the
+            // runner's arguments beside the runner's future.
+            let finished = control.clone();
+            let running = self.run(subscriber, queue, control, concurrency, tasks.clone());
+            tasks.spawn(running.map(move |()| finished.finish()));
+        })
+    }
+
+    /// Reads the subscription without pause into natskit's own bounded
+    /// queue while handlers run, so async-nats' buffer (whose overflow is
+    /// reported only by best-effort events) does not fill, and every
+    /// message natskit has to drop is counted exactly. `queue` holds what
+    /// came while the subscription was parked.
+    async fn run(
+        self,
+        mut subscriber: async_nats::Subscriber,
+        mut queue: VecDeque<Message>,
+        control: Arc<SubControl>,
+        concurrency: usize,
+        tasks: tokio_util::task::TaskTracker,
     ) {
-        let mut queue: VecDeque<Message> = VecDeque::new();
         let limiter = (concurrency > 1).then(|| Arc::new(Semaphore::new(concurrency)));
         // The one handler running inline (concurrency 1).
         let mut running = std::pin::pin!(None);
@@ -610,33 +648,23 @@ where
     }
 
     fn count(&self, batch: Batch) {
-        self.stats.received.add(batch.read);
+        self.stats.add_received(batch.read);
         if batch.dropped > 0 {
-            self.stats.record_drops(batch.dropped, &self.subject);
+            self.stats.record_drops(batch.dropped);
         }
     }
 
     /// The handler for one message in this task: borrows the runner, so
     /// the hot path clones nothing per message.
     fn invoke_inline(&self, message: Message) -> impl Future<Output = ()> + '_ {
-        handle(
-            &*self.handler,
-            message,
-            self.deadline,
-            &self.stats,
-            &self.subject,
-        )
+        handle(&*self.handler, message, self.deadline, &self.stats)
     }
 
     /// The handler for one message in a task of its own (concurrency above 1).
     fn invoke(&self, message: Message) -> impl Future<Output = ()> + Send + 'static {
-        let (handler, stats, subject) = (
-            self.handler.clone(),
-            self.stats.clone(),
-            self.subject.clone(),
-        );
+        let (handler, stats) = (self.handler.clone(), self.stats.clone());
         let deadline = self.deadline;
-        async move { handle(&*handler, message, deadline, &stats, &subject).await }
+        async move { handle(&*handler, message, deadline, &stats).await }
     }
 
     fn spawn(
@@ -661,7 +689,6 @@ fn handle<'a, F, Fut>(
     message: Message,
     deadline: Duration,
     stats: &'a StatsCell,
-    subject: &'a str,
 ) -> impl Future<Output = ()> + 'a
 where
     F: Fn(Message) -> Fut,
@@ -670,17 +697,14 @@ where
 {
     let context = crate::client::trace::HandlerContext::from_headers(message.headers.as_ref());
     invoke_in(context, deadline, handler(message)).map(move |invocation| {
-        stats.record(
-            subject,
-            deadline,
-            invocation.map(HandlerOutcome::into_result),
-        );
+        stats.record(deadline, invocation.map(HandlerOutcome::into_result));
     })
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::client::registry::subscriber_sid;
 
     /// async-nats 0.51 exposes a subscriber's id only through `Debug`; if a
     /// new version changes that, this fails loudly (slow-consumer events

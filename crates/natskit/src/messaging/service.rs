@@ -263,7 +263,8 @@ impl Service {
             .await
             .map_err(|e| Error::InvalidArgument(format!("adding endpoint {subject:?}: {e}")))?;
         let stats = Arc::new(StatsCell::new(
-            client.metrics().subscription(subject),
+            client.metrics().client.clone(),
+            subject.into(),
             client.dropped_counter(),
         ));
         let runner = EndpointRunner {
@@ -366,7 +367,7 @@ where
                     None => break,
                 },
             };
-            runner.stats.received.add(1);
+            runner.stats.add_received(1);
             if concurrency == 1 {
                 runner.handle(request).await;
                 drop(slot);
@@ -406,7 +407,7 @@ where
             ))),
         };
         self.stats
-            .record(subject, self.deadline, invocation.map(|r| r.map(drop)));
+            .record(self.deadline, invocation.map(|r| r.map(drop)));
         if request.message.reply.is_some()
             && let Err(err) = request.respond(response).await
         {
