@@ -337,7 +337,7 @@ async fn run(workers: usize) -> BenchResult {
 
     core_publish(&s, &mon, &raw, &kit, &url, &payload).await?;
     subscribe_throughput(&s, &raw, &kit, &url, &payload).await?;
-    requests(&s, &raw, &kit, &payload).await?;
+    requests(&s, &raw, &kit, &url, &payload).await?;
     jetstream_publish(&s, &raw, &kit, &payload).await?;
     jetstream_consume(&s, &raw, &kit, &payload).await?;
     key_value(&s, &raw, &kit).await?;
@@ -644,6 +644,7 @@ async fn requests(
     s: &Settings,
     raw: &async_nats::Client,
     kit: &natskit::Client,
+    url: &str,
     payload: &Bytes,
 ) -> BenchResult {
     let mut echo = raw.queue_subscribe("bench.echo", "echo".into()).await?;
@@ -687,6 +688,70 @@ async fn requests(
             }
             Ok(p50(latencies))
         },
+    )
+    .await?;
+
+    // natskit's default trace mode (a new trace per request, three
+    // headers), against raw without headers (the row) and, for the
+    // cost of the headers themselves, raw sending three prebuilt ones.
+    let traced = natskit::Client::builder(url)
+        .name("bench-kit-traced-requests")
+        .disable_health_checks()
+        .connect()
+        .await?;
+    let traced_latency = || async {
+        let mut latencies = Vec::with_capacity(n);
+        for _ in 0..n {
+            let start = Instant::now();
+            let reply = traced.request("bench.echo", payload.clone()).await?;
+            latencies.push(start.elapsed());
+            ensure(reply == *payload, || "wrong reply".into())?;
+        }
+        Ok(p50(latencies))
+    };
+    compare(
+        s,
+        "request/reply p50, default trace mode (raw: no headers)",
+        "us",
+        Better::Lower,
+        Some(1.05),
+        || async {
+            let mut latencies = Vec::with_capacity(n);
+            for _ in 0..n {
+                let start = Instant::now();
+                let reply = raw.request("bench.echo", payload.clone()).await?;
+                latencies.push(start.elapsed());
+                ensure(reply.payload == *payload, || "wrong reply".into())?;
+            }
+            Ok(p50(latencies))
+        },
+        traced_latency,
+    )
+    .await?;
+    let tc = natskit::trace::TraceContext::new().new_span();
+    let mut prebuilt = async_nats::HeaderMap::new();
+    prebuilt.insert("traceparent", tc.format_traceparent().as_str());
+    prebuilt.insert("X-Trace-ID", tc.trace_id_hex().as_str());
+    prebuilt.insert("X-Span-ID", tc.span_id_hex().as_str());
+    compare(
+        s,
+        "request/reply p50, default trace mode (raw: the same 3 headers, info)",
+        "us",
+        Better::Lower,
+        None,
+        || async {
+            let mut latencies = Vec::with_capacity(n);
+            for _ in 0..n {
+                let start = Instant::now();
+                let reply = raw
+                    .request_with_headers("bench.echo", prebuilt.clone(), payload.clone())
+                    .await?;
+                latencies.push(start.elapsed());
+                ensure(reply.payload == *payload, || "wrong reply".into())?;
+            }
+            Ok(p50(latencies))
+        },
+        traced_latency,
     )
     .await?;
 

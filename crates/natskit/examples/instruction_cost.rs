@@ -8,6 +8,7 @@
 //! nats-server -p 14222 &
 //! export NATS_URL=nats://127.0.0.1:14222 N=30000
 //! PATH_=publish SIDE=raw valgrind --tool=callgrind target/release/examples/instruction_cost
+//! PATH_=publish SIDE=wrapped valgrind --tool=callgrind target/release/examples/instruction_cost
 //! PATH_=publish SIDE=kit valgrind --tool=callgrind target/release/examples/instruction_cost
 //! PATH_=subscribe SIDE=raw valgrind --tool=callgrind target/release/examples/instruction_cost
 //! PATH_=subscribe SIDE=kit valgrind --tool=callgrind target/release/examples/instruction_cost
@@ -38,7 +39,21 @@ async fn kit(url: &str) -> Result<natskit::Client, BoxError> {
 
 /// `n` core publishes and a flush.
 async fn publish(url: &str, raw: bool, n: u64, payload: Bytes) -> Result<(), BoxError> {
-    if raw {
+    if raw && env("SIDE", "kit") == "wrapped" {
+        // Raw async-nats behind one async fn that only awaits it: the cost
+        // of any wrapper's nesting alone.
+        async fn wrapped(
+            client: &async_nats::Client,
+            payload: Bytes,
+        ) -> Result<(), async_nats::PublishError> {
+            client.publish("cost.publish", payload).await
+        }
+        let client = async_nats::connect(url).await?;
+        for _ in 0..n {
+            wrapped(&client, payload.clone()).await?;
+        }
+        client.flush().await?;
+    } else if raw {
         let client = async_nats::connect(url).await?;
         for _ in 0..n {
             client.publish("cost.publish", payload.clone()).await?;
@@ -143,7 +158,7 @@ fn exit_if_asked(n: u64) {
 async fn main() -> Result<(), BoxError> {
     let url = env("NATS_URL", "nats://127.0.0.1:4222");
     let n: u64 = env("N", "30000").parse()?;
-    let raw = env("SIDE", "kit") == "raw";
+    let raw = matches!(env("SIDE", "kit").as_str(), "raw" | "wrapped");
     let payload = Bytes::from(vec![b'x'; 128]);
     let start = Instant::now();
     match env("PATH_", "publish").as_str() {
