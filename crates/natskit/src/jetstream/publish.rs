@@ -109,11 +109,21 @@ impl StreamPublishOptions {
     /// Every header this publish carries: the caller's, then the options'.
     /// Call [`validate`](Self::validate) first.
     pub(crate) fn header_map(&self) -> Option<HeaderMap> {
+        with_message_id(self.headers_but_id(), self.message_id.as_deref())
+    }
+
+    /// [`header_map`](Self::header_map) without the message id (usually
+    /// none at all): what each resend's headers are built from.
+    pub(crate) fn headers_but_id(&self) -> Option<HeaderMap> {
         use async_nats::header;
-        let mut headers = self.headers.clone().unwrap_or_default();
-        if let Some(id) = &self.message_id {
-            headers.insert(header::NATS_MESSAGE_ID, id.as_str());
+        if self.headers.is_none()
+            && self.expected_last_sequence.is_none()
+            && self.expected_last_subject_sequence.is_none()
+            && self.expected_stream.is_none()
+        {
+            return None;
         }
+        let mut headers = self.headers.clone().unwrap_or_default();
         if let Some(seq) = self.expected_last_sequence {
             headers.insert(
                 header::NATS_EXPECTED_LAST_SEQUENCE,
@@ -133,24 +143,73 @@ impl StreamPublishOptions {
     }
 }
 
+/// `base` with `Nats-Msg-Id: id` added.
+fn with_message_id(base: Option<HeaderMap>, id: Option<&str>) -> Option<HeaderMap> {
+    let Some(id) = id else { return base };
+    let mut headers = base.unwrap_or_default();
+    headers.insert(async_nats::header::NATS_MESSAGE_ID, id);
+    Some(headers)
+}
+
 /// A stream publish as sent (and sent again): its headers carry its
-/// message id.
+/// message id. The first send takes the headers the prologue built and
+/// checked; a resend builds them again from `base` and `id` (a clone of
+/// the whole map for every send cost three allocations a message).
 #[derive(Debug)]
 pub(crate) struct Outgoing {
     pub(crate) subject: async_nats::Subject,
-    pub(crate) headers: Option<HeaderMap>,
     pub(crate) payload: Bytes,
+    /// The first send's headers, until it is made.
+    first: Option<Option<HeaderMap>>,
+    /// Every header but the message id (usually none).
+    base: Option<HeaderMap>,
+    id: Option<String>,
 }
 
 impl Outgoing {
-    /// The message for one send.
-    pub(crate) fn message(&self) -> PublishMessage {
-        match &self.headers {
-            Some(h) => PublishMessage::build()
-                .payload(self.payload.clone())
-                .headers(h.clone()),
-            None => PublishMessage::build().payload(self.payload.clone()),
+    /// `headers` as built by the prologue (every header), and what they
+    /// were built from.
+    pub(crate) fn new(
+        subject: async_nats::Subject,
+        payload: Bytes,
+        headers: Option<HeaderMap>,
+        options: &mut StreamPublishOptions,
+    ) -> Self {
+        Self {
+            subject,
+            payload,
+            first: Some(headers),
+            base: options.headers_but_id(),
+            id: options.message_id.take(),
         }
+    }
+
+    /// The message for one send.
+    pub(crate) fn message(&mut self) -> PublishMessage {
+        let headers = match self.first.take() {
+            Some(headers) => headers,
+            None => with_message_id(self.base.clone(), self.id.as_deref()),
+        };
+        let message = PublishMessage::build().payload(self.payload.clone());
+        match headers {
+            Some(h) => message.headers(h),
+            None => message,
+        }
+    }
+}
+
+/// The first ack of a pipelined send, or why it did not come: a connection
+/// replaced meanwhile (the ack will never come) is
+/// [`Error::JetStreamUnavailable`], which
+/// [`settle_publish`](Client::settle_publish) answers with a resend at once.
+pub(crate) async fn first_ack(
+    ack: async_nats::jetstream::context::PublishAckFuture,
+    epoch: &mut tokio::sync::watch::Receiver<u64>,
+    subject: &str,
+) -> Result<PublishAck> {
+    tokio::select! {
+        ack = ack => ack.map_err(|e| map_publish(subject, e)),
+        _ = epoch.changed() => Err(unavailable("publish", "reconnected while awaiting the ack")),
     }
 }
 
@@ -236,13 +295,9 @@ impl Client {
             }
         };
         let retry = options.retry.unwrap_or_else(default_publish_retry);
-        let outgoing = Outgoing {
-            subject,
-            headers,
-            payload,
-        };
+        let mut outgoing = Outgoing::new(subject, payload, headers, &mut options);
         let result = self
-            .settle_publish(js, &outgoing, retry, self.connection_epoch(), None)
+            .settle_publish(js, &mut outgoing, retry, self.connection_epoch(), None)
             .await;
         permit.record(result)
     }
@@ -252,29 +307,24 @@ impl Client {
     /// good: while JetStream is unavailable (no responders during an
     /// election or restart, no ack in time) it is resent with back-off, and
     /// when the connection is replaced while an ack is awaited, at once.
-    /// `first`, when given, is the ack of a send already made (the
-    /// pipelined publisher's), awaited for the context's ack timeout.
-    /// `epoch` must be taken before that first send.
+    /// `first`, when given, is the outcome of a send already made (the
+    /// pipelined publisher's, see [`first_ack`]). `epoch` must be taken
+    /// before that first send.
     pub(crate) async fn settle_publish(
         &self,
         js: &async_nats::jetstream::Context,
-        outgoing: &Outgoing,
+        outgoing: &mut Outgoing,
         retry: RetryConfig,
         mut epoch: tokio::sync::watch::Receiver<u64>,
-        mut first: Option<async_nats::jetstream::context::PublishAckFuture>,
+        mut first: Option<Result<PublishAck>>,
     ) -> Result<PublishAck> {
-        let subject = &outgoing.subject;
         let mut waits = Retry::new(retry.backoff);
         let result = loop {
             let outcome = match first.take() {
-                Some(ack) => {
-                    tokio::select! {
-                        ack = ack => ack.map_err(|e| map_publish(subject, e)),
-                        _ = epoch.changed() => Err(unavailable("publish", "reconnected while awaiting the ack")),
-                    }
-                }
+                Some(outcome) => outcome,
                 None => self.send_once(js, outgoing, &mut epoch).await,
             };
+            let subject = &outgoing.subject;
             let retriable = matches!(
                 &outcome,
                 Err(Error::StreamNotFound { .. }
@@ -290,7 +340,7 @@ impl Client {
         };
         match result {
             Err(Error::StreamNotFound { .. }) => {
-                Err(self.confirm_stream_missing(js, subject).await)
+                Err(self.confirm_stream_missing(js, &outgoing.subject).await)
             }
             other => other,
         }
@@ -300,9 +350,10 @@ impl Client {
     async fn send_once(
         &self,
         js: &async_nats::jetstream::Context,
-        outgoing: &Outgoing,
+        outgoing: &mut Outgoing,
         epoch: &mut tokio::sync::watch::Receiver<u64>,
     ) -> Result<PublishAck> {
+        let message = outgoing.message();
         let subject = &outgoing.subject;
         epoch.borrow_and_update();
         // Each send waits at most a second for its ack before it is sent
@@ -310,7 +361,7 @@ impl Client {
         // a leader that just died is not held up for the whole ack timeout
         // while a new leader is elected.
         let resend_wait = tokio::time::sleep(RESEND_ACK_WAIT);
-        match js.send_publish(subject.clone(), outgoing.message()).await {
+        match js.send_publish(subject.clone(), message).await {
             Ok(ack) => {
                 tokio::select! {
                     ack = ack => ack.map_err(|e| map_publish(subject, e)),

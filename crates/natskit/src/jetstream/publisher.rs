@@ -15,7 +15,7 @@ use crate::core::backoff::RetryConfig;
 use crate::core::error::{Error, Result};
 use crate::core::subject::IntoSubject;
 use crate::core::sync::lock;
-use crate::jetstream::publish::{Outgoing, StreamPublishOptions, default_publish_retry};
+use crate::jetstream::publish::{Outgoing, StreamPublishOptions, default_publish_retry, first_ack};
 
 impl Client {
     /// A publisher that keeps up to `max_in_flight` acknowledgements
@@ -178,15 +178,12 @@ impl StreamPublisher {
             .acquire_owned()
             .await
             .map_err(|_| Error::Closed)?;
-        let outgoing = Outgoing {
-            subject,
-            headers,
-            payload,
-        };
+        let mut outgoing = Outgoing::new(subject, payload, headers, &mut options);
         let epoch = self.client.connection_epoch();
+        let message = outgoing.message();
         let sent = self
             .js
-            .send_publish(outgoing.subject.clone(), outgoing.message())
+            .send_publish(outgoing.subject.clone(), message)
             .await
             .map_err(|e| map_publish(&outgoing.subject, e));
         // Queued, not yet acknowledged: proves nothing about the server.
@@ -266,10 +263,18 @@ async fn collect_acks(
                 // a flush that holds every slot sees every count. A message
                 // whose ack does not come is sent again meanwhile.
                 Some(job) => pending.push(async move {
-                    let AckJob { index, ack, outgoing, epoch, retry, slot } = job;
-                    let result = client
-                        .settle_publish(js, &outgoing, retry, epoch, Some(ack))
-                        .await;
+                    let AckJob { index, ack, mut outgoing, mut epoch, retry, slot } = job;
+                    let result = match first_ack(ack, &mut epoch, &outgoing.subject).await {
+                        Ok(ack) => Ok(ack),
+                        // Sent again until settled, in a future of its own:
+                        // boxed, so every message in flight does not carry
+                        // the resend loop's size (one allocation of it per
+                        // message cost more than the rest of the collector).
+                        Err(err) => {
+                            Box::pin(client.settle_publish(js, &mut outgoing, retry, epoch, Some(Err(err))))
+                                .await
+                        }
+                    };
                     (index, outgoing.subject, result, slot)
                 }),
                 None if pending.is_empty() => break,
