@@ -158,22 +158,29 @@ impl KvStore {
         use async_nats::header;
         use async_nats::jetstream::message::PublishMessage;
         let js = self.client.jetstream()?;
-        let id = nuid::next().to_string();
-        let mut headers = async_nats::HeaderMap::new();
-        headers.insert(header::NATS_MESSAGE_ID, id.as_str());
-        if let Some(revision) = expected {
-            headers.insert(
-                header::NATS_EXPECTED_LAST_SUBJECT_SEQUENCE,
-                revision.to_string().as_str(),
-            );
-        }
+        // On the stack: only the header holds a copy.
+        let id = nuid::next();
+        let id = id.as_str();
+        // Built for each send (the first send's are not cloned: a clone
+        // of the map cost three allocations a write).
+        let headers = || {
+            let mut headers = async_nats::HeaderMap::new();
+            headers.insert(header::NATS_MESSAGE_ID, id);
+            if let Some(revision) = expected {
+                headers.insert(
+                    header::NATS_EXPECTED_LAST_SUBJECT_SEQUENCE,
+                    async_nats::HeaderValue::from(revision),
+                );
+            }
+            headers
+        };
         let mut core = WriteCore::new(Instant::now(), self.options.timeout, retry::ELECTION);
         let mut epoch = self.client.connection_epoch();
         loop {
             epoch.borrow_and_update();
             let message = PublishMessage::build()
                 .payload(value.clone())
-                .headers(headers.clone());
+                .headers(headers());
             let ack_wait = core.ack_wait(Instant::now());
             let sent = async {
                 let ack = js.send_publish(subject.publish.clone(), message).await?;
@@ -232,7 +239,7 @@ impl KvStore {
                         });
                     }
                     Next::Resolve => {
-                        let found = self.resolve(subject.stored(), &id, expected).await;
+                        let found = self.resolve(subject.stored(), id, expected).await;
                         next = core.resolved(found, Instant::now(), fastrand::f64());
                     }
                     Next::Resend { delay } => break delay,
