@@ -60,6 +60,9 @@ pub(crate) struct StatsCell {
     pub(crate) created: Instant,
     /// The client's count of dropped messages.
     pub(crate) client_dropped: Arc<AtomicU64>,
+    /// A handler subscription's commands (unused by other users): in the
+    /// same allocation, one fewer per subscription.
+    pub(crate) control: SubControl,
 }
 
 impl StatsCell {
@@ -77,6 +80,7 @@ impl StatsCell {
             last_warned: AtomicU64::new(0),
             created: Instant::now(),
             client_dropped,
+            control: SubControl::default(),
         }
     }
 
@@ -164,7 +168,8 @@ impl StatsCell {
 #[derive(Debug, Default)]
 pub(crate) struct Registry {
     subs: Mutex<HashMap<u64, Weak<StatsCell>, BuildHasherDefault<SidHasher>>>,
-    controls: Mutex<Vec<Arc<SubControl>>>,
+    /// Every handler subscription (its [`StatsCell::control`]).
+    controls: Mutex<Vec<Arc<StatsCell>>>,
     /// Where subscriptions wait for their first message.
     parking: Mutex<Parking>,
     /// Sizes after the last pruning passes.
@@ -173,13 +178,13 @@ pub(crate) struct Registry {
 }
 
 impl Registry {
-    pub(crate) fn add_control(&self, control: &Arc<SubControl>) {
+    pub(crate) fn add_control(&self, control: &Arc<StatsCell>) {
         let mut controls = lock(&self.controls);
         // Finished runners are pruned when the list has doubled since the
         // last pass, so subscribing stays O(1) amortized (pruning on every
         // call made 10,000 subscriptions quadratic).
         if controls.len() >= 2 * self.controls_kept.load(Ordering::Relaxed).max(32) {
-            controls.retain(|c| !c.is_finished());
+            controls.retain(|c| !c.control.is_finished());
             self.controls_kept.store(controls.len(), Ordering::Relaxed);
         }
         controls.push(control.clone());
@@ -188,8 +193,8 @@ impl Registry {
     /// Tells every running subscription to handle what it has buffered and
     /// stop. The caller has synced with the server first.
     pub(crate) fn drain_all(&self) {
-        for control in lock(&self.controls).iter() {
-            control.drain();
+        for shared in lock(&self.controls).iter() {
+            shared.control.drain();
         }
         // The parking task ends once every parked subscription has left.
         *lock(&self.parking) = Parking::Closed;
@@ -248,8 +253,8 @@ impl Drop for Registry {
     /// (a running handler finishes) and unsubscribes.
     fn drop(&mut self) {
         if let Ok(controls) = self.controls.get_mut() {
-            for control in controls.iter() {
-                control.stop();
+            for shared in controls.iter() {
+                shared.control.stop();
             }
         }
     }

@@ -15,7 +15,7 @@ use futures_util::{FutureExt, StreamExt};
 use tokio::sync::Semaphore;
 
 use crate::client::handler::{Handler, HandlerFuture, HandlerOutcome, invoke_in};
-use crate::client::registry::{Control, Registry, StatsCell, SubControl, SubscriptionStats};
+use crate::client::registry::{Control, Registry, StatsCell, SubscriptionStats};
 use crate::client::{Client, sync_with_server};
 use crate::core::error::{Error, Result, check_nonzero};
 use crate::core::subject;
@@ -82,8 +82,8 @@ impl SubscribeOptions {
 /// close the client.
 #[derive(Debug)]
 pub struct Subscription {
+    /// Its counters and commands.
     stats: Arc<StatsCell>,
-    control: Arc<SubControl>,
     /// The client, for the round trip before a drain; weak, so a handle
     /// does not keep a dropped client's connection alive.
     client: std::sync::Weak<crate::client::Inner>,
@@ -102,13 +102,13 @@ impl Subscription {
 
     /// Whether the subscription has ended.
     pub fn is_finished(&self) -> bool {
-        self.control.is_finished()
+        self.stats.control.is_finished()
     }
 
     /// Stops at once: no further messages are handled; a handler already
     /// running finishes. Idempotent.
     pub async fn unsubscribe(&self) {
-        self.control.stop();
+        self.stats.control.stop();
         self.wait_finished().await;
     }
 
@@ -128,12 +128,12 @@ impl Subscription {
             tracing::warn!(%subject, %err, "could not sync with the server before draining");
         }
         drop(client);
-        self.control.drain();
+        self.stats.control.drain();
         self.wait_finished().await;
     }
 
     async fn wait_finished(&self) {
-        self.control.wait_finished().await;
+        self.stats.control.wait_finished().await;
     }
 }
 
@@ -282,23 +282,19 @@ impl Client {
         // Registered for slow-consumer events once parked, off the
         // caller's path (no message can have been dropped before).
         let stats = self.new_stats(&subject);
-        let control = Arc::new(SubControl::default());
-        self.registry().add_control(&control);
-        let run = Runner {
-            handler: Arc::new(handler),
+        self.registry().add_control(&stats);
+        let parked = Unstarted {
+            handler,
             deadline: options
                 .handler_deadline()
                 .unwrap_or(self.config().handler_deadline),
             stats: stats.clone(),
             capacity: self.config().subscription_capacity,
-        };
-        let concurrency = options.handler_concurrency();
-        let tasks = self.tasks().clone();
-        let parked = run.park(
+        }
+        .park(
             subscriber,
-            control.clone(),
-            concurrency,
-            tasks,
+            options.handler_concurrency(),
+            self.tasks().clone(),
             self.registry().clone(),
         );
         if let Err(parked) = self.registry().park(parked, self.tasks()) {
@@ -306,7 +302,6 @@ impl Client {
         }
         Ok(Subscription {
             stats,
-            control,
             client: Arc::downgrade(&self.inner),
         })
     }
@@ -383,6 +378,62 @@ impl Client {
             Some(queue) => conn.queue_subscribe(subject.clone(), queue).await,
         };
         permit.record(result.map_err(Error::Subscribe))
+    }
+}
+
+/// A handler subscription until its first message or command (see
+/// [`Registry::park`](crate::client::registry::Registry::park)): the
+/// handler is shared (for concurrent invocations) only once it runs, so
+/// creating a subscription allocates less.
+struct Unstarted<F> {
+    handler: F,
+    deadline: Duration,
+    stats: Arc<StatsCell>,
+    capacity: usize,
+}
+
+impl<F, Fut> Unstarted<F>
+where
+    F: Fn(Message) -> Fut + Send + Sync + 'static,
+    Fut: HandlerFuture,
+{
+    /// Waits for the subscription's first message or command, then spawns
+    /// its [`Runner`] with it.
+    fn park(
+        self,
+        mut subscriber: async_nats::Subscriber,
+        concurrency: usize,
+        tasks: tokio_util::task::TaskTracker,
+        registry: Arc<Registry>,
+    ) -> crate::client::registry::Parked {
+        Box::pin(async move {
+            registry.track(&subscriber, &self.stats);
+            drop(registry);
+            let control = &self.stats.control;
+            let first = tokio::select! {
+                biased;
+                () = control.changed() => {
+                    control.wake_again();
+                    None
+                }
+                message = subscriber.next() => message,
+            };
+            let run = Runner {
+                handler: Arc::new(self.handler),
+                deadline: self.deadline,
+                stats: self.stats,
+                capacity: self.capacity,
+            };
+            let mut queue = VecDeque::new();
+            if let Some(message) = first {
+                run.accept(message, &mut queue);
+            }
+            // A combinator, not an `async` block: the block would keep the
+            // runner's arguments beside the runner's future.
+            let finished = run.stats.clone();
+            let running = run.run(subscriber, queue, concurrency, tasks.clone());
+            tasks.spawn(running.map(move |()| finished.control.finish()));
+        })
     }
 }
 
@@ -478,38 +529,6 @@ where
     F: Fn(Message) -> Fut + Send + Sync + 'static,
     Fut: HandlerFuture,
 {
-    /// Waits (parked, see [`Registry::park`](crate::client::registry::Registry::park))
-    /// for the subscription's first message or command, then spawns
-    /// [`run`](Self::run) with it.
-    fn park(
-        self,
-        mut subscriber: async_nats::Subscriber,
-        control: Arc<SubControl>,
-        concurrency: usize,
-        tasks: tokio_util::task::TaskTracker,
-        registry: Arc<Registry>,
-    ) -> crate::client::registry::Parked {
-        Box::pin(async move {
-            registry.track(&subscriber, &self.stats);
-            drop(registry);
-            let mut queue = VecDeque::new();
-            tokio::select! {
-                biased;
-                () = control.changed() => control.wake_again(),
-                message = subscriber.next() => {
-                    if let Some(message) = message {
-                        self.accept(message, &mut queue);
-                    }
-                }
-            }
-            // A combinator, not an `async` block: the block would keep the
-            // runner's arguments beside the runner's future.
-            let finished = control.clone();
-            let running = self.run(subscriber, queue, control, concurrency, tasks.clone());
-            tasks.spawn(running.map(move |()| finished.finish()));
-        })
-    }
-
     /// Reads the subscription without pause into natskit's own bounded
     /// queue while handlers run, so async-nats' buffer (whose overflow is
     /// reported only by best-effort events) does not fill, and every
@@ -519,10 +538,10 @@ where
         self,
         mut subscriber: async_nats::Subscriber,
         mut queue: VecDeque<Message>,
-        control: Arc<SubControl>,
         concurrency: usize,
         tasks: tokio_util::task::TaskTracker,
     ) {
+        let control = &self.stats.control;
         let limiter = (concurrency > 1).then(|| Arc::new(Semaphore::new(concurrency)));
         // The one handler running inline (concurrency 1).
         let mut running = std::pin::pin!(None);

@@ -473,6 +473,63 @@ async fn close_drains_and_is_idempotent() -> TestResult {
     Ok(())
 }
 
+/// A subscription waits for its first message in the client's parking
+/// task: unsubscribing, draining and closing before (or just as) the first
+/// message arrives end it as they end a running one, and its first
+/// messages are handled in order.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn subscriptions_waiting_for_their_first_message_stop_drain_and_close() -> TestResult {
+    let server = NatsServer::start()?;
+    let client = Client::builder(server.url()).connect().await?;
+    let seen = Arc::new(Mutex::new(Vec::new()));
+    let record = |seen: &Arc<Mutex<Vec<String>>>| {
+        let seen = seen.clone();
+        move |msg: Message| {
+            let seen = seen.clone();
+            async move {
+                if let Ok(mut seen) = seen.lock() {
+                    seen.push(String::from_utf8_lossy(&msg.payload).into_owned());
+                }
+            }
+        }
+    };
+    // Unsubscribed before any message: finished, and gone from the server.
+    let idle = client.subscribe("parked.idle", record(&seen)).await?;
+    idle.unsubscribe().await;
+    assert!(idle.is_finished());
+    client.publish("parked.idle", "late").await?;
+    // Drained right after its first messages were sent: all handled, in order.
+    let drained = client.subscribe("parked.drain", record(&seen)).await?;
+    client.nats()?.flush().await?;
+    for i in 0..5 {
+        client.publish("parked.drain", format!("d{i}")).await?;
+    }
+    drained.drain().await;
+    assert!(drained.is_finished());
+    assert_eq!(drained.stats().handled, 5, "{:?}", drained.stats());
+    // Many waiting at close: close drains and ends every one.
+    let mut waiting = Vec::new();
+    for i in 0..200 {
+        waiting.push(
+            client
+                .subscribe(format!("parked.many.{i}"), record(&seen))
+                .await?,
+        );
+    }
+    client.nats()?.flush().await?;
+    client.publish("parked.many.7", "m7").await?;
+    client.close().await?;
+    assert!(waiting.iter().all(|s| s.is_finished()));
+    assert_eq!(waiting[7].stats().handled, 1);
+    let seen = seen.lock().map_err(|_| "poisoned")?.clone();
+    assert_eq!(
+        seen,
+        ["d0", "d1", "d2", "d3", "d4", "m7"],
+        "the unsubscribed one saw nothing"
+    );
+    Ok(())
+}
+
 /// Every status watcher and callback sees `Closed` exactly once, last; the
 /// race between the shutdown token and the `Closed` signal lost it in most
 /// connect-then-close cycles, so the test loops.
