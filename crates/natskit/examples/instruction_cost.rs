@@ -12,6 +12,9 @@
 //! PATH_=publish SIDE=kit valgrind --tool=callgrind target/release/examples/instruction_cost
 //! PATH_=subscribe SIDE=raw valgrind --tool=callgrind target/release/examples/instruction_cost
 //! PATH_=subscribe SIDE=kit valgrind --tool=callgrind target/release/examples/instruction_cost
+//! nats-server -js -p 14223 &   # PATH_=stream: 256 acks in flight, raw with ids
+//! NATS_URL=nats://127.0.0.1:14223 PATH_=stream SIDE=raw valgrind --tool=callgrind target/release/examples/instruction_cost
+//! NATS_URL=nats://127.0.0.1:14223 PATH_=stream SIDE=kit valgrind --tool=callgrind target/release/examples/instruction_cost
 //! PATH_=create SIDE=raw valgrind --tool=callgrind target/release/examples/instruction_cost
 //! PATH_=create SIDE=kit valgrind --tool=callgrind target/release/examples/instruction_cost
 //! ```
@@ -114,6 +117,55 @@ async fn subscribe(url: &str, raw: bool, n: u64, payload: Bytes) -> Result<(), B
     Ok(())
 }
 
+/// `n` stream publishes with 256 acks in flight: raw async-nats with a
+/// `Nats-Msg-Id` on each (as the bench's "raw with ids"), or natskit's
+/// `stream_publisher(256)`.
+async fn stream(url: &str, raw: bool, n: u64, payload: Bytes) -> Result<(), BoxError> {
+    use futures_util::stream::FuturesUnordered;
+    let setup = async_nats::connect(url).await?;
+    let js = async_nats::jetstream::new(setup.clone());
+    let _ = js.delete_stream("COST").await;
+    js.create_stream(async_nats::jetstream::stream::Config {
+        name: "COST".into(),
+        subjects: vec!["cost.stream".into()],
+        storage: async_nats::jetstream::stream::StorageType::Memory,
+        ..Default::default()
+    })
+    .await?;
+    if raw {
+        let mut pending = FuturesUnordered::new();
+        for _ in 0..n {
+            if pending.len() >= 256
+                && let Some(ack) = pending.next().await
+            {
+                ack?;
+            }
+            let mut headers = async_nats::HeaderMap::new();
+            headers.insert(async_nats::header::NATS_MESSAGE_ID, nuid::next().as_str());
+            let ack = js
+                .publish_with_headers("cost.stream", headers, payload.clone())
+                .await?;
+            pending.push(ack.into_future());
+        }
+        while let Some(ack) = pending.next().await {
+            ack?;
+        }
+    } else {
+        let client = kit(url).await?;
+        let publisher = client.stream_publisher(256)?;
+        for _ in 0..n {
+            publisher.publish("cost.stream", payload.clone()).await?;
+        }
+        let report = publisher.flush().await;
+        if report.failed > 0 {
+            return Err(format!("{report:?}").into());
+        }
+        client.close().await?;
+    }
+    js.delete_stream("COST").await?;
+    Ok(())
+}
+
 /// `n` subscriptions created (and flushed); with `EXIT=1` the process ends
 /// there (creation alone), otherwise they are dropped and the client closed.
 async fn create(url: &str, raw: bool, n: u64) -> Result<(), BoxError> {
@@ -164,6 +216,7 @@ async fn main() -> Result<(), BoxError> {
     match env("PATH_", "publish").as_str() {
         "subscribe" => subscribe(&url, raw, n, payload).await?,
         "create" => create(&url, raw, n).await?,
+        "stream" => stream(&url, raw, n, payload).await?,
         _ => publish(&url, raw, n, payload).await?,
     }
     eprintln!("{n} messages in {:?}", start.elapsed());

@@ -513,6 +513,7 @@ impl ClientBuilder {
             metrics,
             tasks: TaskTracker::new(),
             outbox_stats: Mutex::new(None),
+            message_ids: crate::core::message_id::MessageIds::new(nuid::next().as_str()),
         });
         tokio::spawn(supervise(
             Arc::downgrade(&inner),

@@ -91,6 +91,8 @@ pub(crate) struct Inner {
     tasks: TaskTracker,
     /// Reads the figures of the outbox attached to this client, if any.
     outbox_stats: Mutex<Option<OutboxStatsSource>>,
+    /// Message ids for stream publishes that are not given one.
+    message_ids: crate::core::message_id::MessageIds,
 }
 
 /// What an attached outbox gives `status_info` (the outbox lives in a layer
@@ -111,6 +113,11 @@ impl Inner {
     /// The async-nats connection, once made.
     pub(crate) fn connection(&self) -> Option<&async_nats::Client> {
         self.conn.get()
+    }
+
+    /// A new message id for a stream publish.
+    pub(crate) fn next_message_id(&self) -> String {
+        self.message_ids.next_id()
     }
 
     /// How long a round trip to sync with the server may take.

@@ -6,6 +6,7 @@ pub(crate) mod backoff;
 pub(crate) mod breaker;
 pub(crate) mod error;
 pub mod header;
+pub(crate) mod message_id;
 pub(crate) mod status;
 pub mod subject;
 pub(crate) mod sync;

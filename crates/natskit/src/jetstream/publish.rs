@@ -278,7 +278,7 @@ impl Client {
             options.validate()?;
             options.headers = traced;
             if options.message_id.is_none() {
-                options.message_id = Some(nuid::next().to_string());
+                options.message_id = Some(self.inner.next_message_id());
             }
             Ok(options.header_map())
         })?;

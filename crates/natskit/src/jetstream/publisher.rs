@@ -13,6 +13,7 @@ use crate::client::Client;
 use crate::client::jetstream_errors::map_publish;
 use crate::core::backoff::RetryConfig;
 use crate::core::error::{Error, Result};
+use crate::core::message_id::MessageIds;
 use crate::core::subject::IntoSubject;
 use crate::core::sync::lock;
 use crate::jetstream::publish::{Outgoing, StreamPublishOptions, default_publish_retry, first_ack};
@@ -72,7 +73,7 @@ impl Client {
             shared,
             slots,
             max_in_flight,
-            id_prefix: nuid::next().to_string(),
+            ids: MessageIds::new(nuid::next().as_str()),
         })
     }
 }
@@ -83,8 +84,6 @@ struct PublisherShared {
     sent: AtomicU64,
     acked: AtomicU64,
     failed: AtomicU64,
-    /// The next assigned message id's number.
-    ids: AtomicU64,
     errors: std::sync::Mutex<Vec<(u64, Error)>>,
 }
 
@@ -125,8 +124,8 @@ pub struct StreamPublisher {
     shared: Arc<PublisherShared>,
     slots: Arc<Semaphore>,
     max_in_flight: usize,
-    /// Assigned message ids are this, `-` and a 16-digit hex counter.
-    id_prefix: String,
+    /// Assigns the message ids the options do not give.
+    ids: MessageIds,
 }
 
 impl StreamPublisher {
@@ -166,8 +165,7 @@ impl StreamPublisher {
                 options.validate()?;
                 options.headers = traced;
                 if options.message_id.is_none() {
-                    let n = self.shared.ids.fetch_add(1, Ordering::Relaxed);
-                    options.message_id = Some(format!("{}-{n:016x}", self.id_prefix));
+                    options.message_id = Some(self.ids.next_id());
                 }
                 Ok(options.header_map())
             })?;
