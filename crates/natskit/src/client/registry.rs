@@ -42,8 +42,8 @@ pub struct SubscriptionStats {
 /// registry. It also holds the subject, once for all of them.
 #[derive(Debug)]
 pub(crate) struct StatsCell {
-    /// The subscribed subject.
-    pub(crate) subject: Arc<str>,
+    /// The subscribed subject (shares async-nats' bytes).
+    pub(crate) subject: async_nats::Subject,
     /// The client's `client` metrics label.
     client: Arc<str>,
     /// The `received` and `dropped` counters of the metrics facade,
@@ -55,9 +55,8 @@ pub(crate) struct StatsCell {
     pub(crate) panics: AtomicU64,
     pub(crate) timeouts: AtomicU64,
     dropped: AtomicU64,
-    /// Nanoseconds since `created` of the last drop warning.
+    /// Nanoseconds since [`warn_epoch`] of the last drop warning.
     pub(crate) last_warned: AtomicU64,
-    pub(crate) created: Instant,
     /// The client's count of dropped messages.
     pub(crate) client_dropped: Arc<AtomicU64>,
     /// A handler subscription's commands (unused by other users): in the
@@ -66,7 +65,11 @@ pub(crate) struct StatsCell {
 }
 
 impl StatsCell {
-    pub(crate) fn new(client: Arc<str>, subject: Arc<str>, client_dropped: Arc<AtomicU64>) -> Self {
+    pub(crate) fn new(
+        client: Arc<str>,
+        subject: async_nats::Subject,
+        client_dropped: Arc<AtomicU64>,
+    ) -> Self {
         Self {
             subject,
             client,
@@ -78,7 +81,6 @@ impl StatsCell {
             timeouts: AtomicU64::new(0),
             dropped: AtomicU64::new(0),
             last_warned: AtomicU64::new(0),
-            created: Instant::now(),
             client_dropped,
             control: SubControl::default(),
         }
@@ -107,7 +109,7 @@ impl StatsCell {
         self.metrics().1.increment(n);
         let dropped = self.dropped.fetch_add(n, Ordering::Relaxed) + n;
         self.client_dropped.fetch_add(n, Ordering::Relaxed);
-        let now = u64::try_from(self.created.elapsed().as_nanos())
+        let now = u64::try_from(warn_epoch().elapsed().as_nanos())
             .unwrap_or(u64::MAX)
             .max(1);
         let last = self.last_warned.load(Ordering::Relaxed);
@@ -160,6 +162,13 @@ impl StatsCell {
             dropped: get(&self.dropped),
         }
     }
+}
+
+/// The instant drop warnings are timed from: one for the process, not a
+/// clock read per subscription.
+fn warn_epoch() -> Instant {
+    static EPOCH: OnceLock<Instant> = OnceLock::new();
+    *EPOCH.get_or_init(Instant::now)
 }
 
 /// Maps async-nats subscription ids to natskit stats, so slow-consumer
