@@ -208,26 +208,41 @@ where
     let (mut raw_rounds, mut kit_rounds) = (Vec::new(), Vec::new());
     for round in 0..s.rounds {
         if round % 2 == 0 {
-            raw_rounds.push(raw().await.map_err(|e| format!("{name} (raw): {e}"))?);
+            raw_rounds.push(one_round(name, "raw", &mut raw).await?);
             settle().await;
-            kit_rounds.push(
-                natskit()
-                    .await
-                    .map_err(|e| format!("{name} (natskit): {e}"))?,
-            );
+            kit_rounds.push(one_round(name, "natskit", &mut natskit).await?);
         } else {
-            kit_rounds.push(
-                natskit()
-                    .await
-                    .map_err(|e| format!("{name} (natskit): {e}"))?,
-            );
+            kit_rounds.push(one_round(name, "natskit", &mut natskit).await?);
             settle().await;
-            raw_rounds.push(raw().await.map_err(|e| format!("{name} (raw): {e}"))?);
+            raw_rounds.push(one_round(name, "raw", &mut raw).await?);
         }
         settle().await;
     }
     record(name, unit, better, target, raw_rounds, kit_rounds);
     Ok(())
+}
+
+/// One round of one side. A round that fails runs again, up to three
+/// tries, each failure printed: on 2 busy cores the raw side's pull
+/// consumer has missed its idle heartbeat and its subscriber has lost
+/// messages, which used to end the whole run.
+async fn one_round<F, Fut>(name: &str, side: &str, run: &mut F) -> BenchResult<f64>
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = BenchResult<f64>>,
+{
+    let mut tries = 0;
+    loop {
+        tries += 1;
+        match run().await {
+            Ok(value) => return Ok(value),
+            Err(e) if tries < 3 => {
+                eprintln!("  {name} ({side}): {e}; running the round again");
+                settle().await;
+            }
+            Err(e) => return Err(format!("{name} ({side}): {e}").into()),
+        }
+    }
 }
 
 /// Lets the server and the runtime finish the previous run's work.
