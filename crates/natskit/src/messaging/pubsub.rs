@@ -416,6 +416,23 @@ where
                 }
                 message = subscriber.next() => message,
             };
+            // Told to stop or drain before any message (or ended): unless a
+            // drain finds messages already buffered, end here, without a
+            // runner (closing a client with many idle subscriptions spawned
+            // a runner for each just to end it).
+            let first = match first {
+                Some(message) => Some(message),
+                None if control.command() == Control::Drain => {
+                    tokio::task::unconstrained(async { subscriber.next().now_or_never().flatten() })
+                        .await
+                }
+                None => None,
+            };
+            let Some(first) = first else {
+                drop(subscriber);
+                self.stats.control.finish();
+                return;
+            };
             // Registered for slow-consumer events only now: async-nats can
             // drop a message only once its buffer is full, and a
             // subscription that never receives one never pays for the
@@ -429,9 +446,7 @@ where
                 capacity: self.capacity,
             };
             let mut queue = VecDeque::new();
-            if let Some(message) = first {
-                run.accept(message, &mut queue);
-            }
+            run.accept(first, &mut queue);
             // A combinator, not an `async` block: the block would keep the
             // runner's arguments beside the runner's future.
             let finished = run.stats.clone();
