@@ -705,32 +705,38 @@ async fn requests(
         latencies.sort();
         latencies[latencies.len() / 2].as_secs_f64() * 1e6
     };
+    // The p50 of `n` sequential requests, raw or through a natskit client.
+    let raw_latency = || async {
+        let mut latencies = Vec::with_capacity(n);
+        for _ in 0..n {
+            let start = Instant::now();
+            let reply = raw.request("bench.echo", payload.clone()).await?;
+            latencies.push(start.elapsed());
+            ensure(reply.payload == *payload, || "wrong reply".into())?;
+        }
+        Ok(p50(latencies))
+    };
+    let kit_latency = |client: &natskit::Client| {
+        let client = client.clone();
+        async move {
+            let mut latencies = Vec::with_capacity(n);
+            for _ in 0..n {
+                let start = Instant::now();
+                let reply = client.request("bench.echo", payload.clone()).await?;
+                latencies.push(start.elapsed());
+                ensure(reply == *payload, || "wrong reply".into())?;
+            }
+            Ok(p50(latencies))
+        }
+    };
     compare(
         s,
         "request/reply p50 (sequential)",
         "us",
         Better::Lower,
         Some(1.03),
-        || async {
-            let mut latencies = Vec::with_capacity(n);
-            for _ in 0..n {
-                let start = Instant::now();
-                let reply = raw.request("bench.echo", payload.clone()).await?;
-                latencies.push(start.elapsed());
-                ensure(reply.payload == *payload, || "wrong reply".into())?;
-            }
-            Ok(p50(latencies))
-        },
-        || async {
-            let mut latencies = Vec::with_capacity(n);
-            for _ in 0..n {
-                let start = Instant::now();
-                let reply = kit.request("bench.echo", payload.clone()).await?;
-                latencies.push(start.elapsed());
-                ensure(reply == *payload, || "wrong reply".into())?;
-            }
-            Ok(p50(latencies))
-        },
+        raw_latency,
+        || kit_latency(kit),
     )
     .await?;
 
@@ -742,32 +748,14 @@ async fn requests(
         .disable_health_checks()
         .connect()
         .await?;
-    let traced_latency = || async {
-        let mut latencies = Vec::with_capacity(n);
-        for _ in 0..n {
-            let start = Instant::now();
-            let reply = traced.request("bench.echo", payload.clone()).await?;
-            latencies.push(start.elapsed());
-            ensure(reply == *payload, || "wrong reply".into())?;
-        }
-        Ok(p50(latencies))
-    };
+    let traced_latency = || kit_latency(&traced);
     compare(
         s,
         "request/reply p50, default trace mode (raw: no headers)",
         "us",
         Better::Lower,
         Some(1.05),
-        || async {
-            let mut latencies = Vec::with_capacity(n);
-            for _ in 0..n {
-                let start = Instant::now();
-                let reply = raw.request("bench.echo", payload.clone()).await?;
-                latencies.push(start.elapsed());
-                ensure(reply.payload == *payload, || "wrong reply".into())?;
-            }
-            Ok(p50(latencies))
-        },
+        raw_latency,
         traced_latency,
     )
     .await?;
@@ -1287,6 +1275,19 @@ async fn key_value(s: &Settings, raw: &async_nats::Client, kit: &natskit::Client
     );
     let n = s.n(5_000, 500);
     let value = |i: usize| Bytes::from(format!("value-{i:08}"));
+    // natskit's side of both KV put rows.
+    let kit_puts = || async {
+        let start = Instant::now();
+        for i in 0..n {
+            kit_kv.put(&format!("k{}", i % 100), value(i)).await?;
+        }
+        let elapsed = start.elapsed();
+        let last = kit_kv.get(&format!("k{}", (n - 1) % 100)).await?;
+        ensure(last.value == value(n - 1), || {
+            "last put not read back".into()
+        })?;
+        Ok(rate(n, elapsed))
+    };
     compare(
         s,
         "KV put (sequential)",
@@ -1305,18 +1306,7 @@ async fn key_value(s: &Settings, raw: &async_nats::Client, kit: &natskit::Client
             })?;
             Ok(rate(n, elapsed))
         },
-        || async {
-            let start = Instant::now();
-            for i in 0..n {
-                kit_kv.put(&format!("k{}", i % 100), value(i)).await?;
-            }
-            let elapsed = start.elapsed();
-            let last = kit_kv.get(&format!("k{}", (n - 1) % 100)).await?;
-            ensure(last.value == value(n - 1), || {
-                "last put not read back".into()
-            })?;
-            Ok(rate(n, elapsed))
-        },
+        kit_puts,
     )
     .await?;
     // Like for like: every natskit write carries a `Nats-Msg-Id` (its
@@ -1343,18 +1333,7 @@ async fn key_value(s: &Settings, raw: &async_nats::Client, kit: &natskit::Client
             })?;
             Ok(rate(n, elapsed))
         },
-        || async {
-            let start = Instant::now();
-            for i in 0..n {
-                kit_kv.put(&format!("k{}", i % 100), value(i)).await?;
-            }
-            let elapsed = start.elapsed();
-            let last = kit_kv.get(&format!("k{}", (n - 1) % 100)).await?;
-            ensure(last.value == value(n - 1), || {
-                "last put not read back".into()
-            })?;
-            Ok(rate(n, elapsed))
-        },
+        kit_puts,
     )
     .await?;
     // The keys hold the values of the last put round; both sides read them.
