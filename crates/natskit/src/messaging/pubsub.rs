@@ -295,7 +295,7 @@ impl Client {
             subscriber,
             options.handler_concurrency(),
             self.tasks().clone(),
-            self.registry().clone(),
+            Arc::downgrade(self.registry()),
         );
         if let Err(parked) = self.registry().park(parked, self.tasks()) {
             self.tasks().spawn(parked);
@@ -404,7 +404,9 @@ where
         mut subscriber: async_nats::Subscriber,
         concurrency: usize,
         tasks: tokio_util::task::TaskTracker,
-        registry: Arc<Registry>,
+        // Weak: a parked subscription must not keep a dropped client's
+        // registry alive (its drop stops every subscription).
+        registry: std::sync::Weak<Registry>,
     ) -> crate::client::registry::Parked {
         Box::pin(async move {
             let control = &self.stats.control;
@@ -437,8 +439,9 @@ where
             // drop a message only once its buffer is full, and a
             // subscription that never receives one never pays for the
             // registration (reading the id costs about 1,400 instructions).
-            registry.track(&subscriber, &self.stats);
-            drop(registry);
+            if let Some(registry) = registry.upgrade() {
+                registry.track(&subscriber, &self.stats);
+            }
             let run = Runner {
                 handler: Arc::new(self.handler),
                 deadline: self.deadline,
