@@ -109,21 +109,23 @@ impl StreamPublishOptions {
     /// Every header this publish carries: the caller's, then the options'.
     /// Call [`validate`](Self::validate) first.
     pub(crate) fn header_map(&self) -> Option<HeaderMap> {
-        with_message_id(self.headers_but_id(), self.message_id.as_deref())
+        with_message_id(
+            self.with_expectations(self.headers.clone()),
+            self.message_id.as_deref(),
+        )
     }
 
-    /// [`header_map`](Self::header_map) without the message id (usually
-    /// none at all): what each resend's headers are built from.
-    pub(crate) fn headers_but_id(&self) -> Option<HeaderMap> {
+    /// `base` (the caller's headers) with the options' expectations added:
+    /// every header but the message id (usually none at all).
+    fn with_expectations(&self, base: Option<HeaderMap>) -> Option<HeaderMap> {
         use async_nats::header;
-        if self.headers.is_none()
-            && self.expected_last_sequence.is_none()
+        if self.expected_last_sequence.is_none()
             && self.expected_last_subject_sequence.is_none()
             && self.expected_stream.is_none()
         {
-            return None;
+            return base.filter(|h| !h.is_empty());
         }
-        let mut headers = self.headers.clone().unwrap_or_default();
+        let mut headers = base.unwrap_or_default();
         if let Some(seq) = self.expected_last_sequence {
             headers.insert(
                 header::NATS_EXPECTED_LAST_SEQUENCE,
@@ -139,7 +141,7 @@ impl StreamPublishOptions {
         if let Some(stream) = &self.expected_stream {
             headers.insert(header::NATS_EXPECTED_STREAM, stream.as_str());
         }
-        (!headers.is_empty()).then_some(headers)
+        Some(headers)
     }
 }
 
@@ -175,25 +177,30 @@ impl Outgoing {
         headers: Option<HeaderMap>,
         options: &mut StreamPublishOptions,
     ) -> Self {
+        let caller = options.headers.take();
         Self {
             subject,
             payload,
             first: Some(headers),
-            base: options.headers_but_id(),
+            base: options.with_expectations(caller),
             id: options.message_id.take(),
         }
     }
 
     /// The message for one send.
     pub(crate) fn message(&mut self) -> PublishMessage {
-        let headers = match self.first.take() {
-            Some(headers) => headers,
-            None => with_message_id(self.base.clone(), self.id.as_deref()),
-        };
         let message = PublishMessage::build().payload(self.payload.clone());
-        match headers {
+        match self.next_headers() {
             Some(h) => message.headers(h),
             None => message,
+        }
+    }
+
+    /// The headers for one send.
+    fn next_headers(&mut self) -> Option<HeaderMap> {
+        match self.first.take() {
+            Some(headers) => headers,
+            None => with_message_id(self.base.clone(), self.id.as_deref()),
         }
     }
 }
@@ -397,6 +404,51 @@ impl Client {
                 format!("stream {stream:?} captures {subject:?} but did not answer (no leader?)"),
             ),
             Err(err) => unavailable("publish", err),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Every send of a stream publish carries the same headers: the first
+    /// the prologue's, each resend rebuilt from the caller's headers, the
+    /// expectations and the id.
+    #[test]
+    fn a_resend_carries_the_first_sends_headers() {
+        let mut caller = HeaderMap::new();
+        caller.insert("tenant", "acme");
+        let mut options = StreamPublishOptions::new()
+            .headers(caller)
+            .message_id("id-1")
+            .expected_last_sequence(7);
+        let built = options.header_map();
+        let mut outgoing = Outgoing::new("s".into(), Bytes::from_static(b"x"), built, &mut options);
+        let sends: Vec<_> = (0..3)
+            .map(|_| outgoing.next_headers().unwrap_or_default())
+            .collect();
+        for headers in &sends {
+            assert_eq!(headers.get("tenant").map(|v| v.as_str()), Some("acme"));
+            assert_eq!(
+                headers
+                    .get(async_nats::header::NATS_MESSAGE_ID)
+                    .map(|v| v.as_str()),
+                Some("id-1")
+            );
+            assert_eq!(
+                headers
+                    .get(async_nats::header::NATS_EXPECTED_LAST_SEQUENCE)
+                    .map(|v| v.as_str()),
+                Some("7")
+            );
+        }
+        let mut plain = StreamPublishOptions::new().message_id("id-2");
+        let built = plain.header_map();
+        let mut outgoing = Outgoing::new("s".into(), Bytes::new(), built, &mut plain);
+        for _ in 0..2 {
+            let headers = outgoing.next_headers().unwrap_or_default();
+            assert_eq!(headers.iter().count(), 1, "only the id");
         }
     }
 }
