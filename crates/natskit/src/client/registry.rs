@@ -3,7 +3,6 @@
 //! stop everything: the connection layer's bookkeeping, no I/O.
 
 use std::collections::HashMap;
-use std::hash::BuildHasherDefault;
 use std::sync::atomic::{AtomicBool, AtomicU8, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, OnceLock, Weak};
 use std::time::Instant;
@@ -173,10 +172,14 @@ fn warn_epoch() -> Instant {
 
 /// Maps async-nats subscription ids to natskit stats, so slow-consumer
 /// events are counted per subscription.
-/// Also keeps every running subscription's control channel, for `close`.
+/// Also keeps every handler subscription (its [`StatsCell::control`]), for
+/// `close`, and the client's parking task for subscriptions waiting for
+/// their first message.
 #[derive(Debug, Default)]
 pub(crate) struct Registry {
-    subs: Mutex<HashMap<u64, Weak<StatsCell>, BuildHasherDefault<SidHasher>>>,
+    /// Hashed with foldhash: SipHash cost about 300 instructions a
+    /// subscription, and the keys are the client's own ids.
+    subs: Mutex<HashMap<u64, Weak<StatsCell>, foldhash::fast::FixedState>>,
     /// Every handler subscription (its [`StatsCell::control`]).
     controls: Mutex<Vec<Arc<StatsCell>>>,
     /// Where subscriptions wait for their first message.
@@ -266,27 +269,6 @@ impl Drop for Registry {
                 shared.control.stop();
             }
         }
-    }
-}
-
-/// Hashes subscription ids (small, sequential numbers) with one
-/// multiplication: SipHash cost about 300 instructions a subscription.
-#[derive(Default)]
-struct SidHasher(u64);
-
-impl std::hash::Hasher for SidHasher {
-    fn finish(&self) -> u64 {
-        self.0
-    }
-
-    fn write(&mut self, bytes: &[u8]) {
-        for &b in bytes {
-            self.0 = (self.0.rotate_left(8) ^ u64::from(b)).wrapping_mul(0x9E37_79B9_7F4A_7C15);
-        }
-    }
-
-    fn write_u64(&mut self, n: u64) {
-        self.0 = (self.0 ^ n).wrapping_mul(0x9E37_79B9_7F4A_7C15);
     }
 }
 
@@ -394,9 +376,10 @@ pub(crate) enum Control {
     Stop,
 }
 
-/// What a subscription's handle, its runner and the client share: the
-/// command for the runner and whether it has finished, in one small
-/// allocation.
+/// What a subscription's handle, its runner (or, before its first
+/// message, its parked future) and the client share: the command for the
+/// runner and whether it has finished. Kept inside the subscription's
+/// [`StatsCell`], in the same allocation as its counters.
 #[derive(Debug, Default)]
 pub(crate) struct SubControl {
     /// A [`Control`] as `u8`.
