@@ -80,7 +80,7 @@ impl Client {
 
 #[derive(Debug, Default)]
 struct PublisherShared {
-    /// Messages handed to the server (also the next message id's number).
+    /// Messages handed to the server (also the next publish's index).
     sent: AtomicU64,
     acked: AtomicU64,
     failed: AtomicU64,
