@@ -205,6 +205,20 @@ impl Outgoing {
     }
 }
 
+/// Whether a stream publish is sent again after `outcome`, its
+/// `attempts`-th resend so far: only while JetStream was out of reach (no
+/// responders, no leader, no ack in time, a replaced connection), within
+/// the retry budget. A refusal, a success or any other error is final.
+fn send_again(outcome: &Result<PublishAck>, attempts: u32, max_retries: u32) -> bool {
+    let unreachable = matches!(
+        outcome,
+        Err(Error::StreamNotFound { .. }
+            | Error::JetStreamUnavailable { .. }
+            | Error::JetStreamTimeout { .. })
+    );
+    unreachable && attempts < max_retries
+}
+
 /// The first ack of a pipelined send, or why it did not come: a connection
 /// replaced meanwhile (the ack will never come) is
 /// [`Error::JetStreamUnavailable`], which
@@ -332,13 +346,9 @@ impl Client {
                 None => self.send_once(js, outgoing, &mut epoch).await,
             };
             let subject = &outgoing.subject;
-            let retriable = matches!(
-                &outcome,
-                Err(Error::StreamNotFound { .. }
-                    | Error::JetStreamUnavailable { .. }
-                    | Error::JetStreamTimeout { .. })
-            );
-            if !retriable || waits.attempt() >= retry.max_retries || self.ensure_open().is_err() {
+            if !send_again(&outcome, waits.attempt(), retry.max_retries)
+                || self.ensure_open().is_err()
+            {
                 break outcome;
             }
             tracing::debug!(%subject, attempt = waits.attempt(), "JetStream unavailable; retrying publish");
@@ -411,6 +421,23 @@ impl Client {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn only_unreachable_jetstream_is_sent_again_within_the_budget() {
+        let unavailable = || Err(unavailable("publish", "no responders"));
+        assert!(send_again(&unavailable(), 0, 3));
+        assert!(send_again(&unavailable(), 2, 3));
+        assert!(!send_again(&unavailable(), 3, 3), "budget spent");
+        assert!(send_again(&Err(timed_out("publish", "no ack")), 0, 1));
+        let missing = Err(Error::StreamNotFound {
+            stream: None,
+            subject: Some("s".into()),
+        });
+        assert!(send_again(&missing, 0, 1));
+        let refused = Err(Error::InvalidArgument("wrong last sequence".into()));
+        assert!(!send_again(&refused, 0, 3), "a refusal is final");
+        assert!(!send_again(&Err(Error::Closed), 0, 3));
+    }
 
     /// Every send of a stream publish carries the same headers: the first
     /// the prologue's, each resend rebuilt from the caller's headers, the
