@@ -258,26 +258,26 @@ fn ensure(ok: bool, what: impl FnOnce() -> String) -> BenchResult {
     if ok { Ok(()) } else { Err(what().into()) }
 }
 
-/// Polls `check` until it holds or `timeout` passes.
-/// Waits until `seen` reaches `n` (true), or stops moving for 5 s short
-/// of it (false). Both sides of a throughput row wait through this, polled
-/// every millisecond.
-async fn all_seen(seen: &AtomicU64, n: u64) -> bool {
+/// Waits until `seen` reaches `n`, or stops moving for 5 s short of it
+/// (the caller's count check then fails the round). Both sides of a
+/// throughput row wait through this, polled every millisecond.
+async fn all_seen(seen: &AtomicU64, n: u64) {
     let mut last = (seen.load(Ordering::Relaxed), Instant::now());
     loop {
         let now = seen.load(Ordering::Relaxed);
         if now >= n {
-            return true;
+            return;
         }
         if now != last.0 {
             last = (now, Instant::now());
         } else if last.1.elapsed() > Duration::from_secs(5) {
-            return false;
+            return;
         }
         tokio::time::sleep(Duration::from_millis(1)).await;
     }
 }
 
+/// Polls `check` until it holds or `timeout` passes.
 async fn wait_until(timeout: Duration, mut check: impl FnMut() -> bool) -> bool {
     let deadline = Instant::now() + timeout;
     while Instant::now() < deadline {
@@ -622,38 +622,30 @@ async fn subscribe_throughput(
         Better::Higher,
         Some(0.98),
         || async {
-            // A round whose reader stalls short of `n` lost messages before
-            // the reader (async-nats' buffer or the server dropped them;
-            // seen on 2 busy cores, 2,687 of 1M once): it runs again.
-            for attempt in 1..=3 {
-                let seen = Arc::new(AtomicU64::new(0));
-                let mut sub = raw.subscribe("bench.sub.raw").await?;
-                raw.flush().await?;
-                let counter = seen.clone();
-                let start = Instant::now();
-                let reader = tokio::spawn(async move {
-                    let mut count = 0;
-                    while count < n as u64 {
-                        if sub.next().await.is_none() {
-                            break;
-                        }
-                        count += 1;
-                        counter.store(count, Ordering::Relaxed);
+            // A reader that stalls short of `n` lost messages before it
+            // (async-nats' buffer or the server dropped them; seen on 2
+            // busy cores): the round fails, and `one_round` runs it again.
+            let seen = Arc::new(AtomicU64::new(0));
+            let mut sub = raw.subscribe("bench.sub.raw").await?;
+            raw.flush().await?;
+            let counter = seen.clone();
+            let start = Instant::now();
+            let reader = tokio::spawn(async move {
+                let mut count = 0;
+                while count < n as u64 {
+                    if sub.next().await.is_none() {
+                        break;
                     }
-                });
-                publish("bench.sub.raw", seen.clone()).await?;
-                let complete = all_seen(&seen, n as u64).await;
-                let elapsed = start.elapsed();
-                reader.abort();
-                if complete {
-                    return Ok(rate(n, elapsed));
+                    count += 1;
+                    counter.store(count, Ordering::Relaxed);
                 }
-                eprintln!(
-                    "  raw round (attempt {attempt}): the reader got {} of {n}; running it again",
-                    seen.load(Ordering::Relaxed)
-                );
-            }
-            Err("the raw reader lost messages in 3 attempts".into())
+            });
+            publish("bench.sub.raw", seen.clone()).await?;
+            all_seen(&seen, n as u64).await;
+            let elapsed = start.elapsed();
+            reader.abort();
+            finish(&seen)?;
+            Ok(rate(n, elapsed))
         },
         || async {
             let seen = Arc::new(AtomicU64::new(0));
@@ -850,6 +842,22 @@ async fn bench_stream(js: &jetstream::Context, name: &str, subject: &str) -> Ben
     Ok(())
 }
 
+/// Empties `stream`, times `run`, checks that `stream` then holds `n`
+/// messages: the rate of one round.
+async fn stored_rate(
+    js: &jetstream::Context,
+    stream: &str,
+    n: usize,
+    run: impl Future<Output = BenchResult>,
+) -> BenchResult<f64> {
+    purged(js, stream).await?;
+    let start = Instant::now();
+    run.await?;
+    let elapsed = start.elapsed();
+    check_stored(js, stream, n).await?;
+    Ok(rate(n, elapsed))
+}
+
 async fn purged(js: &jetstream::Context, name: &str) -> BenchResult {
     js.get_stream(name).await?.purge().await?;
     Ok(())
@@ -897,26 +905,22 @@ async fn jetstream_publish(
             "msg/s",
             Better::Higher,
             Some(0.97),
-            || async {
-                purged(&js, "BENCH_RAW").await?;
-                let start = Instant::now();
-                for _ in 0..n {
-                    raw_publish(with_id).await?.await?;
-                }
-                let elapsed = start.elapsed();
-                check_stored(&js, "BENCH_RAW", n).await?;
-                Ok(rate(n, elapsed))
+            || {
+                stored_rate(&js, "BENCH_RAW", n, async {
+                    for _ in 0..n {
+                        raw_publish(with_id).await?.await?;
+                    }
+                    Ok(())
+                })
             },
-            || async {
-                purged(&js, "BENCH_KIT").await?;
-                let start = Instant::now();
-                for _ in 0..n {
-                    kit.publish_to_stream("bench.js.kit", payload.clone())
-                        .await?;
-                }
-                let elapsed = start.elapsed();
-                check_stored(&js, "BENCH_KIT", n).await?;
-                Ok(rate(n, elapsed))
+            || {
+                stored_rate(&js, "BENCH_KIT", n, async {
+                    for _ in 0..n {
+                        kit.publish_to_stream("bench.js.kit", payload.clone())
+                            .await?;
+                    }
+                    Ok(())
+                })
             },
         )
         .await?;
@@ -928,37 +932,32 @@ async fn jetstream_publish(
             "msg/s",
             Better::Higher,
             Some(0.97),
-            || async {
-                purged(&js, "BENCH_RAW").await?;
-                let start = Instant::now();
-                let mut pending = FuturesUnordered::new();
-                for _ in 0..n {
-                    if pending.len() >= 256
-                        && let Some(ack) = pending.next().await
-                    {
-                        let _: jetstream::publish::PublishAck = ack?;
+            || {
+                stored_rate(&js, "BENCH_RAW", n, async {
+                    let mut pending = FuturesUnordered::new();
+                    for _ in 0..n {
+                        if pending.len() >= 256
+                            && let Some(ack) = pending.next().await
+                        {
+                            let _: jetstream::publish::PublishAck = ack?;
+                        }
+                        pending.push(raw_publish(with_id).await?.into_future());
                     }
-                    pending.push(raw_publish(with_id).await?.into_future());
-                }
-                while let Some(ack) = pending.next().await {
-                    ack?;
-                }
-                let elapsed = start.elapsed();
-                check_stored(&js, "BENCH_RAW", n).await?;
-                Ok(rate(n, elapsed))
+                    while let Some(ack) = pending.next().await {
+                        ack?;
+                    }
+                    Ok(())
+                })
             },
-            || async {
-                purged(&js, "BENCH_KIT").await?;
-                let start = Instant::now();
-                let publisher = kit.stream_publisher(256)?;
-                for _ in 0..n {
-                    publisher.publish("bench.js.kit", payload.clone()).await?;
-                }
-                let report = publisher.flush().await;
-                let elapsed = start.elapsed();
-                ensure(report.failed == 0, || format!("{report:?}"))?;
-                check_stored(&js, "BENCH_KIT", n).await?;
-                Ok(rate(n, elapsed))
+            || {
+                stored_rate(&js, "BENCH_KIT", n, async {
+                    let publisher = kit.stream_publisher(256)?;
+                    for _ in 0..n {
+                        publisher.publish("bench.js.kit", payload.clone()).await?;
+                    }
+                    let report = publisher.flush().await;
+                    ensure(report.failed == 0, || format!("{report:?}"))
+                })
             },
         )
         .await?;
@@ -987,10 +986,7 @@ async fn outbox(
     if !s.wanted(DRAIN) {
         return Ok(());
     }
-    const TASKS: usize = 64;
-    let js = jetstream::new(raw.clone());
-    bench_stream(&js, "BENCH_OUTBOX", "bench.outbox.>").await?;
-    let n = s.n(50_000, 2_048).div_ceil(TASKS) * TASKS;
+    let (js, n) = outbox_setup(s, raw).await?;
     let enqueue_rounds = std::sync::Mutex::new(Vec::new());
     let round = AtomicU64::new(0);
     compare(
@@ -1017,7 +1013,8 @@ async fn outbox(
             Ok(rate(n, elapsed))
         },
         || async {
-            let (enqueued, drained) = outbox_round(&js, url, payload, n, TASKS, false).await?;
+            let (enqueued, drained) =
+                outbox_round(&js, url, payload, n, OUTBOX_TASKS, false).await?;
             enqueue_rounds
                 .lock()
                 .map_err(|_| "lock poisoned")?
@@ -1100,6 +1097,21 @@ async fn outbox_round(
     Ok((enqueued, rate(n, elapsed)))
 }
 
+/// Tasks enqueueing into the outbox in its bench rows.
+const OUTBOX_TASKS: usize = 64;
+
+/// The outbox rows' stream, and their message count (a multiple of
+/// [`OUTBOX_TASKS`]).
+async fn outbox_setup(
+    s: &Settings,
+    raw: &async_nats::Client,
+) -> BenchResult<(jetstream::Context, usize)> {
+    let js = jetstream::new(raw.clone());
+    bench_stream(&js, "BENCH_OUTBOX", "bench.outbox.>").await?;
+    let n = s.n(50_000, 2_048).div_ceil(OUTBOX_TASKS) * OUTBOX_TASKS;
+    Ok((js, n))
+}
+
 /// Strict order's cost: the strict drain (natskit column) against the
 /// default pipelined drain (raw column), same run, same counts.
 async fn outbox_strict(
@@ -1112,18 +1124,23 @@ async fn outbox_strict(
     if !s.wanted(NAME) {
         return Ok(());
     }
-    const TASKS: usize = 64;
-    let js = jetstream::new(raw.clone());
-    bench_stream(&js, "BENCH_OUTBOX", "bench.outbox.>").await?;
-    let n = s.n(50_000, 2_048).div_ceil(TASKS) * TASKS;
+    let (js, n) = outbox_setup(s, raw).await?;
     compare(
         s,
         NAME,
         "msg/s",
         Better::Higher,
         None,
-        || async { Ok(outbox_round(&js, url, payload, n, TASKS, false).await?.1) },
-        || async { Ok(outbox_round(&js, url, payload, n, TASKS, true).await?.1) },
+        || async {
+            Ok(outbox_round(&js, url, payload, n, OUTBOX_TASKS, false)
+                .await?
+                .1)
+        },
+        || async {
+            Ok(outbox_round(&js, url, payload, n, OUTBOX_TASKS, true)
+                .await?
+                .1)
+        },
     )
     .await?;
     js.delete_stream("BENCH_OUTBOX").await?;
