@@ -257,7 +257,10 @@ impl ClientBuilder {
         /// only when natskit's reader is starved of CPU for that long.
         subscription_capacity: usize => config.subscription_capacity);
     setter!(
-        /// Deadline for one message handler invocation (default 30 s).
+        /// Deadline for one message handler invocation (default 30 s),
+        /// counted from the moment the handler first waits: a handler
+        /// cannot be interrupted while it runs, so the deadline bounds its
+        /// waiting, and a handler that never waits is never cancelled.
         handler_deadline: Duration => config.handler_deadline);
     setter!(
         /// Timeout of [`Client::request`] (default 5 s); see also

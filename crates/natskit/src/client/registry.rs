@@ -90,6 +90,20 @@ impl StatsCell {
             .get_or_init(|| crate::client::metrics::subscription(&self.client, &self.subject))
     }
 
+    /// Counts one message taken from the subscription, without the
+    /// metric: a runner that counts each message before handling it adds
+    /// the metric once per run ([`add_received_metric`](Self::add_received_metric)).
+    #[inline]
+    pub(crate) fn note_received(&self) {
+        self.received.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// Adds `n` messages counted by [`note_received`](Self::note_received)
+    /// to the metric.
+    pub(crate) fn add_received_metric(&self, n: u64) {
+        self.metrics().0.increment(n);
+    }
+
     /// Counts `n` messages taken from the subscription.
     #[inline]
     pub(crate) fn add_received(&self, n: u64) {
@@ -147,17 +161,24 @@ impl StatsCell {
                 tracing::warn!(%subject, ?deadline, "message handler exceeded its deadline");
             }
         }
-        self.handled.fetch_add(1, Ordering::Relaxed);
+        // Release, read with Acquire by `snapshot`: a message is counted
+        // received before it is handled, so a snapshot never shows more
+        // handled than received (free on x86).
+        self.handled.fetch_add(1, Ordering::Release);
     }
 
     pub(crate) fn snapshot(&self) -> SubscriptionStats {
         let get = |c: &AtomicU64| c.load(Ordering::Relaxed);
+        // Outcomes first, then what was received (see `record`).
+        let handled = self.handled.load(Ordering::Acquire);
+        let (errors, panics, timeouts) =
+            (get(&self.errors), get(&self.panics), get(&self.timeouts));
         SubscriptionStats {
             received: get(&self.received),
-            handled: get(&self.handled),
-            errors: get(&self.errors),
-            panics: get(&self.panics),
-            timeouts: get(&self.timeouts),
+            handled,
+            errors,
+            panics,
+            timeouts,
             dropped: get(&self.dropped),
         }
     }

@@ -128,6 +128,7 @@ pub(crate) struct HandlerContext {
 }
 
 impl HandlerContext {
+    #[inline(always)]
     pub(crate) fn from_headers(headers: Option<&HeaderMap>) -> Self {
         Self {
             span: handler_span(headers),
@@ -138,6 +139,7 @@ impl HandlerContext {
 
     /// Not an `async fn`, so the future is not kept twice (see
     /// `handler::invoke`).
+    #[inline(always)]
     pub(crate) fn run<F: Future>(self, future: F) -> impl Future<Output = F::Output> {
         use futures_util::future::Either;
         #[cfg(feature = "opentelemetry")]

@@ -56,7 +56,9 @@ impl SubscribeOptions {
         self
     }
 
-    /// Deadline for one handler invocation (default: the client's).
+    /// Deadline for one handler invocation (default: the client's),
+    /// counted from the moment the handler first waits (see
+    /// [`ClientBuilder::handler_deadline`](crate::ClientBuilder::handler_deadline)).
     pub fn deadline(mut self, deadline: Duration) -> Self {
         self.deadline = Some(deadline);
         self
@@ -556,7 +558,7 @@ impl futures_util::Stream for MessageStream {
         let polled = self.subscriber.poll_next_unpin(cx);
         if let std::task::Poll::Ready(Some(_)) = &polled {
             self.stats.add_received(1);
-            self.stats.handled.fetch_add(1, Ordering::Relaxed);
+            self.stats.handled.fetch_add(1, Ordering::Release);
         }
         polled
     }
@@ -624,15 +626,31 @@ where
                 // not one pass of the select below per message (that pass
                 // cost about 300 instructions a message). As many as one
                 // read takes at most, so the queue cannot outgrow the
-                // handlers; a command stops the run at once.
+                // handlers; a command stops the run at once. Once the queue
+                // is empty, messages come straight from the subscription:
+                // staging them cost four copies of each message.
                 std::future::poll_fn(|cx| {
+                    let mut read = 0;
                     for _ in 0..=READ_BATCH {
                         if control.command() != Control::Run {
                             break;
                         }
                         if running.is_none() {
-                            let Some(message) = queue.pop_front() else {
-                                break;
+                            let message = match queue.pop_front() {
+                                Some(message) => message,
+                                None => match subscriber.poll_next_unpin(cx) {
+                                    std::task::Poll::Ready(Some(message)) => {
+                                        // Counted before it is handled, so
+                                        // `received` never trails `handled`;
+                                        // the metric once per run.
+                                        self.stats.note_received();
+                                        read += 1;
+                                        message
+                                    }
+                                    // Nothing ready, or the end: the select
+                                    // below sees it.
+                                    _ => break,
+                                },
                             };
                             running.set(Some(self.invoke_inline(message)));
                         }
@@ -643,6 +661,9 @@ where
                             break;
                         }
                         running.set(None);
+                    }
+                    if read > 0 {
+                        self.stats.add_received_metric(read);
                     }
                     std::task::Poll::Ready(())
                 })
@@ -684,15 +705,19 @@ where
                 }
                 message = subscriber.next() => {
                     let Some(message) = message else { break Exit::Drain };
-                    // Take what else is ready without another round of the
-                    // select (bounded, so handlers and control stay served),
-                    // and count the batch once.
+                    // While a handler is busy, take what else is ready
+                    // without another round of the select (bounded, so
+                    // handlers and control stay served), and count the
+                    // batch once. Otherwise the loop's first step handles
+                    // this message and reads the rest itself.
                     let mut batch = Batch::default();
                     batch.accept(message, &mut queue, self.capacity);
-                    for _ in 0..READ_BATCH {
-                        match subscriber.next().now_or_never() {
-                            Some(Some(message)) => batch.accept(message, &mut queue, self.capacity),
-                            Some(None) | None => break,
+                    if running.is_some() || limiter.is_some() {
+                        for _ in 0..READ_BATCH {
+                            match subscriber.next().now_or_never() {
+                                Some(Some(message)) => batch.accept(message, &mut queue, self.capacity),
+                                Some(None) | None => break,
+                            }
                         }
                     }
                     self.count(batch);
@@ -767,6 +792,7 @@ where
 
     /// The handler for one message in this task: borrows the runner, so
     /// the hot path clones nothing per message.
+    #[inline(always)]
     fn invoke_inline(&self, message: Message) -> impl Future<Output = ()> + '_ {
         handle(&*self.handler, message, self.deadline, &self.stats)
     }
@@ -795,6 +821,7 @@ where
 /// One handler invocation, counted. Not an `async fn` (see
 /// `handler::invoke`): the message is moved into the handler, not kept
 /// beside it.
+#[inline(always)]
 fn handle<'a, F, Fut>(
     handler: &F,
     message: Message,
@@ -807,9 +834,43 @@ where
     Fut::Output: HandlerOutcome,
 {
     let context = crate::client::trace::HandlerContext::from_headers(message.headers.as_ref());
-    invoke_in(context, deadline, handler(message)).map(move |invocation| {
-        stats.record(deadline, invocation.map(HandlerOutcome::into_result));
-    })
+    Handled {
+        invocation: invoke_in(context, deadline, handler(message)),
+        stats,
+        deadline,
+    }
+}
+
+pin_project_lite::pin_project! {
+    /// [`handle`]'s future: the invocation, then its count. Not a `map`
+    /// combinator, whose completion moved the whole future (see
+    /// `handler::Invoked`).
+    struct Handled<'a, F> {
+        #[pin]
+        invocation: F,
+        stats: &'a StatsCell,
+        deadline: Duration,
+    }
+}
+
+impl<F, T> Future for Handled<'_, F>
+where
+    F: Future<Output = crate::client::handler::Invocation<T>>,
+    T: HandlerOutcome,
+{
+    type Output = ();
+
+    #[inline]
+    fn poll(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<()> {
+        let this = self.project();
+        let invocation = std::task::ready!(this.invocation.poll(cx));
+        this.stats
+            .record(*this.deadline, invocation.map(HandlerOutcome::into_result));
+        std::task::Poll::Ready(())
+    }
 }
 
 pin_project_lite::pin_project! {

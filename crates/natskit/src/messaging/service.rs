@@ -65,7 +65,9 @@ impl ServiceConfig {
     }
 
     /// Deadline of one handler invocation (default: the client's handler
-    /// deadline); past it the requester gets a 504 service error.
+    /// deadline), counted from the handler's first wait (as
+    /// [`ClientBuilder::handler_deadline`](crate::ClientBuilder::handler_deadline));
+    /// past it the requester gets a 504 service error.
     pub fn deadline(mut self, deadline: Duration) -> Self {
         self.deadline = Some(deadline);
         self

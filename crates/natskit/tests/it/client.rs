@@ -658,6 +658,58 @@ async fn concurrent_handlers_and_queue_groups() -> TestResult {
     Ok(())
 }
 
+/// A handler that mostly finishes at once but sometimes waits: messages
+/// reach it both straight from the subscription and through natskit's
+/// staging queue (while it waits); every one is handled once, in order, and
+/// counted; no snapshot shows more handled than received.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn handlers_get_every_message_in_order_whether_staged_or_not() -> TestResult {
+    const N: u32 = 20_000;
+    let server = NatsServer::start()?;
+    let client = Client::builder(server.url()).connect().await?;
+    let seen = Arc::new(Mutex::new(Vec::with_capacity(N as usize)));
+    let log = seen.clone();
+    let sub = client
+        .subscribe("ordered.in", move |msg: Message| {
+            let log = log.clone();
+            async move {
+                let i: u32 = std::str::from_utf8(&msg.payload)
+                    .ok()
+                    .and_then(|s| s.parse().ok())
+                    .unwrap_or(u32::MAX);
+                if i.is_multiple_of(97) {
+                    tokio::task::yield_now().await;
+                }
+                log.lock().unwrap().push(i);
+            }
+        })
+        .await?;
+    client.nats()?.flush().await?;
+    for i in 0..N {
+        client.publish("ordered.in", i.to_string()).await?;
+    }
+    client.nats()?.flush().await?;
+    let stats = eventually(WAIT, "every message handled", || async {
+        let stats = sub.stats();
+        assert!(stats.received >= stats.handled, "{stats:?}");
+        (stats.handled + stats.dropped >= u64::from(N)).then_some(stats)
+    })
+    .await;
+    assert_eq!(
+        (stats.received, stats.handled, stats.dropped),
+        (u64::from(N), u64::from(N), 0),
+        "{stats:?}"
+    );
+    let seen = seen.lock().unwrap().clone();
+    assert_eq!(
+        seen,
+        (0..N).collect::<Vec<_>>(),
+        "handled once each, in order"
+    );
+    sub.unsubscribe().await;
+    Ok(())
+}
+
 #[tokio::test]
 async fn slow_consumer_drops_are_counted() -> TestResult {
     let server = NatsServer::start()?;

@@ -155,8 +155,9 @@ impl StreamConsumerConfig {
     }
 
     setter!(
-        /// Deadline of one handler invocation; a handler past it is cancelled
-        /// and the message naked (default 30 s).
+        /// Deadline of one handler invocation, counted from its first wait
+        /// (as [`ClientBuilder::handler_deadline`](crate::ClientBuilder::handler_deadline));
+        /// a handler past it is cancelled and the message naked (default 30 s).
         message_timeout: Duration => message_timeout);
 
     setter!(
