@@ -575,6 +575,11 @@ impl Client {
         self.inner.epoch.subscribe()
     }
 
+    /// The connection epoch now (see [`connection_epoch`](Self::connection_epoch)).
+    pub(crate) fn epoch_now(&self) -> u64 {
+        *self.inner.epoch.borrow()
+    }
+
     pub(crate) fn ensure_open(&self) -> Result<()> {
         if self.inner.lifecycle.load(Ordering::Acquire) == OPEN {
             Ok(())

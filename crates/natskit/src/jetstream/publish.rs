@@ -219,19 +219,11 @@ fn send_again(outcome: &Result<PublishAck>, attempts: u32, max_retries: u32) -> 
     unreachable && attempts < max_retries
 }
 
-/// The first ack of a pipelined send, or why it did not come: a connection
-/// replaced meanwhile (the ack will never come) is
-/// [`Error::JetStreamUnavailable`], which
-/// [`settle_publish`](Client::settle_publish) answers with a resend at once.
-pub(crate) async fn first_ack(
-    ack: async_nats::jetstream::context::PublishAckFuture,
-    epoch: &mut tokio::sync::watch::Receiver<u64>,
-    subject: &str,
-) -> Result<PublishAck> {
-    tokio::select! {
-        ack = ack => ack.map_err(|e| map_publish(subject, e)),
-        _ = epoch.changed() => Err(unavailable("publish", "reconnected while awaiting the ack")),
-    }
+/// Why an ack will never come: the connection the message was sent on was
+/// replaced ([`settle_publish`](Client::settle_publish) answers it with a
+/// resend at once).
+pub(crate) fn reconnected() -> Error {
+    unavailable("publish", "reconnected while awaiting the ack")
 }
 
 /// How long one send of a stream publish waits for its ack before it is
@@ -329,7 +321,7 @@ impl Client {
     /// election or restart, no ack in time) it is resent with back-off, and
     /// when the connection is replaced while an ack is awaited, at once.
     /// `first`, when given, is the outcome of a send already made (the
-    /// pipelined publisher's, see [`first_ack`]). `epoch` must be taken
+    /// pipelined publisher's). `epoch` must be taken
     /// before that first send.
     pub(crate) async fn settle_publish(
         &self,
@@ -385,7 +377,7 @@ impl Client {
                     () = resend_wait => Err(timed_out("publish", format!("no ack within {RESEND_ACK_WAIT:?} of a resend"))),
                     // The connection dropped and came back while the ack
                     // was awaited: it will never come; resend now.
-                    _ = epoch.changed() => Err(unavailable("publish", "reconnected while awaiting the ack")),
+                    _ = epoch.changed() => Err(reconnected()),
                 }
             }
             Err(e) => Err(map_publish(subject, e)),
