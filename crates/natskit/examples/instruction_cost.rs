@@ -15,6 +15,8 @@
 //! nats-server -js -p 14223 &   # PATH_=stream: 256 acks in flight, raw with ids
 //! NATS_URL=nats://127.0.0.1:14223 PATH_=stream SIDE=raw valgrind --tool=callgrind target/release/examples/instruction_cost
 //! NATS_URL=nats://127.0.0.1:14223 PATH_=stream SIDE=kit valgrind --tool=callgrind target/release/examples/instruction_cost
+//! NATS_URL=nats://127.0.0.1:14223 PATH_=kv SIDE=raw valgrind --tool=callgrind target/release/examples/instruction_cost
+//! NATS_URL=nats://127.0.0.1:14223 PATH_=kv SIDE=kit valgrind --tool=callgrind target/release/examples/instruction_cost
 //! PATH_=create SIDE=raw valgrind --tool=callgrind target/release/examples/instruction_cost
 //! PATH_=create SIDE=kit valgrind --tool=callgrind target/release/examples/instruction_cost
 //! ```
@@ -173,6 +175,39 @@ async fn stream(url: &str, raw: bool, n: u64, payload: Bytes) -> Result<(), BoxE
     Ok(())
 }
 
+/// `n` sequential KV puts to 100 keys: raw async-nats publishing each with a
+/// `Nats-Msg-Id` (as the bench's "raw with ids"), or natskit's `KvStore::put`.
+async fn kv(url: &str, raw: bool, n: u64, payload: Bytes) -> Result<(), BoxError> {
+    let setup = async_nats::connect(url).await?;
+    let js = async_nats::jetstream::new(setup.clone());
+    let _ = js.delete_key_value("COST").await;
+    js.create_key_value(async_nats::jetstream::kv::Config {
+        bucket: "COST".into(),
+        storage: async_nats::jetstream::stream::StorageType::Memory,
+        ..Default::default()
+    })
+    .await?;
+    if raw {
+        for i in 0..n {
+            let mut headers = async_nats::HeaderMap::new();
+            headers.insert(async_nats::header::NATS_MESSAGE_ID, nuid::next().as_str());
+            js.publish_with_headers(format!("$KV.COST.k{}", i % 100), headers, payload.clone())
+                .await?
+                .await?;
+        }
+    } else {
+        let client = kit(url).await?;
+        let bucket = client.get_key_value_bucket("COST").await?;
+        let store = client.kv_store(bucket, natskit::KvOptions::default());
+        for i in 0..n {
+            store.put(&format!("k{}", i % 100), payload.clone()).await?;
+        }
+        client.close().await?;
+    }
+    js.delete_key_value("COST").await?;
+    Ok(())
+}
+
 /// `n` subscriptions created (and flushed); with `EXIT=1` the process ends
 /// there (creation alone), otherwise they are dropped and the client closed.
 async fn create(url: &str, raw: bool, n: u64) -> Result<(), BoxError> {
@@ -224,6 +259,7 @@ async fn main() -> Result<(), BoxError> {
         "subscribe" => subscribe(&url, raw, n, payload).await?,
         "create" => create(&url, raw, n).await?,
         "stream" => stream(&url, raw, n, payload).await?,
+        "kv" => kv(&url, raw, n, payload).await?,
         _ => publish(&url, raw, n, payload).await?,
     }
     eprintln!("{n} messages in {:?}", start.elapsed());
