@@ -103,13 +103,14 @@ impl Client {
     /// [`Error::Service`] when the reply carries a service error (the
     /// `Nats-Service-Error` headers [`serve`](Self::serve) writes), plus the
     /// publish checks (subject, payload size, breaker, connection).
-    pub async fn request(
+    // Not `async fn`s, this and `request_timeout`: each level of nesting
+    // kept another copy of the request's future (see `ReplyPayload`).
+    pub fn request(
         &self,
         subject: impl IntoSubject,
         payload: impl Into<Bytes>,
-    ) -> Result<Bytes> {
+    ) -> impl Future<Output = Result<Bytes>> + Send + '_ {
         self.request_timeout(subject, payload, self.config().request_timeout)
-            .await
     }
 
     /// [`request`](Self::request) with its own timeout.
@@ -125,15 +126,19 @@ impl Client {
     /// # Errors
     /// As [`request`](Self::request); [`Error::ZeroDuration`] for a zero
     /// timeout.
-    pub async fn request_timeout(
+    pub fn request_timeout(
         &self,
         subject: impl IntoSubject,
         payload: impl Into<Bytes>,
         timeout: Duration,
-    ) -> Result<Bytes> {
-        self.request_with(subject, payload, RequestOptions::new().timeout(timeout))
-            .await
-            .map(|reply| reply.payload)
+    ) -> impl Future<Output = Result<Bytes>> + Send + '_ {
+        ReplyPayload {
+            request: self.request_with(
+                subject.into_subject(),
+                payload.into(),
+                RequestOptions::new().timeout(timeout),
+            ),
+        }
     }
 
     /// Sends a request with [`RequestOptions`] (timeout, headers, retries)
@@ -173,7 +178,7 @@ impl Client {
             check_nonzero("request timeout", timeout)?;
             Ok(traced.filter(|h| !h.is_empty()))
         })?;
-        let (permit, headers) = (out.permit, out.headers);
+        let (permit, mut headers) = (out.permit, out.headers);
         let started = std::time::Instant::now();
         let retry = options.retry.unwrap_or(RetryConfig {
             max_retries: 0,
@@ -181,8 +186,16 @@ impl Client {
         });
         let mut waits = Retry::new(retry.backoff);
         let result = loop {
+            // The last attempt the budget allows takes the headers; only one
+            // that may be retried sends a copy (a clone of the map is three
+            // allocations).
+            let attempt_headers = if waits.attempt() < retry.max_retries {
+                headers.clone()
+            } else {
+                headers.take()
+            };
             match self
-                .request_once(&subject, headers.as_ref(), &payload, timeout)
+                .request_once(&subject, attempt_headers, &payload, timeout)
                 .await
             {
                 Err(err @ (Error::NoResponders { .. } | Error::Timeout { .. }))
@@ -204,7 +217,7 @@ impl Client {
     async fn request_once(
         &self,
         subject: &async_nats::Subject,
-        headers: Option<&HeaderMap>,
+        headers: Option<HeaderMap>,
         payload: &Bytes,
         timeout: Duration,
     ) -> Result<Message> {
@@ -213,7 +226,7 @@ impl Client {
             .payload(payload.clone())
             .timeout(Some(timeout));
         if let Some(headers) = headers {
-            request = request.headers(headers.clone());
+            request = request.headers(headers);
         }
         let reply = conn
             .send_request(subject.clone(), request)
@@ -336,5 +349,28 @@ impl Client {
             }
         })
         .await
+    }
+}
+
+pin_project_lite::pin_project! {
+    /// The payload of a request's reply. Not a `map` combinator, which
+    /// moves the whole future when it completes.
+    struct ReplyPayload<F> {
+        #[pin]
+        request: F,
+    }
+}
+
+impl<F: Future<Output = Result<Message>>> Future for ReplyPayload<F> {
+    type Output = Result<Bytes>;
+
+    fn poll(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Result<Bytes>> {
+        self.project()
+            .request
+            .poll(cx)
+            .map(|reply| reply.map(|reply| reply.payload))
     }
 }

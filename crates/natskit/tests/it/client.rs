@@ -944,11 +944,14 @@ async fn request_retry_waits_for_a_late_responder() -> TestResult {
     };
     let requester = client.clone();
     let request = tokio::spawn(async move {
+        let mut headers = HeaderMap::new();
+        headers.insert("tenant", "acme");
         requester
             .request_with(
                 "late.svc",
                 "ping",
                 RequestOptions::new()
+                    .headers(headers)
                     .timeout(Duration::from_millis(500))
                     .retry(retry),
             )
@@ -963,10 +966,22 @@ async fn request_retry_waits_for_a_late_responder() -> TestResult {
         .serve(
             "late.svc",
             SubscribeOptions::new(),
-            |msg: Message| async move { Ok::<_, ServiceError>(msg.payload) },
+            |msg: Message| async move {
+                // The caller's headers ride on every attempt, retries too.
+                let tenant = msg
+                    .headers
+                    .as_ref()
+                    .and_then(|h| h.get("tenant"))
+                    .map(|v| v.as_str().to_owned())
+                    .unwrap_or_default();
+                Ok::<_, ServiceError>(Bytes::from(format!(
+                    "{}:{tenant}",
+                    String::from_utf8_lossy(&msg.payload)
+                )))
+            },
         )
         .await?;
-    assert_eq!(&request.await??.payload[..], b"ping");
+    assert_eq!(&request.await??.payload[..], b"ping:acme");
 
     let retry = RetryConfig {
         max_retries: 2,
