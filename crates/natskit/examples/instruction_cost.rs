@@ -17,6 +17,8 @@
 //! NATS_URL=nats://127.0.0.1:14223 PATH_=stream SIDE=kit valgrind --tool=callgrind target/release/examples/instruction_cost
 //! NATS_URL=nats://127.0.0.1:14223 PATH_=kv SIDE=raw valgrind --tool=callgrind target/release/examples/instruction_cost
 //! NATS_URL=nats://127.0.0.1:14223 PATH_=kv SIDE=kit valgrind --tool=callgrind target/release/examples/instruction_cost
+//! PATH_=traced SIDE=raw valgrind --tool=callgrind target/release/examples/instruction_cost
+//! PATH_=traced SIDE=kit valgrind --tool=callgrind target/release/examples/instruction_cost
 //! PATH_=create SIDE=raw valgrind --tool=callgrind target/release/examples/instruction_cost
 //! PATH_=create SIDE=kit valgrind --tool=callgrind target/release/examples/instruction_cost
 //! ```
@@ -175,6 +177,44 @@ async fn stream(url: &str, raw: bool, n: u64, payload: Bytes) -> Result<(), BoxE
     Ok(())
 }
 
+/// `n` core publishes carrying trace headers: natskit's default mode in a
+/// trace scope (four headers), or raw async-nats cloning the same four
+/// prebuilt headers (as the bench's traced row).
+async fn traced(url: &str, raw: bool, n: u64, payload: Bytes) -> Result<(), BoxError> {
+    let tc = natskit::trace::TraceContext::new().new_span();
+    if raw {
+        let mut headers = async_nats::HeaderMap::new();
+        headers.insert("traceparent", tc.format_traceparent().as_str());
+        headers.insert("X-Trace-ID", tc.trace_id_hex().as_str());
+        headers.insert("X-Span-ID", tc.span_id_hex().as_str());
+        if let Some(parent) = tc.parent_span_id_hex() {
+            headers.insert("X-Parent-Span-ID", parent.as_str());
+        }
+        let client = async_nats::connect(url).await?;
+        for _ in 0..n {
+            client
+                .publish_with_headers("cost.traced", headers.clone(), payload.clone())
+                .await?;
+        }
+        client.flush().await?;
+    } else {
+        let client = natskit::Client::builder(url)
+            .disable_health_checks()
+            .connect()
+            .await?;
+        natskit::trace::scope(tc, async {
+            for _ in 0..n {
+                client.publish("cost.traced", payload.clone()).await?;
+            }
+            Ok::<_, natskit::Error>(())
+        })
+        .await?;
+        client.nats()?.flush().await?;
+        client.close().await?;
+    }
+    Ok(())
+}
+
 /// `n` sequential KV puts to 100 keys: raw async-nats publishing each with a
 /// `Nats-Msg-Id` (as the bench's "raw with ids"), or natskit's `KvStore::put`.
 async fn kv(url: &str, raw: bool, n: u64, payload: Bytes) -> Result<(), BoxError> {
@@ -260,6 +300,7 @@ async fn main() -> Result<(), BoxError> {
         "create" => create(&url, raw, n).await?,
         "stream" => stream(&url, raw, n, payload).await?,
         "kv" => kv(&url, raw, n, payload).await?,
+        "traced" => traced(&url, raw, n, payload).await?,
         _ => publish(&url, raw, n, payload).await?,
     }
     eprintln!("{n} messages in {:?}", start.elapsed());

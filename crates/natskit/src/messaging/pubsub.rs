@@ -189,19 +189,18 @@ impl Client {
         self.publish_inner(subject.into_subject(), payload.into(), Some(headers))
     }
 
-    /// With tracing off, runs the prologue now and returns async-nats' own
-    /// publish future, wrapped only to settle the breaker permit; with
-    /// tracing on, the prologue runs at the first poll, so the trace context
-    /// of whoever awaits the future (`trace::scope`, `with_context`) is the
-    /// one sent.
+    /// One future for both ways a core publish runs. With tracing off, the
+    /// prologue runs now and the future is async-nats' own publish future,
+    /// wrapped only to settle the breaker permit. With tracing on, the
+    /// prologue runs at the first poll, so the trace context of whoever
+    /// awaits the future (`trace::scope`, `with_context`) is the one sent.
     ///
     /// Measured with `perf` (callgrind counts a `memcpy` as a few
     /// instructions and missed this): nested in an `async fn`, async-nats'
     /// 664-byte publish future is built and then copied into the outer
     /// future's state twice per message, and a wrapper not inlined into the
     /// caller copies its own future twice more; those copies were most of
-    /// core publish's gap to raw async-nats. With tracing on, the headers
-    /// cost far more than the copies.
+    /// core publish's gap to raw async-nats.
     #[inline(always)]
     fn publish_inner(
         &self,
@@ -209,49 +208,14 @@ impl Client {
         payload: Bytes,
         headers: Option<HeaderMap>,
     ) -> impl Future<Output = Result<()>> + Send + '_ {
-        use futures_util::future::Either;
-        if self.config().trace_mode != crate::trace::TraceMode::Off {
-            return Either::Right(self.publish_traced(subject, payload, headers));
-        }
-        Either::Left(match self.prologue(&subject, headers, payload.len(), Ok) {
-            Err(err) => CorePublish::Refused { error: Some(err) },
-            Ok(out) => CorePublish::Sending {
-                send: match out.headers {
-                    None => Either::Left(out.conn.publish(subject, payload)),
-                    Some(headers) => {
-                        Either::Right(out.conn.publish_with_headers(subject, headers, payload))
-                    }
-                },
-                permit: Some(out.permit),
+        if self.config().trace_mode != crate::client::trace::TraceMode::Off {
+            return CorePublish::Lazy {
                 client: self,
-            },
-        })
-    }
-
-    /// A publish whose prologue (and so its trace headers) runs when it is
-    /// first polled.
-    async fn publish_traced(
-        &self,
-        subject: async_nats::Subject,
-        payload: Bytes,
-        headers: Option<HeaderMap>,
-    ) -> Result<()> {
-        let out = self.prologue(&subject, headers, payload.len(), Ok)?;
-        let result = async_nats::client::traits::Publisher::publish_message(
-            out.conn,
-            async_nats::message::OutboundMessage {
-                subject,
-                reply: None,
-                payload,
-                headers: out.headers,
-            },
-        )
-        .await;
-        if result.is_ok() {
-            self.metrics().publishes.increment(1);
+                message: Some((subject, payload, headers)),
+                send: send_core,
+            };
         }
-        out.permit
-            .record_unconfirmed(result.map_err(Error::Publish))
+        CorePublish::start(self, subject, payload, headers, send_core)
     }
 
     /// Subscribes with an async handler that receives every message
@@ -873,11 +837,33 @@ where
     }
 }
 
+/// async-nats' own future for a core publish (its `publish` without
+/// headers: a smaller future).
+fn send_core(
+    conn: &async_nats::Client,
+    subject: async_nats::Subject,
+    payload: Bytes,
+    headers: Option<HeaderMap>,
+) -> impl Future<Output = std::result::Result<(), async_nats::PublishError>> + Send + '_ {
+    use futures_util::future::Either;
+    match headers {
+        None => Either::Left(conn.publish(subject, payload)),
+        Some(headers) => Either::Right(conn.publish_with_headers(subject, headers, payload)),
+    }
+}
+
 pin_project_lite::pin_project! {
-    /// A core publish: refused by the prologue, or async-nats' own publish
-    /// future and the breaker permit its outcome settles.
+    /// A core publish: waiting for its first poll to run the prologue
+    /// (tracing on), refused by the prologue, or async-nats' own publish
+    /// future (made by `send`, a function item) and the breaker permit its
+    /// outcome settles.
     #[project = CorePublishProj]
-    enum CorePublish<'a, F> {
+    enum CorePublish<'a, F, S> {
+        Lazy {
+            client: &'a Client,
+            message: Option<(async_nats::Subject, Bytes, Option<HeaderMap>)>,
+            send: S,
+        },
         Refused { error: Option<Error> },
         Sending {
             #[pin]
@@ -888,17 +874,57 @@ pin_project_lite::pin_project! {
     }
 }
 
-impl<F> Future for CorePublish<'_, F>
+impl<'a, F, S> CorePublish<'a, F, S>
+where
+    S: Fn(&'a async_nats::Client, async_nats::Subject, Bytes, Option<HeaderMap>) -> F + Copy,
+{
+    /// Runs the prologue and starts the send (or is refused).
+    #[inline(always)]
+    fn start(
+        client: &'a Client,
+        subject: async_nats::Subject,
+        payload: Bytes,
+        headers: Option<HeaderMap>,
+        send: S,
+    ) -> Self {
+        match client.prologue(&subject, headers, payload.len(), Ok) {
+            Err(err) => CorePublish::Refused { error: Some(err) },
+            Ok(out) => CorePublish::Sending {
+                send: send(out.conn, subject, payload, out.headers),
+                permit: Some(out.permit),
+                client,
+            },
+        }
+    }
+}
+
+impl<'a, F, S> Future for CorePublish<'a, F, S>
 where
     F: Future<Output = std::result::Result<(), async_nats::PublishError>>,
+    S: Fn(&'a async_nats::Client, async_nats::Subject, Bytes, Option<HeaderMap>) -> F + Copy,
 {
     type Output = Result<()>;
 
     fn poll(
-        self: std::pin::Pin<&mut Self>,
+        mut self: std::pin::Pin<&mut Self>,
         cx: &mut std::task::Context<'_>,
     ) -> std::task::Poll<Result<()>> {
+        if let CorePublishProj::Lazy {
+            client,
+            message,
+            send,
+        } = self.as_mut().project()
+        {
+            let started = match message.take() {
+                Some((subject, payload, headers)) => {
+                    CorePublish::start(client, subject, payload, headers, *send)
+                }
+                None => CorePublish::Refused { error: None },
+            };
+            self.set(started);
+        }
         match self.project() {
+            CorePublishProj::Lazy { .. } => std::task::Poll::Ready(Err(Error::Closed)),
             CorePublishProj::Refused { error } => {
                 std::task::Poll::Ready(Err(error.take().unwrap_or(Error::Closed)))
             }
