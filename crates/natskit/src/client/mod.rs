@@ -115,11 +115,6 @@ impl Inner {
         self.conn.get()
     }
 
-    /// A new message id for a stream publish.
-    pub(crate) fn next_message_id(&self) -> String {
-        self.message_ids.next_id()
-    }
-
     /// How long a round trip to sync with the server may take.
     pub(crate) fn sync_timeout(&self) -> Duration {
         self.config.connect_timeout
@@ -573,6 +568,11 @@ impl Client {
     /// and whenever another JetStream API this client targets answers again.
     pub(crate) fn connection_epoch(&self) -> watch::Receiver<u64> {
         self.inner.epoch.subscribe()
+    }
+
+    /// The client's message ids for stream publishes not given one.
+    pub(crate) fn message_ids(&self) -> &crate::core::message_id::MessageIds {
+        &self.inner.message_ids
     }
 
     /// The connection epoch now (see [`connection_epoch`](Self::connection_epoch)).

@@ -13,6 +13,7 @@ use crate::client::jetstream_errors::{map_publish, timed_out, unavailable};
 use crate::client::retry::{self, Retry};
 use crate::core::backoff::RetryConfig;
 use crate::core::error::{Error, Result};
+use crate::core::message_id::MessageIds;
 use crate::core::subject::{self, IntoSubject};
 
 /// Options of one acknowledged publish.
@@ -106,13 +107,26 @@ impl StreamPublishOptions {
         Ok(())
     }
 
-    /// Every header this publish carries: the caller's, then the options'.
-    /// Call [`validate`](Self::validate) first.
-    pub(crate) fn header_map(&self) -> Option<HeaderMap> {
-        with_message_id(
-            self.with_expectations(self.headers.clone()),
+    /// The one preparation of a stream publish's headers, for
+    /// [`Client::prologue`]: checks the options, assigns an id from `ids`
+    /// unless one is given, keeps `traced` (the caller's headers with the
+    /// trace) with the options' expectations added as the headers a resend
+    /// starts from, and returns every header of the first send (those plus
+    /// the id). [`Outgoing::new`] takes what it keeps.
+    pub(crate) fn prepare(
+        &mut self,
+        traced: Option<HeaderMap>,
+        ids: &MessageIds,
+    ) -> Result<Option<HeaderMap>> {
+        self.validate()?;
+        if self.message_id.is_none() {
+            self.message_id = Some(ids.next_id());
+        }
+        self.headers = self.with_expectations(traced);
+        Ok(with_message_id(
+            self.headers.clone(),
             self.message_id.as_deref(),
-        )
+        ))
     }
 
     /// `base` (the caller's headers) with the options' expectations added:
@@ -169,20 +183,19 @@ pub(crate) struct Outgoing {
 }
 
 impl Outgoing {
-    /// `headers` as built by the prologue (every header), and what they
-    /// were built from.
+    /// `headers` as built by the prologue (every header), and what
+    /// [`StreamPublishOptions::prepare`] built them from.
     pub(crate) fn new(
         subject: async_nats::Subject,
         payload: Bytes,
         headers: Option<HeaderMap>,
         options: &mut StreamPublishOptions,
     ) -> Self {
-        let caller = options.headers.take();
         Self {
             subject,
             payload,
             first: Some(headers),
-            base: options.with_expectations(caller),
+            base: options.headers.take(),
             id: options.message_id.take(),
         }
     }
@@ -288,12 +301,7 @@ impl Client {
         let payload = payload.into();
         let caller_headers = options.headers.take();
         let out = self.prologue(&subject, caller_headers, payload.len(), |traced| {
-            options.validate()?;
-            options.headers = traced;
-            if options.message_id.is_none() {
-                options.message_id = Some(self.inner.next_message_id());
-            }
-            Ok(options.header_map())
+            options.prepare(traced, self.message_ids())
         })?;
         let (permit, headers) = (out.permit, out.headers);
         // The shared context, or a copy with this call's timeout.
@@ -321,8 +329,8 @@ impl Client {
     /// election or restart, no ack in time) it is resent with back-off, and
     /// when the connection is replaced while an ack is awaited, at once.
     /// `first`, when given, is the outcome of a send already made (the
-    /// pipelined publisher's). `epoch` must be taken
-    /// before that first send.
+    /// pipelined publisher's). `epoch` must be taken before that first
+    /// send.
     pub(crate) async fn settle_publish(
         &self,
         js: &async_nats::jetstream::Context,
@@ -438,11 +446,11 @@ mod tests {
     fn a_resend_carries_the_first_sends_headers() {
         let mut caller = HeaderMap::new();
         caller.insert("tenant", "acme");
+        let ids = MessageIds::new("P");
         let mut options = StreamPublishOptions::new()
-            .headers(caller)
             .message_id("id-1")
             .expected_last_sequence(7);
-        let built = options.header_map();
+        let built = options.prepare(Some(caller), &ids).expect("valid options");
         let mut outgoing = Outgoing::new("s".into(), Bytes::from_static(b"x"), built, &mut options);
         let sends: Vec<_> = (0..3)
             .map(|_| outgoing.next_headers().unwrap_or_default())
@@ -463,11 +471,24 @@ mod tests {
             );
         }
         let mut plain = StreamPublishOptions::new().message_id("id-2");
-        let built = plain.header_map();
+        let built = plain.prepare(None, &ids).expect("valid options");
         let mut outgoing = Outgoing::new("s".into(), Bytes::new(), built, &mut plain);
         for _ in 0..2 {
             let headers = outgoing.next_headers().unwrap_or_default();
             assert_eq!(headers.iter().count(), 1, "only the id");
         }
+        // Without one, the id is assigned once and every send carries it.
+        let mut assigned = StreamPublishOptions::new();
+        let built = assigned.prepare(None, &ids).expect("valid options");
+        let mut outgoing = Outgoing::new("s".into(), Bytes::new(), built, &mut assigned);
+        let id = |h: Option<HeaderMap>| {
+            h.and_then(|h| {
+                h.get(async_nats::header::NATS_MESSAGE_ID)
+                    .map(|v| v.as_str().to_owned())
+            })
+        };
+        let first = id(outgoing.next_headers());
+        assert_eq!(first.as_deref().map(str::len), Some(9), "{first:?}");
+        assert_eq!(id(outgoing.next_headers()), first);
     }
 }

@@ -172,12 +172,7 @@ impl StreamPublisher {
         let out = self
             .client
             .prologue(&subject, caller_headers, payload.len(), |traced| {
-                options.validate()?;
-                options.headers = traced;
-                if options.message_id.is_none() {
-                    options.message_id = Some(self.ids.next_id());
-                }
-                Ok(options.header_map())
+                options.prepare(traced, &self.ids)
             })?;
         let (permit, headers) = (out.permit, out.headers);
         let slot = self
