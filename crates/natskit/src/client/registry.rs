@@ -49,7 +49,7 @@ pub(crate) struct StatsCell {
     /// registered on first use.
     metrics: OnceLock<(metrics::Counter, metrics::Counter)>,
     received: AtomicU64,
-    pub(crate) handled: AtomicU64,
+    handled: AtomicU64,
     pub(crate) errors: AtomicU64,
     pub(crate) panics: AtomicU64,
     pub(crate) timeouts: AtomicU64,
@@ -161,9 +161,13 @@ impl StatsCell {
                 tracing::warn!(%subject, ?deadline, "message handler exceeded its deadline");
             }
         }
-        // Release, read with Acquire by `snapshot`: a message is counted
-        // received before it is handled, so a snapshot never shows more
-        // handled than received (free on x86).
+        self.note_handled();
+    }
+
+    /// Counts one handled message. Release, read with Acquire by
+    /// `snapshot`: a message is counted received before it is handled, so
+    /// a snapshot never shows more handled than received (free on x86).
+    pub(crate) fn note_handled(&self) {
         self.handled.fetch_add(1, Ordering::Release);
     }
 

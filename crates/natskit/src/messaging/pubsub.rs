@@ -5,7 +5,6 @@
 use std::collections::VecDeque;
 use std::future::Future;
 use std::sync::Arc;
-use std::sync::atomic::Ordering;
 use std::time::Duration;
 
 use crate::core::subject::IntoSubject;
@@ -366,7 +365,9 @@ impl Client {
         stats
     }
 
-    fn new_stats(&self, subject: &async_nats::Subject) -> Arc<StatsCell> {
+    /// A subscription's (or service endpoint's) counters, not yet
+    /// registered for slow-consumer events.
+    pub(crate) fn new_stats(&self, subject: &async_nats::Subject) -> Arc<StatsCell> {
         Arc::new(StatsCell::new(
             self.metrics().client.clone(),
             subject.clone(),
@@ -522,7 +523,7 @@ impl futures_util::Stream for MessageStream {
         let polled = self.subscriber.poll_next_unpin(cx);
         if let std::task::Poll::Ready(Some(_)) = &polled {
             self.stats.add_received(1);
-            self.stats.handled.fetch_add(1, Ordering::Release);
+            self.stats.note_handled();
         }
         polled
     }

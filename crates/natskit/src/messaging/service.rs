@@ -264,11 +264,7 @@ impl Service {
             .add(subject)
             .await
             .map_err(|e| Error::InvalidArgument(format!("adding endpoint {subject:?}: {e}")))?;
-        let stats = Arc::new(StatsCell::new(
-            client.metrics().client.clone(),
-            subject.into(),
-            client.dropped_counter(),
-        ));
+        let stats = client.new_stats(&subject.into());
         let runner = EndpointRunner {
             handler: Arc::new(handler),
             stats: stats.clone(),
