@@ -472,12 +472,7 @@ async fn core_publish(
     }
     let tc = natskit::trace::TraceContext::new().new_span();
     let mut prebuilt = async_nats::HeaderMap::new();
-    prebuilt.insert("traceparent", tc.format_traceparent().as_str());
-    prebuilt.insert("X-Trace-ID", tc.trace_id_hex().as_str());
-    prebuilt.insert("X-Span-ID", tc.span_id_hex().as_str());
-    if let Some(parent) = tc.parent_span_id_hex() {
-        prebuilt.insert("X-Parent-Span-ID", parent.as_str());
-    }
+    tc.inject(&mut prebuilt, natskit::trace::TraceMode::Full);
     let raw_traced = || async {
         let send = async {
             for _ in 0..n {
@@ -751,11 +746,10 @@ async fn requests(
         traced_latency,
     )
     .await?;
-    let tc = natskit::trace::TraceContext::new().new_span();
+    // A root context, as natskit makes for a request outside any trace:
+    // the same three headers.
     let mut prebuilt = async_nats::HeaderMap::new();
-    prebuilt.insert("traceparent", tc.format_traceparent().as_str());
-    prebuilt.insert("X-Trace-ID", tc.trace_id_hex().as_str());
-    prebuilt.insert("X-Span-ID", tc.span_id_hex().as_str());
+    natskit::trace::TraceContext::new().inject(&mut prebuilt, natskit::trace::TraceMode::Full);
     compare(
         s,
         "request/reply p50, default trace mode (raw: the same 3 headers, info)",

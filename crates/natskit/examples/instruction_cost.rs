@@ -184,12 +184,7 @@ async fn traced(url: &str, raw: bool, n: u64, payload: Bytes) -> Result<(), BoxE
     let tc = natskit::trace::TraceContext::new().new_span();
     if raw {
         let mut headers = async_nats::HeaderMap::new();
-        headers.insert("traceparent", tc.format_traceparent().as_str());
-        headers.insert("X-Trace-ID", tc.trace_id_hex().as_str());
-        headers.insert("X-Span-ID", tc.span_id_hex().as_str());
-        if let Some(parent) = tc.parent_span_id_hex() {
-            headers.insert("X-Parent-Span-ID", parent.as_str());
-        }
+        tc.inject(&mut headers, natskit::trace::TraceMode::Full);
         let client = async_nats::connect(url).await?;
         for _ in 0..n {
             client
