@@ -104,21 +104,75 @@ pub struct PublishReport {
 }
 
 /// One sent message on its way to the collector: its index, first ack,
-/// and what the collector keeps while the ack is out.
+/// the connection epoch it was sent on, and what the collector keeps while
+/// the ack is out.
 struct AckJob {
     index: u64,
     ack: async_nats::jetstream::context::PublishAckFuture,
+    epoch: u64,
     sent: InFlight,
 }
 
 /// A sent message whose outcome is not known yet: the message (to send
-/// again), the connection epoch when it was sent, the retry budget and its
-/// slot (released when its outcome is counted).
+/// again), the retry budget and its slot (released when its outcome is
+/// counted).
 struct InFlight {
     outgoing: Outgoing,
-    epoch: u64,
     retry: RetryConfig,
     slot: tokio::sync::OwnedSemaphorePermit,
+}
+
+/// The collector's decisions, without I/O: the messages whose first ack
+/// is awaited, by index, with the connection epoch each was sent on, and
+/// the latest epoch seen. Which message an ack settles, and which ones a
+/// reconnect makes stale (their acks will never come).
+struct AwaitingAcks<T> {
+    seen: u64,
+    by_index: HashMap<u64, (u64, T), foldhash::fast::FixedState>,
+}
+
+impl<T> AwaitingAcks<T> {
+    fn new(seen: u64) -> Self {
+        Self {
+            seen,
+            by_index: HashMap::default(),
+        }
+    }
+
+    /// Message `index`, sent on connection `epoch`: kept until its ack, or
+    /// handed back when that connection was already replaced.
+    fn sent(&mut self, index: u64, epoch: u64, item: T) -> Option<T> {
+        if epoch < self.seen {
+            return Some(item);
+        }
+        self.by_index.insert(index, (epoch, item));
+        None
+    }
+
+    /// The first ack of message `index` came (or failed): the message,
+    /// unless a reconnect already handed it back.
+    fn answered(&mut self, index: u64) -> Option<T> {
+        self.by_index.remove(&index).map(|(_, item)| item)
+    }
+
+    /// The connection epoch is now `epoch`: every message sent before it.
+    fn reconnected(&mut self, epoch: u64) -> Vec<(u64, T)> {
+        self.seen = self.seen.max(epoch);
+        let stale: Vec<u64> = self
+            .by_index
+            .iter()
+            .filter(|(_, (sent_on, _))| *sent_on < epoch)
+            .map(|(index, _)| *index)
+            .collect();
+        stale
+            .into_iter()
+            .filter_map(|index| Some((index, self.answered(index)?)))
+            .collect()
+    }
+
+    fn is_empty(&self) -> bool {
+        self.by_index.is_empty()
+    }
 }
 
 /// Pipelined JetStream publisher from [`Client::stream_publisher`]. Clone-free;
@@ -196,9 +250,9 @@ impl StreamPublisher {
             .send(AckJob {
                 index,
                 ack,
+                epoch,
                 sent: InFlight {
                     outgoing,
-                    epoch,
                     retry,
                     slot,
                 },
@@ -272,10 +326,9 @@ async fn collect_acks(
     // Pinned once and again only after it fired: a `changed()` made on
     // every pass of the loop registered a waiter per message.
     let mut changed = std::pin::pin!(next_epoch(client.connection_epoch()));
-    let mut seen = client.epoch_now();
     let mut watching = true;
     let mut acks = FuturesUnordered::new();
-    let mut in_flight: HashMap<u64, InFlight, foldhash::fast::FixedState> = HashMap::default();
+    let mut in_flight: AwaitingAcks<InFlight> = AwaitingAcks::new(client.epoch_now());
     let mut settling = FuturesUnordered::new();
     // Settles `sent` after `first` (its failed first outcome): sent again
     // until settled, or given up.
@@ -302,7 +355,7 @@ async fn collect_acks(
             biased;
             Some((index, result)) = acks.next(), if !acks.is_empty() => {
                 // Absent: already handed to `settle` after a reconnect.
-                if let Some(sent) = in_flight.remove(&index) {
+                if let Some(sent) = in_flight.answered(index) {
                     match result {
                         Ok(ack) => record_ack(&shared, index, &sent.outgoing.subject, Ok(ack)),
                         Err(err) => {
@@ -316,13 +369,11 @@ async fn collect_acks(
                 record_ack(&shared, index, &subject, result);
             }
             job = jobs.recv(), if open => match job {
-                Some(AckJob { index, ack, sent }) => {
-                    if sent.epoch < seen {
+                Some(AckJob { index, ack, epoch, sent }) => {
+                    match in_flight.sent(index, epoch, sent) {
                         // Sent on a connection already replaced.
-                        settling.push(settle(index, sent, Err(reconnected())));
-                    } else {
-                        acks.push(ack.into_future().map(move |result| (index, result)));
-                        in_flight.insert(index, sent);
+                        Some(sent) => settling.push(settle(index, sent, Err(reconnected()))),
+                        None => acks.push(ack.into_future().map(move |result| (index, result))),
                     }
                 }
                 None => open = false,
@@ -334,18 +385,10 @@ async fn collect_acks(
                     continue;
                 };
                 changed.set(next_epoch(epoch));
-                seen = now;
                 // The acks of what was sent before will never come: send
                 // those again (their stale ack futures end on their own).
-                let stale: Vec<u64> = in_flight
-                    .iter()
-                    .filter(|(_, sent)| sent.epoch < now)
-                    .map(|(index, _)| *index)
-                    .collect();
-                for index in stale {
-                    if let Some(sent) = in_flight.remove(&index) {
-                        settling.push(settle(index, sent, Err(reconnected())));
-                    }
+                for (index, sent) in in_flight.reconnected(now) {
+                    settling.push(settle(index, sent, Err(reconnected())));
                 }
             }
             else => break,
@@ -373,5 +416,38 @@ fn record_ack(shared: &PublisherShared, index: u64, subject: &str, result: Resul
             tracing::warn!(%subject, %err, "pipelined publish failed");
             lock(&shared.errors).push((index, err));
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn an_ack_settles_a_message_until_a_reconnect_hands_it_back() {
+        let mut awaiting = AwaitingAcks::new(1);
+        assert_eq!(awaiting.sent(0, 1, "a"), None);
+        assert_eq!(awaiting.sent(1, 1, "b"), None);
+        assert_eq!(awaiting.answered(0), Some("a"));
+        assert_eq!(awaiting.answered(0), None, "answered once");
+        // A reconnect hands back what was sent before it; its late ack
+        // then finds nothing.
+        assert_eq!(awaiting.sent(2, 2, "c"), None, "sent on the new connection");
+        assert_eq!(awaiting.reconnected(2), vec![(1, "b")]);
+        assert_eq!(awaiting.answered(1), None);
+        assert_eq!(awaiting.answered(2), Some("c"));
+        assert!(awaiting.is_empty());
+    }
+
+    #[test]
+    fn a_message_sent_on_a_replaced_connection_is_handed_back_at_once() {
+        let mut awaiting = AwaitingAcks::new(1);
+        assert!(awaiting.reconnected(3).is_empty());
+        assert_eq!(awaiting.sent(0, 2, "old"), Some("old"));
+        assert_eq!(awaiting.sent(1, 3, "new"), None);
+        // An older epoch seen late changes nothing.
+        assert!(awaiting.reconnected(2).is_empty());
+        assert_eq!(awaiting.sent(2, 2, "older"), Some("older"));
+        assert!(!awaiting.is_empty());
     }
 }
