@@ -565,8 +565,9 @@ where
     F: Fn(Message) -> Fut + Send + Sync + 'static,
     Fut: HandlerFuture,
 {
-    /// Reads the subscription without pause into natskit's own bounded
-    /// queue while handlers run, so async-nats' buffer (whose overflow is
+    /// Hands messages straight to a handler that finishes at once, and
+    /// reads the subscription without pause into natskit's own bounded
+    /// queue while handlers wait, so async-nats' buffer (whose overflow is
     /// reported only by best-effort events) does not fill, and every
     /// message natskit has to drop is counted exactly. `queue` holds what
     /// came while the subscription was parked.

@@ -658,26 +658,32 @@ async fn concurrent_handlers_and_queue_groups() -> TestResult {
     Ok(())
 }
 
-/// A handler that mostly finishes at once but sometimes waits: messages
-/// reach it both straight from the subscription and through natskit's
-/// staging queue (while it waits); every one is handled once, in order, and
-/// counted; no snapshot shows more handled than received.
+/// Messages reach a handler through natskit's staging queue (everything
+/// that arrives while the handler waits) and straight from the
+/// subscription (when it finishes at once): every one is handled once, in
+/// order, and counted; no snapshot shows more handled than received.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn handlers_get_every_message_in_order_whether_staged_or_not() -> TestResult {
+    const STAGED: u32 = 5_000;
     const N: u32 = 20_000;
     let server = NatsServer::start()?;
     let client = Client::builder(server.url()).connect().await?;
     let seen = Arc::new(Mutex::new(Vec::with_capacity(N as usize)));
-    let log = seen.clone();
+    // The first message's handler waits until every message of the first
+    // batch was sent: those are staged behind it.
+    let release = Arc::new(tokio::sync::Notify::new());
+    let (log, gate) = (seen.clone(), release.clone());
     let sub = client
         .subscribe("ordered.in", move |msg: Message| {
-            let log = log.clone();
+            let (log, gate) = (log.clone(), gate.clone());
             async move {
                 let i: u32 = std::str::from_utf8(&msg.payload)
                     .ok()
                     .and_then(|s| s.parse().ok())
                     .unwrap_or(u32::MAX);
-                if i.is_multiple_of(97) {
+                if i == 0 {
+                    gate.notified().await;
+                } else if i.is_multiple_of(97) {
                     tokio::task::yield_now().await;
                 }
                 log.lock().unwrap().push(i);
@@ -685,13 +691,39 @@ async fn handlers_get_every_message_in_order_whether_staged_or_not() -> TestResu
         })
         .await?;
     client.nats()?.flush().await?;
-    for i in 0..N {
-        client.publish("ordered.in", i.to_string()).await?;
-    }
-    client.nats()?.flush().await?;
-    let stats = eventually(WAIT, "every message handled", || async {
-        let stats = sub.stats();
+    let check = |stats: natskit::SubscriptionStats| {
         assert!(stats.received >= stats.handled, "{stats:?}");
+        stats
+    };
+    let publish = |range: std::ops::Range<u32>| {
+        let client = client.clone();
+        async move {
+            for i in range {
+                client.publish("ordered.in", i.to_string()).await?;
+            }
+            client.nats()?.flush().await?;
+            TestResult::Ok(())
+        }
+    };
+    publish(0..STAGED).await?;
+    eventually(
+        WAIT,
+        "the first batch staged behind the waiting handler",
+        || async {
+            let stats = check(sub.stats());
+            (stats.received == u64::from(STAGED) && stats.handled == 0).then_some(())
+        },
+    )
+    .await;
+    release.notify_one();
+    eventually(WAIT, "the staged batch handled", || async {
+        (check(sub.stats()).handled == u64::from(STAGED)).then_some(())
+    })
+    .await;
+    // The queue is empty now: the rest comes straight to the handler.
+    publish(STAGED..N).await?;
+    let stats = eventually(WAIT, "every message handled", || async {
+        let stats = check(sub.stats());
         (stats.handled + stats.dropped >= u64::from(N)).then_some(stats)
     })
     .await;
