@@ -207,8 +207,9 @@ pub(crate) struct Registry {
     subs: Mutex<HashMap<u64, Weak<StatsCell>, foldhash::fast::FixedState>>,
     /// Every handler subscription (its [`StatsCell::control`]).
     controls: Mutex<Vec<Arc<StatsCell>>>,
-    /// Where subscriptions wait for their first message.
-    parking: Mutex<Parking>,
+    /// Where subscriptions wait for their first message (shared with the
+    /// parking task).
+    parking: Arc<Parking>,
     /// Sizes after the last pruning passes.
     subs_kept: AtomicUsize,
     controls_kept: AtomicUsize,
@@ -234,7 +235,7 @@ impl Registry {
             shared.control.drain();
         }
         // The parking task ends once every parked subscription has left.
-        *lock(&self.parking) = Parking::Closed;
+        self.parking.close();
     }
 
     /// Parks a subscription that has not received a message yet (`waiting`
@@ -242,17 +243,28 @@ impl Registry {
     /// own task): one task per client waits for all of them, instead of a
     /// task each. Starts that task on first use. Hands `waiting` back once
     /// the client is closing, for the caller to spawn.
+    ///
+    /// The caller polls `waiting` once here, with the parking task's waker
+    /// (once that task has run), so creating a subscription neither sends
+    /// it anywhere nor wakes another task: only its first message or
+    /// command does.
     pub(crate) fn park(&self, waiting: Parked, tasks: &TaskTracker) -> Result<(), Parked> {
-        let mut parking = lock(&self.parking);
-        if matches!(*parking, Parking::NotStarted) {
-            let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
-            tasks.spawn(parking_lot(rx));
-            *parking = Parking::Open(tx);
+        let parking = &self.parking;
+        let mut state = lock(&parking.state);
+        if parking.closed.load(Ordering::Acquire) {
+            return Err(waiting);
         }
-        match &*parking {
-            Parking::Open(tx) => tx.send(waiting).map_err(|refused| refused.0),
-            Parking::NotStarted | Parking::Closed => Err(waiting),
+        if !state.started {
+            state.started = true;
+            tasks.spawn(ParkingTask(parking.clone()));
         }
+        let ParkingState { parked, waker, .. } = &mut *state;
+        parked.push(waiting);
+        // Before the parking task's first run, that run polls it.
+        if let Some(waker) = waker {
+            poll_parked(parked, waker);
+        }
+        Ok(())
     }
 
     /// Registers `subscriber`'s counters for slow-consumer events.
@@ -294,44 +306,97 @@ impl Drop for Registry {
                 shared.control.stop();
             }
         }
+        // Without the lock: this drop may run inside the parking task's
+        // poll (a parked handler that held the last client clone).
+        self.parking.close();
     }
 }
 
 /// A parked subscription: see [`Registry::park`].
 pub(crate) type Parked = BoxFuture<'static, ()>;
 
-/// The state of a client's parking task.
+/// A client's parked subscriptions, shared by the registry (which parks
+/// them) and the parking task (which polls them when woken).
 #[derive(Debug, Default)]
-enum Parking {
-    #[default]
-    NotStarted,
-    Open(tokio::sync::mpsc::UnboundedSender<Parked>),
-    /// The client is closing: nothing more is parked.
-    Closed,
+struct Parking {
+    state: Mutex<ParkingState>,
+    /// The client is closing (or gone): nothing more is parked, and the
+    /// parking task ends once the last parked subscription has left.
+    closed: AtomicBool,
+    /// The parking task's waker, for `close`, which must not take the lock.
+    task: futures_util::task::AtomicWaker,
 }
 
-/// The parking task: waits for every parked subscription until it leaves
-/// (at its first message or command). Ends once the client is closing (or
-/// dropped) and the last one has left.
+#[derive(Debug, Default)]
+struct ParkingState {
+    parked: futures_util::stream::FuturesUnordered<Parked>,
+    /// The parking task was spawned.
+    started: bool,
+    /// The parking task's waker, once it has run: whoever polls the parked
+    /// set polls it with this, so every parked subscription's wake-up
+    /// reaches that task.
+    waker: Option<std::task::Waker>,
+}
+
+impl Parking {
+    /// Nothing more is parked; wakes the parking task to end once empty.
+    fn close(&self) {
+        self.closed.store(true, Ordering::Release);
+        self.task.wake();
+    }
+}
+
+/// Polls the parked subscriptions that were woken (or just parked) until
+/// none is ready. Those that got their first message spawn their own task;
+/// those told to stop end.
+fn poll_parked(
+    parked: &mut futures_util::stream::FuturesUnordered<Parked>,
+    waker: &std::task::Waker,
+) {
+    use futures_util::StreamExt as _;
+    let mut cx = std::task::Context::from_waker(waker);
+    while let std::task::Poll::Ready(Some(())) = parked.poll_next_unpin(&mut cx) {}
+}
+
+/// The parking task: polls the parked subscriptions when one of them is
+/// woken (by its first message or a command). Ends once the client is
+/// closing (or dropped) and the last one has left.
 ///
 /// A task per subscription cost a spawn (about 2,500 instructions with
 /// its first poll) and about 1 KB while the subscription waited; a parked
-/// one costs a channel send and about 300 bytes. Handlers never run here:
-/// each subscription gets its own task at its first message, so handlers
-/// of different subscriptions still run in parallel.
-async fn parking_lot(mut arrivals: tokio::sync::mpsc::UnboundedReceiver<Parked>) {
-    use futures_util::StreamExt as _;
-    let mut parked = futures_util::stream::FuturesUnordered::new();
-    let mut open = true;
-    while open || !parked.is_empty() {
-        tokio::select! {
-            biased;
-            arrival = arrivals.recv(), if open => match arrival {
-                Some(waiting) => parked.push(waiting),
-                None => open = false,
-            },
-            Some(()) = parked.next(), if !parked.is_empty() => {}
+/// one costs a node in the set and about 300 bytes. Sending each new
+/// subscription to this task through a channel woke it (often on another
+/// thread) once per subscription; now the subscriber polls it in place.
+/// Handlers never run here: each subscription gets its own task at its
+/// first message, so handlers of different subscriptions still run in
+/// parallel.
+struct ParkingTask(Arc<Parking>);
+
+impl std::future::Future for ParkingTask {
+    type Output = ();
+
+    fn poll(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<()> {
+        let parking = &*self.0;
+        // Registered before `closed` is read below, so no close is missed.
+        parking.task.register(cx.waker());
+        let mut state = lock(&parking.state);
+        if !state
+            .waker
+            .as_ref()
+            .is_some_and(|w| w.will_wake(cx.waker()))
+        {
+            state.waker = Some(cx.waker().clone());
         }
+        poll_parked(&mut state.parked, cx.waker());
+        if parking.closed.load(Ordering::Acquire) && state.parked.is_empty() {
+            // The waker would keep this task's header alive with the set.
+            state.waker = None;
+            return std::task::Poll::Ready(());
+        }
+        std::task::Poll::Pending
     }
 }
 

@@ -449,6 +449,46 @@ async fn dropped_clients_release_their_connections() -> TestResult {
     Ok(())
 }
 
+/// A subscription waiting for its first message whose handler holds the
+/// last clone of its client: ending it drops the client from inside the
+/// parking task's poll (with the task's lock held), and the connection is
+/// still released.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_held_only_by_a_waiting_handler_is_freed_when_it_ends() -> TestResult {
+    let server = NatsServer::start()?;
+    let client = Client::builder(server.url())
+        .disable_health_checks()
+        .connect()
+        .await?;
+    let held = client.clone();
+    let sub = client
+        .subscribe("held.idle", move |_msg| {
+            let _client = &held;
+            async {}
+        })
+        .await?;
+    // A second one, parked beside it, is ended by the client's drop.
+    let beside = client.subscribe("held.beside", |_msg| async {}).await?;
+    drop(client);
+    assert_eq!(
+        connections(&server),
+        1,
+        "the handler still holds the client"
+    );
+    sub.unsubscribe().await;
+    eventually(
+        WAIT,
+        "the connection to close once the handler holding the client is gone",
+        || async { (connections(&server) == 0).then_some(()) },
+    )
+    .await;
+    eventually(WAIT, "the other parked subscription to end", || async {
+        beside.is_finished().then_some(())
+    })
+    .await;
+    Ok(())
+}
+
 /// `stop()` deletes an ephemeral consumer from the server.
 #[tokio::test]
 async fn stopped_ephemeral_consumers_are_deleted() -> TestResult {
