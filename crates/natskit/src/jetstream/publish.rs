@@ -13,7 +13,7 @@ use crate::client::jetstream_errors::{map_publish, timed_out, unavailable};
 use crate::client::retry::{self, Retry};
 use crate::core::backoff::RetryConfig;
 use crate::core::error::{Error, Result};
-use crate::core::message_id::MessageIds;
+use crate::core::message_id::{MessageId, MessageIds};
 use crate::core::subject::{self, IntoSubject};
 
 /// Options of one acknowledged publish.
@@ -29,7 +29,7 @@ use crate::core::subject::{self, IntoSubject};
 #[derive(Debug, Clone, Default)]
 #[must_use]
 pub struct StreamPublishOptions {
-    pub(crate) message_id: Option<String>,
+    pub(crate) message_id: Option<MessageId>,
     pub(crate) expected_last_sequence: Option<u64>,
     pub(crate) expected_last_subject_sequence: Option<u64>,
     pub(crate) expected_stream: Option<String>,
@@ -47,7 +47,7 @@ impl StreamPublishOptions {
     /// Sets `Nats-Msg-Id`: the stream stores a message id once per
     /// duplicate window, so retries cannot duplicate it.
     pub fn message_id(mut self, id: impl Into<String>) -> Self {
-        self.message_id = Some(id.into());
+        self.message_id = Some(MessageId::from(id.into()));
         self
     }
 
@@ -92,7 +92,7 @@ impl StreamPublishOptions {
     /// headers are checked by `Client::prologue`).
     pub(crate) fn validate(&self) -> Result<()> {
         use async_nats::header;
-        if let Some(id) = &self.message_id {
+        if let Some(id) = self.message_id.as_ref().map(MessageId::as_str) {
             if id.is_empty() {
                 return Err(Error::InvalidHeader {
                     name: header::NATS_MESSAGE_ID.to_string(),
@@ -125,7 +125,7 @@ impl StreamPublishOptions {
         self.headers = self.with_expectations(traced);
         Ok(with_message_id(
             self.headers.clone(),
-            self.message_id.as_deref(),
+            self.message_id.as_ref().map(MessageId::as_str),
         ))
     }
 
@@ -179,7 +179,7 @@ pub(crate) struct Outgoing {
     first: Option<Option<HeaderMap>>,
     /// Every header but the message id (usually none).
     base: Option<HeaderMap>,
-    id: Option<String>,
+    id: Option<MessageId>,
 }
 
 impl Outgoing {
@@ -213,7 +213,7 @@ impl Outgoing {
     fn next_headers(&mut self) -> Option<HeaderMap> {
         match self.first.take() {
             Some(headers) => headers,
-            None => with_message_id(self.base.clone(), self.id.as_deref()),
+            None => with_message_id(self.base.clone(), self.id.as_ref().map(MessageId::as_str)),
         }
     }
 }
