@@ -5,6 +5,7 @@
 
 pub(crate) mod consumer;
 pub(crate) mod monitor;
+pub(crate) mod pipeline;
 pub(crate) mod publish;
 pub(crate) mod publisher;
 pub(crate) mod stream;

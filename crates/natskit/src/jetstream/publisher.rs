@@ -9,7 +9,6 @@ use async_nats::jetstream::publish::PublishAck;
 use bytes::Bytes;
 use futures_util::stream::FuturesUnordered;
 use futures_util::{FutureExt, StreamExt};
-use tokio::sync::{Semaphore, mpsc};
 
 use crate::client::Client;
 use crate::client::jetstream_errors::map_publish;
@@ -18,6 +17,7 @@ use crate::core::error::{Error, Result};
 use crate::core::message_id::MessageIds;
 use crate::core::subject::IntoSubject;
 use crate::core::sync::lock;
+use crate::jetstream::pipeline::{Handoff, Slots};
 use crate::jetstream::publish::{
     Outgoing, StreamPublishOptions, default_publish_retry, reconnected,
 };
@@ -61,11 +61,14 @@ impl Client {
             .api_prefix(self.jetstream_api_prefix())
             .max_ack_inflight(max_in_flight)
             .build(conn);
-        let (acks, ack_rx) = mpsc::unbounded_channel();
+        let acks = Arc::new(Handoff::new());
         let shared = Arc::new(PublisherShared::default());
-        let slots = Arc::new(Semaphore::new(max_in_flight));
+        let slots = Arc::new(Slots::new(max_in_flight));
         tokio::spawn(collect_acks(
-            ack_rx,
+            Collector {
+                jobs: acks.clone(),
+                slots: slots.clone(),
+            },
             shared.clone(),
             self.clone(),
             js.clone(),
@@ -76,7 +79,6 @@ impl Client {
             acks,
             shared,
             slots,
-            max_in_flight,
             ids: MessageIds::new(nuid::next().as_str()),
         })
     }
@@ -114,12 +116,11 @@ struct AckJob {
 }
 
 /// A sent message whose outcome is not known yet: the message (to send
-/// again), the retry budget and its slot (released when its outcome is
-/// counted).
+/// again) and the retry budget. Its slot is given back when its outcome
+/// is counted.
 struct InFlight {
     outgoing: Outgoing,
     retry: RetryConfig,
-    slot: tokio::sync::OwnedSemaphorePermit,
 }
 
 /// The collector's decisions, without I/O: the messages whose first ack
@@ -184,10 +185,9 @@ impl<T> AwaitingAcks<T> {
 pub struct StreamPublisher {
     client: Client,
     js: async_nats::jetstream::Context,
-    acks: mpsc::UnboundedSender<AckJob>,
+    acks: Arc<Handoff<AckJob>>,
     shared: Arc<PublisherShared>,
-    slots: Arc<Semaphore>,
-    max_in_flight: usize,
+    slots: Arc<Slots>,
     /// Assigns the message ids the options do not give.
     ids: MessageIds,
 }
@@ -229,12 +229,7 @@ impl StreamPublisher {
                 options.prepare(traced, &self.ids)
             })?;
         let (permit, headers) = (out.permit, out.headers);
-        let slot = self
-            .slots
-            .clone()
-            .acquire_owned()
-            .await
-            .map_err(|_| Error::Closed)?;
+        let slot = self.slots.take().await?;
         let mut outgoing = Outgoing::new(subject, payload, headers, &mut options);
         let epoch = self.client.epoch_now();
         let message = outgoing.message();
@@ -251,13 +246,11 @@ impl StreamPublisher {
                 index,
                 ack,
                 epoch,
-                sent: InFlight {
-                    outgoing,
-                    retry,
-                    slot,
-                },
+                sent: InFlight { outgoing, retry },
             })
-            .map_err(|_| Error::Closed)
+            .map_err(|_| Error::Closed)?;
+        slot.handed();
+        Ok(())
     }
 
     /// Sends every message of `batch` and waits for all their acks.
@@ -285,10 +278,7 @@ impl StreamPublisher {
     /// Waits until every outstanding ack has arrived or failed, and reports
     /// the totals and the failures since the last flush.
     pub async fn flush(&self) -> PublishReport {
-        let all = u32::try_from(self.max_in_flight).unwrap_or(u32::MAX);
-        if let Ok(permits) = self.slots.acquire_many(all).await {
-            drop(permits);
-        }
+        self.slots.flush().await;
         PublishReport {
             acked: self.shared.acked.load(Ordering::Relaxed),
             failed: self.shared.failed.load(Ordering::Relaxed),
@@ -317,7 +307,7 @@ impl StreamPublisher {
 /// epoch watch: about 4,900 instructions a message more than raw
 /// async-nats, most of them copying that future around.)
 async fn collect_acks(
-    mut jobs: mpsc::UnboundedReceiver<AckJob>,
+    collector: Collector,
     shared: Arc<PublisherShared>,
     client: Client,
     js: async_nats::jetstream::Context,
@@ -330,6 +320,10 @@ async fn collect_acks(
     let mut acks = FuturesUnordered::new();
     let mut in_flight: AwaitingAcks<InFlight> = AwaitingAcks::new(client.epoch_now());
     let mut settling = FuturesUnordered::new();
+    let mut batch = Vec::new();
+    // Outcomes counted since the slots were last given back, and the acks
+    // among them: both handed on once per burst, when nothing else is ready.
+    let (mut done, mut acked) = (0usize, 0u64);
     // Settles `sent` after `first` (its failed first outcome): sent again
     // until settled, or given up.
     let settle = |index: u64, mut sent: InFlight, first: Result<PublishAck>| {
@@ -343,21 +337,25 @@ async fn collect_acks(
                     Some(first),
                 )
                 .await;
-            (index, sent.outgoing.subject, result, sent.slot)
+            (index, sent.outgoing.subject, result)
         })
     };
     let mut open = true;
     while open || !in_flight.is_empty() || !settling.is_empty() {
         // Biased, in this order: no random draw per pass; acks (which free
-        // slots) before new messages; the rare reconnect polled last (the
-        // messages it makes stale are settled whenever it is seen).
+        // slots) before new messages; the rare reconnect polled after
+        // them (the messages it makes stale are settled whenever it is
+        // seen); last, once nothing else is ready, the slots given back.
         tokio::select! {
             biased;
             Some((index, result)) = acks.next(), if !acks.is_empty() => {
                 // Absent: already handed to `settle` after a reconnect.
                 if let Some(sent) = in_flight.answered(index) {
                     match result {
-                        Ok(ack) => record_ack(&shared, index, &sent.outgoing.subject, Ok(ack)),
+                        Ok(_) => {
+                            acked += 1;
+                            done += 1;
+                        }
                         Err(err) => {
                             let err = map_publish(&sent.outgoing.subject, err);
                             settling.push(settle(index, sent, Err(err)));
@@ -365,19 +363,22 @@ async fn collect_acks(
                     }
                 }
             }
-            Some((index, subject, result, _slot)) = settling.next(), if !settling.is_empty() => {
+            Some((index, subject, result)) = settling.next(), if !settling.is_empty() => {
                 record_ack(&shared, index, &subject, result);
+                done += 1;
             }
-            job = jobs.recv(), if open => match job {
-                Some(AckJob { index, ack, epoch, sent }) => {
+            more = std::future::poll_fn(|cx| collector.jobs.poll_take(cx, &mut batch)), if open => {
+                if !more {
+                    open = false;
+                }
+                for AckJob { index, ack, epoch, sent } in batch.drain(..) {
                     match in_flight.sent(index, epoch, sent) {
                         // Sent on a connection already replaced.
                         Some(sent) => settling.push(settle(index, sent, Err(reconnected()))),
                         None => acks.push(ack.into_future().map(move |result| (index, result))),
                     }
                 }
-                None => open = false,
-            },
+            }
             change = &mut changed, if watching => {
                 let Some((now, epoch)) = change else {
                     // The client is gone: no further reconnects to see.
@@ -391,8 +392,43 @@ async fn collect_acks(
                     settling.push(settle(index, sent, Err(reconnected())));
                 }
             }
+            () = std::future::ready(()), if done > 0 => {
+                give_back(&shared, &collector.slots, &mut done, &mut acked);
+            }
             else => break,
         }
+    }
+    give_back(&shared, &collector.slots, &mut done, &mut acked);
+}
+
+/// Counts `acked` acks and gives `done` slots back (in that order: a flush
+/// that sees every slot free reads every count).
+fn give_back(shared: &PublisherShared, slots: &Slots, done: &mut usize, acked: &mut u64) {
+    shared
+        .acked
+        .fetch_add(std::mem::take(acked), Ordering::Relaxed);
+    slots.give_back(std::mem::take(done));
+}
+
+/// The collector's ends of the hand-offs: closed when it ends (or its task
+/// is dropped), so publishes and flushes fail with [`Error::Closed`]
+/// instead of waiting for it.
+struct Collector {
+    jobs: Arc<Handoff<AckJob>>,
+    slots: Arc<Slots>,
+}
+
+impl Drop for Collector {
+    fn drop(&mut self) {
+        self.jobs.close();
+        self.slots.close();
+    }
+}
+
+impl Drop for StreamPublisher {
+    /// Nothing more is sent: the collector ends once every ack is counted.
+    fn drop(&mut self) {
+        self.acks.close();
     }
 }
 
