@@ -119,14 +119,18 @@ impl StreamPublishOptions {
         ids: &MessageIds,
     ) -> Result<Option<HeaderMap>> {
         self.validate()?;
-        if self.message_id.is_none() {
-            self.message_id = Some(ids.next_id());
-        }
+        // The id's text for the first send: assigned with the id, or a
+        // copy of the given one.
+        let id = match &self.message_id {
+            Some(given) => given.as_str().to_owned(),
+            None => {
+                let (kept, text) = ids.next_id();
+                self.message_id = Some(kept);
+                text
+            }
+        };
         self.headers = self.with_expectations(traced);
-        Ok(with_message_id(
-            self.headers.clone(),
-            self.message_id.as_ref().map(MessageId::as_str),
-        ))
+        Ok(with_message_id(self.headers.clone(), Some(id)))
     }
 
     /// `base` (the caller's headers) with the options' expectations added:
@@ -160,7 +164,7 @@ impl StreamPublishOptions {
 }
 
 /// `base` with `Nats-Msg-Id: id` added.
-fn with_message_id(base: Option<HeaderMap>, id: Option<&str>) -> Option<HeaderMap> {
+fn with_message_id(base: Option<HeaderMap>, id: Option<String>) -> Option<HeaderMap> {
     let Some(id) = id else { return base };
     let mut headers = base.unwrap_or_default();
     headers.insert(async_nats::header::NATS_MESSAGE_ID, id);
@@ -213,7 +217,10 @@ impl Outgoing {
     fn next_headers(&mut self) -> Option<HeaderMap> {
         match self.first.take() {
             Some(headers) => headers,
-            None => with_message_id(self.base.clone(), self.id.as_ref().map(MessageId::as_str)),
+            None => with_message_id(
+                self.base.clone(),
+                self.id.as_ref().map(|id| id.as_str().to_owned()),
+            ),
         }
     }
 }
