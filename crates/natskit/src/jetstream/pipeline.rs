@@ -6,8 +6,11 @@
 //!   one compare-and-swap and the collector gives back to in bulk. It
 //!   replaced a `tokio::sync::Semaphore`, whose every release took its
 //!   waiters' lock (about 470 instructions a message with the permit's
-//!   `Arc`, callgrind), and whose fairness (a flush waiting for every
-//!   permit holds back later publishes) it keeps.
+//!   `Arc`, callgrind). It keeps the semaphore's one ordering promise
+//!   that matters here: a flush waiting for every slot holds back later
+//!   publishes. Publishes waiting for a slot are no longer served first
+//!   come, first served; whichever is polled first after a give-back
+//!   takes it.
 //! - [`Handoff`], the sent messages on their way to the collector: a
 //!   vector behind a lock, taken whole by the collector, which is woken
 //!   only when it was empty. It replaced an unbounded channel (about 630
