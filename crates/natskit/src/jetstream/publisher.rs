@@ -286,7 +286,9 @@ impl StreamPublisher {
         }
     }
 
-    /// Messages acknowledged so far.
+    /// Messages acknowledged so far. The collector hands its counts over
+    /// once per burst of acks, so between flushes this may trail the
+    /// server by the acks of one burst; [`flush`](Self::flush) is exact.
     pub fn acked(&self) -> u64 {
         self.shared.acked.load(Ordering::Relaxed)
     }
