@@ -62,9 +62,13 @@ const INLINE: usize = 38;
 /// heap string made on the publishing task and freed on the collecting one
 /// cost an allocation a message and the allocator's cross-thread free
 /// path. The first send's header gets the text made with it.
+///
+/// Not `tinystr::TinyAsciiStr` (already in the lock through `url`): its
+/// checked constructor cost 343 instructions an id more (callgrind,
+/// `PATH_=stream`), on every pipelined publish.
 #[derive(Clone, PartialEq, Eq)]
 pub(crate) enum MessageId {
-    /// `bytes[..len]`: ASCII digits after a `&str` prefix, so valid UTF-8.
+    /// `bytes[..len]`, copied whole from a `&str`, so valid UTF-8.
     Inline { len: u8, bytes: [u8; INLINE] },
     /// Given by the caller, or assigned with a long prefix.
     Heap(String),
