@@ -125,11 +125,17 @@ struct InFlight {
 
 /// The collector's decisions, without I/O: the messages whose first ack
 /// is awaited, by index, with the connection epoch each was sent on, and
-/// the latest epoch seen. Which message an ack settles, and which ones a
-/// reconnect makes stale (their acks will never come).
+/// the latest epoch seen. Which message an ack settles, which ones a
+/// reconnect makes stale (their acks will never come), and how many
+/// outcomes were counted since the slots were last given back (each
+/// message's once).
 struct AwaitingAcks<T> {
     seen: u64,
     by_index: HashMap<u64, (u64, T), foldhash::fast::FixedState>,
+    /// Outcomes counted since [`take_counted`](Self::take_counted), and
+    /// the acks among them.
+    counted: usize,
+    acked: u64,
 }
 
 impl<T> AwaitingAcks<T> {
@@ -137,7 +143,37 @@ impl<T> AwaitingAcks<T> {
         Self {
             seen,
             by_index: HashMap::default(),
+            counted: 0,
+            acked: 0,
         }
+    }
+
+    /// The first ack of message `index` came: counted, unless a reconnect
+    /// already handed the message back (its resend counts instead).
+    fn acked(&mut self, index: u64) {
+        if self.answered(index).is_some() {
+            self.count(true);
+        }
+    }
+
+    /// One outcome counted (an ack, or a handed-back message settled).
+    fn count(&mut self, acked: bool) {
+        self.counted += 1;
+        self.acked += u64::from(acked);
+    }
+
+    /// The outcomes counted since the last call and the acks among them,
+    /// if any: their slots are due back.
+    fn take_counted(&mut self) -> Option<(usize, u64)> {
+        let counted = (
+            std::mem::take(&mut self.counted),
+            std::mem::take(&mut self.acked),
+        );
+        (counted.0 > 0).then_some(counted)
+    }
+
+    fn has_counted(&self) -> bool {
+        self.counted > 0
     }
 
     /// Message `index`, sent on connection `epoch`: kept until its ack, or
@@ -323,9 +359,6 @@ async fn collect_acks(
     let mut in_flight: AwaitingAcks<InFlight> = AwaitingAcks::new(client.epoch_now());
     let mut settling = FuturesUnordered::new();
     let mut batch = Vec::new();
-    // Outcomes counted since the slots were last given back, and the acks
-    // among them: both handed on once per burst, when nothing else is ready.
-    let (mut done, mut acked) = (0usize, 0u64);
     // Settles `sent` after `first` (its failed first outcome): sent again
     // until settled, or given up.
     let settle = |index: u64, mut sent: InFlight, first: Result<PublishAck>| {
@@ -350,24 +383,19 @@ async fn collect_acks(
         // seen); last, once nothing else is ready, the slots given back.
         tokio::select! {
             biased;
-            Some((index, result)) = acks.next(), if !acks.is_empty() => {
+            Some((index, result)) = acks.next(), if !acks.is_empty() => match result {
+                Ok(_) => in_flight.acked(index),
                 // Absent: already handed to `settle` after a reconnect.
-                if let Some(sent) = in_flight.answered(index) {
-                    match result {
-                        Ok(_) => {
-                            acked += 1;
-                            done += 1;
-                        }
-                        Err(err) => {
-                            let err = map_publish(&sent.outgoing.subject, err);
-                            settling.push(settle(index, sent, Err(err)));
-                        }
-                    }
-                }
-            }
+                Err(err) => if let Some(sent) = in_flight.answered(index) {
+                    let err = map_publish(&sent.outgoing.subject, err);
+                    settling.push(settle(index, sent, Err(err)));
+                },
+            },
             Some((index, subject, result)) = settling.next(), if !settling.is_empty() => {
-                record_ack(&shared, index, &subject, result);
-                done += 1;
+                in_flight.count(result.is_ok());
+                if let Err(err) = result {
+                    record_failure(&shared, index, &subject, err);
+                }
             }
             more = std::future::poll_fn(|cx| collector.jobs.poll_take(cx, &mut batch)), if open => {
                 if !more {
@@ -394,22 +422,23 @@ async fn collect_acks(
                     settling.push(settle(index, sent, Err(reconnected())));
                 }
             }
-            () = std::future::ready(()), if done > 0 => {
-                give_back(&shared, &collector.slots, &mut done, &mut acked);
+            () = std::future::ready(()), if in_flight.has_counted() => {
+                give_back(&shared, &collector.slots, &mut in_flight);
             }
             else => break,
         }
     }
-    give_back(&shared, &collector.slots, &mut done, &mut acked);
+    give_back(&shared, &collector.slots, &mut in_flight);
 }
 
-/// Counts `acked` acks and gives `done` slots back (in that order: a flush
-/// that sees every slot free reads every count).
-fn give_back(shared: &PublisherShared, slots: &Slots, done: &mut usize, acked: &mut u64) {
-    shared
-        .acked
-        .fetch_add(std::mem::take(acked), Ordering::Relaxed);
-    slots.give_back(std::mem::take(done));
+/// Adds the acks counted since the last call and gives their messages'
+/// slots back (in that order: a flush that sees every slot free reads
+/// every count).
+fn give_back<T>(shared: &PublisherShared, slots: &Slots, in_flight: &mut AwaitingAcks<T>) {
+    if let Some((counted, acked)) = in_flight.take_counted() {
+        shared.acked.fetch_add(acked, Ordering::Relaxed);
+        slots.give_back(counted);
+    }
 }
 
 /// The collector's ends of the hand-offs: closed when it ends (or its task
@@ -444,17 +473,12 @@ async fn next_epoch(
     Some((now, epoch))
 }
 
-fn record_ack(shared: &PublisherShared, index: u64, subject: &str, result: Result<PublishAck>) {
-    match result {
-        Ok(_) => {
-            shared.acked.fetch_add(1, Ordering::Relaxed);
-        }
-        Err(err) => {
-            shared.failed.fetch_add(1, Ordering::Relaxed);
-            tracing::warn!(%subject, %err, "pipelined publish failed");
-            lock(&shared.errors).push((index, err));
-        }
-    }
+/// A message that failed for good: counted, logged and kept for the next
+/// flush's report.
+fn record_failure(shared: &PublisherShared, index: u64, subject: &str, err: Error) {
+    shared.failed.fetch_add(1, Ordering::Relaxed);
+    tracing::warn!(%subject, %err, "pipelined publish failed");
+    lock(&shared.errors).push((index, err));
 }
 
 #[cfg(test)]
@@ -474,6 +498,30 @@ mod tests {
         assert_eq!(awaiting.reconnected(2), vec![(1, "b")]);
         assert_eq!(awaiting.answered(1), None);
         assert_eq!(awaiting.answered(2), Some("c"));
+        assert!(awaiting.is_empty());
+    }
+
+    /// Every message's outcome is counted once toward the slots: its ack,
+    /// or (when its first ack failed or a reconnect handed it back) its
+    /// settled resend, never a late ack as well.
+    #[test]
+    fn every_outcome_counts_once_toward_the_slots() {
+        let mut awaiting = AwaitingAcks::new(1);
+        for (index, item) in [(0, "a"), (1, "b"), (2, "c")] {
+            assert_eq!(awaiting.sent(index, 1, item), None);
+        }
+        assert_eq!(awaiting.take_counted(), None, "nothing answered yet");
+        awaiting.acked(0);
+        assert_eq!(awaiting.answered(1), Some("b"), "its first ack failed");
+        assert_eq!(awaiting.reconnected(2), vec![(2, "c")]);
+        awaiting.acked(2);
+        assert!(awaiting.has_counted());
+        assert_eq!(awaiting.take_counted(), Some((1, 1)), "only a's ack");
+        // The two handed to `settle`: one stored by a resend, one given up.
+        awaiting.count(true);
+        awaiting.count(false);
+        assert_eq!(awaiting.take_counted(), Some((2, 1)));
+        assert_eq!(awaiting.take_counted(), None);
         assert!(awaiting.is_empty());
     }
 
