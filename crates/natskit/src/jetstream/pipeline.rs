@@ -288,7 +288,10 @@ mod tests {
         assert!(slots.take().await.is_err());
     }
 
-    #[tokio::test]
+    /// A taker already waiting (counted as such) is woken by a give-back
+    /// made on another task; a lost wake-up fails on the time limit
+    /// instead of hanging.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn a_waiting_taker_is_woken_by_a_give_back_from_another_task() {
         let slots = std::sync::Arc::new(Slots::new(1));
         let held = slots.take().await.expect("open");
@@ -297,9 +300,18 @@ mod tests {
             let slots = slots.clone();
             tokio::spawn(async move { slots.take().await.map(Slot::handed) })
         };
-        tokio::task::yield_now().await;
-        slots.give_back(1);
-        assert!(waiter.await.expect("not panicked").is_ok());
+        let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(5);
+        while slots.waiting.load(Ordering::SeqCst) == 0 {
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "the taker never waited"
+            );
+            tokio::task::yield_now().await;
+        }
+        let giver = slots.clone();
+        tokio::spawn(async move { giver.give_back(1) });
+        let taken = tokio::time::timeout(std::time::Duration::from_secs(5), waiter).await;
+        assert!(matches!(taken, Ok(Ok(Ok(())))), "{taken:?}");
     }
 
     #[test]
