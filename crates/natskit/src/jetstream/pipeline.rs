@@ -54,6 +54,19 @@ impl Slots {
         }
     }
 
+    /// `max` slots, none free until they are given back (by whoever
+    /// makes ready what a publish needs first).
+    pub(crate) fn opening_later(max: usize) -> Self {
+        let slots = Self::new(max);
+        slots.free.store(0, Ordering::Relaxed);
+        slots
+    }
+
+    /// How many slots there are.
+    pub(crate) fn max(&self) -> usize {
+        self.max
+    }
+
     /// Takes a slot, waiting while none is free or a flush waits.
     ///
     /// # Errors

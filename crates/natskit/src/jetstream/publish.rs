@@ -213,6 +213,12 @@ impl Outgoing {
         }
     }
 
+    /// The payload and headers for one send (see
+    /// [`message`](Self::message)).
+    pub(crate) fn parts(&mut self) -> (Bytes, Option<HeaderMap>) {
+        (self.payload.clone(), self.next_headers())
+    }
+
     /// The headers for one send.
     fn next_headers(&mut self) -> Option<HeaderMap> {
         match self.first.take() {

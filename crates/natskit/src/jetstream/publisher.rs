@@ -1,14 +1,14 @@
 //! The pipelined publisher: many acknowledgements in flight at once.
 
 use std::collections::HashMap;
-use std::future::IntoFuture;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, Instant};
 
-use async_nats::jetstream::publish::PublishAck;
+use async_nats::jetstream::context::{PublishError, PublishErrorKind};
 use bytes::Bytes;
+use futures_util::StreamExt;
 use futures_util::stream::FuturesUnordered;
-use futures_util::{FutureExt, StreamExt};
 
 use crate::client::Client;
 use crate::client::jetstream_errors::map_publish;
@@ -17,6 +17,7 @@ use crate::core::error::{Error, Result};
 use crate::core::message_id::MessageIds;
 use crate::core::subject::IntoSubject;
 use crate::core::sync::lock;
+use crate::jetstream::ack_inbox::{AckInbox, ack_outcome};
 use crate::jetstream::pipeline::{Handoff, Slots};
 use crate::jetstream::publish::{
     Outgoing, StreamPublishOptions, default_publish_retry, reconnected,
@@ -36,6 +37,14 @@ impl Client {
     /// [`flush`](StreamPublisher::flush) reports as failed only what was
     /// refused for good or not stored within the retry budget (by default
     /// 10 resends).
+    ///
+    /// The first acks come to an inbox of the publisher's own (one
+    /// subscription to `_INBOX.<nuid>.*`, or under the client's inbox
+    /// prefix), so the client's user needs permission to subscribe there,
+    /// as for requests. Keep `max_in_flight` below async-nats'
+    /// subscription capacity (65,536 by default): acks beyond it would be
+    /// dropped by the client and their messages sent again after the 5 s
+    /// ack wait (stored once, but late).
     ///
     /// ```no_run
     /// # async fn demo(client: natskit::Client) -> natskit::Result<()> {
@@ -57,28 +66,33 @@ impl Client {
             ));
         }
         let conn = self.nats()?.clone();
+        let inbox = Arc::new(AckInbox::new(&conn.new_inbox()));
         let js = async_nats::jetstream::ContextBuilder::new()
             .api_prefix(self.jetstream_api_prefix())
             .max_ack_inflight(max_in_flight)
-            .build(conn);
+            .build(conn.clone());
         let acks = Arc::new(Handoff::new());
         let shared = Arc::new(PublisherShared::default());
-        let slots = Arc::new(Slots::new(max_in_flight));
+        // None until the collector has subscribed to the inbox, so no ack
+        // can come before that subscription.
+        let slots = Arc::new(Slots::opening_later(max_in_flight));
         tokio::spawn(collect_acks(
             Collector {
                 jobs: acks.clone(),
                 slots: slots.clone(),
+                inbox: inbox.clone(),
+                conn,
             },
             shared.clone(),
             self.clone(),
-            js.clone(),
+            js,
         ));
         Ok(StreamPublisher {
             client: self.clone(),
-            js,
             acks,
             shared,
             slots,
+            inbox,
             ids: MessageIds::new(nuid::next().as_str()),
         })
     }
@@ -86,7 +100,8 @@ impl Client {
 
 #[derive(Debug, Default)]
 struct PublisherShared {
-    /// Messages handed to the server (also the next publish's index).
+    /// The next publish's index (one is taken by every publish that got
+    /// a slot, also when its send then failed).
     sent: AtomicU64,
     acked: AtomicU64,
     failed: AtomicU64,
@@ -105,12 +120,11 @@ pub struct PublishReport {
     pub errors: Vec<(u64, Error)>,
 }
 
-/// One sent message on its way to the collector: its index, first ack,
-/// the connection epoch it was sent on, and what the collector keeps while
-/// the ack is out.
+/// One sent message on its way to the collector: its index (its first
+/// ack comes to the inbox subject of that index), the connection epoch it
+/// was sent on, and what the collector keeps while the ack is out.
 struct AckJob {
     index: u64,
-    ack: async_nats::jetstream::context::PublishAckFuture,
     epoch: u64,
     sent: InFlight,
 }
@@ -124,35 +138,71 @@ struct InFlight {
 }
 
 /// The collector's decisions, without I/O: the messages whose first ack
-/// is awaited, by index, with the connection epoch each was sent on, and
-/// the latest epoch seen. Which message an ack settles, which ones a
-/// reconnect makes stale (their acks will never come), and how many
-/// outcomes were counted since the slots were last given back (each
-/// message's once).
-struct AwaitingAcks<T> {
+/// is awaited, by index, with the connection epoch each was sent on and
+/// when the collector saw it, and the latest epoch seen. Which message an
+/// ack settles, which ones a reconnect makes stale (their acks will never
+/// come), which ones waited too long, acks that came before their message
+/// was registered, and how many outcomes were counted since the slots
+/// were last given back (each message's once). `A` is what a failed ack
+/// carries.
+struct AwaitingAcks<T, A> {
     seen: u64,
-    by_index: HashMap<u64, (u64, T), foldhash::fast::FixedState>,
+    by_index: HashMap<u64, Awaiting<T>, foldhash::fast::FixedState>,
+    /// Acks whose message was not registered when they came (the
+    /// collector takes a message after its publish is queued, and its ack
+    /// can overtake it), or never will be (a late ack of a message already
+    /// handed back); kept for one ack wait.
+    early: HashMap<u64, (Instant, Result<(), A>), foldhash::fast::FixedState>,
     /// Outcomes counted since [`take_counted`](Self::take_counted), and
     /// the acks among them.
     counted: usize,
     acked: u64,
 }
 
-impl<T> AwaitingAcks<T> {
+/// A message awaiting its first ack.
+struct Awaiting<T> {
+    epoch: u64,
+    since: Instant,
+    item: T,
+}
+
+/// What registering a sent message found.
+#[derive(Debug, PartialEq)]
+enum Registered<T, A> {
+    /// Its ack is awaited (or came already, and was counted).
+    Awaiting,
+    /// Sent on a connection already replaced: its ack will never come.
+    Stale(T),
+    /// Its ack came already, and failed.
+    Failed(T, A),
+}
+
+impl<T, A> AwaitingAcks<T, A> {
     fn new(seen: u64) -> Self {
         Self {
             seen,
             by_index: HashMap::default(),
+            early: HashMap::default(),
             counted: 0,
             acked: 0,
         }
     }
 
-    /// The first ack of message `index` came: counted, unless a reconnect
-    /// already handed the message back (its resend counts instead).
-    fn acked(&mut self, index: u64) {
-        if self.answered(index).is_some() {
-            self.count(true);
+    /// The first ack of message `index` came, at `now`, with `outcome`:
+    /// counted when it is a success; the message back when it failed
+    /// (unless a reconnect already handed it back); kept when the message
+    /// is not registered yet.
+    fn answered(&mut self, index: u64, now: Instant, outcome: Result<(), A>) -> Option<(T, A)> {
+        let Some(awaiting) = self.by_index.remove(&index) else {
+            self.early.insert(index, (now, outcome));
+            return None;
+        };
+        match outcome {
+            Ok(()) => {
+                self.count(true);
+                None
+            }
+            Err(failure) => Some((awaiting.item, failure)),
         }
     }
 
@@ -176,34 +226,64 @@ impl<T> AwaitingAcks<T> {
         self.counted > 0
     }
 
-    /// Message `index`, sent on connection `epoch`: kept until its ack, or
-    /// handed back when that connection was already replaced.
-    fn sent(&mut self, index: u64, epoch: u64, item: T) -> Option<T> {
-        if epoch < self.seen {
-            return Some(item);
+    /// Message `index`, sent on connection `epoch`, registered at `now`:
+    /// kept until its ack, unless that ack came already, or the connection
+    /// was already replaced.
+    fn sent(&mut self, index: u64, epoch: u64, now: Instant, item: T) -> Registered<T, A> {
+        if let Some((_, outcome)) = self.early.remove(&index) {
+            return match outcome {
+                Ok(()) => {
+                    self.count(true);
+                    Registered::Awaiting
+                }
+                Err(failure) => Registered::Failed(item, failure),
+            };
         }
-        self.by_index.insert(index, (epoch, item));
-        None
-    }
-
-    /// The first ack of message `index` came (or failed): the message,
-    /// unless a reconnect already handed it back.
-    fn answered(&mut self, index: u64) -> Option<T> {
-        self.by_index.remove(&index).map(|(_, item)| item)
+        if epoch < self.seen {
+            return Registered::Stale(item);
+        }
+        let awaiting = Awaiting {
+            epoch,
+            since: now,
+            item,
+        };
+        self.by_index.insert(index, awaiting);
+        Registered::Awaiting
     }
 
     /// The connection epoch is now `epoch`: every message sent before it.
     fn reconnected(&mut self, epoch: u64) -> Vec<(u64, T)> {
         self.seen = self.seen.max(epoch);
-        let stale: Vec<u64> = self
+        self.take_where(|awaiting| awaiting.epoch < epoch)
+    }
+
+    /// Every message registered `wait` or longer before `now` (and the
+    /// early acks kept that long are dropped).
+    fn overdue(&mut self, now: Instant, wait: Duration) -> Vec<(u64, T)> {
+        self.early
+            .retain(|_, (came, _)| now.saturating_duration_since(*came) < wait);
+        self.take_where(|awaiting| now.saturating_duration_since(awaiting.since) >= wait)
+    }
+
+    /// When to look for overdue messages next: when the oldest is due,
+    /// but not sooner than an eighth of `wait` from `now` (one look finds
+    /// every message due by then; messages are not looked at one by
+    /// one); `None` when nothing is awaited.
+    fn next_check(&self, now: Instant, wait: Duration) -> Option<Instant> {
+        let oldest = self.by_index.values().map(|a| a.since).min()?;
+        Some((oldest + wait).max(now + wait / 8))
+    }
+
+    fn take_where(&mut self, stale: impl Fn(&Awaiting<T>) -> bool) -> Vec<(u64, T)> {
+        let indexes: Vec<u64> = self
             .by_index
             .iter()
-            .filter(|(_, (sent_on, _))| *sent_on < epoch)
+            .filter(|(_, awaiting)| stale(awaiting))
             .map(|(index, _)| *index)
             .collect();
-        stale
+        indexes
             .into_iter()
-            .filter_map(|index| Some((index, self.answered(index)?)))
+            .filter_map(|index| Some((index, self.by_index.remove(&index)?.item)))
             .collect()
     }
 
@@ -220,10 +300,11 @@ impl<T> AwaitingAcks<T> {
 #[derive(Debug)]
 pub struct StreamPublisher {
     client: Client,
-    js: async_nats::jetstream::Context,
     acks: Arc<Handoff<AckJob>>,
     shared: Arc<PublisherShared>,
     slots: Arc<Slots>,
+    /// Where the first acks come.
+    inbox: Arc<AckInbox>,
     /// Assigns the message ids the options do not give.
     ids: MessageIds,
 }
@@ -264,23 +345,26 @@ impl StreamPublisher {
             .prologue(&subject, caller_headers, payload.len(), |traced| {
                 options.prepare(traced, &self.ids)
             })?;
-        let (permit, headers) = (out.permit, out.headers);
+        let (permit, headers, conn) = (out.permit, out.headers, out.conn);
         let slot = self.slots.take().await?;
         let mut outgoing = Outgoing::new(subject, payload, headers, &mut options);
         let epoch = self.client.epoch_now();
-        let message = outgoing.message();
-        let sent = self
-            .js
-            .send_publish(outgoing.subject.clone(), message)
-            .await
-            .map_err(|e| map_publish(&outgoing.subject, e));
-        // Queued, not yet acknowledged: proves nothing about the server.
-        let ack = permit.record_unconfirmed(sent)?;
         let index = self.shared.sent.fetch_add(1, Ordering::Relaxed);
+        let reply = self.inbox.reply(index);
+        let (payload, headers) = outgoing.parts();
+        let subject = outgoing.subject.clone();
+        let sent = match headers {
+            Some(headers) => {
+                conn.publish_with_reply_and_headers(subject, reply, headers, payload)
+                    .await
+            }
+            None => conn.publish_with_reply(subject, reply, payload).await,
+        };
+        // Queued, not yet acknowledged: proves nothing about the server.
+        permit.record_unconfirmed(sent.map_err(Error::Publish))?;
         self.acks
             .send(AckJob {
                 index,
-                ack,
                 epoch,
                 sent: InFlight { outgoing, retry },
             })
@@ -335,33 +419,46 @@ impl StreamPublisher {
     }
 }
 
-/// Counts the outcome of every message a [`StreamPublisher`] sent. The
-/// first acks are small futures in one set, keyed by index; the messages
-/// wait beside them in a map; one watch of the connection epoch serves them
-/// all. A message whose first ack fails, or whose connection was replaced
-/// while it was out (its ack will never come), is settled by
+/// Counts the outcome of every message a [`StreamPublisher`] sent. It
+/// subscribes to the publisher's inbox first (and only then opens the
+/// slots), reads the first acks from there in batches, and keeps one timer
+/// for the messages whose first ack is late; the messages wait in a map,
+/// and one watch of the connection epoch serves them all. A message whose
+/// first ack fails or does not come in time, or whose connection was
+/// replaced while it was out (its ack will never come), is settled by
 /// [`Client::settle_publish`] in a future of its own: the rare path.
-/// (Before, every message was one future holding all of this and its own
-/// epoch watch: about 4,900 instructions a message more than raw
-/// async-nats, most of them copying that future around.)
+/// (Before, every first ack was async-nats' own request: see
+/// [`ack_inbox`](super::ack_inbox).)
 async fn collect_acks(
     collector: Collector,
     shared: Arc<PublisherShared>,
     client: Client,
     js: async_nats::jetstream::Context,
 ) {
+    let mut replies = match collector.conn.subscribe(collector.inbox.wildcard()).await {
+        Ok(replies) => replies,
+        Err(err) => {
+            // The client is closed: publishes get `Closed` (see `Collector`).
+            tracing::debug!(%err, "pipelined publisher could not subscribe to its inbox");
+            return;
+        }
+    };
+    collector.slots.give_back(collector.slots.max());
     let (client, js) = (&client, &js);
     // Pinned once and again only after it fired: a `changed()` made on
     // every pass of the loop registered a waiter per message.
     let mut changed = std::pin::pin!(next_epoch(client.connection_epoch()));
     let mut watching = true;
-    let mut acks = FuturesUnordered::new();
-    let mut in_flight: AwaitingAcks<InFlight> = AwaitingAcks::new(client.epoch_now());
+    let mut listening = true;
+    let mut in_flight: AwaitingAcks<InFlight, PublishError> = AwaitingAcks::new(client.epoch_now());
+    // One timer for every first ack: armed while any is awaited.
+    let mut overdue = std::pin::pin!(tokio::time::sleep(FIRST_ACK_WAIT));
+    let mut armed = false;
     let mut settling = FuturesUnordered::new();
-    let mut batch = Vec::new();
+    let (mut batch, mut acks) = (Vec::new(), Vec::new());
     // Settles `sent` after `first` (its failed first outcome): sent again
     // until settled, or given up.
-    let settle = |index: u64, mut sent: InFlight, first: Result<PublishAck>| {
+    let settle = |index: u64, mut sent: InFlight, first: Error| {
         Box::pin(async move {
             let result = client
                 .settle_publish(
@@ -369,28 +466,46 @@ async fn collect_acks(
                     &mut sent.outgoing,
                     sent.retry,
                     client.connection_epoch(),
-                    Some(first),
+                    Some(Err(first)),
                 )
                 .await;
             (index, sent.outgoing.subject, result)
         })
     };
+    let failed = |sent: InFlight, err: PublishError| {
+        let err = map_publish(&sent.outgoing.subject, err);
+        (sent, err)
+    };
     let mut open = true;
     while open || !in_flight.is_empty() || !settling.is_empty() {
         // Biased, in this order: no random draw per pass; acks (which free
-        // slots) before new messages; the rare reconnect polled after
-        // them (the messages it makes stale are settled whenever it is
+        // slots) before new messages; the rare reconnect and timer after
+        // them (the messages they hand back are settled whenever they are
         // seen); last, once nothing else is ready, the slots given back.
         tokio::select! {
             biased;
-            Some((index, result)) = acks.next(), if !acks.is_empty() => match result {
-                Ok(_) => in_flight.acked(index),
-                // Absent: already handed to `settle` after a reconnect.
-                Err(err) => if let Some(sent) = in_flight.answered(index) {
-                    let err = map_publish(&sent.outgoing.subject, err);
-                    settling.push(settle(index, sent, Err(err)));
-                },
-            },
+            more = std::future::poll_fn(|cx| take_replies(&mut replies, cx, &mut acks)), if listening => {
+                let now = Instant::now();
+                for message in acks.drain(..) {
+                    let Some(index) = collector.inbox.index_of(&message.subject) else {
+                        continue;
+                    };
+                    if let Some((sent, err)) = in_flight.answered(index, now, ack_outcome(&message)) {
+                        let (sent, err) = failed(sent, err);
+                        settling.push(settle(index, sent, err));
+                    }
+                }
+                if !more {
+                    // The subscription ended (the client is closing): no
+                    // first ack comes any more; what is out is sent again
+                    // through async-nats' own requests, as is everything
+                    // after.
+                    listening = false;
+                    for (index, sent) in in_flight.reconnected(u64::MAX) {
+                        settling.push(settle(index, sent, reconnected()));
+                    }
+                }
+            }
             Some((index, subject, result)) = settling.next(), if !settling.is_empty() => {
                 in_flight.count(result.is_ok());
                 if let Err(err) = result {
@@ -401,12 +516,21 @@ async fn collect_acks(
                 if !more {
                     open = false;
                 }
-                for AckJob { index, ack, epoch, sent } in batch.drain(..) {
-                    match in_flight.sent(index, epoch, sent) {
+                let now = Instant::now();
+                for AckJob { index, epoch, sent } in batch.drain(..) {
+                    match in_flight.sent(index, epoch, now, sent) {
+                        Registered::Awaiting => {}
                         // Sent on a connection already replaced.
-                        Some(sent) => settling.push(settle(index, sent, Err(reconnected()))),
-                        None => acks.push(ack.into_future().map(move |result| (index, result))),
+                        Registered::Stale(sent) => settling.push(settle(index, sent, reconnected())),
+                        Registered::Failed(sent, err) => {
+                            let (sent, err) = failed(sent, err);
+                            settling.push(settle(index, sent, err));
+                        }
                     }
+                }
+                if !armed && !in_flight.is_empty() {
+                    overdue.as_mut().reset((now + FIRST_ACK_WAIT).into());
+                    armed = true;
                 }
             }
             change = &mut changed, if watching => {
@@ -417,9 +541,20 @@ async fn collect_acks(
                 };
                 changed.set(next_epoch(epoch));
                 // The acks of what was sent before will never come: send
-                // those again (their stale ack futures end on their own).
+                // those again.
                 for (index, sent) in in_flight.reconnected(now) {
-                    settling.push(settle(index, sent, Err(reconnected())));
+                    settling.push(settle(index, sent, reconnected()));
+                }
+            }
+            () = &mut overdue, if armed => {
+                let now = Instant::now();
+                for (index, sent) in in_flight.overdue(now, FIRST_ACK_WAIT) {
+                    let (sent, err) = failed(sent, PublishError::new(PublishErrorKind::TimedOut));
+                    settling.push(settle(index, sent, err));
+                }
+                match in_flight.next_check(now, FIRST_ACK_WAIT) {
+                    Some(at) => overdue.as_mut().reset(at.into()),
+                    None => armed = false,
                 }
             }
             () = std::future::ready(()), if in_flight.has_counted() => {
@@ -431,10 +566,37 @@ async fn collect_acks(
     give_back(&shared, &collector.slots, &mut in_flight);
 }
 
+/// How long a first ack may take before its message is sent again (with
+/// its id, so the stream stores it once): async-nats' default JetStream
+/// timeout, which bounded the first ack before.
+const FIRST_ACK_WAIT: Duration = Duration::from_secs(5);
+
+/// The replies ready on the inbox, up to a batch: `Ready(true)` when some
+/// were taken, `Ready(false)` when the subscription ended.
+fn take_replies(
+    replies: &mut async_nats::Subscriber,
+    cx: &mut std::task::Context<'_>,
+    taken: &mut Vec<async_nats::Message>,
+) -> std::task::Poll<bool> {
+    const BATCH: usize = 64;
+    while taken.len() < BATCH {
+        match replies.poll_next_unpin(cx) {
+            std::task::Poll::Ready(Some(message)) => taken.push(message),
+            std::task::Poll::Ready(None) => return std::task::Poll::Ready(!taken.is_empty()),
+            std::task::Poll::Pending => break,
+        }
+    }
+    if taken.is_empty() {
+        std::task::Poll::Pending
+    } else {
+        std::task::Poll::Ready(true)
+    }
+}
+
 /// Adds the acks counted since the last call and gives their messages'
 /// slots back (in that order: a flush that sees every slot free reads
 /// every count).
-fn give_back<T>(shared: &PublisherShared, slots: &Slots, in_flight: &mut AwaitingAcks<T>) {
+fn give_back<T, A>(shared: &PublisherShared, slots: &Slots, in_flight: &mut AwaitingAcks<T, A>) {
     if let Some((counted, acked)) = in_flight.take_counted() {
         shared.acked.fetch_add(acked, Ordering::Relaxed);
         slots.give_back(counted);
@@ -447,6 +609,8 @@ fn give_back<T>(shared: &PublisherShared, slots: &Slots, in_flight: &mut Awaitin
 struct Collector {
     jobs: Arc<Handoff<AckJob>>,
     slots: Arc<Slots>,
+    inbox: Arc<AckInbox>,
+    conn: async_nats::Client,
 }
 
 impl Drop for Collector {
@@ -485,20 +649,34 @@ fn record_failure(shared: &PublisherShared, index: u64, subject: &str, err: Erro
 mod tests {
     use super::*;
 
+    type Core = AwaitingAcks<&'static str, &'static str>;
+
+    fn at(seconds: u64) -> Instant {
+        START.with(|start| *start + Duration::from_secs(seconds))
+    }
+
+    thread_local! {
+        static START: Instant = Instant::now();
+    }
+
     #[test]
     fn an_ack_settles_a_message_until_a_reconnect_hands_it_back() {
-        let mut awaiting = AwaitingAcks::new(1);
-        assert_eq!(awaiting.sent(0, 1, "a"), None);
-        assert_eq!(awaiting.sent(1, 1, "b"), None);
-        assert_eq!(awaiting.answered(0), Some("a"));
-        assert_eq!(awaiting.answered(0), None, "answered once");
+        let mut awaiting = Core::new(1);
+        assert_eq!(awaiting.sent(0, 1, at(0), "a"), Registered::Awaiting);
+        assert_eq!(awaiting.sent(1, 1, at(0), "b"), Registered::Awaiting);
+        assert_eq!(awaiting.answered(0, at(0), Err("nak")), Some(("a", "nak")));
+        assert_eq!(awaiting.answered(0, at(0), Ok(())), None, "answered once");
         // A reconnect hands back what was sent before it; its late ack
         // then finds nothing.
-        assert_eq!(awaiting.sent(2, 2, "c"), None, "sent on the new connection");
+        assert_eq!(awaiting.sent(2, 2, at(0), "c"), Registered::Awaiting);
         assert_eq!(awaiting.reconnected(2), vec![(1, "b")]);
-        assert_eq!(awaiting.answered(1), None);
-        assert_eq!(awaiting.answered(2), Some("c"));
+        assert_eq!(awaiting.answered(1, at(0), Err("late")), None);
+        assert_eq!(
+            awaiting.answered(2, at(0), Err("c failed")),
+            Some(("c", "c failed"))
+        );
         assert!(awaiting.is_empty());
+        assert_eq!(awaiting.take_counted(), None, "no ack came");
     }
 
     /// Every message's outcome is counted once toward the slots: its ack,
@@ -506,15 +684,19 @@ mod tests {
     /// settled resend, never a late ack as well.
     #[test]
     fn every_outcome_counts_once_toward_the_slots() {
-        let mut awaiting = AwaitingAcks::new(1);
+        let mut awaiting = Core::new(1);
         for (index, item) in [(0, "a"), (1, "b"), (2, "c")] {
-            assert_eq!(awaiting.sent(index, 1, item), None);
+            assert_eq!(awaiting.sent(index, 1, at(0), item), Registered::Awaiting);
         }
         assert_eq!(awaiting.take_counted(), None, "nothing answered yet");
-        awaiting.acked(0);
-        assert_eq!(awaiting.answered(1), Some("b"), "its first ack failed");
+        assert_eq!(awaiting.answered(0, at(0), Ok(())), None);
+        assert_eq!(
+            awaiting.answered(1, at(0), Err("x")),
+            Some(("b", "x")),
+            "its first ack failed"
+        );
         assert_eq!(awaiting.reconnected(2), vec![(2, "c")]);
-        awaiting.acked(2);
+        assert_eq!(awaiting.answered(2, at(0), Ok(())), None, "a late ack");
         assert!(awaiting.has_counted());
         assert_eq!(awaiting.take_counted(), Some((1, 1)), "only a's ack");
         // The two handed to `settle`: one stored by a resend, one given up.
@@ -523,17 +705,70 @@ mod tests {
         assert_eq!(awaiting.take_counted(), Some((2, 1)));
         assert_eq!(awaiting.take_counted(), None);
         assert!(awaiting.is_empty());
+        // The late ack is not kept past one wait.
+        assert!(awaiting.overdue(at(5), Duration::from_secs(5)).is_empty());
+        assert_eq!(awaiting.sent(2, 2, at(5), "c again"), Registered::Awaiting);
+        assert_eq!(awaiting.take_counted(), None, "the late ack was dropped");
     }
 
     #[test]
     fn a_message_sent_on_a_replaced_connection_is_handed_back_at_once() {
-        let mut awaiting = AwaitingAcks::new(1);
+        let mut awaiting = Core::new(1);
         assert!(awaiting.reconnected(3).is_empty());
-        assert_eq!(awaiting.sent(0, 2, "old"), Some("old"));
-        assert_eq!(awaiting.sent(1, 3, "new"), None);
+        assert_eq!(awaiting.sent(0, 2, at(0), "old"), Registered::Stale("old"));
+        assert_eq!(awaiting.sent(1, 3, at(0), "new"), Registered::Awaiting);
         // An older epoch seen late changes nothing.
         assert!(awaiting.reconnected(2).is_empty());
-        assert_eq!(awaiting.sent(2, 2, "older"), Some("older"));
+        assert_eq!(
+            awaiting.sent(2, 2, at(0), "older"),
+            Registered::Stale("older")
+        );
         assert!(!awaiting.is_empty());
+    }
+
+    /// The ack of a message can reach the collector before the message
+    /// does (its publish is queued first, then handed over): it counts
+    /// when the message comes, success or failure.
+    #[test]
+    fn an_ack_that_overtakes_its_message_is_kept_for_it() {
+        let mut awaiting = Core::new(1);
+        assert_eq!(awaiting.answered(0, at(0), Ok(())), None);
+        assert_eq!(awaiting.answered(1, at(0), Err("refused")), None);
+        assert_eq!(awaiting.take_counted(), None, "not registered yet");
+        assert_eq!(awaiting.sent(0, 1, at(1), "a"), Registered::Awaiting);
+        assert_eq!(awaiting.take_counted(), Some((1, 1)));
+        // Even on a replaced connection: the ack says it was stored.
+        awaiting.reconnected(2);
+        assert_eq!(
+            awaiting.sent(1, 1, at(1), "b"),
+            Registered::Failed("b", "refused")
+        );
+        assert!(awaiting.is_empty(), "neither is awaited");
+    }
+
+    /// One timer serves every first ack: a look finds each message that
+    /// waited the whole wait, and the next look is due when the oldest
+    /// left is, but not sooner than an eighth of the wait.
+    #[test]
+    fn messages_without_an_ack_in_time_are_handed_back_by_one_timer() {
+        let wait = Duration::from_secs(8);
+        let mut awaiting = Core::new(1);
+        assert_eq!(awaiting.next_check(at(0), wait), None, "nothing awaited");
+        assert_eq!(awaiting.sent(0, 1, at(0), "a"), Registered::Awaiting);
+        assert_eq!(awaiting.sent(1, 1, at(3), "b"), Registered::Awaiting);
+        assert_eq!(awaiting.sent(2, 1, at(8), "c"), Registered::Awaiting);
+        assert_eq!(awaiting.next_check(at(0), wait), Some(at(8)));
+        assert!(awaiting.overdue(at(7), wait).is_empty());
+        assert_eq!(awaiting.overdue(at(8), wait), vec![(0, "a")]);
+        assert_eq!(awaiting.next_check(at(8), wait), Some(at(11)));
+        assert_eq!(awaiting.answered(1, at(9), Ok(())), None);
+        // c is due at 16; a look at 15.5 would be sooner than 15.5 + 1.
+        assert_eq!(
+            awaiting.next_check(at(15) + Duration::from_millis(500), wait),
+            Some(at(16) + Duration::from_millis(500))
+        );
+        assert_eq!(awaiting.overdue(at(16), wait), vec![(2, "c")]);
+        assert_eq!(awaiting.next_check(at(16), wait), None);
+        assert_eq!(awaiting.take_counted(), Some((1, 1)), "b's ack");
     }
 }
