@@ -1,6 +1,7 @@
 //! The resilient [`Client`]: configuration, connection lifecycle, status,
 //! health and callbacks.
 
+pub(crate) mod ack_inbox;
 pub mod breaker;
 mod builder;
 pub(crate) mod handler;

@@ -3,7 +3,6 @@
 //! supervised consumers ([`consumer`]) and the stream monitor
 //! ([`monitor`]).
 
-pub(crate) mod ack_inbox;
 pub(crate) mod consumer;
 pub(crate) mod monitor;
 pub(crate) mod pipeline;

@@ -11,13 +11,13 @@ use futures_util::StreamExt;
 use futures_util::stream::FuturesUnordered;
 
 use crate::client::Client;
+use crate::client::ack_inbox::{AckInbox, ack_outcome, take_replies};
 use crate::client::jetstream_errors::map_publish;
 use crate::core::backoff::RetryConfig;
 use crate::core::error::{Error, Result};
 use crate::core::message_id::MessageIds;
 use crate::core::subject::IntoSubject;
 use crate::core::sync::lock;
-use crate::jetstream::ack_inbox::{AckInbox, ack_outcome};
 use crate::jetstream::pipeline::{Handoff, Slots};
 use crate::jetstream::publish::{
     Outgoing, StreamPublishOptions, default_publish_retry, reconnected,
@@ -428,7 +428,7 @@ impl StreamPublisher {
 /// replaced while it was out (its ack will never come), is settled by
 /// [`Client::settle_publish`] in a future of its own: the rare path.
 /// (Before, every first ack was async-nats' own request: see
-/// [`ack_inbox`](super::ack_inbox).)
+/// [`ack_inbox`](crate::client::ack_inbox).)
 async fn collect_acks(
     collector: Collector,
     shared: Arc<PublisherShared>,
@@ -570,28 +570,6 @@ async fn collect_acks(
 /// its id, so the stream stores it once): async-nats' default JetStream
 /// timeout, which bounded the first ack before.
 const FIRST_ACK_WAIT: Duration = Duration::from_secs(5);
-
-/// The replies ready on the inbox, up to a batch: `Ready(true)` when some
-/// were taken, `Ready(false)` when the subscription ended.
-fn take_replies(
-    replies: &mut async_nats::Subscriber,
-    cx: &mut std::task::Context<'_>,
-    taken: &mut Vec<async_nats::Message>,
-) -> std::task::Poll<bool> {
-    const BATCH: usize = 64;
-    while taken.len() < BATCH {
-        match replies.poll_next_unpin(cx) {
-            std::task::Poll::Ready(Some(message)) => taken.push(message),
-            std::task::Poll::Ready(None) => return std::task::Poll::Ready(!taken.is_empty()),
-            std::task::Poll::Pending => break,
-        }
-    }
-    if taken.is_empty() {
-        std::task::Poll::Pending
-    } else {
-        std::task::Poll::Ready(true)
-    }
-}
 
 /// Adds the acks counted since the last call and gives their messages'
 /// slots back (in that order: a flush that sees every slot free reads

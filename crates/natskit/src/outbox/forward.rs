@@ -3,18 +3,13 @@
 //! connection and the breaker, and carries out the window's effects on the
 //! outbox's counters, metrics and store. Every decision is the window's.
 
-use std::future::Future;
-use std::pin::Pin;
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
 use async_nats::HeaderMap;
-use async_nats::jetstream::context::{PublishError, PublishErrorKind};
-use async_nats::jetstream::message::PublishMessage;
-use async_nats::jetstream::publish::PublishAck;
+use async_nats::jetstream::context::PublishError;
 use bytes::Bytes;
-use futures_util::FutureExt;
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 
@@ -22,6 +17,7 @@ use super::store::{self, Cmd};
 use super::window::{Ack, Early, Effect, Expectation, LOAD_BATCH, Settle, Window};
 use super::{Shared, as_i64};
 use crate::client::Client;
+use crate::client::ack_inbox::{AckInbox, read_ack, take_replies};
 use crate::client::breaker::Permit;
 use crate::client::jetstream_errors::{PublishFault, classify_publish};
 use crate::client::retry;
@@ -61,8 +57,13 @@ impl Body {
     }
 }
 
-type AckFuture =
-    Pin<Box<dyn Future<Output = std::result::Result<PublishAck, PublishError>> + Send>>;
+/// A send in flight as the shell tracks it: its number (its ack comes to
+/// the inbox subject of that number) and the ack, once read.
+#[derive(Debug)]
+pub(super) struct AckSlot {
+    number: u64,
+    answer: Option<std::result::Result<Ack, PublishError>>,
+}
 
 type Loaded = Result<Vec<store::LoadedRow>>;
 
@@ -70,12 +71,18 @@ type Loaded = Result<Vec<store::LoadedRow>>;
 /// the breaker's admission of the current run of sends, and the load under
 /// way.
 struct Shell<'c> {
-    window: Window<Body, AckFuture>,
+    window: Window<Body, AckSlot>,
     shared: Arc<Shared>,
     client: &'c Client,
     js: Option<async_nats::jetstream::Context>,
     permit: Option<Permit<'c>>,
     loading: Option<tokio::task::JoinHandle<Loaded>>,
+    /// Where the acks come (see `ack_inbox`): subscribed before the first
+    /// send, and again after the subscription ended.
+    inbox: AckInbox,
+    replies: Option<async_nats::Subscriber>,
+    /// The next send's number.
+    sends: u64,
 }
 
 pub(super) async fn forward(
@@ -94,6 +101,12 @@ pub(super) async fn forward(
         js: None,
         permit: None,
         loading: None,
+        inbox: AckInbox::new(&client.nats().map_or_else(
+            |_| format!("_INBOX.{}", nuid::next()),
+            async_nats::Client::new_inbox,
+        )),
+        replies: None,
+        sends: 0,
     };
     let mut epoch = client.connection_epoch();
     epoch.borrow_and_update();
@@ -105,6 +118,7 @@ pub(super) async fn forward(
     let mut status = client.status_watch();
     let tick =
         (config.ack_timeout / 10).clamp(Duration::from_millis(10), Duration::from_millis(250));
+    let mut answers = Vec::new();
     let mut deadlines = tokio::time::interval(tick);
     deadlines.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
@@ -140,10 +154,10 @@ pub(super) async fn forward(
         let want_wake = shell.loading.is_none() && shell.window.queued() < LOAD_BATCH;
         let has_inflight = !shell.window.idle();
         let is_loading = shell.loading.is_some();
+        let listening = shell.replies.is_some();
         let Shell {
-            window, loading, ..
+            loading, replies, ..
         } = &mut shell;
-        let front = window.front_ack();
         tokio::select! {
             biased;
             () = &mut cancelled => break,
@@ -157,33 +171,38 @@ pub(super) async fn forward(
                 shell.window.reconnected();
                 shell.apply_effects();
             }
-            result = async {
-                match front {
-                    Some(ack) => Some(ack.await),
-                    None => std::future::pending().await,
+            more = std::future::poll_fn(|cx| match replies.as_mut() {
+                Some(replies) => take_replies(replies, cx, &mut answers),
+                None => std::task::Poll::Pending,
+            }), if listening => {
+                if !more {
+                    // Subscribed again before the next send; what is in
+                    // flight goes back when its deadline passes.
+                    shell.replies = None;
                 }
-            }, if has_inflight => {
-                // This ack, then every later one that is already here: one
-                // pass of the loop settles a run of acks.
-                let mut next = Some(result);
-                while let Some(result) = next.take() {
-                    let settle = match result {
-                        Some(Ok(ack)) => Settle::Acked(read_ack(ack)),
-                        Some(Err(err)) => {
+                for message in answers.drain(..) {
+                    let Some(number) = shell.inbox.index_of(&message.subject) else {
+                        continue;
+                    };
+                    // A late answer to a send that went back is not found.
+                    if let Some(slot) = shell.window.ack_by(|slot| slot.number.cmp(&number)) {
+                        slot.answer.get_or_insert_with(|| read_answer(&message));
+                    }
+                }
+                // Then the oldest send, and every later one in order that
+                // is answered: one pass of the loop settles a run of acks.
+                while let Some(answer) = shell.window.front_ack().and_then(|slot| slot.answer.take()) {
+                    let settle = match answer {
+                        Ok(ack) => Settle::Acked(ack),
+                        Err(err) => {
                             let subject = shell.window.front().map(|body| body.subject.clone());
                             classify(&client, shell.js.as_ref(), subject, err).await
                         }
-                        None => Settle::Transient("no acknowledgement in time".into()),
                     };
                     let settled = !matches!(settle, Settle::Transient(_));
                     shell.settle_front(settle);
-                    if settled {
-                        let overdue = shell.window.front_overdue(Instant::now());
-                        next = match shell.window.front_ack().map(|ack| ack.now_or_never()) {
-                            Some(Some(result)) => Some(Some(result)),
-                            Some(None) if overdue => Some(None),
-                            _ => None,
-                        };
+                    if !settled {
+                        break;
                     }
                 }
             }
@@ -225,13 +244,13 @@ pub(super) async fn forward(
     let _ = shared.commands.send(Cmd::Shutdown);
 }
 
-/// What an acknowledgement tells the window.
-fn read_ack(ack: PublishAck) -> Ack {
-    Ack {
-        stream: ack.stream,
-        sequence: ack.sequence,
-        duplicate: ack.duplicate,
-    }
+/// What an ack on the inbox tells the window.
+fn read_answer(message: &async_nats::Message) -> std::result::Result<Ack, PublishError> {
+    read_ack::<String>(message).map(|stored| Ack {
+        stream: stored.stream,
+        sequence: stored.sequence,
+        duplicate: stored.duplicate,
+    })
 }
 
 /// Waits for the next connection epoch; gives the receiver back, and
@@ -335,36 +354,53 @@ impl Shell<'_> {
         // Known once the first ack named the stream.
         self.window
             .set_stream_replicas(self.shared.stream_replicas.load(Ordering::Relaxed));
+        // For the stream lookups after no responders (see `classify`).
         let api_prefix = self.client.jetstream_api_prefix();
-        let js = self.js.get_or_insert_with(|| {
+        self.js.get_or_insert_with(|| {
             async_nats::jetstream::ContextBuilder::new()
                 .api_prefix(api_prefix)
                 .timeout(ack_timeout)
-                .ack_timeout(ack_timeout)
-                .max_ack_inflight(max.saturating_mul(8))
-                .backpressure_on_inflight(false)
                 .build(conn.clone())
         });
+        if self.replies.is_none() {
+            // Before any send, so no ack comes before the subscription.
+            match conn.subscribe(self.inbox.wildcard()).await {
+                Ok(replies) => self.replies = Some(replies),
+                Err(err) => {
+                    tracing::debug!(%err, "outbox: subscribing to the ack inbox failed");
+                    return;
+                }
+            }
+        }
         while !cancel.is_cancelled() {
             let Some(msg) = self.window.next_to_send(max) else {
                 break;
             };
             let headers = msg.body.headers(self.window.expectation());
-            let publish = PublishMessage::build()
-                .payload(msg.body.payload.clone())
-                .headers(headers);
-            match js.send_publish(msg.body.subject.clone(), publish).await {
-                Ok(ack) => {
+            let number = self.sends;
+            self.sends += 1;
+            let reply = self.inbox.reply(number);
+            let sent = conn
+                .publish_with_reply_and_headers(
+                    msg.body.subject.clone(),
+                    reply,
+                    headers,
+                    msg.body.payload.clone(),
+                )
+                .await;
+            match sent {
+                Ok(()) => {
                     let deadline = Instant::now() + ack_timeout;
-                    self.window.sent(msg, Box::pin(ack.into_future()), deadline);
+                    let slot = AckSlot {
+                        number,
+                        answer: None,
+                    };
+                    self.window.sent(msg, slot, deadline);
                 }
-                Err(err) if err.kind() == PublishErrorKind::MaxPayloadExceeded => {
+                Err(err)
+                    if err.kind() == async_nats::client::PublishErrorKind::MaxPayloadExceeded =>
+                {
                     self.window.send_refused(msg, format!("too large: {err}"));
-                }
-                Err(err) if err.kind() == PublishErrorKind::MaxAckPending => {
-                    // Abandoned sends still hold async-nats' ack slots.
-                    self.window.send_busy(msg, Instant::now());
-                    break;
                 }
                 Err(err) => {
                     tracing::debug!(%err, "outbox: send failed");
@@ -380,11 +416,11 @@ impl Shell<'_> {
     /// read without waiting.
     fn settle_front(&mut self, settle: Settle) {
         self.window
-            .settle_front(settle, Instant::now(), fastrand::f64(), |ack| {
-                match ack.now_or_never() {
-                    Some(Ok(ack)) => Some(Early::Acked(read_ack(ack))),
-                    Some(Err(err)) if answered(&err) => Some(Early::Answered),
-                    _ => None,
+            .settle_front(settle, Instant::now(), fastrand::f64(), |slot| {
+                match slot.answer.take()? {
+                    Ok(ack) => Some(Early::Acked(ack)),
+                    Err(err) if answered(&err) => Some(Early::Answered),
+                    Err(_) => None,
                 }
             });
         self.apply_effects();

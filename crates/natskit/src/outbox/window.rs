@@ -66,8 +66,6 @@ pub(crate) const REMOVE_AFTER: Duration = Duration::from_secs(1);
 /// Failed sends of a message while later ones were acknowledged before it
 /// is moved aside (the signature of a publish permission denial).
 pub(crate) const MAX_STALLS: u32 = 3;
-/// The pause after async-nats refused a send for too many acks pending.
-const BUSY_PAUSE: Duration = Duration::from_millis(20);
 /// The pause after a send could not be written.
 const SEND_FAILED_PAUSE: Duration = Duration::from_millis(100);
 /// The pause after the store could not be read.
@@ -438,13 +436,6 @@ impl<M, A> Window<M, A> {
         self.dead_letter(msg.seq, msg.size, reason);
     }
 
-    /// `msg` could not be sent because too many acks are pending: it goes
-    /// first again after a short pause.
-    pub(crate) fn send_busy(&mut self, msg: Message<M>, now: Instant) {
-        self.queue.push_front(msg);
-        self.pause_until = Some(now + BUSY_PAUSE);
-    }
-
     /// `msg` could not be written: it goes first again after a pause.
     pub(crate) fn send_failed(&mut self, msg: Message<M>, now: Instant) {
         self.queue.push_front(msg);
@@ -455,6 +446,17 @@ impl<M, A> Window<M, A> {
     /// The acknowledgement handle of the oldest send in flight.
     pub(crate) fn front_ack(&mut self) -> Option<&mut A> {
         self.inflight.front_mut().map(|f| &mut f.ack)
+    }
+
+    /// The ack of the send in flight that `order` finds, by binary search
+    /// in send order (`order` compares a send's ack with the one sought:
+    /// the shell's acks carry a number that grows with every send).
+    pub(crate) fn ack_by(
+        &mut self,
+        mut order: impl FnMut(&A) -> std::cmp::Ordering,
+    ) -> Option<&mut A> {
+        let at = self.inflight.binary_search_by(|f| order(&f.ack)).ok()?;
+        self.inflight.get_mut(at).map(|f| &mut f.ack)
     }
 
     /// The oldest send in flight (its body), if any.
@@ -741,6 +743,33 @@ mod tests {
             .collect()
     }
 
+    /// The shell finds the send an ack answers by the number it gave the
+    /// send (growing with every send), among those still in flight.
+    #[test]
+    fn an_ack_is_found_by_its_send_number_among_the_sends_in_flight() {
+        let t0 = Instant::now();
+        let backoff =
+            Backoff::new(Duration::from_millis(100), Duration::from_secs(2)).without_jitter();
+        let mut w: Window<&'static str, (u64, Option<Early>)> = Window::new(1, backoff);
+        for seq in 1..=4 {
+            w.loaded(seq, 10, Ok((1_000 + seq, "body")));
+        }
+        for number in [10, 11, 13, 20] {
+            let msg = w.next_to_send(8).expect("a queued message");
+            w.sent(msg, (number, None), t0 + Duration::from_secs(5));
+        }
+        let find = |w: &mut Window<_, (u64, Option<Early>)>, n: u64| {
+            w.ack_by(|ack| ack.0.cmp(&n)).map(|ack| ack.0)
+        };
+        assert_eq!(find(&mut w, 13), Some(13));
+        assert_eq!(find(&mut w, 20), Some(20));
+        assert_eq!(find(&mut w, 12), None, "never sent");
+        assert_eq!(find(&mut w, 21), None);
+        w.settle_front(Settle::Acked(ack(false)), t0, 0.0, |ack| ack.1.take());
+        assert_eq!(find(&mut w, 10), None, "settled: no longer in flight");
+        assert_eq!(find(&mut w, 11), Some(11));
+    }
+
     #[test]
     fn acks_in_order_settle_each_message_once_and_move_the_low_water_mark() {
         let t0 = Instant::now();
@@ -938,10 +967,6 @@ mod tests {
         let mut w = window();
         load(&mut w, 1..=2);
         let m = w.next_to_send(4).expect("1");
-        w.send_busy(m, t0);
-        assert_eq!(w.pause(t0), Some(t0 + BUSY_PAUSE));
-        let m = w.next_to_send(4).expect("1 again");
-        assert_eq!(m.seq, 1);
         w.send_failed(m, t0);
         assert_eq!(
             w.drain_effects().collect::<Vec<_>>(),

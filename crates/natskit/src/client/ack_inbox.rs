@@ -13,10 +13,13 @@
 //! subscription to `<inbox>.*`, and keeps one timer for all of them. The
 //! ack's meaning is read exactly as async-nats reads it ([`ack_outcome`]).
 //!
-//! [`StreamPublisher`]: super::StreamPublisher
+//! The outbox's forwarder sends and reads its acks the same way.
+//!
+//! [`StreamPublisher`]: crate::StreamPublisher
 
 use async_nats::jetstream::context::{PublishError, PublishErrorKind};
 use async_nats::jetstream::{self, ErrorCode};
+use futures_util::StreamExt;
 
 /// A publisher's inbox: `<client inbox prefix>.<nuid>`.
 #[derive(Debug)]
@@ -70,6 +73,28 @@ impl AckInbox {
     }
 }
 
+/// The replies ready on the inbox, up to a batch: `Ready(true)` when some
+/// were taken, `Ready(false)` when the subscription ended.
+pub(crate) fn take_replies(
+    replies: &mut async_nats::Subscriber,
+    cx: &mut std::task::Context<'_>,
+    taken: &mut Vec<async_nats::Message>,
+) -> std::task::Poll<bool> {
+    const BATCH: usize = 64;
+    while taken.len() < BATCH {
+        match replies.poll_next_unpin(cx) {
+            std::task::Poll::Ready(Some(message)) => taken.push(message),
+            std::task::Poll::Ready(None) => return std::task::Poll::Ready(!taken.is_empty()),
+            std::task::Poll::Pending => break,
+        }
+    }
+    if taken.is_empty() {
+        std::task::Poll::Pending
+    } else {
+        std::task::Poll::Ready(true)
+    }
+}
+
 const HEX: &[u8; 16] = b"0123456789abcdef";
 
 /// Hex digits of `n`, without leading zeros (one for zero).
@@ -85,10 +110,27 @@ fn hex_digits(n: u64) -> usize {
 /// struct instead of async-nats' untagged enum (about 3,500 instructions,
 /// most of them the failed first try).
 pub(crate) fn ack_outcome(message: &async_nats::Message) -> Result<(), PublishError> {
+    read_ack::<serde::de::IgnoredAny>(message).map(|_| ())
+}
+
+/// A stored message's ack: the stream (read as `S`; `IgnoredAny` skips
+/// it), the sequence, and whether it was a duplicate.
+#[derive(Debug)]
+pub(crate) struct Stored<S> {
+    pub(crate) stream: S,
+    pub(crate) sequence: u64,
+    pub(crate) duplicate: bool,
+}
+
+/// Reads an ack as [`ack_outcome`] does, keeping what a stored message's
+/// ack says.
+pub(crate) fn read_ack<S: serde::de::DeserializeOwned>(
+    message: &async_nats::Message,
+) -> Result<Stored<S>, PublishError> {
     if message.status == Some(async_nats::StatusCode::NO_RESPONDERS) {
         return Err(PublishError::new(PublishErrorKind::StreamNotFound));
     }
-    let reply: AckReply = serde_json::from_slice(&message.payload)
+    let reply: AckReply<S> = serde_json::from_slice(&message.payload)
         .map_err(|err| PublishError::with_source(PublishErrorKind::Other, err))?;
     match reply {
         AckReply {
@@ -103,10 +145,15 @@ pub(crate) fn ack_outcome(message: &async_nats::Message) -> Result<(), PublishEr
             _ => PublishError::with_source(PublishErrorKind::Other, error),
         }),
         AckReply {
-            stream: Some(_),
-            seq: Some(_),
+            stream: Some(stream),
+            seq: Some(sequence),
+            duplicate,
             ..
-        } => Ok(()),
+        } => Ok(Stored {
+            stream,
+            sequence,
+            duplicate,
+        }),
         AckReply { .. } => Err(PublishError::with_source(
             PublishErrorKind::Other,
             "an ack without a stream and a sequence",
@@ -116,13 +163,16 @@ pub(crate) fn ack_outcome(message: &async_nats::Message) -> Result<(), PublishEr
 
 /// The fields of a publish ack that say how it went; the rest is skipped.
 #[derive(serde::Deserialize)]
-struct AckReply {
+#[serde(bound = "S: serde::de::DeserializeOwned")]
+struct AckReply<S> {
     #[serde(default)]
     error: Option<jetstream::Error>,
     #[serde(default)]
-    stream: Option<serde::de::IgnoredAny>,
+    stream: Option<S>,
     #[serde(default)]
     seq: Option<u64>,
+    #[serde(default)]
+    duplicate: bool,
 }
 
 #[cfg(test)]
@@ -192,5 +242,20 @@ mod tests {
         assert_eq!(kind(None, r#"{"stream":"S"}"#), PublishErrorKind::Other);
         assert_eq!(kind(None, ""), PublishErrorKind::Other);
         assert_eq!(kind(None, "not json"), PublishErrorKind::Other);
+    }
+
+    #[test]
+    fn a_stored_messages_ack_keeps_its_stream_sequence_and_duplicate_flag() {
+        let read = |payload| read_ack::<String>(&reply(None, payload)).expect("stored");
+        let first = read(r#"{"stream":"ORDERS","seq":12,"domain":"hub"}"#);
+        assert_eq!(
+            (first.stream.as_str(), first.sequence, first.duplicate),
+            ("ORDERS", 12, false)
+        );
+        let again = read(r#"{"stream":"ORDERS","seq":12,"duplicate":true}"#);
+        assert_eq!(
+            (again.stream.as_str(), again.sequence, again.duplicate),
+            ("ORDERS", 12, true)
+        );
     }
 }
