@@ -4,11 +4,11 @@
 use std::time::Duration;
 
 use async_nats::HeaderMap;
-use async_nats::jetstream::message::PublishMessage;
 use async_nats::jetstream::publish::PublishAck;
 use bytes::Bytes;
 
 use crate::client::Client;
+use crate::client::ack_inbox::publish_for_ack;
 use crate::client::jetstream_errors::{map_publish, timed_out, unavailable};
 use crate::client::retry::{self, Retry};
 use crate::core::backoff::RetryConfig;
@@ -204,17 +204,7 @@ impl Outgoing {
         }
     }
 
-    /// The message for one send.
-    pub(crate) fn message(&mut self) -> PublishMessage {
-        let message = PublishMessage::build().payload(self.payload.clone());
-        match self.next_headers() {
-            Some(h) => message.headers(h),
-            None => message,
-        }
-    }
-
-    /// The payload and headers for one send (see
-    /// [`message`](Self::message)).
+    /// The payload and headers for one send.
     pub(crate) fn parts(&mut self) -> (Bytes, Option<HeaderMap>) {
         (self.payload.clone(), self.next_headers())
     }
@@ -255,6 +245,27 @@ pub(crate) fn reconnected() -> Error {
 /// How long one send of a stream publish waits for its ack before it is
 /// sent again with the same message id.
 const RESEND_ACK_WAIT: Duration = Duration::from_secs(1);
+
+/// How a stream publish is sent and sent again: its retry budget, and how
+/// long each send waits for its ack.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct SendPolicy {
+    retry: RetryConfig,
+    ack_wait: Duration,
+}
+
+impl SendPolicy {
+    /// `retry`, and each send waiting at most a second for its ack (less
+    /// when `timeout` is less) before it is sent again: a publish that went
+    /// to a leader that just died is not held up for the whole ack timeout
+    /// while a new leader is elected, and the id makes a resend harmless.
+    pub(crate) fn new(retry: RetryConfig, timeout: Option<Duration>) -> Self {
+        Self {
+            retry,
+            ack_wait: timeout.map_or(RESEND_ACK_WAIT, |t| t.min(RESEND_ACK_WAIT)),
+        }
+    }
+}
 
 /// Default retry of JetStream publishes while JetStream is unavailable.
 pub(crate) fn default_publish_retry() -> RetryConfig {
@@ -331,7 +342,13 @@ impl Client {
         let retry = options.retry.unwrap_or_else(default_publish_retry);
         let mut outgoing = Outgoing::new(subject, payload, headers, &mut options);
         let result = self
-            .settle_publish(js, &mut outgoing, retry, self.connection_epoch(), None)
+            .settle_publish(
+                js,
+                &mut outgoing,
+                SendPolicy::new(retry, options.timeout),
+                self.connection_epoch(),
+                None,
+            )
             .await;
         permit.record(result)
     }
@@ -348,15 +365,16 @@ impl Client {
         &self,
         js: &async_nats::jetstream::Context,
         outgoing: &mut Outgoing,
-        retry: RetryConfig,
+        send: SendPolicy,
         mut epoch: tokio::sync::watch::Receiver<u64>,
         mut first: Option<Result<PublishAck>>,
     ) -> Result<PublishAck> {
+        let SendPolicy { retry, ack_wait } = send;
         let mut waits = Retry::new(retry.backoff);
         let result = loop {
             let outcome = match first.take() {
                 Some(outcome) => outcome,
-                None => self.send_once(js, outgoing, &mut epoch).await,
+                None => self.send_once(outgoing, ack_wait, &mut epoch).await,
             };
             let subject = &outgoing.subject;
             if !send_again(&outcome, waits.attempt(), retry.max_retries)
@@ -379,29 +397,21 @@ impl Client {
     /// One send of `outgoing` and the wait for its ack.
     async fn send_once(
         &self,
-        js: &async_nats::jetstream::Context,
         outgoing: &mut Outgoing,
+        ack_wait: Duration,
         epoch: &mut tokio::sync::watch::Receiver<u64>,
     ) -> Result<PublishAck> {
-        let message = outgoing.message();
+        let conn = self.nats()?;
+        let (payload, headers) = outgoing.parts();
         let subject = &outgoing.subject;
         epoch.borrow_and_update();
-        // Each send waits at most a second for its ack before it is sent
-        // again (the id makes a resend harmless), so a publish that went to
-        // a leader that just died is not held up for the whole ack timeout
-        // while a new leader is elected.
-        let resend_wait = tokio::time::sleep(RESEND_ACK_WAIT);
-        match js.send_publish(subject.clone(), message).await {
-            Ok(ack) => {
-                tokio::select! {
-                    ack = ack => ack.map_err(|e| map_publish(subject, e)),
-                    () = resend_wait => Err(timed_out("publish", format!("no ack within {RESEND_ACK_WAIT:?} of a resend"))),
-                    // The connection dropped and came back while the ack
-                    // was awaited: it will never come; resend now.
-                    _ = epoch.changed() => Err(reconnected()),
-                }
-            }
-            Err(e) => Err(map_publish(subject, e)),
+        let sent = publish_for_ack(conn, subject.clone(), headers.unwrap_or_default(), payload);
+        tokio::select! {
+            ack = sent => ack.map_err(|e| map_publish(subject, e)),
+            () = tokio::time::sleep(ack_wait) => Err(timed_out("publish", format!("no ack within {ack_wait:?}"))),
+            // The connection dropped and came back while the ack was
+            // awaited: it will never come; resend now.
+            _ = epoch.changed() => Err(reconnected()),
         }
     }
 

@@ -20,7 +20,7 @@ use crate::core::subject::IntoSubject;
 use crate::core::sync::lock;
 use crate::jetstream::pipeline::{Handoff, Slots};
 use crate::jetstream::publish::{
-    Outgoing, StreamPublishOptions, default_publish_retry, reconnected,
+    Outgoing, SendPolicy, StreamPublishOptions, default_publish_retry, reconnected,
 };
 
 impl Client {
@@ -464,7 +464,7 @@ async fn collect_acks(
                 .settle_publish(
                     js,
                     &mut sent.outgoing,
-                    sent.retry,
+                    SendPolicy::new(sent.retry, None),
                     client.connection_epoch(),
                     Some(Err(first)),
                 )

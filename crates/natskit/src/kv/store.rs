@@ -10,6 +10,7 @@ use async_nats::jetstream::kv::{self, Operation};
 use bytes::Bytes;
 use futures_util::StreamExt;
 
+use crate::client::ack_inbox::publish_for_ack;
 use crate::client::jetstream_errors::{
     PublishFault, classify_publish, failed, timed_out, unavailable,
 };
@@ -166,8 +167,7 @@ impl KvStore {
         expected: Option<u64>,
     ) -> Result<u64> {
         use async_nats::header;
-        use async_nats::jetstream::message::PublishMessage;
-        let js = self.client.jetstream()?;
+        let conn = self.client.nats()?;
         // On the stack: only the header holds a copy.
         let id = nuid::next();
         let id = id.as_str();
@@ -188,14 +188,8 @@ impl KvStore {
         let mut epoch = self.client.connection_epoch();
         loop {
             epoch.borrow_and_update();
-            let message = PublishMessage::build()
-                .payload(value.clone())
-                .headers(headers());
             let ack_wait = core.ack_wait(Instant::now());
-            let sent = async {
-                let ack = js.send_publish(subject.publish.clone(), message).await?;
-                ack.await
-            };
+            let sent = publish_for_ack(conn, subject.publish.clone(), headers(), value.clone());
             // What the send came to, and the error it stands for should the
             // write end on it.
             let (outcome, fault) = tokio::select! {
