@@ -39,9 +39,8 @@ impl Client {
     /// 10 resends).
     ///
     /// The first acks come to an inbox of the publisher's own (one
-    /// subscription to `_INBOX.<nuid>.*`, or under the client's inbox
-    /// prefix), so the client's user needs permission to subscribe there,
-    /// as for requests. Keep `max_in_flight` below async-nats'
+    /// subscription to `_INBOX.<nuid>.*`), so the client's user needs
+    /// permission to subscribe under `_INBOX.`, as for requests. Keep `max_in_flight` below async-nats'
     /// subscription capacity (65,536 by default): acks beyond it would be
     /// dropped by the client and their messages sent again after the 5 s
     /// ack wait (stored once, but late).

@@ -57,6 +57,12 @@ impl Body {
     }
 }
 
+/// The forwarder's ack inbox and its subscription.
+struct Replies {
+    inbox: AckInbox,
+    subscription: async_nats::Subscriber,
+}
+
 /// A send in flight as the shell tracks it: its number (its ack comes to
 /// the inbox subject of that number) and the ack, once read.
 #[derive(Debug)]
@@ -78,9 +84,8 @@ struct Shell<'c> {
     permit: Option<Permit<'c>>,
     loading: Option<tokio::task::JoinHandle<Loaded>>,
     /// Where the acks come (see `ack_inbox`): subscribed before the first
-    /// send, and again after the subscription ended.
-    inbox: AckInbox,
-    replies: Option<async_nats::Subscriber>,
+    /// send, and again (a new inbox) after the subscription ended.
+    replies: Option<Replies>,
     /// The next send's number.
     sends: u64,
 }
@@ -101,10 +106,6 @@ pub(super) async fn forward(
         js: None,
         permit: None,
         loading: None,
-        inbox: AckInbox::new(&client.nats().map_or_else(
-            |_| format!("_INBOX.{}", nuid::next()),
-            async_nats::Client::new_inbox,
-        )),
         replies: None,
         sends: 0,
     };
@@ -172,22 +173,24 @@ pub(super) async fn forward(
                 shell.apply_effects();
             }
             more = std::future::poll_fn(|cx| match replies.as_mut() {
-                Some(replies) => take_replies(replies, cx, &mut answers),
+                Some(replies) => take_replies(&mut replies.subscription, cx, &mut answers),
                 None => std::task::Poll::Pending,
             }), if listening => {
+                if let Some(Replies { inbox, .. }) = &shell.replies {
+                    for message in answers.drain(..) {
+                        let Some(number) = inbox.index_of(&message.subject) else {
+                            continue;
+                        };
+                        // A late answer to a send that went back is not found.
+                        if let Some(slot) = shell.window.ack_by(|slot| slot.number.cmp(&number)) {
+                            slot.answer.get_or_insert_with(|| read_answer(&message));
+                        }
+                    }
+                }
                 if !more {
                     // Subscribed again before the next send; what is in
                     // flight goes back when its deadline passes.
                     shell.replies = None;
-                }
-                for message in answers.drain(..) {
-                    let Some(number) = shell.inbox.index_of(&message.subject) else {
-                        continue;
-                    };
-                    // A late answer to a send that went back is not found.
-                    if let Some(slot) = shell.window.ack_by(|slot| slot.number.cmp(&number)) {
-                        slot.answer.get_or_insert_with(|| read_answer(&message));
-                    }
                 }
                 // Then the oldest send, and every later one in order that
                 // is answered: one pass of the loop settles a run of acks.
@@ -364,14 +367,23 @@ impl Shell<'_> {
         });
         if self.replies.is_none() {
             // Before any send, so no ack comes before the subscription.
-            match conn.subscribe(self.inbox.wildcard()).await {
-                Ok(replies) => self.replies = Some(replies),
+            let inbox = AckInbox::new(&conn.new_inbox());
+            match conn.subscribe(inbox.wildcard()).await {
+                Ok(subscription) => {
+                    self.replies = Some(Replies {
+                        inbox,
+                        subscription,
+                    });
+                }
                 Err(err) => {
                     tracing::debug!(%err, "outbox: subscribing to the ack inbox failed");
                     return;
                 }
             }
         }
+        let Some(Replies { inbox, .. }) = &self.replies else {
+            return;
+        };
         while !cancel.is_cancelled() {
             let Some(msg) = self.window.next_to_send(max) else {
                 break;
@@ -379,7 +391,7 @@ impl Shell<'_> {
             let headers = msg.body.headers(self.window.expectation());
             let number = self.sends;
             self.sends += 1;
-            let reply = self.inbox.reply(number);
+            let reply = inbox.reply(number);
             let sent = conn
                 .publish_with_reply_and_headers(
                     msg.body.subject.clone(),
