@@ -1,5 +1,8 @@
-//! The pipelined publisher's own reply subject for first acks, and the
-//! reading of an ack, without I/O.
+//! Stream publish acks without async-nats' per-publish request machinery:
+//! an inbox of reply subjects numbered per send ([`AckInbox`], pure), the
+//! reading of an ack ([`read_ack`], pure), the batch read of an inbox
+//! subscription ([`take_replies`]), and one write as a plain async-nats
+//! request ([`publish_for_ack`]).
 //!
 //! async-nats' `send_publish` makes every publish a request of its own: an
 //! inbox name formatted per message, a one-shot channel, an ack-permit, a
@@ -13,7 +16,9 @@
 //! subscription to `<inbox>.*`, and keeps one timer for all of them. The
 //! ack's meaning is read exactly as async-nats reads it ([`ack_outcome`]).
 //!
-//! The outbox's forwarder sends and reads its acks the same way.
+//! The outbox's forwarder sends and reads its acks the same way;
+//! `publish_to_stream` and KV writes, one at a time, use
+//! [`publish_for_ack`].
 //!
 //! [`StreamPublisher`]: crate::StreamPublisher
 
@@ -24,7 +29,7 @@ use async_nats::jetstream::{self, ErrorCode};
 use bytes::Bytes;
 use futures_util::StreamExt;
 
-/// A publisher's inbox: `<client inbox prefix>.<nuid>`.
+/// A publisher's inbox: `_INBOX.<nuid>` (from `new_inbox`).
 #[derive(Debug)]
 pub(crate) struct AckInbox {
     /// The inbox and a dot: every reply subject starts with it.
