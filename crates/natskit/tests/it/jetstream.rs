@@ -240,6 +240,65 @@ async fn pipelined_publisher_stores_every_message() -> TestResult {
     Ok(())
 }
 
+/// The pipelined publisher reads each first ack itself (from its own
+/// inbox): a duplicate is an ack, a refused precondition is a failure
+/// reported once and not sent again, no stream is a failure once the
+/// server confirms it, and two publishers on one client keep their acks
+/// apart.
+#[tokio::test]
+async fn pipelined_acks_are_read_as_the_server_meant_them() -> TestResult {
+    let env = env().await?;
+    let client = env.client();
+    client
+        .create_stream(memory_stream("READ", &["read.>"]))
+        .await?;
+    let (first, second) = (client.stream_publisher(16)?, client.stream_publisher(4)?);
+    for round in 0..2 {
+        for i in 0..10 {
+            let options = StreamPublishOptions::new().message_id(format!("id-{i}"));
+            let publisher = if round == 0 { &first } else { &second };
+            publisher.publish_with("read.x", "v", options).await?;
+        }
+    }
+    let (a, b) = (first.flush().await, second.flush().await);
+    assert_eq!((a.acked, a.failed, b.acked, b.failed), (10, 0, 10, 0));
+    let stored = || async {
+        let mut stream = client.get_stream("READ").await?;
+        Ok::<_, Box<dyn std::error::Error + Send + Sync>>(stream.info().await?.state.messages)
+    };
+    assert_eq!(stored().await?, 10, "the second ten were duplicates");
+
+    // The stream holds 10 messages, not 1: refused, and not sent again
+    // (publish 10 of this publisher: each numbers its own).
+    let refused = StreamPublishOptions::new().expected_last_sequence(1);
+    first.publish_with("read.y", "v", refused).await?;
+    let report = first.flush().await;
+    assert_eq!((report.acked, report.failed), (10, 1));
+    assert!(
+        matches!(&report.errors[..], [(10, Error::PublishRejected { .. })]),
+        "{:?}",
+        report.errors
+    );
+    assert_eq!(stored().await?, 10);
+
+    // No stream captures the subject: the server's no-responders reply,
+    // confirmed by a stream lookup, after the one resend allowed.
+    let once = natskit::RetryConfig {
+        max_retries: 1,
+        ..Default::default()
+    };
+    let options = StreamPublishOptions::new().retry(once);
+    second.publish_with("elsewhere.z", "v", options).await?;
+    let report = second.flush().await;
+    assert_eq!((report.acked, report.failed), (10, 1));
+    assert!(
+        matches!(&report.errors[..], [(10, e)] if e.is_not_found()),
+        "{:?}",
+        report.errors
+    );
+    Ok(())
+}
+
 #[tokio::test]
 async fn deliver_policies_all_new_last() -> TestResult {
     let env = env().await?;
