@@ -40,10 +40,12 @@ impl Client {
     ///
     /// The first acks come to an inbox of the publisher's own (one
     /// subscription to `_INBOX.<nuid>.*`), so the client's user needs
-    /// permission to subscribe under `_INBOX.`, as for requests. Keep `max_in_flight` below async-nats'
-    /// subscription capacity (65,536 by default): acks beyond it would be
-    /// dropped by the client and their messages sent again after the 5 s
-    /// ack wait (stored once, but late).
+    /// permission to subscribe under `_INBOX.`, as for requests. Keep
+    /// `max_in_flight` below the client's subscription capacity
+    /// ([`ClientBuilder::subscription_capacity`](crate::ClientBuilder::subscription_capacity),
+    /// 65,536 by default): acks beyond it would be dropped by the client
+    /// and their messages sent again after the 5 s ack wait (stored once,
+    /// but late).
     ///
     /// ```no_run
     /// # async fn demo(client: natskit::Client) -> natskit::Result<()> {
