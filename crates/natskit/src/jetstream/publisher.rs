@@ -68,9 +68,9 @@ impl Client {
         }
         let conn = self.nats()?.clone();
         let inbox = Arc::new(AckInbox::new(&conn.new_inbox()));
+        // For the stream lookup after no responders (see `settle_publish`).
         let js = async_nats::jetstream::ContextBuilder::new()
             .api_prefix(self.jetstream_api_prefix())
-            .max_ack_inflight(max_in_flight)
             .build(conn.clone());
         let acks = Arc::new(Handoff::new());
         let shared = Arc::new(PublisherShared::default());
