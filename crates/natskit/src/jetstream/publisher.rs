@@ -143,11 +143,16 @@ struct InFlight {
 /// when the collector saw it, and the latest epoch seen. Which message an
 /// ack settles, which ones a reconnect makes stale (their acks will never
 /// come), which ones waited too long, acks that came before their message
-/// was registered, and how many outcomes were counted since the slots
-/// were last given back (each message's once). `A` is what a failed ack
-/// carries.
+/// was registered, when the shell's one timer is next due, and how many
+/// outcomes were counted since the slots were last given back (each
+/// message's once). `A` is what a failed ack carries.
 struct AwaitingAcks<T, A> {
     seen: u64,
+    /// How long a first ack may take.
+    wait: Duration,
+    /// When to look for overdue messages next; `None` while nothing is
+    /// awaited (see [`check_at`](Self::check_at)).
+    check_at: Option<Instant>,
     by_index: HashMap<u64, Awaiting<T>, foldhash::fast::FixedState>,
     /// Acks whose message was not registered when they came (the
     /// collector takes a message after its publish is queued, and its ack
@@ -179,9 +184,13 @@ enum Registered<T, A> {
 }
 
 impl<T, A> AwaitingAcks<T, A> {
-    fn new(seen: u64) -> Self {
+    /// Nothing awaited yet; connection epoch `seen`; first acks may take
+    /// `wait`.
+    fn new(seen: u64, wait: Duration) -> Self {
         Self {
             seen,
+            wait,
+            check_at: None,
             by_index: HashMap::default(),
             early: HashMap::default(),
             counted: 0,
@@ -249,6 +258,7 @@ impl<T, A> AwaitingAcks<T, A> {
             item,
         };
         self.by_index.insert(index, awaiting);
+        self.check_at.get_or_insert(now + self.wait);
         Registered::Awaiting
     }
 
@@ -258,21 +268,41 @@ impl<T, A> AwaitingAcks<T, A> {
         self.take_where(|awaiting| awaiting.epoch < epoch)
     }
 
-    /// Every message registered `wait` or longer before `now` (and the
-    /// early acks kept that long are dropped).
-    fn overdue(&mut self, now: Instant, wait: Duration) -> Vec<(u64, T)> {
+    /// The look the timer was set for, at `now`: every message
+    /// registered the whole wait or longer before `now` (and the early acks
+    /// kept that long are dropped); [`check_at`](Self::check_at) moves on.
+    fn overdue(&mut self, now: Instant) -> Vec<(u64, T)> {
+        let wait = self.wait;
         self.early
             .retain(|_, (came, _)| now.saturating_duration_since(*came) < wait);
-        self.take_where(|awaiting| now.saturating_duration_since(awaiting.since) >= wait)
+        let overdue =
+            self.take_where(|awaiting| now.saturating_duration_since(awaiting.since) >= wait);
+        self.check_at = self.next_check(now);
+        overdue
+    }
+
+    /// When the shell's one timer should next call
+    /// [`overdue`](Self::overdue): a wait after the first message
+    /// registered while none was awaited, then as `overdue` sets it;
+    /// `None` once a look found nothing awaited.
+    fn check_at(&self) -> Option<Instant> {
+        self.check_at
+    }
+
+    /// The subscription the first acks came on ended: none comes any
+    /// more, so every message awaited goes back now, and so does every
+    /// message registered after (as sent on a replaced connection).
+    fn inbox_ended(&mut self) -> Vec<(u64, T)> {
+        self.reconnected(u64::MAX)
     }
 
     /// When to look for overdue messages next: when the oldest is due,
-    /// but not sooner than an eighth of `wait` from `now` (one look finds
+    /// but not sooner than an eighth of the wait from `now` (one look finds
     /// every message due by then; messages are not looked at one by
     /// one); `None` when nothing is awaited.
-    fn next_check(&self, now: Instant, wait: Duration) -> Option<Instant> {
+    fn next_check(&self, now: Instant) -> Option<Instant> {
         let oldest = self.by_index.values().map(|a| a.since).min()?;
-        Some((oldest + wait).max(now + wait / 8))
+        Some((oldest + self.wait).max(now + self.wait / 8))
     }
 
     fn take_where(&mut self, stale: impl Fn(&Awaiting<T>) -> bool) -> Vec<(u64, T)> {
@@ -451,10 +481,12 @@ async fn collect_acks(
     let mut changed = std::pin::pin!(next_epoch(client.connection_epoch()));
     let mut watching = true;
     let mut listening = true;
-    let mut in_flight: AwaitingAcks<InFlight, PublishError> = AwaitingAcks::new(client.epoch_now());
-    // One timer for every first ack: armed while any is awaited.
-    let mut overdue = std::pin::pin!(tokio::time::sleep(FIRST_ACK_WAIT));
-    let mut armed = false;
+    let mut in_flight: AwaitingAcks<InFlight, PublishError> =
+        AwaitingAcks::new(client.epoch_now(), FIRST_ACK_WAIT);
+    // One timer for every first ack, set when `in_flight` says (`timer_at`
+    // is what it is set for; `None`: disarmed).
+    let mut timer = std::pin::pin!(tokio::time::sleep(FIRST_ACK_WAIT));
+    let mut timer_at = None;
     let mut settling = FuturesUnordered::new();
     let (mut batch, mut acks) = (Vec::new(), Vec::new());
     // Settles `sent` after `first` (its failed first outcome): sent again
@@ -502,7 +534,7 @@ async fn collect_acks(
                     // through async-nats' own requests, as is everything
                     // after.
                     listening = false;
-                    for (index, sent) in in_flight.reconnected(u64::MAX) {
+                    for (index, sent) in in_flight.inbox_ended() {
                         settling.push(settle(index, sent, reconnected()));
                     }
                 }
@@ -529,10 +561,7 @@ async fn collect_acks(
                         }
                     }
                 }
-                if !armed && !in_flight.is_empty() {
-                    overdue.as_mut().reset((now + FIRST_ACK_WAIT).into());
-                    armed = true;
-                }
+                set_timer(timer.as_mut(), &mut timer_at, in_flight.check_at());
             }
             change = &mut changed, if watching => {
                 let Some((now, epoch)) = change else {
@@ -547,16 +576,13 @@ async fn collect_acks(
                     settling.push(settle(index, sent, reconnected()));
                 }
             }
-            () = &mut overdue, if armed => {
-                let now = Instant::now();
-                for (index, sent) in in_flight.overdue(now, FIRST_ACK_WAIT) {
+            () = &mut timer, if timer_at.is_some() => {
+                timer_at = None;
+                for (index, sent) in in_flight.overdue(Instant::now()) {
                     let (sent, err) = failed(sent, PublishError::new(PublishErrorKind::TimedOut));
                     settling.push(settle(index, sent, err));
                 }
-                match in_flight.next_check(now, FIRST_ACK_WAIT) {
-                    Some(at) => overdue.as_mut().reset(at.into()),
-                    None => armed = false,
-                }
+                set_timer(timer.as_mut(), &mut timer_at, in_flight.check_at());
             }
             () = std::future::ready(()), if in_flight.has_counted() => {
                 give_back(&shared, &collector.slots, &mut in_flight);
@@ -565,6 +591,21 @@ async fn collect_acks(
         }
     }
     give_back(&shared, &collector.slots, &mut in_flight);
+}
+
+/// Sets `timer` for `wanted` unless it is set for that already (`set`: what
+/// it is set for; `None` disarms it).
+fn set_timer(
+    timer: std::pin::Pin<&mut tokio::time::Sleep>,
+    set: &mut Option<Instant>,
+    wanted: Option<Instant>,
+) {
+    if *set != wanted {
+        if let Some(at) = wanted {
+            timer.reset(at.into());
+        }
+        *set = wanted;
+    }
 }
 
 /// How long a first ack may take before its message is sent again (with
@@ -630,6 +671,8 @@ mod tests {
 
     type Core = AwaitingAcks<&'static str, &'static str>;
 
+    const WAIT: Duration = Duration::from_secs(5);
+
     fn at(seconds: u64) -> Instant {
         START.with(|start| *start + Duration::from_secs(seconds))
     }
@@ -640,7 +683,7 @@ mod tests {
 
     #[test]
     fn an_ack_settles_a_message_until_a_reconnect_hands_it_back() {
-        let mut awaiting = Core::new(1);
+        let mut awaiting = Core::new(1, WAIT);
         assert_eq!(awaiting.sent(0, 1, at(0), "a"), Registered::Awaiting);
         assert_eq!(awaiting.sent(1, 1, at(0), "b"), Registered::Awaiting);
         assert_eq!(awaiting.answered(0, at(0), Err("nak")), Some(("a", "nak")));
@@ -663,7 +706,7 @@ mod tests {
     /// settled resend, never a late ack as well.
     #[test]
     fn every_outcome_counts_once_toward_the_slots() {
-        let mut awaiting = Core::new(1);
+        let mut awaiting = Core::new(1, WAIT);
         for (index, item) in [(0, "a"), (1, "b"), (2, "c")] {
             assert_eq!(awaiting.sent(index, 1, at(0), item), Registered::Awaiting);
         }
@@ -685,14 +728,14 @@ mod tests {
         assert_eq!(awaiting.take_counted(), None);
         assert!(awaiting.is_empty());
         // The late ack is not kept past one wait.
-        assert!(awaiting.overdue(at(5), Duration::from_secs(5)).is_empty());
+        assert!(awaiting.overdue(at(5)).is_empty());
         assert_eq!(awaiting.sent(2, 2, at(5), "c again"), Registered::Awaiting);
         assert_eq!(awaiting.take_counted(), None, "the late ack was dropped");
     }
 
     #[test]
     fn a_message_sent_on_a_replaced_connection_is_handed_back_at_once() {
-        let mut awaiting = Core::new(1);
+        let mut awaiting = Core::new(1, WAIT);
         assert!(awaiting.reconnected(3).is_empty());
         assert_eq!(awaiting.sent(0, 2, at(0), "old"), Registered::Stale("old"));
         assert_eq!(awaiting.sent(1, 3, at(0), "new"), Registered::Awaiting);
@@ -703,6 +746,13 @@ mod tests {
             Registered::Stale("older")
         );
         assert!(!awaiting.is_empty());
+        // No more first acks at all: everything goes back, now and after.
+        assert_eq!(awaiting.inbox_ended(), vec![(1, "new")]);
+        assert_eq!(
+            awaiting.sent(3, 9, at(0), "after"),
+            Registered::Stale("after")
+        );
+        assert!(awaiting.is_empty());
     }
 
     /// The ack of a message can reach the collector before the message
@@ -710,7 +760,7 @@ mod tests {
     /// when the message comes, success or failure.
     #[test]
     fn an_ack_that_overtakes_its_message_is_kept_for_it() {
-        let mut awaiting = Core::new(1);
+        let mut awaiting = Core::new(1, WAIT);
         assert_eq!(awaiting.answered(0, at(0), Ok(())), None);
         assert_eq!(awaiting.answered(1, at(0), Err("refused")), None);
         assert_eq!(awaiting.take_counted(), None, "not registered yet");
@@ -731,23 +781,29 @@ mod tests {
     #[test]
     fn messages_without_an_ack_in_time_are_handed_back_by_one_timer() {
         let wait = Duration::from_secs(8);
-        let mut awaiting = Core::new(1);
-        assert_eq!(awaiting.next_check(at(0), wait), None, "nothing awaited");
+        let mut awaiting = Core::new(1, wait);
+        assert_eq!(awaiting.next_check(at(0)), None, "nothing awaited");
+        assert_eq!(awaiting.check_at(), None);
         assert_eq!(awaiting.sent(0, 1, at(0), "a"), Registered::Awaiting);
         assert_eq!(awaiting.sent(1, 1, at(3), "b"), Registered::Awaiting);
         assert_eq!(awaiting.sent(2, 1, at(8), "c"), Registered::Awaiting);
-        assert_eq!(awaiting.next_check(at(0), wait), Some(at(8)));
-        assert!(awaiting.overdue(at(7), wait).is_empty());
-        assert_eq!(awaiting.overdue(at(8), wait), vec![(0, "a")]);
-        assert_eq!(awaiting.next_check(at(8), wait), Some(at(11)));
+        assert_eq!(awaiting.next_check(at(0)), Some(at(8)));
+        assert_eq!(awaiting.check_at(), Some(at(8)), "a wait after the first");
+        assert!(awaiting.overdue(at(7)).is_empty());
+        assert_eq!(awaiting.overdue(at(8)), vec![(0, "a")]);
+        assert_eq!(awaiting.next_check(at(8)), Some(at(11)));
+        assert_eq!(awaiting.check_at(), Some(at(11)), "when b is due");
         assert_eq!(awaiting.answered(1, at(9), Ok(())), None);
         // c is due at 16; a look at 15.5 would be sooner than 15.5 + 1.
         assert_eq!(
-            awaiting.next_check(at(15) + Duration::from_millis(500), wait),
+            awaiting.next_check(at(15) + Duration::from_millis(500)),
             Some(at(16) + Duration::from_millis(500))
         );
-        assert_eq!(awaiting.overdue(at(16), wait), vec![(2, "c")]);
-        assert_eq!(awaiting.next_check(at(16), wait), None);
+        assert_eq!(awaiting.overdue(at(16)), vec![(2, "c")]);
+        assert_eq!(awaiting.next_check(at(16)), None);
+        assert_eq!(awaiting.check_at(), None, "nothing awaited: disarmed");
+        assert_eq!(awaiting.sent(3, 1, at(20), "d"), Registered::Awaiting);
+        assert_eq!(awaiting.check_at(), Some(at(28)), "armed again");
         assert_eq!(awaiting.take_counted(), Some((1, 1)), "b's ack");
     }
 }
