@@ -50,7 +50,7 @@ impl AckInbox {
     }
 
     /// The reply subject of message `index`.
-    pub(crate) fn reply(&self, index: u64) -> async_nats::Subject {
+    fn reply(&self, index: u64) -> async_nats::Subject {
         let digits = hex_digits(index);
         // Exactly the length: a `Bytes` made from a full vector keeps it
         // without copying.
@@ -61,6 +61,26 @@ impl AckInbox {
             text.push(char::from(HEX[nibble as usize]));
         }
         async_nats::Subject::from(text)
+    }
+
+    /// Publishes message `index` on `conn` with its reply subject here
+    /// (queued, like any core publish).
+    pub(crate) async fn publish(
+        &self,
+        conn: &async_nats::Client,
+        index: u64,
+        subject: async_nats::Subject,
+        headers: Option<HeaderMap>,
+        payload: Bytes,
+    ) -> Result<(), async_nats::PublishError> {
+        let reply = self.reply(index);
+        match headers {
+            Some(headers) => {
+                conn.publish_with_reply_and_headers(subject, reply, headers, payload)
+                    .await
+            }
+            None => conn.publish_with_reply(subject, reply, payload).await,
+        }
     }
 
     /// The index of the message a reply subject of this inbox answers;
@@ -267,6 +287,39 @@ mod tests {
             description: None,
             length: payload.len(),
         }
+    }
+
+    /// A write's request failures mean what `send_publish`'s errors
+    /// meant, so `classify_publish` reads them as before: no responders,
+    /// too large, and a reply channel dropped with the connection.
+    #[test]
+    fn failed_requests_are_read_as_publish_errors() {
+        use async_nats::{RequestError, RequestErrorKind};
+        use futures_util::FutureExt as _;
+        let kind = |err| request_failed(err).kind();
+        let cases = [
+            (
+                RequestErrorKind::NoResponders,
+                PublishErrorKind::StreamNotFound,
+            ),
+            (
+                RequestErrorKind::MaxPayloadExceeded,
+                PublishErrorKind::MaxPayloadExceeded,
+            ),
+            (RequestErrorKind::TimedOut, PublishErrorKind::TimedOut),
+            (RequestErrorKind::Other, PublishErrorKind::Other),
+        ];
+        for (request, publish) in cases {
+            assert_eq!(kind(RequestError::with_source(request, "x")), publish);
+        }
+        let (sender, receiver) = tokio::sync::oneshot::channel::<()>();
+        drop(sender);
+        let dropped = receiver
+            .now_or_never()
+            .and_then(Result::err)
+            .expect("a dropped sender");
+        let err = RequestError::with_source(RequestErrorKind::Other, dropped);
+        assert_eq!(kind(err), PublishErrorKind::BrokenPipe);
     }
 
     #[test]

@@ -301,6 +301,25 @@ mod tests {
         assert!(slots.take().await.is_err());
     }
 
+    /// Slots that open later (the publisher's, until its ack inbox is
+    /// subscribed): nothing is taken and no flush ends before they are
+    /// given back.
+    #[test]
+    fn slots_opening_later_hold_takers_and_flushes_until_given_back() {
+        let slots = Slots::opening_later(2);
+        assert_eq!(slots.max(), 2);
+        let mut take = Box::pin(slots.take());
+        let mut flush = Box::pin(slots.flush());
+        assert!(take.as_mut().now_or_never().is_none(), "not open yet");
+        assert!(flush.as_mut().now_or_never().is_none(), "not open yet");
+        slots.give_back(slots.max());
+        assert!(flush.as_mut().now_or_never().is_some(), "every slot free");
+        drop(flush);
+        let taken = take.now_or_never().expect("open").expect("not closed");
+        taken.handed();
+        assert!(slots.take().now_or_never().is_some(), "the second slot");
+    }
+
     /// A taker already waiting (counted as such) is woken by a give-back
     /// made on another task; a lost wake-up fails on the time limit
     /// instead of hanging.

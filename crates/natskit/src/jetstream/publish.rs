@@ -130,7 +130,7 @@ impl StreamPublishOptions {
             }
         };
         self.headers = self.with_expectations(traced);
-        Ok(with_message_id(self.headers.clone(), Some(id)))
+        Ok(Some(with_message_id(self.headers.clone(), id)))
     }
 
     /// `base` (the caller's headers) with the options' expectations added:
@@ -164,11 +164,10 @@ impl StreamPublishOptions {
 }
 
 /// `base` with `Nats-Msg-Id: id` added.
-fn with_message_id(base: Option<HeaderMap>, id: Option<String>) -> Option<HeaderMap> {
-    let Some(id) = id else { return base };
+fn with_message_id(base: Option<HeaderMap>, id: String) -> HeaderMap {
     let mut headers = base.unwrap_or_default();
     headers.insert(async_nats::header::NATS_MESSAGE_ID, id);
-    Some(headers)
+    headers
 }
 
 /// A stream publish as sent (and sent again): its headers carry its
@@ -213,10 +212,11 @@ impl Outgoing {
     fn next_headers(&mut self) -> Option<HeaderMap> {
         match self.first.take() {
             Some(headers) => headers,
-            None => with_message_id(
-                self.base.clone(),
-                self.id.as_ref().map(|id| id.as_str().to_owned()),
-            ),
+            // A resend: `prepare` gave every publish an id.
+            None => match &self.id {
+                Some(id) => Some(with_message_id(self.base.clone(), id.as_str().to_owned())),
+                None => self.base.clone(),
+            },
         }
     }
 }

@@ -381,16 +381,11 @@ impl StreamPublisher {
         let mut outgoing = Outgoing::new(subject, payload, headers, &mut options);
         let epoch = self.client.epoch_now();
         let index = self.shared.sent.fetch_add(1, Ordering::Relaxed);
-        let reply = self.inbox.reply(index);
         let (payload, headers) = outgoing.parts();
-        let subject = outgoing.subject.clone();
-        let sent = match headers {
-            Some(headers) => {
-                conn.publish_with_reply_and_headers(subject, reply, headers, payload)
-                    .await
-            }
-            None => conn.publish_with_reply(subject, reply, payload).await,
-        };
+        let sent = self
+            .inbox
+            .publish(conn, index, outgoing.subject.clone(), headers, payload)
+            .await;
         // Queued, not yet acknowledged: proves nothing about the server.
         permit.record_unconfirmed(sent.map_err(Error::Publish))?;
         self.acks

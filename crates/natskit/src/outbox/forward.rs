@@ -391,14 +391,9 @@ impl Shell<'_> {
             let headers = msg.body.headers(self.window.expectation());
             let number = self.sends;
             self.sends += 1;
-            let reply = inbox.reply(number);
-            let sent = conn
-                .publish_with_reply_and_headers(
-                    msg.body.subject.clone(),
-                    reply,
-                    headers,
-                    msg.body.payload.clone(),
-                )
+            let (subject, payload) = (msg.body.subject.clone(), msg.body.payload.clone());
+            let sent = inbox
+                .publish(conn, number, subject, Some(headers), payload)
                 .await;
             match sent {
                 Ok(()) => {
