@@ -188,9 +188,12 @@ pub(super) async fn forward(
                     }
                 }
                 if !more {
-                    // Subscribed again before the next send; what is in
-                    // flight goes back when its deadline passes.
+                    // Its acks are lost as with a replaced connection: what
+                    // is in flight goes back at once (as the pipelined
+                    // publisher's does), and the next send subscribes again.
                     shell.replies = None;
+                    shell.window.reconnected();
+                    shell.apply_effects();
                 }
                 // Then the oldest send, and every later one in order that
                 // is answered: one pass of the loop settles a run of acks.
