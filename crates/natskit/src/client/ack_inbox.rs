@@ -64,22 +64,24 @@ impl AckInbox {
     }
 
     /// Publishes message `index` on `conn` with its reply subject here
-    /// (queued, like any core publish).
-    pub(crate) async fn publish(
+    /// (queued, like any core publish): async-nats' own future, not one
+    /// around it.
+    #[inline(always)]
+    pub(crate) fn publish<'a>(
         &self,
-        conn: &async_nats::Client,
+        conn: &'a async_nats::Client,
         index: u64,
         subject: async_nats::Subject,
         headers: Option<HeaderMap>,
         payload: Bytes,
-    ) -> Result<(), async_nats::PublishError> {
+    ) -> impl std::future::Future<Output = Result<(), async_nats::PublishError>> + Send + 'a {
+        use futures_util::future::Either;
         let reply = self.reply(index);
         match headers {
             Some(headers) => {
-                conn.publish_with_reply_and_headers(subject, reply, headers, payload)
-                    .await
+                Either::Left(conn.publish_with_reply_and_headers(subject, reply, headers, payload))
             }
-            None => conn.publish_with_reply(subject, reply, payload).await,
+            None => Either::Right(conn.publish_with_reply(subject, reply, payload)),
         }
     }
 

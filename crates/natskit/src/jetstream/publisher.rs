@@ -258,7 +258,7 @@ impl<T, A> AwaitingAcks<T, A> {
             item,
         };
         self.by_index.insert(index, awaiting);
-        self.check_at.get_or_insert(now + self.wait);
+        self.check_at.get_or_insert_with(|| now + self.wait);
         Registered::Awaiting
     }
 
